@@ -1,0 +1,39 @@
+# Router: the two commands that matter are `make dev` (run the router) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install dev test test-unit lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+## Every service on local defaults, one log stream, API on :8000.
+dev: install
+	scripts/ensure-services.sh
+	$(VENV)/bin/router dev
+
+## The whole suite: unit, integration (real RabbitMQ + Redis), compose checks.
+test: install
+	scripts/ensure-services.sh
+	$(VENV)/bin/pytest
+
+test-unit: install
+	$(VENV)/bin/pytest tests/unit
+
+lint: install
+	$(VENV)/bin/ruff format --check shared services fakes tests
+	$(VENV)/bin/ruff check shared services fakes tests
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format shared services fakes tests
+	$(VENV)/bin/ruff check --fix shared services fakes tests
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Router services: the HTTP API, the dispatcher and the agent."""

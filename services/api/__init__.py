@@ -1,0 +1,1 @@
+"""The HTTP edge: OpenAI routes, agent routes, SSE relay and reply correlation."""

@@ -1,0 +1,158 @@
+"""The API's side of the broker: publishing jobs, cancels and control messages, and the reply
+queue that feeds `ReplyRouter`.
+
+If the broker is down when the API starts, the API still serves (`/ready` says 503, requests
+get 503) and keeps trying to connect in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from services.api.rpc import ReplyRouter
+from services.api.settings import ApiSettings
+from shared.amqp import Broker, Delivery
+from shared.errors import (
+    BrokerUnavailableError,
+    RouterError,
+    ServiceUnavailableError,
+    UnroutableError,
+)
+from shared.messages import (
+    AgentHeartbeat,
+    AgentRegistration,
+    Envelope,
+    Job,
+    MessageType,
+    decode_reply,
+    encode_cancel,
+    encode_control,
+    encode_job,
+    encode_rpc_models,
+)
+from shared.topology import Topology, declare_queue, declare_topology
+
+log = logging.getLogger(__name__)
+
+
+class ApiBus:
+    def __init__(self, settings: ApiSettings, topology: Topology) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.process_id = uuid.uuid4().hex[:12]
+        self.replies = ReplyRouter()
+        self.reply_queue = topology.reply_queue(self.process_id)
+        self._broker = Broker(
+            settings.rabbitmq_url,
+            name=f"api-{self.process_id}",
+            publish_timeout=settings.publish_timeout,
+        )
+        self._connected = asyncio.Event()
+        self._connector: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Connect now if the broker answers, else keep trying in the background."""
+        try:
+            await self._connect()
+        except RouterError:
+            log.warning("broker unreachable at start; retrying in the background")
+            self._connector = asyncio.create_task(self._keep_connecting())
+
+    async def _keep_connecting(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self._connect()
+                log.info("connected to the broker")
+                return
+            except RouterError:
+                continue
+
+    async def _connect(self) -> None:
+        await self._broker.connect()
+        channel = await self._broker.channel(prefetch=1000)
+        await declare_topology(channel, self.topology)
+        queue = await declare_queue(channel, self.topology.reply_queue_spec(self.process_id))
+        # Auto-ack: a reply is consumed once; the API is its only reader.
+        await self._broker.consume(channel, queue, self._on_reply, no_ack=True)
+        self._connected.set()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._connected.is_set() and self._broker.is_connected
+
+    async def stop(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+        await self._broker.stop_consuming()
+        await self._broker.close()
+
+    async def _on_reply(self, env: Envelope, _: Delivery) -> None:
+        if env.type == MessageType.RPC_RESULT:
+            if env.correlation_id:
+                self.replies.resolve_result(env.correlation_id, env.body)
+            return
+        self.replies.dispatch(decode_reply(env))
+
+    def _require_connection(self) -> None:
+        if not self._connected.is_set():
+            raise BrokerUnavailableError()
+
+    async def submit(self, job: Job) -> None:
+        """Publish a job, confirmed; raises QueueFullError or BrokerUnavailableError."""
+        self._require_connection()
+        env = encode_job(job, now=time.time())
+        try:
+            await self._broker.publish(
+                env, self.topology.jobs_queue, persistent=self.topology.is_persistent
+            )
+        except UnroutableError as e:  # the jobs queue was deleted under us
+            raise ServiceUnavailableError("The job queue is missing; retry shortly.") from e
+
+    def cancel_soon(self, request_id: str) -> None:
+        """`cancel()` in the background (the caller is answering or gone already)."""
+        task = asyncio.create_task(self.cancel(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell every dispatcher and agent that nobody waits for this request any more."""
+        try:
+            self._require_connection()
+            await self._broker.publish(
+                encode_cancel(request_id),
+                "",
+                exchange=self.topology.cancel_exchange,
+                mandatory=False,
+            )
+        except RouterError:
+            log.warning("cancel of %s not published: broker unavailable", request_id)
+
+    async def announce(self, message: AgentRegistration | AgentHeartbeat) -> None:
+        """Publish a registration or heartbeat to every dispatcher, confirmed."""
+        self._require_connection()
+        await self._broker.publish(
+            encode_control(message), "", exchange=self.topology.control_exchange, mandatory=False
+        )
+
+    async def ask_models(self, timeout: float) -> bytes:
+        """Ask any dispatcher for the model list (JSON bytes); 503 if none answers in time."""
+        self._require_connection()
+        request_id = uuid.uuid4().hex
+        answer = self.replies.expect_result(request_id)
+        try:
+            await self._broker.publish(
+                encode_rpc_models(request_id, self.reply_queue), self.topology.rpc_queue
+            )
+            async with asyncio.timeout(timeout):
+                return await answer
+        except TimeoutError as e:
+            raise ServiceUnavailableError("No dispatcher answered; retry shortly.") from e
+        except UnroutableError as e:
+            raise ServiceUnavailableError("No dispatcher is running; retry shortly.") from e
+        finally:
+            answer.cancel()

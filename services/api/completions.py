@@ -1,0 +1,170 @@
+"""`POST /v1/chat/completions`: validate at the edge, publish a job, wait for its reply.
+
+The status line is committed only when the first reply arrives, so errors that come first keep
+their status and OpenAI body. A client that goes away makes the API broadcast a cancel, so
+whoever holds the job stops spending tokens on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive
+
+from services.api.bus import ApiBus
+from services.api.rpc import PendingCall
+from services.api.settings import ApiSettings
+from services.api.sse import ClientGoneError, SseRelay, StreamLimits
+from services.api.validation import parse_chat_request
+from shared.errors import GatewayTimeoutError, PayloadTooLargeError, RouterError, UpstreamError
+from shared.messages import Job, Reply, ReplyKind
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` (chunked bodies too)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def watch_disconnect(receive: Receive, call: PendingCall) -> asyncio.Task[None]:
+    """Fail the call with ClientGoneError when the client disconnects."""
+
+    async def watch() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                call.fail(ClientGoneError())
+                return
+
+    return asyncio.create_task(watch())
+
+
+def reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
+    return {**reply.http_headers, "x-request-id": request_id}
+
+
+class CompletionsEndpoint:
+    def __init__(self, settings: ApiSettings, bus: ApiBus) -> None:
+        self.settings = settings
+        self.bus = bus
+
+    async def __call__(self, request: Request, tenant: str = "anonymous") -> Response:
+        request_id = uuid.uuid4().hex
+        try:
+            return await self._complete(request, request_id, tenant)
+        except RouterError as e:
+            e.headers["x-request-id"] = request_id  # every answer names its request
+            raise
+
+    async def _complete(self, request: Request, request_id: str, tenant: str) -> Response:
+        body = await read_body(request, self.settings.max_body_bytes)
+        view = parse_chat_request(body)
+        started = time.monotonic()
+        job = Job(
+            request_id=request_id,
+            model=view.model,
+            reply_to=self.bus.reply_queue,
+            deadline=time.time() + self.settings.request_timeout,
+            body=view.body,
+            stream=view.stream,
+            include_usage=view.include_usage,
+            tenant=tenant,
+        )
+        call = self.bus.replies.open(request_id)
+        watcher = watch_disconnect(request.receive, call)
+        handed_to_stream = False
+        try:
+            await self.bus.submit(job)
+            if view.stream:
+                response = await self._stream(call, started, watcher)
+                handed_to_stream = isinstance(response, SseRelay)
+                return response
+            return await self._json(call, started)
+        except ClientGoneError:
+            log.info("client left before the answer to %s", request_id)
+            self.bus.cancel_soon(request_id)
+            return Response(status_code=499)
+        finally:
+            if not handed_to_stream:
+                watcher.cancel()
+                self.bus.replies.close(request_id)
+
+    async def _json(self, call: PendingCall, started: float) -> Response:
+        remaining = self.settings.request_timeout - (time.monotonic() - started)
+        try:
+            reply = await call.next(remaining)
+        except TimeoutError as e:
+            self.bus.cancel_soon(call.request_id)
+            raise GatewayTimeoutError("The model did not answer in time.") from e
+        if reply.kind not in (ReplyKind.FINAL, ReplyKind.ERROR):
+            raise UpstreamError("The backend streamed an answer to a non-streaming request.")
+        return Response(
+            reply.body,
+            status_code=reply.status,
+            media_type=JSON,
+            headers=reply_headers(reply, call.request_id),
+        )
+
+    async def _stream(
+        self, call: PendingCall, started: float, watcher: asyncio.Task[None]
+    ) -> Response:
+        settings = self.settings
+        limits = StreamLimits(
+            total=settings.request_timeout - (time.monotonic() - started),
+            ttft=settings.ttft_timeout,
+            idle=settings.stream_idle_timeout,
+            now=time.monotonic(),
+        )
+        first_wait = min(settings.stream_keepalive_after, limits.first_chunk_by - time.monotonic())
+        first: Reply | None
+        try:
+            first = await call.next(first_wait)
+        except TimeoutError as e:
+            if time.monotonic() >= limits.first_chunk_by:
+                self.bus.cancel_soon(call.request_id)
+                raise GatewayTimeoutError("No output from the model in time.") from e
+            first = None  # commit to 200 now and ping until the first chunk
+        if first is not None and first.kind in (ReplyKind.ERROR, ReplyKind.FINAL):
+            # An answer before any output keeps its own status and body.
+            return Response(
+                first.body,
+                status_code=first.status,
+                media_type=JSON,
+                headers=reply_headers(first, call.request_id),
+            )
+        headers = {"x-request-id": call.request_id}
+        if first is not None:
+            headers.update(first.http_headers)
+
+        async def finish(completed: bool) -> None:
+            watcher.cancel()
+            self.bus.replies.close(call.request_id)
+            if not completed:
+                await self.bus.cancel(call.request_id)
+
+        return SseRelay(
+            call,
+            first,
+            limits,
+            headers=headers,
+            ping_interval=settings.stream_keepalive_after,
+            on_finish=finish,
+        )

@@ -1,0 +1,112 @@
+"""Reply correlation: matching messages on this process's reply queue to waiting requests.
+
+One reply queue per API process; a `dict[correlation_id, PendingCall]` whose entries are removed
+by their owner when the request ends. Stray and late replies are logged and dropped, never
+raised. The first attempt a call hears from wins; another attempt's messages are dropped, or,
+once output has reached the client, end the stream with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from shared.errors import UpstreamError
+from shared.messages import Reply, ReplyKind
+
+log = logging.getLogger(__name__)
+
+
+class StreamOrderError(UpstreamError):
+    """A stream lost a chunk message (a gap in sequence numbers) or restarted mid-way."""
+
+
+class PendingCall:
+    """The replies of one request, in arrival order, filtered by attempt and sequence."""
+
+    __slots__ = ("_queue", "attempt", "next_seq", "output_started", "request_id")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.attempt: str | None = None
+        self.next_seq = 0
+        self.output_started = False
+        self._queue: asyncio.Queue[Reply | BaseException] = asyncio.Queue()
+
+    def deliver(self, reply: Reply) -> None:
+        if self.attempt is None:
+            self.attempt = reply.attempt
+        elif reply.attempt != self.attempt:
+            if self.output_started:
+                self._queue.put_nowait(
+                    StreamOrderError("The backend restarted the stream after output was sent.")
+                )
+            else:
+                log.info("dropping reply of attempt %s for %s", reply.attempt, self.request_id)
+            return
+        if reply.kind in (ReplyKind.CHUNK, ReplyKind.END):
+            if reply.seq < self.next_seq:
+                log.info("dropping duplicate chunk %d of %s", reply.seq, self.request_id)
+                return
+            if reply.seq > self.next_seq:
+                self._queue.put_nowait(
+                    StreamOrderError(f"Stream chunk {self.next_seq} was lost in transit.")
+                )
+                return
+            self.next_seq += 1
+        self._queue.put_nowait(reply)
+
+    def fail(self, exc: BaseException) -> None:
+        self._queue.put_nowait(exc)
+
+    async def next(self, timeout: float) -> Reply:
+        """The next reply; raises TimeoutError after `timeout` s, or the error delivered."""
+        if timeout <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(timeout):
+            item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class ReplyRouter:
+    """All calls of this process that wait for a reply, by correlation id."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, PendingCall] = {}
+        self._results: dict[str, asyncio.Future[bytes]] = {}
+
+    def __len__(self) -> int:
+        return len(self._calls) + len(self._results)
+
+    def open(self, request_id: str) -> PendingCall:
+        call = PendingCall(request_id)
+        self._calls[request_id] = call
+        return call
+
+    def close(self, request_id: str) -> None:
+        self._calls.pop(request_id, None)
+
+    def dispatch(self, reply: Reply) -> bool:
+        """Hand a reply to its call; False (and a log line) for a stray or late one."""
+        call = self._calls.get(reply.request_id)
+        if call is None:
+            log.debug("stray %s reply for %s dropped", reply.kind, reply.request_id)
+            return False
+        call.deliver(reply)
+        return True
+
+    def expect_result(self, request_id: str) -> asyncio.Future[bytes]:
+        """A one-shot RPC answer (the model list), removed from the table when done."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._results[request_id] = future
+        future.add_done_callback(lambda _: self._results.pop(request_id, None))
+        return future
+
+    def resolve_result(self, request_id: str, body: bytes) -> bool:
+        future = self._results.get(request_id)
+        if future is None or future.done():
+            return False
+        future.set_result(body)
+        return True

@@ -1,0 +1,42 @@
+"""Settings of the API service (environment variables, see the README table)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from shared.settings import BrokerSettings
+
+
+class ApiSettings(BrokerSettings):
+    api_host: str = Field(
+        "127.0.0.1", description="Address the API binds to (loopback by default)."
+    )
+    api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    request_timeout: float = Field(
+        120.0, gt=0, description="Total seconds a chat completion may take before 504."
+    )
+    ttft_timeout: float = Field(
+        60.0, gt=0, description="Seconds to wait for a stream's first chunk before 504."
+    )
+    stream_idle_timeout: float = Field(
+        30.0, gt=0, description="Seconds a started stream may stay silent before it is ended."
+    )
+    stream_keepalive_after: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds without a first chunk after which a stream commits to 200 and pings.",
+    )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes (413 past it)."
+    )
+    models_timeout: float = Field(
+        3.0, gt=0, description="Seconds to wait for a dispatcher to answer the model list."
+    )
+    agent_tokens: str = Field(
+        "",
+        description="Agent credentials as `name=token` pairs, comma separated.",
+    )
+    agent_token_secret: str = Field(
+        "",
+        description="If set, an agent's token may also be HMAC-SHA256(secret, name) in hex.",
+    )

@@ -1,0 +1,135 @@
+"""Relaying a reply stream to the client as Server-Sent Events, byte-exact with OpenAI.
+
+Chunk messages arrive already framed (`data: {...}\\n\\n`), so the relay writes them as they
+are and adds `data: [DONE]\\n\\n` on the end message. After the status line is sent, every
+failure (a deadline, a lost chunk, an upstream error) ends the stream with a
+`data: {"error": {...}}` event and no `[DONE]`: a truncated stream never looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from services.api.rpc import PendingCall
+from shared.errors import GatewayTimeoutError, RouterError, UpstreamError, to_openai_error
+from shared.messages import Reply, ReplyKind
+
+log = logging.getLogger(__name__)
+
+DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"
+SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+def error_event(exc: BaseException) -> bytes:
+    _, body, _ = to_openai_error(exc)
+    return b"data: " + body + b"\n\n"
+
+
+class ClientGoneError(Exception):
+    """The client disconnected; nobody reads the answer any more."""
+
+
+class StreamLimits:
+    """The deadlines of one stream, as absolute monotonic times."""
+
+    __slots__ = ("deadline", "first_chunk_by", "idle")
+
+    def __init__(self, *, total: float, ttft: float, idle: float, now: float) -> None:
+        self.deadline = now + total
+        self.first_chunk_by = now + min(ttft, total)
+        self.idle = idle
+
+
+class SseRelay(Response):
+    """A streaming response fed by a `PendingCall`.
+
+    `first` is the first reply when it came before the stream committed to 200; None means the
+    router committed early and pings until the first reply arrives. `on_finish(completed)` runs
+    exactly once when the stream ends, however it ends.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        call: PendingCall,
+        first: Reply | None,
+        limits: StreamLimits,
+        *,
+        headers: dict[str, str],
+        ping_interval: float,
+        on_finish: Callable[[bool], Awaitable[None]],
+    ) -> None:
+        # Not Response.__init__: it would add `content-length: 0` to an endless body.
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in {**SSE_HEADERS, **headers}.items()
+        ]
+        self._call = call
+        self._first = first
+        self._limits = limits
+        self._ping_interval = ping_interval
+        self._on_finish = on_finish
+        self._completed = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        try:
+            async for piece in self._events():
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, ClientGoneError):
+            log.info("client left stream %s", self._call.request_id)
+        finally:
+            await self._on_finish(self._completed)
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        reply = self._first
+        while reply is None:  # committed early: keep the connection alive until output starts
+            wait = min(self._ping_interval, self._limits.first_chunk_by - time.monotonic())
+            try:
+                reply = await self._call.next(wait)
+            except TimeoutError:
+                if time.monotonic() >= self._limits.first_chunk_by:
+                    yield error_event(GatewayTimeoutError("No output from the model in time."))
+                    return
+                yield PING
+            except RouterError as e:
+                yield error_event(e)
+                return
+        while True:
+            if reply.kind is ReplyKind.CHUNK:
+                self._call.output_started = True
+                yield reply.body
+            elif reply.kind is ReplyKind.END:
+                self._completed = True
+                yield DONE
+                return
+            elif reply.kind is ReplyKind.ERROR:
+                self._completed = True  # the backend ended it: nothing left to cancel
+                yield b"data: " + reply.body + b"\n\n"
+                return
+            else:
+                yield error_event(UpstreamError("The backend answered a stream with a non-stream."))
+                return
+            wait = min(self._limits.idle, self._limits.deadline - time.monotonic())
+            try:
+                reply = await self._call.next(wait)
+            except TimeoutError:
+                yield error_event(GatewayTimeoutError("The model stopped sending output in time."))
+                return
+            except RouterError as e:
+                yield error_event(e)
+                return

@@ -1,0 +1,69 @@
+"""The `router` command: one entry point for every service and tool.
+
+router api | dispatcher | agent     run one service (configured by environment variables)
+router dev                          every service, on local defaults, one log stream
+router fake-vllm | fake-openai      the fake upstream servers shipped for tests and dev
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+def _api(argv: list[str]) -> None:
+    from services.api.__main__ import main
+
+    main()
+
+
+def _dispatcher(argv: list[str]) -> None:
+    from services.dispatcher.__main__ import main
+
+    main()
+
+
+def _agent(argv: list[str]) -> None:
+    from services.agent.__main__ import main
+
+    main()
+
+
+def _dev(argv: list[str]) -> None:
+    from services.devstack import main
+
+    main(argv)
+
+
+def _fake_vllm(argv: list[str]) -> None:
+    from fakes.vllm import main
+
+    main(argv)
+
+
+def _fake_openai(argv: list[str]) -> None:
+    from fakes.openai import main
+
+    main(argv)
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "api": _api,
+    "dispatcher": _dispatcher,
+    "agent": _agent,
+    "dev": _dev,
+    "fake-vllm": _fake_vllm,
+    "fake-openai": _fake_openai,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] not in COMMANDS:
+        print(__doc__)
+        sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
+    COMMANDS[args[0]](args[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""`router dispatcher`: run one dispatcher until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.dispatcher.service import run
+from services.dispatcher.settings import DispatcherSettings
+from shared.logs import configure_logging
+from shared.runner import run_service
+
+
+def main() -> None:
+    settings = DispatcherSettings()
+    configure_logging(settings.log_level, "dispatcher")
+
+    async def serve(stop: asyncio.Event) -> None:
+        await run(settings, stop)
+
+    run_service(serve)
+
+
+if __name__ == "__main__":
+    main()

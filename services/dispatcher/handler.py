@@ -1,0 +1,188 @@
+"""What a dispatcher does with each message it consumes, given its collaborators.
+
+Handlers receive decoded envelopes and a `Delivery`; they never see aio-pika. A job is acked
+(by the consumer, when the handler returns) only once it has been answered or handed on and the
+broker confirmed that.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+
+from services.dispatcher import dummy
+from services.dispatcher.registry import Registry
+from services.dispatcher.routing import (
+    AgentView,
+    AnswerDummy,
+    ProviderRule,
+    Refuse,
+    ToAgent,
+    ToProvider,
+    choose_route,
+)
+from shared.amqp import Broker, Delivery
+from shared.cancel import Cancellations
+from shared.errors import (
+    QueueFullError,
+    RateLimitError,
+    RouterError,
+    ServiceUnavailableError,
+    UnroutableError,
+)
+from shared.messages import (
+    Envelope,
+    Job,
+    decode_cancel,
+    decode_control,
+    decode_job,
+    encode_job,
+    encode_rpc_result,
+)
+from shared.replies import ReplyPublisher, StreamWriter, new_attempt
+from shared.topology import QueueSpec, Topology
+
+log = logging.getLogger(__name__)
+
+EnsureQueue = Callable[[QueueSpec], Awaitable[None]]
+
+
+def model_list(view: AgentView, provider_models: list[str], created: int) -> bytes:
+    """OpenAI's list shape: `dummy`, every live local model, then provider models."""
+    entries = [{"id": "dummy", "object": "model", "created": created, "owned_by": "router"}]
+    entries += [
+        {"id": model, "object": "model", "created": created, "owned_by": "agent"}
+        for model in sorted(view.live)
+    ]
+    entries += [
+        {"id": model, "object": "model", "created": created, "owned_by": "provider"}
+        for model in provider_models
+    ]
+    return orjson.dumps({"object": "list", "data": entries})
+
+
+class DispatcherHandler:
+    def __init__(
+        self,
+        *,
+        topology: Topology,
+        broker: Broker,
+        registry: Registry,
+        cancellations: Cancellations,
+        ensure_queue: EnsureQueue,
+        providers: tuple[ProviderRule, ...] = (),
+        provider_models: Callable[[], list[str]] = list,
+        coalesce_window: float = 0.005,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.topology = topology
+        self.broker = broker
+        self.registry = registry
+        self.cancellations = cancellations
+        self.ensure_queue = ensure_queue
+        self.providers = providers
+        self.provider_models = provider_models
+        self.coalesce_window = coalesce_window
+        self.clock = clock
+        self.reply = ReplyPublisher(broker, persistent=topology.is_persistent)
+
+    # --- jobs ----------------------------------------------------------------------------------
+    async def on_job(self, env: Envelope, _: Delivery) -> None:
+        started = time.perf_counter()
+        job = decode_job(env)
+        now = self.clock()
+        if self.cancellations.is_cancelled(job.request_id):
+            log.info("job %s dropped: cancelled by its client", job.request_id)
+            return
+        if job.remaining(now) <= 0:
+            log.info("job %s dropped: deadline passed before dispatch", job.request_id)
+            return
+        route = choose_route(job.model, self.registry.view(now), self.providers)
+        if isinstance(route, AnswerDummy):
+            await self._answer_dummy(job, int(now))
+        elif isinstance(route, ToAgent):
+            await self._hand_off(job, self.topology.agent_queue_spec(route.model))
+        elif isinstance(route, ToProvider):
+            await self._hand_off(job, self.topology.provider_queue_spec(route.provider))
+        elif isinstance(route, Refuse):
+            await self.reply.error(job, route.error, attempt=new_attempt())
+        log.info(
+            "job %s model=%s route=%s stream=%s %.2fms",
+            job.request_id,
+            job.model,
+            type(route).__name__,
+            job.stream,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _answer_dummy(self, job: Job, created: int) -> None:
+        attempt = new_attempt()
+        if not job.stream:
+            body = dummy.completion(job.request_id, job.model, created, len(job.body))
+            await self.reply.final(job, body, attempt=attempt)
+            return
+        writer = StreamWriter(job, self.reply, attempt=attempt, window=self.coalesce_window)
+        events = dummy.stream_events(
+            job.request_id, job.model, created, len(job.body), include_usage=job.include_usage
+        )
+        await writer.send(b"".join(events))
+        await writer.end()
+
+    async def _hand_off(self, job: Job, spec: QueueSpec) -> None:
+        """Publish the job to a backend queue (agent or provider), confirmed; answer on refusal."""
+        await self.ensure_queue(spec)
+        env = encode_job(job, now=self.clock())
+        try:
+            await self.broker.publish(env, spec.name, persistent=self.topology.is_persistent)
+        except QueueFullError:
+            error: RouterError = RateLimitError(
+                f"Too many requests are waiting for `{job.model}`; retry shortly.",
+                code="queue_full",
+                headers={"retry-after": "1"},
+            )
+            await self.reply.error(job, error, attempt=new_attempt())
+        except UnroutableError:
+            error = ServiceUnavailableError(
+                f"The queue for `{job.model}` is missing; retry shortly.",
+                headers={"retry-after": "1"},
+            )
+            await self.reply.error(job, error, attempt=new_attempt())
+
+    # --- jobs that came back from an agent queue --------------------------------------------
+    async def on_returned(self, env: Envelope, _: Delivery) -> None:
+        job = decode_job(env)
+        reason = env.headers.get("x-first-death-reason", "unknown")
+        if isinstance(reason, bytes):
+            reason = reason.decode()
+        if job.remaining(self.clock()) <= 0 or self.cancellations.is_cancelled(job.request_id):
+            log.info("returned job %s (%s) dropped: nobody waits", job.request_id, reason)
+            return
+        log.info("job %s returned from its agent queue (%s)", job.request_id, reason)
+        error = ServiceUnavailableError(
+            f"No agent serving `{job.model}` took the request in time; retry shortly.",
+            code="no_agent_available",
+            headers={"retry-after": "1"},
+        )
+        await self.reply.error(job, error, attempt=new_attempt())
+
+    # --- control, cancel, rpc ----------------------------------------------------------------
+    async def on_control(self, env: Envelope, _: Delivery) -> None:
+        record = self.registry.record(decode_control(env), self.clock())
+        for model in record.models:
+            await self.ensure_queue(self.topology.agent_queue_spec(model))
+
+    async def on_cancel(self, env: Envelope, _: Delivery) -> None:
+        self.cancellations.cancel(decode_cancel(env), self.clock())
+
+    async def on_rpc(self, env: Envelope, _: Delivery) -> None:
+        if not env.reply_to or not env.correlation_id:
+            return
+        now = self.clock()
+        body = model_list(self.registry.view(now), self.provider_models(), int(now))
+        try:
+            await self.broker.publish(encode_rpc_result(env.correlation_id, body), env.reply_to)
+        except UnroutableError:
+            log.info("rpc asker %s is gone", env.reply_to)

@@ -1,0 +1,188 @@
+"""The agent registry: who serves which `local*` model, and who is alive.
+
+`AgentTable` is the plain in-memory logic (unit-tested without a database); `SqliteStore`
+persists it in this dispatcher's own SQLite file (WAL), so a restarted dispatcher keeps its
+registry, and `Registry` joins the two. Liveness is judged by this dispatcher's receive time of
+the last heartbeat, never by a clock of the agent's.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import orjson
+
+from services.dispatcher.routing import AgentView
+from shared.messages import AgentHeartbeat, AgentRegistration
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    name: str
+    endpoint: str
+    models: tuple[str, ...]
+    registered_at: float
+    last_heartbeat: float
+    load: float | None = None
+
+
+class AgentTable:
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._agents: dict[str, AgentRecord] = {}
+        self._model_last_seen: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def get(self, name: str) -> AgentRecord | None:
+        return self._agents.get(name)
+
+    def records(self) -> list[AgentRecord]:
+        return list(self._agents.values())
+
+    def put(self, record: AgentRecord) -> None:
+        self._agents[record.name] = record
+        self._reindex()
+
+    def register(self, message: AgentRegistration, now: float) -> AgentRecord:
+        record = AgentRecord(
+            name=message.name,
+            endpoint=message.endpoint,
+            models=tuple(dict.fromkeys(message.models)),
+            registered_at=now,
+            last_heartbeat=now,
+        )
+        self.put(record)
+        return record
+
+    def heartbeat(self, message: AgentHeartbeat, now: float) -> AgentRecord:
+        """A heartbeat with `models` is a full snapshot; without, it only proves life.
+
+        A heartbeat from an agent this dispatcher never saw registers it, so a dispatcher that
+        starts with an empty file converges within one heartbeat interval.
+        """
+        known = self._agents.get(message.name)
+        models = tuple(dict.fromkeys(message.models)) if message.models is not None else None
+        if known is None:
+            record = AgentRecord(
+                name=message.name,
+                endpoint="",
+                models=models or (),
+                registered_at=now,
+                last_heartbeat=now,
+                load=message.load,
+            )
+        else:
+            record = replace(
+                known,
+                models=models if models is not None else known.models,
+                last_heartbeat=now,
+                load=message.load if message.load is not None else known.load,
+            )
+        self.put(record)
+        return record
+
+    def is_live(self, record: AgentRecord, now: float) -> bool:
+        return now - record.last_heartbeat <= self.ttl
+
+    def view(self, now: float) -> AgentView:
+        cutoff = now - self.ttl
+        live = frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
+        return AgentView(live=live, known=frozenset(self._model_last_seen))
+
+    def is_model_live(self, model: str, now: float) -> bool:
+        seen = self._model_last_seen.get(model)
+        return seen is not None and now - seen <= self.ttl
+
+    def _reindex(self) -> None:
+        last_seen: dict[str, float] = {}
+        for record in self._agents.values():
+            for model in record.models:
+                last_seen[model] = max(last_seen.get(model, 0.0), record.last_heartbeat)
+        self._model_last_seen = last_seen
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    endpoint TEXT NOT NULL,
+    models TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_heartbeat REAL NOT NULL,
+    load REAL
+)
+"""
+
+
+class SqliteStore:
+    """Agent records in a SQLite file (WAL; parameterised SQL only)."""
+
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(SCHEMA)
+
+    def save(self, record: AgentRecord) -> None:
+        self._db.execute(
+            "INSERT INTO agents (name, endpoint, models, registered_at, last_heartbeat, load) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET endpoint=excluded.endpoint,"
+            " models=excluded.models, registered_at=excluded.registered_at,"
+            " last_heartbeat=excluded.last_heartbeat, load=excluded.load",
+            (
+                record.name,
+                record.endpoint,
+                orjson.dumps(record.models).decode(),
+                record.registered_at,
+                record.last_heartbeat,
+                record.load,
+            ),
+        )
+
+    def load_all(self) -> list[AgentRecord]:
+        rows = self._db.execute(
+            "SELECT name, endpoint, models, registered_at, last_heartbeat, load FROM agents"
+        ).fetchall()
+        return [
+            AgentRecord(
+                name=row[0],
+                endpoint=row[1],
+                models=tuple(orjson.loads(row[2])),
+                registered_at=row[3],
+                last_heartbeat=row[4],
+                load=row[5],
+            )
+            for row in rows
+        ]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Registry:
+    """The table, persisted: every change is written through to SQLite."""
+
+    def __init__(self, table: AgentTable, store: SqliteStore) -> None:
+        self.table = table
+        self.store = store
+        for record in store.load_all():
+            table.put(record)
+
+    def record(self, message: AgentRegistration | AgentHeartbeat, now: float) -> AgentRecord:
+        if isinstance(message, AgentRegistration):
+            record = self.table.register(message, now)
+        else:
+            record = self.table.heartbeat(message, now)
+        self.store.save(record)
+        return record
+
+    def view(self, now: float) -> AgentView:
+        return self.table.view(now)
+
+    def close(self) -> None:
+        self.store.close()

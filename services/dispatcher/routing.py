@@ -1,0 +1,74 @@
+"""Where a job goes: a pure function of its model and what the router knows.
+
+No broker, HTTP or database here: `choose_route` is unit-tested as a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.errors import ModelNotFoundError, RouterError, ServiceUnavailableError
+
+DUMMY_MODEL = "dummy"
+LOCAL_PREFIX = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerDummy:
+    """The dispatcher answers itself with the placeholder."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToAgent:
+    model: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToProvider:
+    provider: str
+    upstream_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    error: RouterError
+
+
+Route = AnswerDummy | ToAgent | ToProvider | Refuse
+
+
+@dataclass(frozen=True, slots=True)
+class AgentView:
+    """What the registry says about local models at one moment."""
+
+    live: frozenset[str]
+    known: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRule:
+    """Models named `<prefix><name>` go to `provider` as `<name>` (prefix "" = any model)."""
+
+    prefix: str
+    provider: str
+
+
+def choose_route(model: str, agents: AgentView, providers: tuple[ProviderRule, ...] = ()) -> Route:
+    if model == DUMMY_MODEL:
+        return AnswerDummy()
+    if model.startswith(LOCAL_PREFIX):
+        if model in agents.live:
+            return ToAgent(model)
+        if model in agents.known:
+            return Refuse(
+                ServiceUnavailableError(
+                    f"No live agent serves `{model}` right now; retry shortly.",
+                    code="no_live_agent",
+                    headers={"retry-after": "1"},
+                )
+            )
+        return Refuse(ModelNotFoundError(model))
+    for rule in providers:
+        if model.startswith(rule.prefix) and len(model) > len(rule.prefix):
+            return ToProvider(rule.provider, model[len(rule.prefix) :])
+    return Refuse(ModelNotFoundError(model))

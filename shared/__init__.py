@@ -1,0 +1,1 @@
+"""Wire contracts, settings and broker plumbing shared by every Router service."""

@@ -1,0 +1,273 @@
+"""The one module that talks aio-pika: connections, publishing with confirms, consuming.
+
+Each service holds two robust connections: RabbitMQ blocks every publishing connection during a
+memory or disk alarm, acks included, so consumers keep acking on their own connection. Every
+publish waits for the broker's confirm within `publish_timeout` (a publish can hang while
+aio-pika reconnects) and maps failures to the router's errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import (
+    CONNECTION_EXCEPTIONS,
+    ChannelInvalidStateError,
+    DeliveryError,
+    PublishError,
+)
+
+from shared.errors import BrokerUnavailableError, QueueFullError, UnroutableError
+from shared.messages import Envelope, MessageDecodeError
+from shared.topology import QueueSpec, declare_queue
+
+log = logging.getLogger(__name__)
+
+
+def to_message(env: Envelope, *, persistent: bool) -> aio_pika.Message:
+    return aio_pika.Message(
+        env.body,
+        headers=env.headers,
+        type=env.type,
+        correlation_id=env.correlation_id,
+        reply_to=env.reply_to,
+        message_id=env.message_id,
+        expiration=None if env.expiration_ms is None else env.expiration_ms / 1000,
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
+    )
+
+
+def to_envelope(message: AbstractIncomingMessage) -> Envelope:
+    return Envelope(
+        type=message.type or "",
+        body=message.body,
+        headers=dict(message.headers or {}),
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+    )
+
+
+@dataclass
+class Delivery:
+    """What a handler may do with the message it was given, without seeing aio-pika.
+
+    `ack()` may be called early (a streaming agent acks once its first chunk is confirmed);
+    the consumer settles whatever the handler left unsettled when it returns.
+    """
+
+    _message: AbstractIncomingMessage
+    settled: bool = False
+
+    @property
+    def redelivered(self) -> bool:
+        return bool(self._message.redelivered)
+
+    async def ack(self) -> None:
+        if not self.settled:
+            self.settled = True
+            await self._message.ack()
+
+    async def reject(self, *, requeue: bool) -> None:
+        if not self.settled:
+            self.settled = True
+            await self._message.reject(requeue=requeue)
+
+
+Handler = Callable[[Envelope, Delivery], Awaitable[None]]
+
+
+class Broker:
+    """Publishing and consuming connections of one service process."""
+
+    def __init__(self, url: str, *, name: str, publish_timeout: float) -> None:
+        self._url = url
+        self._name = name
+        self.publish_timeout = publish_timeout
+        self._publish_conn: AbstractRobustConnection | None = None
+        self._consume_conn: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Open both connections; raises BrokerUnavailableError if the broker does not answer."""
+        try:
+            self._publish_conn = await aio_pika.connect_robust(
+                self._url,
+                timeout=timeout,
+                client_properties={"connection_name": f"{self._name}/publish"},
+            )
+            self._consume_conn = await aio_pika.connect_robust(
+                self._url,
+                timeout=timeout,
+                client_properties={"connection_name": f"{self._name}/consume"},
+            )
+            self._publish_channel = await self._publish_conn.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as e:
+            await self.close()
+            raise BrokerUnavailableError(f"cannot connect to the broker: {type(e).__name__}") from e
+
+    @property
+    def is_connected(self) -> bool:
+        return all(
+            conn is not None and not conn.is_closed and conn.connected.is_set()
+            for conn in (self._publish_conn, self._consume_conn)
+        )
+
+    async def channel(self, *, prefetch: int | None = None) -> AbstractChannel:
+        """A new channel on the consuming connection (for declaring and consuming)."""
+        assert self._consume_conn is not None, "connect() first"
+        channel = await self._consume_conn.channel()
+        if prefetch is not None:
+            await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def publish(
+        self,
+        env: Envelope,
+        routing_key: str,
+        *,
+        exchange: str = "",
+        mandatory: bool = True,
+        persistent: bool = False,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises QueueFullError when the broker nacks (a bounded queue refusing), UnroutableError
+        when a mandatory message reached no queue, and BrokerUnavailableError on timeout or a
+        lost connection.
+        """
+        if self._publish_channel is None:
+            raise BrokerUnavailableError()
+        target = self._exchange(exchange)
+        try:
+            await target.publish(
+                to_message(env, persistent=persistent),
+                routing_key,
+                mandatory=mandatory,
+                timeout=self.publish_timeout,
+            )
+        except PublishError as e:
+            raise UnroutableError(f"no queue for {routing_key!r}") from e
+        except DeliveryError as e:
+            raise QueueFullError() from e
+        except (TimeoutError, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS) as e:
+            raise BrokerUnavailableError() from e
+
+    def _exchange(self, name: str) -> AbstractExchange:
+        assert self._publish_channel is not None
+        if not name:
+            return self._publish_channel.default_exchange
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = aio_pika.Exchange(self._publish_channel, name)  # already declared
+            self._exchanges[name] = exchange
+        return exchange
+
+    async def consume(
+        self,
+        channel: AbstractChannel,
+        spec: QueueSpec | AbstractQueue,
+        handler: Handler,
+        *,
+        no_ack: bool = False,
+    ) -> AbstractQueue:
+        """Consume a queue: each message runs `handler` in its own task.
+
+        An undecodable message (MessageDecodeError) is rejected without requeue, into the
+        dead-letter queue. Any other exception requeues the message once; a redelivered message
+        that fails again is rejected, so a crash-looping message never loops.
+        """
+        queue = await declare_queue(channel, spec) if isinstance(spec, QueueSpec) else spec
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._inflight.add(task)
+            delivery = Delivery(message, settled=no_ack)
+            try:
+                await handler(to_envelope(message), delivery)
+                await delivery.ack()
+            except MessageDecodeError as e:
+                log.warning(
+                    "rejecting undecodable %s message %s: %s", message.type, message.message_id, e
+                )
+                await delivery.reject(requeue=False)
+            except asyncio.CancelledError:
+                await _settle_quietly(delivery, requeue=True)
+                raise
+            except Exception:
+                requeue = not delivery.redelivered
+                log.exception(
+                    "handler failed on %s %s (requeue=%s)",
+                    message.type,
+                    message.correlation_id,
+                    requeue,
+                )
+                await _settle_quietly(delivery, requeue=requeue)
+            finally:
+                if task is not None:
+                    self._inflight.discard(task)
+
+        tag = await queue.consume(on_message, no_ack=no_ack)
+        self._consumers.append((queue, tag))
+        return queue
+
+    @property
+    def consumer_count(self) -> int:
+        return len(self._consumers)
+
+    async def stop_consuming(self) -> None:
+        """Stop intake: cancel every consumer (in-flight handlers keep running)."""
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception:  # the channel may already be gone; intake is stopped either way
+                log.debug("cancel of consumer %s failed", tag, exc_info=True)
+        self._consumers.clear()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait for in-flight handlers to finish, then cancel those still running."""
+        if not self._inflight:
+            return
+        _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+
+    async def close(self) -> None:
+        for conn in (self._publish_conn, self._consume_conn):
+            if conn is not None:
+                try:
+                    await conn.close()
+                except Exception:
+                    log.debug("closing connection failed", exc_info=True)
+        self._publish_conn = self._consume_conn = None
+        self._publish_channel = None
+        self._exchanges.clear()
+
+
+async def _settle_quietly(delivery: Delivery, *, requeue: bool) -> None:
+    try:
+        await delivery.reject(requeue=requeue)
+    except Exception:  # a stale delivery tag after a reconnect: the broker requeued it already
+        log.debug("could not settle a delivery", exc_info=True)

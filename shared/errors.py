@@ -1,0 +1,165 @@
+"""The router's error tree and its one mapping to OpenAI's error object.
+
+Every error a client sees is `{"error": {"message", "type", "param", "code"}}` with the status
+OpenAI would use, built by `to_openai_error()`. Anything that is not a `RouterError` becomes a
+bare 500 that names only the request id: no traceback, path or upstream text leaves the router.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+
+class RouterError(Exception):
+    """Base of every error the router answers a client with."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+
+class InvalidRequestError(RouterError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(RouterError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(RouterError):
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFoundError(RouterError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.", param="model"
+        )
+
+
+class MethodNotAllowedError(RouterError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLargeError(RouterError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimitError(RouterError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamError(RouterError):
+    """A backend failed in a way retries did not fix."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamHTTPError(RouterError):
+    """An upstream's own error answer (a 4xx), relayed with its status, body and headers.
+
+    `body` is already an OpenAI error object (compact JSON); `to_openai_error` sends it as is.
+    """
+
+    type = "invalid_request_error"
+
+    def __init__(
+        self, status: int, body: bytes, *, message: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message or f"upstream answered HTTP {status}", headers=headers)
+        self.status = status
+        self.body = body
+
+
+class ServiceUnavailableError(RouterError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class GatewayTimeoutError(RouterError):
+    status = 504
+    type = "timeout_error"
+    code = "timeout"
+
+
+def error_body(
+    message: str, type_: str, *, param: str | None = None, code: str | int | None = None
+) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+def to_openai_error(
+    exc: BaseException, *, request_id: str = ""
+) -> tuple[int, bytes, dict[str, Any]]:
+    """Map any exception to (status, OpenAI error body, extra response headers)."""
+    if isinstance(exc, UpstreamHTTPError):
+        return exc.status, exc.body, dict(exc.headers)
+    if isinstance(exc, RouterError):
+        body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
+        return exc.status, body, dict(exc.headers)
+    suffix = f" (request id {request_id})" if request_id else ""
+    body = error_body(f"The server had an error processing your request{suffix}.", "server_error")
+    return 500, body, {}
+
+
+class QueueFullError(ServiceUnavailableError):
+    """The broker refused a job because its queue is at its bound (reject-publish)."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str = "The router is at capacity; retry shortly.") -> None:
+        super().__init__(message, headers={"retry-after": "1"})
+
+
+class BrokerUnavailableError(ServiceUnavailableError):
+    """The broker did not confirm a publish in time, or is unreachable."""
+
+    code = "broker_unavailable"
+
+    def __init__(self, message: str = "The message broker is unavailable; retry shortly.") -> None:
+        super().__init__(message, headers={"retry-after": "1"})
+
+
+class UnroutableError(RouterError):
+    """A mandatory publish found no queue (an internal condition callers map to a reply)."""

@@ -1,0 +1,189 @@
+"""Producing replies: one final message, or a stream of coalesced chunk messages and an end.
+
+Used alike by the dispatcher (dummy, cache hits, providers) and agents. The first chunk of a
+stream goes out at once (time to first token is what users feel); later chunks are gathered for
+a short window and sent as one message, so a fast stream does not cost a message per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+
+from shared.amqp import Broker
+from shared.errors import RouterError, UnroutableError, to_openai_error
+from shared.messages import Job, Reply, ReplyKind, encode_reply
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Job, Reply], Awaitable[None]]
+
+
+def new_attempt() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class ReplyPublisher:
+    """Publishes replies to a job's `reply_to` queue, confirmed.
+
+    A reply queue that is gone (its API process died) is logged and skipped: nobody waits.
+    Final answers are persistent in durable modes; stream chunks never are.
+    """
+
+    def __init__(self, broker: Broker, *, persistent: bool) -> None:
+        self._broker = broker
+        self._persistent = persistent
+
+    async def __call__(self, job: Job, reply: Reply) -> None:
+        persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
+        try:
+            await self._broker.publish(encode_reply(reply), job.reply_to, persistent=persistent)
+        except UnroutableError:
+            log.info("reply queue of %s is gone; %s dropped", job.request_id, reply.kind)
+
+    async def final(
+        self, job: Job, body: bytes, *, attempt: str, http_headers: dict[str, str] | None = None
+    ) -> None:
+        await self(
+            job,
+            Reply(
+                ReplyKind.FINAL,
+                job.request_id,
+                attempt,
+                body=body,
+                http_headers=http_headers or {},
+            ),
+        )
+
+    async def error(self, job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> None:
+        await self(job, error_reply(job, exc, attempt=attempt, seq=seq))
+
+
+def error_reply(job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> Reply:
+    status, body, headers = to_openai_error(exc, request_id=job.request_id)
+    return Reply(
+        ReplyKind.ERROR,
+        job.request_id,
+        attempt,
+        body=body,
+        seq=seq,
+        status=status,
+        http_headers={k: str(v) for k, v in headers.items()},
+    )
+
+
+class StreamWriter:
+    """Turns SSE events into numbered chunk messages for one attempt at one job.
+
+    `send()` takes framed events (`data: ...\\n\\n`). The first is published before `send()`
+    returns (so the caller can ack the job once it is confirmed); later ones are coalesced for
+    `window` seconds. `end()` and `fail()` flush what is buffered and close the stream; a
+    publish failure in the background surfaces on the next call.
+    """
+
+    def __init__(
+        self,
+        job: Job,
+        publish: Publish,
+        *,
+        attempt: str,
+        window: float = 0.005,
+        http_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.job = job
+        self.attempt = attempt
+        self._publish = publish
+        self._window = window
+        self._http_headers = http_headers or {}
+        self._seq = 0
+        self._buffer: list[bytes] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._failure: BaseException | None = None
+        self.closed = False
+
+    @property
+    def started(self) -> bool:
+        return self._seq > 0
+
+    async def send(self, event: bytes) -> None:
+        self._raise_failure()
+        if not self.started:
+            self._buffer.append(event)
+            await self._flush()
+            return
+        self._buffer.append(event)
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_later())
+
+    async def end(self) -> None:
+        await self._close(Reply(ReplyKind.END, self.job.request_id, self.attempt))
+
+    async def fail(self, exc: BaseException) -> None:
+        await self._close(error_reply(self.job, exc, attempt=self.attempt))
+
+    async def abandon(self) -> None:
+        """Stop without a closing message (the job was cancelled: nobody listens)."""
+        self.closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+
+    async def _close(self, last: Reply) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        flusher = self._flusher
+        if flusher is not None:
+            if not self._lock.locked():  # still waiting out the window: flush now instead
+                flusher.cancel()
+            await asyncio.wait({flusher})
+        self._raise_failure()
+        await self._flush()
+        async with self._lock:
+            await self._publish(self.job, _renumbered(last, self._seq))
+            self._seq += 1
+
+    async def _flush_later(self) -> None:
+        try:
+            await asyncio.sleep(self._window)
+            await self._flush()
+        except RouterError as e:
+            self._failure = e
+        finally:
+            self._flusher = None
+
+    async def _flush(self) -> None:
+        async with self._lock:
+            if not self._buffer:
+                return
+            body = b"".join(self._buffer)
+            self._buffer.clear()
+            headers = self._http_headers if self._seq == 0 else {}
+            reply = Reply(
+                ReplyKind.CHUNK,
+                self.job.request_id,
+                self.attempt,
+                body=body,
+                seq=self._seq,
+                http_headers=headers,
+            )
+            self._seq += 1
+            await self._publish(self.job, reply)
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+
+def _renumbered(reply: Reply, seq: int) -> Reply:
+    return Reply(
+        reply.kind,
+        reply.request_id,
+        reply.attempt,
+        body=reply.body,
+        seq=seq,
+        status=reply.status,
+        http_headers=reply.http_headers,
+    )

@@ -1,0 +1,54 @@
+"""Settings pieces reused by each service's `Settings`.
+
+Every variable the router reads is declared here (or in a service's own settings module, built
+on these) and listed in the README. Nothing else in the code reads `os.environ`; each service
+builds its settings once in `__main__` and passes them down.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Durability(StrEnum):
+    """How jobs survive a broker restart; part of every queue name (see `shared.topology`)."""
+
+    TRANSIENT = "transient"
+    DURABLE = "durable"
+    QUORUM = "quorum"
+
+
+class BrokerSettings(BaseSettings):
+    """What every service needs to reach RabbitMQ."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    rabbitmq_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/", description="AMQP URL of the broker (vhost included)."
+    )
+    durability: Durability = Field(
+        Durability.DURABLE, description="transient, durable or quorum queues and messages."
+    )
+    broker_namespace: str = Field(
+        "router",
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$",
+        description="Prefix of every exchange and queue name; tests use a unique one per run.",
+    )
+    publish_timeout: float = Field(
+        5.0, gt=0, description="Seconds to wait for a publisher confirm before answering 503."
+    )
+    log_level: str = Field("INFO", description="Python logging level of the service.")
+
+
+class RedisSettings(BaseSettings):
+    """The response cache's Redis (used by dispatchers only)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for the response cache; empty disables it."
+    )
+    cache_ttl: int = Field(3600, ge=0, description="Seconds a cached response lives; 0 disables.")

@@ -1,0 +1,258 @@
+"""Every exchange and queue name and its arguments, as frozen data, and `declare_topology()`.
+
+Names carry the schema version and the durability mode (`router.v1.durable.jobs`): RabbitMQ
+refuses to re-declare a queue with other arguments, so a build that changes them (or a switch
+of mode) gets fresh names instead of a PRECONDITION_FAILED against queues an older build left.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+
+from shared.settings import Durability
+
+SCHEMA_VERSION = "v1"
+
+# A model name becomes part of a queue name: keep it to a safe charset and length.
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    name: str
+    durable: bool
+    arguments: dict[str, Any] = field(default_factory=dict)
+    auto_delete: bool = False
+    exclusive: bool = False
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names and arguments for one namespace and durability mode.
+
+    `jobs_max_length` bounds the jobs queue (`reject-publish`: a full queue refuses new jobs,
+    it never drops accepted ones). `agent_queue_ttl_ms` bounds how long a job may wait for an
+    agent before it is dead-lettered back to a dispatcher, which answers 503.
+    """
+
+    namespace: str = "router"
+    mode: Durability = Durability.DURABLE
+    jobs_max_length: int = 10_000
+    agent_queue_max_length: int = 1_000
+    agent_queue_ttl_ms: int = 30_000
+    reply_queue_expires_ms: int = 60_000
+    delivery_limit: int = 5
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}.{SCHEMA_VERSION}.{self.mode.value}"
+
+    # --- exchanges -------------------------------------------------------------------------
+    @property
+    def control_exchange(self) -> str:
+        """Fanout: agent registrations and heartbeats, one copy to every dispatcher."""
+        return f"{self.prefix}.control"
+
+    @property
+    def cancel_exchange(self) -> str:
+        """Fanout: request ids whose client went away, to every dispatcher and agent."""
+        return f"{self.prefix}.cancel"
+
+    @property
+    def completed_exchange(self) -> str:
+        """Fanout: finished cacheable answers (`job.completed`), for the cache writer."""
+        return f"{self.prefix}.completed"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """Direct: poison jobs (to the dead queue) and agent-queue returns."""
+        return f"{self.prefix}.dlx"
+
+    # --- shared queues ---------------------------------------------------------------------
+    @property
+    def jobs_queue(self) -> str:
+        return f"{self.prefix}.jobs"
+
+    @property
+    def rpc_queue(self) -> str:
+        """Small questions any dispatcher answers (the model list)."""
+        return f"{self.prefix}.rpc"
+
+    @property
+    def returns_queue(self) -> str:
+        """Jobs that waited too long in an agent queue, or that an agent refused."""
+        return f"{self.prefix}.returns"
+
+    @property
+    def dead_queue(self) -> str:
+        """Parking lot for undecodable and crash-looping messages, for a human to inspect."""
+        return f"{self.prefix}.dead"
+
+    @property
+    def completed_queue(self) -> str:
+        return f"{self.prefix}.completed"
+
+    def agent_queue(self, model: str) -> str:
+        return f"{self.prefix}.agent.{model}"
+
+    def provider_queue(self, provider: str) -> str:
+        return f"{self.prefix}.provider.{provider}"
+
+    def reply_queue(self, process_id: str) -> str:
+        return f"{self.prefix}.reply.{process_id}"
+
+    def private_queue(self, purpose: str, process_id: str) -> str:
+        """A process's own queue bound to a fanout (control, cancel)."""
+        return f"{self.prefix}.{purpose}.{process_id}"
+
+    # --- queue specs -----------------------------------------------------------------------
+    @property
+    def is_persistent(self) -> bool:
+        return self.mode is not Durability.TRANSIENT
+
+    def _work_queue(self, name: str, *, max_length: int, extra: dict[str, Any]) -> QueueSpec:
+        """A queue of jobs: bounded, refusing (not dropping) when full, dead-lettering poison."""
+        args: dict[str, Any] = {
+            "x-max-length": max_length,
+            "x-overflow": "reject-publish",
+            **extra,
+        }
+        if self.mode is Durability.QUORUM:
+            args["x-queue-type"] = "quorum"
+            args["x-delivery-limit"] = self.delivery_limit
+        return QueueSpec(name=name, durable=self.is_persistent, arguments=args)
+
+    def jobs_queue_spec(self) -> QueueSpec:
+        return self._work_queue(
+            self.jobs_queue,
+            max_length=self.jobs_max_length,
+            extra={
+                "x-dead-letter-exchange": self.dead_letter_exchange,
+                "x-dead-letter-routing-key": self.dead_queue,
+            },
+        )
+
+    def provider_queue_spec(self, provider: str) -> QueueSpec:
+        return self._work_queue(
+            self.provider_queue(provider),
+            max_length=self.jobs_max_length,
+            extra={
+                "x-dead-letter-exchange": self.dead_letter_exchange,
+                "x-dead-letter-routing-key": self.dead_queue,
+            },
+        )
+
+    def agent_queue_spec(self, model: str) -> QueueSpec:
+        if not MODEL_NAME_RE.fullmatch(model):
+            raise ValueError(f"model name not allowed in a queue name: {model!r}")
+        return self._work_queue(
+            self.agent_queue(model),
+            max_length=self.agent_queue_max_length,
+            extra={
+                # A job nobody takes in time goes back to a dispatcher, which answers 503.
+                "x-message-ttl": self.agent_queue_ttl_ms,
+                "x-dead-letter-exchange": self.dead_letter_exchange,
+                "x-dead-letter-routing-key": self.returns_queue,
+            },
+        )
+
+    def rpc_queue_spec(self) -> QueueSpec:
+        # RPC questions are cheap to ask again: never persistent, never kept long.
+        return QueueSpec(
+            name=self.rpc_queue, durable=self.is_persistent, arguments={"x-message-ttl": 10_000}
+        )
+
+    def returns_queue_spec(self) -> QueueSpec:
+        return QueueSpec(name=self.returns_queue, durable=self.is_persistent)
+
+    def dead_queue_spec(self) -> QueueSpec:
+        return QueueSpec(
+            name=self.dead_queue,
+            durable=self.is_persistent,
+            arguments={"x-max-length": 10_000, "x-message-ttl": 86_400_000},
+        )
+
+    def completed_queue_spec(self) -> QueueSpec:
+        return QueueSpec(
+            name=self.completed_queue,
+            durable=self.is_persistent,
+            arguments={"x-max-length": 10_000, "x-overflow": "drop-head"},
+        )
+
+    def reply_queue_spec(self, process_id: str) -> QueueSpec:
+        """One reply queue per API process.
+
+        `durable` and `quorum` modes keep it durable with `x-expires`, so a reply published
+        during a broker restart still reaches a living API process; a dead process's queue
+        goes away by itself.
+        """
+        name = self.reply_queue(process_id)
+        if self.is_persistent:
+            return QueueSpec(
+                name=name, durable=True, arguments={"x-expires": self.reply_queue_expires_ms}
+            )
+        return QueueSpec(name=name, durable=False, exclusive=True, auto_delete=True)
+
+    def private_queue_spec(self, purpose: str, process_id: str) -> QueueSpec:
+        """Fanout subscriptions are per process and need no durability: state converges."""
+        return QueueSpec(
+            name=self.private_queue(purpose, process_id),
+            durable=False,
+            exclusive=True,
+            auto_delete=True,
+        )
+
+
+async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
+    return await channel.declare_queue(
+        spec.name,
+        durable=spec.durable,
+        exclusive=spec.exclusive,
+        auto_delete=spec.auto_delete,
+        arguments=spec.arguments,
+    )
+
+
+async def declare_exchanges(
+    channel: AbstractChannel, topology: Topology
+) -> dict[str, AbstractExchange]:
+    durable = topology.is_persistent
+    fanouts = (topology.control_exchange, topology.cancel_exchange, topology.completed_exchange)
+    exchanges = {
+        name: await channel.declare_exchange(name, ExchangeType.FANOUT, durable=durable)
+        for name in fanouts
+    }
+    exchanges[topology.dead_letter_exchange] = await channel.declare_exchange(
+        topology.dead_letter_exchange, ExchangeType.DIRECT, durable=durable
+    )
+    return exchanges
+
+
+async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
+    """Declare the shared exchanges and queues (idempotent; every service may call it)."""
+    exchanges = await declare_exchanges(channel, topology)
+    dlx = exchanges[topology.dead_letter_exchange]
+    queues = {
+        spec.name: await declare_queue(channel, spec)
+        for spec in (
+            topology.jobs_queue_spec(),
+            topology.rpc_queue_spec(),
+            topology.returns_queue_spec(),
+            topology.dead_queue_spec(),
+            topology.completed_queue_spec(),
+        )
+    }
+    await queues[topology.returns_queue].bind(dlx, routing_key=topology.returns_queue)
+    await queues[topology.dead_queue].bind(dlx, routing_key=topology.dead_queue)
+    await queues[topology.completed_queue].bind(exchanges[topology.completed_exchange])
+
+
+def message_delivery_mode(topology: Topology) -> aio_pika.DeliveryMode:
+    if topology.is_persistent:
+        return aio_pika.DeliveryMode.PERSISTENT
+    return aio_pika.DeliveryMode.NOT_PERSISTENT

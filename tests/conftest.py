@@ -1,0 +1,32 @@
+"""Shared fixtures. Integration tests need the real RabbitMQ and Redis on localhost: they skip
+when those are absent on a laptop, and fail when `CI` is set (a skipped suite proves nothing)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+RABBITMQ = ("127.0.0.1", 5672)
+REDIS = ("127.0.0.1", 6379)
+
+
+def _answers(address: tuple[str, int]) -> bool:
+    try:
+        with socket.create_connection(address, timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def require_services() -> None:
+    missing = [
+        name for name, addr in (("RabbitMQ", RABBITMQ), ("Redis", REDIS)) if not _answers(addr)
+    ]
+    if not missing:
+        return
+    reason = f"{' and '.join(missing)} not answering on localhost"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must provide them (see .ci/run)")
+    pytest.skip(reason)

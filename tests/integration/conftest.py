@@ -1,0 +1,61 @@
+"""Integration fixtures: one router stack (real processes, real RabbitMQ) per test session,
+in its own broker namespace."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import require_services
+from tests.support.procs import Stack, running_stack
+
+STACK_ENV = {"REQUEST_TIMEOUT": "20", "TTFT_TIMEOUT": "15", "LOG_LEVEL": "INFO"}
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def stack(stack_dir: Path) -> Iterator[Stack]:
+    """API + dispatcher, shared by the tests that do not break anything."""
+    require_services()
+    with running_stack(STACK_ENV) as stack:
+        stack.start_dispatcher(stack_dir)
+        stack.start_api()
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def api_url(stack: Stack) -> str:
+    return f"http://127.0.0.1:{stack.api_ports[0]}"
+
+
+def sdk_client(base_url: str, **kwargs: object) -> openai.OpenAI:
+    """The official SDK, strict: a body missing a field fails instead of being defaulted."""
+    return openai.OpenAI(
+        base_url=f"{base_url}/v1",
+        api_key=str(kwargs.pop("api_key", "sk-test")),
+        max_retries=0,
+        timeout=30,
+        _strict_response_validation=True,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def client(api_url: str) -> Iterator[openai.OpenAI]:
+    with sdk_client(api_url) as c:
+        yield c
+
+
+@pytest.fixture
+def isolated(stack_dir: Path) -> Iterator[Stack]:
+    """A private stack for tests that stop or break its parts."""
+    require_services()
+    with running_stack(STACK_ENV) as stack:
+        yield stack

@@ -1,0 +1,1 @@
+"""Test helpers: real service processes, free ports, readiness waits."""

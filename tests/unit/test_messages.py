@@ -1,0 +1,118 @@
+"""Wire format round trips and refusals."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from shared.messages import (
+    H_VERSION,
+    AgentHeartbeat,
+    AgentRegistration,
+    Envelope,
+    Job,
+    MessageDecodeError,
+    Reply,
+    ReplyKind,
+    decode_cancel,
+    decode_completed,
+    decode_control,
+    decode_job,
+    decode_reply,
+    encode_cancel,
+    encode_completed,
+    encode_control,
+    encode_job,
+    encode_reply,
+)
+
+JOB = Job(
+    request_id="abc123",
+    model="dummy",
+    reply_to="router.v1.durable.reply.p1",
+    deadline=1000.0,
+    body=b'{"model":"dummy"}',
+    stream=True,
+    include_usage=True,
+    tenant="team-a",
+    cache_key="k1",
+)
+
+
+def test_job_round_trip_and_expiration() -> None:
+    env = encode_job(JOB, now=990.0)
+    assert env.expiration_ms == 10_000
+    assert env.correlation_id == env.message_id == "abc123"
+    assert decode_job(env) == JOB
+
+
+def test_expired_job_still_gets_a_positive_expiration() -> None:
+    assert encode_job(JOB, now=2000.0).expiration_ms == 1
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        Envelope(type="job", headers={H_VERSION: 1, "x-model": "m", "x-deadline": 1.0}),
+        Envelope(type="job", headers={H_VERSION: 2}, correlation_id="a", reply_to="q"),
+        Envelope(type="reply.final", headers={H_VERSION: 1}, correlation_id="a", reply_to="q"),
+        Envelope(
+            type="job",
+            headers={H_VERSION: 1, "x-model": 3, "x-deadline": 1.0},
+            correlation_id="a",
+            reply_to="q",
+        ),
+    ],
+)
+def test_bad_jobs_are_decode_errors(env: Envelope) -> None:
+    with pytest.raises(MessageDecodeError):
+        decode_job(env)
+
+
+def test_reply_round_trip() -> None:
+    reply = Reply(
+        ReplyKind.ERROR,
+        "abc",
+        "att1",
+        body=b'{"error":{}}',
+        seq=3,
+        status=429,
+        http_headers={"retry-after": "2"},
+    )
+    assert decode_reply(encode_reply(reply)) == reply
+
+
+def test_control_round_trip() -> None:
+    for message in (
+        AgentRegistration(name="gpu1", endpoint="http://h:5000", models=["local_a"]),
+        AgentHeartbeat(name="gpu1", models=["local_a"], load=2),
+        AgentHeartbeat(name="gpu1"),
+    ):
+        assert decode_control(encode_control(message)) == message
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"name": "gpu1", "models": ["gpt-4o"]},  # only local* models
+        {"name": "gpu1", "models": []},
+        {"name": "../etc", "models": ["local_a"]},
+        {"name": "gpu1", "models": ["local_a"], "endpoint": "x" * 600},
+        {"name": "gpu1", "models": ["local_a"], "extra": 1},
+    ],
+)
+def test_registration_refuses_bad_payloads(payload: dict) -> None:
+    with pytest.raises(ValidationError):
+        AgentRegistration.model_validate(payload)
+
+
+def test_cancel_and_completed_round_trip() -> None:
+    assert decode_cancel(encode_cancel("abc_123")) == "abc_123"
+    assert decode_completed(encode_completed("key", b"{}")) == ("key", b"{}")
+    with pytest.raises(MessageDecodeError):
+        decode_cancel(Envelope(type="cancel", body=b"bad id!", headers={H_VERSION: 1}))
+
+
+def test_cancel_refuses_trailing_newline() -> None:
+    with pytest.raises(MessageDecodeError):
+        decode_cancel(Envelope(type="cancel", body=b"abc\n", headers={H_VERSION: 1}))

@@ -1,0 +1,56 @@
+"""StreamWriter: first chunk at once, later ones coalesced, numbered, closed once."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.errors import UpstreamError
+from shared.messages import Job, Reply, ReplyKind
+from shared.replies import StreamWriter
+
+JOB = Job(request_id="r1", model="m", reply_to="q", deadline=1e12, body=b"{}", stream=True)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[Reply] = []
+
+    async def __call__(self, job: Job, reply: Reply) -> None:
+        self.sent.append(reply)
+
+
+async def test_first_chunk_is_published_before_send_returns() -> None:
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=10)
+    await writer.send(b"data: 1\n\n")
+    assert [r.body for r in out.sent] == [b"data: 1\n\n"]
+    assert out.sent[0].seq == 0 and out.sent[0].kind is ReplyKind.CHUNK
+
+
+async def test_later_chunks_are_coalesced_in_order() -> None:
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=0.01)
+    for i in range(5):
+        await writer.send(f"data: {i}\n\n".encode())
+    assert len(out.sent) == 1
+    await asyncio.sleep(0.05)
+    await writer.send(b"data: 5\n\n")
+    await writer.end()
+    assert [r.seq for r in out.sent] == list(range(len(out.sent)))
+    assert out.sent[-1].kind is ReplyKind.END
+    body = b"".join(r.body for r in out.sent if r.kind is ReplyKind.CHUNK)
+    assert body == b"".join(f"data: {i}\n\n".encode() for i in range(6))
+    assert len(out.sent) == 4  # first, one coalesced batch, the last chunk, end
+    assert {r.attempt for r in out.sent} == {"a1"}
+
+
+async def test_fail_flushes_then_sends_an_error_once() -> None:
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=10)
+    await writer.send(b"data: 0\n\n")
+    await writer.send(b"data: 1\n\n")
+    await writer.fail(UpstreamError("boom"))
+    await writer.end()  # already closed: no second closing message
+    kinds = [r.kind for r in out.sent]
+    assert kinds == [ReplyKind.CHUNK, ReplyKind.CHUNK, ReplyKind.ERROR]
+    assert out.sent[-1].status == 502 and b"boom" in out.sent[-1].body

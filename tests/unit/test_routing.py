@@ -1,0 +1,56 @@
+"""choose_route as a table: model name and registry state in, route out."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.dispatcher.routing import (
+    AgentView,
+    AnswerDummy,
+    ProviderRule,
+    Refuse,
+    ToAgent,
+    ToProvider,
+    choose_route,
+)
+from shared.errors import ModelNotFoundError, ServiceUnavailableError
+
+AGENTS = AgentView(live=frozenset({"local_a"}), known=frozenset({"local_a", "local_dead"}))
+OPENAI = (ProviderRule("openai/", "openai"), ProviderRule("", "openai"))
+
+
+@pytest.mark.parametrize(
+    ("model", "providers", "expected"),
+    [
+        ("dummy", (), AnswerDummy()),
+        ("dummy", OPENAI, AnswerDummy()),
+        ("local_a", (), ToAgent("local_a")),
+        ("local_a", OPENAI, ToAgent("local_a")),
+        ("openai/gpt-4o", OPENAI, ToProvider("openai", "gpt-4o")),
+        ("gpt-4o", OPENAI, ToProvider("openai", "gpt-4o")),
+    ],
+)
+def test_routes(model: str, providers: tuple[ProviderRule, ...], expected: object) -> None:
+    assert choose_route(model, AGENTS, providers) == expected
+
+
+def test_known_local_model_without_live_agent_is_503_with_retry_after() -> None:
+    route = choose_route("local_dead", AGENTS, OPENAI)
+    assert isinstance(route, Refuse)
+    assert isinstance(route.error, ServiceUnavailableError)
+    assert route.error.headers["retry-after"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("model", "providers"),
+    [
+        ("local_never_seen", OPENAI),
+        ("gpt-4o", ()),
+        ("openai/", (ProviderRule("openai/", "openai"),)),
+    ],
+)
+def test_unservable_models_are_404(model: str, providers: tuple[ProviderRule, ...]) -> None:
+    route = choose_route(model, AGENTS, providers)
+    assert isinstance(route, Refuse)
+    assert isinstance(route.error, ModelNotFoundError)
+    assert route.error.param == "model"
