@@ -16,7 +16,14 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StringConstraints,
+    ValidationError,
+)
 
 WIRE_VERSION = 1
 
@@ -28,6 +35,8 @@ H_INCLUDE_USAGE = "x-include-usage"
 H_TENANT = "x-tenant"
 H_DEADLINE = "x-deadline"
 H_CACHE_KEY = "x-cache-key"
+H_CACHE_CONTROL = "x-cache-control"
+H_CACHE_STATUS = "x-cache-status"
 H_ATTEMPT = "x-attempt"
 H_SEQ = "x-seq"
 H_STATUS = "x-status"
@@ -92,7 +101,9 @@ class Job:
 
     `deadline` is a Unix time: nobody spends upstream tokens on a job past it. `cache_key` is
     set by the dispatcher on a cacheable miss, and asks whoever finishes the job to publish a
-    `job.completed` event.
+    `job.completed` event. `cache_control` is the client's `Cache-Control` header, carried for
+    the dispatcher (`no-cache`, `no-store`); `cache_status` is the dispatcher's verdict (`hit`,
+    `miss`, `bypass`), which every reply to the job carries as its `x-cache` header.
     """
 
     request_id: str
@@ -104,6 +115,8 @@ class Job:
     include_usage: bool = False
     tenant: str = "anonymous"
     cache_key: str | None = None
+    cache_control: str | None = None
+    cache_status: str | None = None
 
     def remaining(self, now: float) -> float:
         return self.deadline - now
@@ -121,10 +134,16 @@ def encode_job(job: Job, *, now: float) -> Envelope:
         H_STREAM: job.stream,
         H_INCLUDE_USAGE: job.include_usage,
         H_TENANT: job.tenant,
-        H_DEADLINE: job.deadline,
+        # Integer milliseconds: AMQP tables carry a Python float as a 32-bit float, which
+        # rounds a Unix time to 128 s.
+        H_DEADLINE: round(job.deadline * 1000),
     }
     if job.cache_key is not None:
         headers[H_CACHE_KEY] = job.cache_key
+    if job.cache_control is not None:
+        headers[H_CACHE_CONTROL] = job.cache_control
+    if job.cache_status is not None:
+        headers[H_CACHE_STATUS] = job.cache_status
     return Envelope(
         type=MessageType.JOB,
         body=job.body,
@@ -144,19 +163,21 @@ def decode_job(env: Envelope) -> Job:
     if not env.correlation_id or not env.reply_to:
         raise MessageDecodeError("job without correlation_id or reply_to")
     model = _header(env, H_MODEL, str)
-    deadline = _header(env, H_DEADLINE, float)
-    if not model or deadline is None:
+    deadline_ms = _header(env, H_DEADLINE, int)
+    if not model or deadline_ms is None:
         raise MessageDecodeError("job without model or deadline")
     return Job(
         request_id=env.correlation_id,
         model=model,
         reply_to=env.reply_to,
-        deadline=deadline,
+        deadline=deadline_ms / 1000,
         body=env.body,
         stream=bool(_header(env, H_STREAM, bool, False)),
         include_usage=bool(_header(env, H_INCLUDE_USAGE, bool, False)),
         tenant=_header(env, H_TENANT, str, "anonymous"),
         cache_key=_header(env, H_CACHE_KEY, str),
+        cache_control=_header(env, H_CACHE_CONTROL, str),
+        cache_status=_header(env, H_CACHE_STATUS, str),
     )
 
 
@@ -254,7 +275,7 @@ class AgentHeartbeat(BaseModel):
 
     name: AgentName
     models: list[LocalModel] | None = Field(None, max_length=64)
-    load: float | None = Field(None, ge=0, le=1_000_000)
+    load: StrictFloat | None = Field(None, ge=0, le=1_000_000)  # not true, nor "5"
 
 
 def encode_control(message: AgentRegistration | AgentHeartbeat) -> Envelope:
@@ -317,10 +338,13 @@ def encode_rpc_result(request_id: str, body: bytes) -> Envelope:
     )
 
 
-def encode_completed(cache_key: str, body: bytes) -> Envelope:
-    return Envelope(
-        type=MessageType.JOB_COMPLETED, body=body, headers={**_version(), H_CACHE_KEY: cache_key}
-    )
+def encode_completed(cache_key: str, body: bytes, *, status: int = 200) -> Envelope:
+    """A finished cacheable job: its whole answer, or (status != 200, empty body) the news
+    that it ended without one, so the dispatchers waiting on it stop waiting."""
+    headers = {**_version(), H_CACHE_KEY: cache_key}
+    if status != 200:
+        headers[H_STATUS] = status
+    return Envelope(type=MessageType.JOB_COMPLETED, body=body, headers=headers)
 
 
 def decode_completed(env: Envelope) -> tuple[str, bytes]:
@@ -329,6 +353,11 @@ def decode_completed(env: Envelope) -> tuple[str, bytes]:
     if env.type != MessageType.JOB_COMPLETED or not cache_key:
         raise MessageDecodeError("bad job.completed message")
     return cache_key, env.body
+
+
+def completed_status(env: Envelope) -> int:
+    """The status a `job.completed` reports (200: its body is the whole answer)."""
+    return int(_header(env, H_STATUS, int, 200))
 
 
 def _version() -> dict[str, Any]:

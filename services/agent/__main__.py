@@ -1,0 +1,27 @@
+"""`router agent`: run one agent until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.agent.service import run
+from services.agent.settings import AgentSettings
+from shared.logs import configure_logging, secret_values
+from shared.runner import run_service
+
+
+def main() -> None:
+    settings = AgentSettings()
+    configure_logging(settings.log_level, "agent", secrets=secret_values(settings))
+    # httpx logs every request at INFO: one line per job and heartbeat is noise here.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+    async def serve(stop: asyncio.Event) -> None:
+        await run(settings, stop)
+
+    run_service(serve)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Rewriting OpenAI bodies between the router and the inference server (pure functions).
+
+Each body is parsed once with orjson and written once. Upstream errors come in two shapes
+(vLLM's older `{"object":"error","message","type","code"}` and OpenAI's `{"error":{...}}`)
+and leave as OpenAI's, keeping the upstream status.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from shared.errors import error_body
+
+# What a client sees when the server's error body says nothing usable.
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class BodyError(ValueError):
+    """A body that is not a JSON object."""
+
+
+def _load_object(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BodyError("body is not JSON") from e
+    if not isinstance(payload, dict):
+        raise BodyError("body is not a JSON object")
+    return payload
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """`body` with its `model` set: the served name on the way in, the router id on the way
+    out. Everything else passes through as sent. Raises BodyError."""
+    payload = _load_object(body)
+    payload["model"] = model
+    return orjson.dumps(payload)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One upstream `data:` event, sorted: a chunk to relay, the end, or an error."""
+
+    chunk: bytes | None = None  # framed `data: {...}\n\n`, model rewritten
+    done: bool = False
+    error: UpstreamFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """An error the server answered: the status to keep and OpenAI's body."""
+
+    status: int
+    body: bytes
+    message: str
+
+
+def stream_event(data: bytes, model: str) -> StreamEvent:
+    """Classify one SSE `data:` payload and rewrite its model. Raises BodyError."""
+    if data.strip() == b"[DONE]":
+        return StreamEvent(done=True)
+    payload = _load_object(data)
+    if "error" in payload or payload.get("object") == "error":
+        return StreamEvent(error=normalise_error(200, data, parsed=payload))
+    payload["model"] = model
+    return StreamEvent(chunk=b"data: " + orjson.dumps(payload) + b"\n\n")
+
+
+def normalise_error(
+    status: int, body: bytes, *, parsed: dict[str, Any] | None = None
+) -> UpstreamFailure:
+    """Map an upstream error answer to OpenAI's `{"error":{message,type,param,code}}`.
+
+    A status of 200 (an error event inside a stream) or one out of the 4xx/5xx range takes the
+    error's own integer `code` when it has one, else 502.
+    """
+    payload = parsed
+    if payload is None:
+        try:
+            loaded = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            loaded = None
+        payload = loaded if isinstance(loaded, dict) else {}
+    inner = payload.get("error")
+    fields: dict[str, Any] = inner if isinstance(inner, dict) else payload
+    if isinstance(inner, str):  # `{"error": "text"}`, seen from some servers
+        fields = {"message": inner}
+    code = fields.get("code")
+    if not 400 <= status <= 599:
+        status = code if isinstance(code, int) and 400 <= code <= 599 else 502
+    message = fields.get("message")
+    if not isinstance(message, str) or not message:
+        message = f"The inference server answered {status}."
+    type_ = fields.get("type")
+    if not isinstance(type_, str) or not type_:
+        type_ = _STATUS_TYPES.get(status, "server_error")
+    param = fields.get("param")
+    if not isinstance(param, str):
+        param = None
+    if not isinstance(code, str | int) or isinstance(code, bool):
+        code = None
+    return UpstreamFailure(
+        status=status, body=error_body(message, type_, param=param, code=code), message=message
+    )

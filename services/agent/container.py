@@ -1,0 +1,207 @@
+"""The `vllm-docker` backend: the agent runs `vllm/vllm-openai` itself.
+
+`container_spec()` is the whole container, as plain data (unit-tested exactly).
+`VllmContainer` is its lifecycle over a docker SDK client passed in (`docker.from_env()` in
+production, a stand-in in tests): remove a leftover of the same name, run, wait for the
+server's health within a bound, stop and remove. The SDK blocks, so each call runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shlex
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import docker.errors
+from docker.types import DeviceRequest
+
+log = logging.getLogger(__name__)
+
+CONTAINER_PORT = 8000
+CONTAINER_HF_CACHE = "/root/.cache/huggingface"
+AGENT_LABEL = "router.agent"
+
+
+class ContainerError(RuntimeError):
+    """The inference server's container failed to start, exited, or never became healthy."""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything `client.containers.run()` is given."""
+
+    image: str
+    name: str
+    command: list[str]
+    ports: dict[str, tuple[str, int]]
+    volumes: dict[str, dict[str, str]]
+    environment: dict[str, str]
+    device_requests: list[DeviceRequest]
+    labels: dict[str, str] = field(default_factory=dict)
+    ipc_mode: str = "host"  # PyTorch shares tensors between processes through /dev/shm
+
+    def run_kwargs(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "command": list(self.command),
+            "name": self.name,
+            "detach": True,
+            "ports": dict(self.ports),
+            "volumes": dict(self.volumes),
+            "environment": dict(self.environment),
+            "device_requests": list(self.device_requests),
+            "labels": dict(self.labels),
+            "ipc_mode": self.ipc_mode,
+        }
+
+
+def gpu_request(gpus: str) -> DeviceRequest:
+    """`all` (or empty) -> every GPU; `0,1` -> those device ids."""
+    ids = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not ids or ids == ["all"]:
+        return DeviceRequest(count=-1, capabilities=[["gpu"]])
+    return DeviceRequest(device_ids=ids, capabilities=[["gpu"]])
+
+
+def container_spec(
+    *,
+    agent_name: str,
+    image: str,
+    model: str,
+    served_names: list[str],
+    gpus: str,
+    host_port: int,
+    hf_cache_dir: str,
+    hf_token: str = "",
+    extra_args: str = "",
+    name: str = "",
+    bind_host: str = "127.0.0.1",
+) -> ContainerSpec:
+    """The vLLM container for one agent. `hf_cache_dir` is an absolute host path.
+
+    The server listens on 8000 inside, published on `bind_host:host_port` (loopback: only this
+    agent talks to it). `served_names` become `--served-model-name` (vLLM then answers to any
+    of them); empty keeps the model id as its name. Raises ValueError without a model.
+    """
+    if not model:
+        raise ValueError("VLLM_MODEL is required with AGENT_BACKEND=vllm-docker")
+    command = ["--model", model, "--host", "0.0.0.0", "--port", str(CONTAINER_PORT)]
+    if served_names:
+        command += ["--served-model-name", *served_names]
+    command += shlex.split(extra_args)
+    environment = {}
+    if hf_token:
+        # Both names: older huggingface_hub releases read only the second.
+        environment = {"HF_TOKEN": hf_token, "HUGGING_FACE_HUB_TOKEN": hf_token}
+    return ContainerSpec(
+        image=image,
+        name=name or f"router-vllm-{agent_name}",
+        command=command,
+        ports={f"{CONTAINER_PORT}/tcp": (bind_host, host_port)},
+        volumes={hf_cache_dir: {"bind": CONTAINER_HF_CACHE, "mode": "rw"}},
+        environment=environment,
+        device_requests=[gpu_request(gpus)],
+        labels={AGENT_LABEL: agent_name},
+    )
+
+
+class Container(Protocol):
+    status: str
+
+    def reload(self) -> None: ...
+    def stop(self, *, timeout: int) -> None: ...
+    def remove(self, *, force: bool = ...) -> None: ...
+    def logs(self, *, tail: int) -> bytes: ...
+
+
+class Containers(Protocol):
+    def run(self, **kwargs: Any) -> Container: ...
+    def get(self, name: str) -> Container: ...
+
+
+class DockerClient(Protocol):
+    @property
+    def containers(self) -> Containers: ...
+
+
+Probe = Callable[[], Awaitable[bool]]
+
+
+class VllmContainer:
+    def __init__(
+        self,
+        client: DockerClient,
+        spec: ContainerSpec,
+        probe: Probe,
+        *,
+        poll_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self.spec = spec
+        self._probe = probe
+        self._poll_interval = poll_interval
+        self._clock = clock
+        self.container: Container | None = None
+
+    async def start(self) -> None:
+        """Run the container (replacing a leftover of the same name). Raises ContainerError."""
+        await self._remove_leftover()
+        try:
+            self.container = await asyncio.to_thread(
+                self._client.containers.run, **self.spec.run_kwargs()
+            )
+        except docker.errors.DockerException as e:
+            raise ContainerError(f"cannot start {self.spec.image}: {e}") from e
+        log.info("started container %s (%s)", self.spec.name, self.spec.image)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the probe says healthy; raises ContainerError if the container exits or
+        `timeout` passes first."""
+        assert self.container is not None, "start() first"
+        deadline = self._clock() + timeout
+        while True:
+            await asyncio.to_thread(self.container.reload)
+            status = self.container.status
+            if status in ("exited", "dead"):
+                tail = await asyncio.to_thread(self.container.logs, tail=20)
+                raise ContainerError(
+                    f"container {self.spec.name} {status} while starting:\n"
+                    + tail.decode(errors="replace")
+                )
+            if await self._probe():
+                log.info("container %s is healthy", self.spec.name)
+                return
+            if self._clock() >= deadline:
+                raise ContainerError(f"container {self.spec.name} not healthy after {timeout}s")
+            await asyncio.sleep(self._poll_interval)
+
+    async def stop(self, timeout: int = 30) -> None:
+        """Stop and remove the container; a container already gone is fine."""
+        container, self.container = self.container, None
+        if container is None:
+            return
+        try:
+            await asyncio.to_thread(container.stop, timeout=timeout)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException:
+            log.warning("stopping %s failed; removing it by force", self.spec.name, exc_info=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            await asyncio.to_thread(container.remove, force=True)
+        log.info("stopped and removed container %s", self.spec.name)
+
+    async def _remove_leftover(self) -> None:
+        try:
+            leftover = await asyncio.to_thread(self._client.containers.get, self.spec.name)
+            log.warning("removing leftover container %s", self.spec.name)
+            await asyncio.to_thread(leftover.remove, force=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException as e:
+            raise ContainerError(f"cannot remove leftover {self.spec.name}: {e}") from e

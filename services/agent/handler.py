@@ -1,0 +1,278 @@
+"""What an agent does with each job it consumes.
+
+Acks (see `shared.amqp.Delivery`): a non-streaming job is acked when its reply is confirmed (the
+consumer acks when `on_job` returns); a streaming job as soon as its first chunk message is
+confirmed. A job that fails to reach the server before any output is requeued once, so another
+agent tries it; the second failure is answered 502. Cancelled and expired jobs are acked and
+dropped without a reply: nobody waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import httpx
+
+from services.agent.backend import UpstreamUnavailableError, VllmClient
+from services.agent.bodies import BodyError, UpstreamFailure, normalise_error, stream_event
+from services.agent.bodies import with_model as rewrite_model
+from services.agent.models import ModelMap
+from services.agent.sse import SseDecoder
+from shared.amqp import Delivery
+from shared.cancel import Cancellations
+from shared.errors import (
+    GatewayTimeoutError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RouterError,
+    ServiceUnavailableError,
+    UpstreamError,
+)
+from shared.messages import Envelope, Job, Reply, ReplyKind, decode_job
+from shared.replies import Publish, StreamWriter, error_reply, new_attempt
+
+log = logging.getLogger(__name__)
+
+PublishCompleted = Callable[[str, bytes], Awaitable[None]]
+
+
+class StreamEndedError(UpstreamError):
+    """The server closed a stream without `data: [DONE]`."""
+
+
+def failure_reply(job: Job, failure: UpstreamFailure, *, attempt: str) -> Reply:
+    return Reply(ReplyKind.ERROR, job.request_id, attempt, body=failure.body, status=failure.status)
+
+
+class AgentHandler:
+    """Runs jobs against one inference server; `in_flight` is the load it reports."""
+
+    def __init__(
+        self,
+        *,
+        models: ModelMap,
+        upstream: VllmClient,
+        publish: Publish,
+        cancellations: Cancellations,
+        publish_completed: PublishCompleted | None = None,
+        concurrency: int | None = None,
+        coalesce_window: float = 0.005,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.models = models
+        self.concurrency = concurrency
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self.upstream = upstream
+        self.publish = publish
+        self.cancellations = cancellations
+        self.publish_completed = publish_completed
+        self.coalesce_window = coalesce_window
+        self.clock = clock
+        self.in_flight = 0
+
+    def slot(self, model: str) -> AbstractAsyncContextManager[Any]:
+        """At most `concurrency` upstream calls per model.
+
+        Prefetch alone does not bound them: a stream is acked at its first chunk, which frees
+        its prefetch slot while it still runs. A job waiting here stays unacked, so it is
+        redelivered if this agent dies.
+        """
+        if self.concurrency is None:
+            return contextlib.nullcontext()
+        if model not in self._slots:
+            self._slots[model] = asyncio.Semaphore(self.concurrency)
+        return self._slots[model]
+
+    async def on_job(self, env: Envelope, delivery: Delivery) -> None:
+        started = time.perf_counter()
+        job = decode_job(env)
+        outcome = await self._handle(job, delivery)
+        log.info(
+            "job %s model=%s stream=%s %s %.1fms",
+            job.request_id,
+            job.model,
+            job.stream,
+            outcome,
+            (time.perf_counter() - started) * 1000,
+        )
+
+    async def _handle(self, job: Job, delivery: Delivery) -> str:
+        if self.cancellations.is_cancelled(job.request_id):
+            return "dropped: cancelled by its client"
+        if job.remaining(self.clock()) <= 0:
+            return "dropped: deadline passed"
+        attempt = new_attempt()
+        served = self.models.served_name(job.model)
+        if served is None:
+            await self.publish(
+                job, error_reply(job, ModelNotFoundError(job.model), attempt=attempt)
+            )
+            return "refused: model not served here"
+        try:
+            body = rewrite_model(job.body, served)
+        except BodyError:
+            error = InvalidRequestError("The request body is not a JSON object.")
+            await self.publish(job, error_reply(job, error, attempt=attempt))
+            return "refused: body is not a JSON object"
+        run = _Run(self, job, delivery=delivery, attempt=attempt, body=body)
+        self.in_flight += 1
+        try:
+            finished = await self.cancellations.run(job.request_id, run.go())
+        finally:
+            self.in_flight -= 1
+        return run.outcome if finished else "cancelled by its client"
+
+
+class _Run:
+    """One attempt at one job (the state its helpers share)."""
+
+    def __init__(
+        self,
+        handler: AgentHandler,
+        job: Job,
+        *,
+        delivery: Delivery,
+        attempt: str,
+        body: bytes,
+    ) -> None:
+        self.h = handler
+        self.job = job
+        self.delivery = delivery
+        self.attempt = attempt
+        self.body = body
+        self.remaining = 0.0
+        self.outcome = "answered"
+
+    async def go(self) -> None:
+        async with self.h.slot(self.job.model):
+            # The deadline bounds the upstream call; it may have passed while waiting.
+            self.remaining = self.job.remaining(self.h.clock())
+            if self.remaining <= 0:
+                self.outcome = "dropped: deadline passed while waiting for a slot"
+                return
+            await (self.stream() if self.job.stream else self.complete())
+
+    async def _error(self, exc: BaseException) -> None:
+        await self.h.publish(self.job, error_reply(self.job, exc, attempt=self.attempt))
+
+    async def _unavailable(self, exc: UpstreamError) -> None:
+        """Before any output: requeue once for another agent, then answer 502."""
+        if not self.delivery.redelivered:
+            await self.delivery.reject(requeue=True)
+            self.outcome = f"requeued: {exc.message}"
+            return
+        await self._error(exc)
+        self.outcome = f"failed: {exc.message}"
+
+    # --- JSON ----------------------------------------------------------------------------------
+    async def complete(self) -> None:
+        job = self.job
+        try:
+            async with asyncio.timeout(self.remaining):
+                answer = await self.h.upstream.complete(self.body)
+        except UpstreamUnavailableError as e:
+            await self._unavailable(e)
+            return
+        except TimeoutError:
+            await self._error(GatewayTimeoutError("The model did not answer in time."))
+            self.outcome = "failed: deadline"
+            return
+        if answer.status != 200:
+            failure = normalise_error(answer.status, answer.body)
+            await self.h.publish(job, failure_reply(job, failure, attempt=self.attempt))
+            self.outcome = f"upstream error {failure.status}"
+            return
+        try:
+            body = rewrite_model(answer.body, job.model)
+        except BodyError:
+            await self._error(UpstreamError("The inference server's answer is not JSON."))
+            self.outcome = "failed: upstream answer is not JSON"
+            return
+        await self.h.publish(job, Reply(ReplyKind.FINAL, job.request_id, self.attempt, body=body))
+        if job.cache_key and self.h.publish_completed is not None:
+            await self.h.publish_completed(job.cache_key, body)
+
+    # --- SSE -----------------------------------------------------------------------------------
+    async def stream(self) -> None:
+        job = self.job
+        writer = StreamWriter(
+            job, self.h.publish, attempt=self.attempt, window=self.h.coalesce_window
+        )
+        try:
+            async with asyncio.timeout(self.remaining):
+                await self._relay(writer)
+        except UpstreamUnavailableError as e:
+            await self._unavailable(e)
+        except (httpx.HTTPError, StreamEndedError, BodyError) as e:
+            error = (
+                e
+                if isinstance(e, StreamEndedError)
+                else UpstreamError("The inference server's stream broke off.")
+            )
+            if writer.started:
+                await writer.fail(error)
+                self.outcome = f"failed mid-stream: {type(e).__name__}"
+            else:
+                await self._unavailable(UpstreamUnavailableError(error.message))
+        except TimeoutError:
+            await writer.fail(GatewayTimeoutError("The model did not finish in time."))
+            self.outcome = "failed: deadline"
+        except asyncio.CancelledError:
+            if self.h.cancellations.is_cancelled(job.request_id) or not writer.started:
+                await writer.abandon()  # nobody listens, or the job goes back to its queue
+            else:  # stopped by the agent (shutdown): end the client's stream now
+                await _quietly(writer.fail(ServiceUnavailableError("The agent stopped.")))
+            raise
+
+    async def _relay(self, writer: StreamWriter) -> None:
+        job = self.job
+        async with self.h.upstream.stream(self.body) as response:
+            if response.status_code != 200:
+                failure = normalise_error(response.status_code, await response.aread())
+                await self.h.publish(job, failure_reply(job, failure, attempt=self.attempt))
+                self.outcome = f"upstream error {failure.status}"
+                return
+            decoder = SseDecoder()
+            async for raw in response.aiter_bytes():
+                for data in decoder.feed(raw):
+                    if await self._on_event(data, writer):
+                        return
+            for data in decoder.close():
+                if await self._on_event(data, writer):
+                    return
+        raise StreamEndedError("The inference server ended the stream early.")
+
+    async def _on_event(self, data: bytes, writer: StreamWriter) -> bool:
+        """Relay one event; True once the stream is over (done or failed)."""
+        event = stream_event(data, self.job.model)
+        if event.done:
+            await writer.end()
+            return True
+        if event.error is not None:
+            if writer.started:
+                await writer.fail(UpstreamError(event.error.message))
+            else:
+                reply = failure_reply(self.job, event.error, attempt=self.attempt)
+                await self.h.publish(self.job, reply)
+            self.outcome = f"upstream error event {event.error.status}"
+            return True
+        assert event.chunk is not None
+        first = not writer.started
+        await writer.send(event.chunk)
+        if first:
+            # The client has its first bytes: from here on the job is this agent's to finish.
+            await self.delivery.ack()
+        return False
+
+
+async def _quietly(work: Awaitable[None]) -> None:
+    try:
+        await work
+    except (RouterError, OSError):
+        log.debug("could not publish the closing message", exc_info=True)

@@ -1,0 +1,123 @@
+"""Registration and heartbeats: how the router learns that this agent serves its models.
+
+`POST {ROUTER_URL}/register` once the queue consumers are attached (retried with backoff until
+the API accepts it), then `POST /heartbeat` with the models and the current load every
+interval, but only while the consumers are attached: an agent that cannot take jobs must drop
+out of the registry after the TTL instead of attracting them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import httpx
+
+from shared.messages import AgentHeartbeat, AgentRegistration
+
+log = logging.getLogger(__name__)
+
+
+def next_backoff(current: float, *, cap: float) -> float:
+    return min(cap, current * 2)
+
+
+class RegistrationRefusedError(Exception):
+    """The API refused the agent's token or payload (a 4xx); retrying may not help."""
+
+
+class Registrar:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        router_url: str,
+        token: str,
+        registration: AgentRegistration,
+        interval: float,
+        is_attached: Callable[[], bool],
+        load: Callable[[], float],
+        first_backoff: float = 0.5,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self._client = client
+        self._router_url = router_url.rstrip("/")
+        self._headers = {"authorization": f"Bearer {token}"}
+        self.registration = registration
+        self.interval = interval
+        self._is_attached = is_attached
+        self._load = load
+        self._first_backoff = first_backoff
+        self._max_backoff = max_backoff
+        self.registered = asyncio.Event()
+        self.heartbeats_sent = 0
+
+    async def run(self) -> None:
+        """Register, then heartbeat until cancelled."""
+        await self.register()
+        await self.heartbeat_forever()
+
+    async def register(self) -> None:
+        delay = self._first_backoff
+        while True:
+            if self._is_attached():
+                try:
+                    await self._post("/register", self.registration.model_dump_json().encode())
+                    self.registered.set()
+                    log.info(
+                        "registered as %s serving %s",
+                        self.registration.name,
+                        ", ".join(self.registration.models),
+                    )
+                    return
+                except (httpx.HTTPError, RegistrationRefusedError) as e:
+                    log.warning("registration failed (%s); retrying in %.1fs", e, delay)
+            await asyncio.sleep(delay)
+            delay = next_backoff(delay, cap=self._max_backoff)
+
+    async def heartbeat_forever(self) -> None:
+        paused = False
+        while True:
+            await asyncio.sleep(self.interval)
+            if not self._is_attached():
+                if not paused:
+                    log.warning("queue consumers detached: heartbeats paused")
+                paused = True
+                continue
+            if paused:
+                log.info("queue consumers attached again: heartbeats resumed")
+                paused = False
+            await self.heartbeat()
+
+    async def heartbeat(self) -> bool:
+        message = AgentHeartbeat(
+            name=self.registration.name,
+            models=self.registration.models,
+            load=self._load(),
+        )
+        try:
+            await self._post("/heartbeat", message.model_dump_json().encode())
+        except (httpx.HTTPError, RegistrationRefusedError) as e:
+            log.warning("heartbeat failed: %s", e)
+            return False
+        self.heartbeats_sent += 1
+        return True
+
+    async def _post(self, path: str, body: bytes) -> None:
+        response = await self._client.post(
+            f"{self._router_url}{path}",
+            content=body,
+            headers={**self._headers, "content-type": "application/json"},
+            timeout=5.0,
+        )
+        if response.status_code >= 400:
+            # The API answers OpenAI error objects; their message says what is wrong.
+            text = response.text[:300]
+            if response.status_code < 500:
+                raise RegistrationRefusedError(f"{path} answered {response.status_code}: {text}")
+            raise httpx.HTTPStatusError(
+                f"{path} answered {response.status_code}",
+                request=response.request,
+                response=response,
+            )

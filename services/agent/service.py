@@ -1,0 +1,285 @@
+"""The agent process: wiring the inference server, the broker and the API together.
+
+Start: (vllm-docker: run the container and wait for its health), learn the models, connect to
+the broker, declare the topology, bind a private queue to the cancel fanout, consume each
+model's queue with prefetch = AGENT_CONCURRENCY, then register and heartbeat. Stop (SIGTERM):
+cancel the consumers (heartbeats stop with them), let in-flight jobs finish within
+DRAIN_TIMEOUT, stop the container, close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+from httpx_aiohttp import AiohttpTransport
+
+from services.agent.backend import UpstreamUnavailableError, VllmClient
+from services.agent.container import (
+    ContainerError,
+    ContainerSpec,
+    VllmContainer,
+    container_spec,
+)
+from services.agent.handler import AgentHandler
+from services.agent.heartbeat import Registrar, next_backoff
+from services.agent.models import ModelMap, discovered_models, parse_agent_models
+from services.agent.settings import AgentSettings, Backend
+from shared import health
+from shared.amqp import Broker, Delivery
+from shared.cancel import Cancellations
+from shared.errors import BrokerUnavailableError
+from shared.messages import AgentRegistration, Envelope, decode_cancel
+from shared.replies import ReplyPublisher
+from shared.topology import Topology, declare_queue, declare_topology
+
+log = logging.getLogger(__name__)
+
+
+def topology_for(settings: AgentSettings) -> Topology:
+    # Must match the dispatchers' arguments exactly, or declaring the agent queue fails.
+    return Topology(
+        namespace=settings.broker_namespace,
+        mode=settings.durability,
+        agent_queue_ttl_ms=int(settings.agent_queue_ttl * 1000),
+    )
+
+
+def vllm_url(settings: AgentSettings) -> str:
+    if settings.vllm_url:
+        return settings.vllm_url
+    if settings.agent_backend is Backend.VLLM_DOCKER:
+        return f"http://127.0.0.1:{settings.vllm_host_port}/v1"
+    return "http://127.0.0.1:8000/v1"
+
+
+def docker_spec(settings: AgentSettings, served_names: list[str]) -> ContainerSpec:
+    s = settings
+    return container_spec(
+        agent_name=s.agent_name,
+        image=s.vllm_image,
+        model=s.vllm_model,
+        served_names=list(dict.fromkeys(served_names)),
+        gpus=s.vllm_gpus,
+        host_port=s.vllm_host_port,
+        hf_cache_dir=str(Path(s.hf_cache_dir).expanduser()),
+        hf_token=s.hf_token.get_secret_value(),
+        extra_args=s.vllm_args,
+        name=s.vllm_container_name,
+    )
+
+
+class AgentService:
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.topology = topology_for(settings)
+        self.process_id = uuid.uuid4().hex[:12]
+        self.configured = parse_agent_models(settings.agent_models)
+        self.models = self.configured
+        self.upstream = VllmClient(
+            vllm_url(settings),
+            connect_timeout=settings.upstream_connect_timeout,
+            max_connections=max(64, settings.agent_concurrency * 4),
+        )
+        self.router = httpx.AsyncClient(transport=AiohttpTransport())
+        self.broker = Broker(
+            settings.rabbitmq_url,
+            name=f"agent-{settings.agent_name}-{self.process_id}",
+            publish_timeout=settings.publish_timeout,
+        )
+        self.cancellations = Cancellations()
+        self.handler: AgentHandler | None = None
+        self.registrar: Registrar | None = None
+        self.container: VllmContainer | None = None
+        self._heartbeats: asyncio.Task[None] | None = None
+        self._web: web.AppRunner | None = None
+        self.port = settings.agent_port
+
+    # --- readiness -----------------------------------------------------------------------------
+    def is_attached(self) -> bool:
+        """Connected, and consuming every model queue (plus the cancel queue)."""
+        expected = len(self.models.router_ids) + 1
+        return (
+            bool(self.models)
+            and self.broker.is_connected
+            and (self.broker.consumer_count >= expected)
+        )
+
+    def is_ready(self) -> bool:
+        return (
+            self.is_attached() and self.registrar is not None and self.registrar.registered.is_set()
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.settings.agent_name,
+            "models": self.models.router_ids,
+            "load": self.load(),
+            "consuming": self.is_attached(),
+        }
+
+    def load(self) -> float:
+        return float(self.handler.in_flight) if self.handler is not None else 0.0
+
+    # --- start ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bring the agent up; runs until it is registering (cancel it to abort)."""
+        self._web, self.port = await health.serve(
+            health.create_app(self.status, self.is_ready),
+            self.settings.agent_bind,
+            self.settings.agent_port,
+        )
+        if self.settings.agent_backend is Backend.VLLM_DOCKER:
+            await self._start_container()
+        self.models = await self._learn_models()
+        await self._connect()
+        await self._consume()
+        self._start_heartbeats()
+
+    async def _start_container(self) -> None:
+        import docker  # only this backend needs an engine
+
+        spec = docker_spec(self.settings, list(self.configured.served.values()))
+        try:
+            client = docker.from_env()
+        except docker.errors.DockerException as e:
+            raise ContainerError(f"no Docker engine for AGENT_BACKEND=vllm-docker: {e}") from e
+        self.container = VllmContainer(client, spec, self.upstream.is_healthy)
+        await self.container.start()
+        await self.container.wait_ready(self.settings.vllm_startup_timeout)
+
+    async def _learn_models(self) -> ModelMap:
+        """Wait for the server to list its models; use them when AGENT_MODELS is empty."""
+        delay = 0.5
+        while True:
+            try:
+                served = await self.upstream.served_models()
+                break
+            except UpstreamUnavailableError as e:
+                log.warning("inference server at %s not answering: %s", self.upstream.root, e)
+            await asyncio.sleep(delay)
+            delay = next_backoff(delay, cap=10.0)
+        if self.configured:
+            missing = set(self.configured.served.values()) - set(served)
+            if missing:
+                log.warning("the server does not list %s (it lists %s)", sorted(missing), served)
+            return self.configured
+        models, skipped = discovered_models(served)
+        if skipped:
+            log.warning("served models that cannot be named in the router: %s", skipped)
+        if not models:
+            raise RuntimeError(f"the inference server lists no usable model: {served}")
+        return models
+
+    async def _connect(self) -> None:
+        delay = 0.5
+        while True:
+            try:
+                await self.broker.connect()
+                return
+            except BrokerUnavailableError as e:
+                log.warning("%s; retrying in %.1fs", e.message, delay)
+            await asyncio.sleep(delay)
+            delay = next_backoff(delay, cap=10.0)
+
+    async def _consume(self) -> None:
+        t = self.topology
+        # Answers to jobs that carry a cache key also go out as `job.completed` (cache writes,
+        # single-flight release); see shared.replies.ReplyPublisher.
+        reply = ReplyPublisher(
+            self.broker, persistent=t.is_persistent, completed_exchange=t.completed_exchange
+        )
+        self.handler = AgentHandler(
+            models=self.models,
+            upstream=self.upstream,
+            publish=reply,
+            cancellations=self.cancellations,
+            concurrency=self.settings.agent_concurrency,
+            coalesce_window=self.settings.stream_coalesce_ms / 1000,
+        )
+        control = await self.broker.channel(prefetch=256)
+        await declare_topology(control, t)
+        cancel_exchange = await control.get_exchange(t.cancel_exchange)
+        cancel = await declare_queue(control, t.private_queue_spec("cancel", self.process_id))
+        await cancel.bind(cancel_exchange)
+        await self.broker.consume(control, cancel, self._on_cancel)
+        for model in self.models.router_ids:
+            channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
+            await self.broker.consume(channel, t.agent_queue_spec(model), self.handler.on_job)
+        log.info(
+            "agent %s consuming %s (prefetch %d each, %s mode) for %s",
+            self.settings.agent_name,
+            ", ".join(self.models.router_ids),
+            self.settings.agent_concurrency,
+            t.mode.value,
+            self.upstream.root,
+        )
+
+    def _start_heartbeats(self) -> None:
+        s = self.settings
+        host = s.agent_host or socket.gethostname()
+        self.registrar = Registrar(
+            self.router,
+            router_url=s.router_url,
+            token=s.agent_token.get_secret_value(),
+            registration=AgentRegistration(
+                name=s.agent_name,
+                endpoint=f"http://{host}:{self.port}",
+                models=self.models.router_ids,
+            ),
+            interval=s.heartbeat_interval,
+            is_attached=self.is_attached,
+            load=self.load,
+        )
+        self._heartbeats = asyncio.create_task(self.registrar.run())
+
+    async def _on_cancel(self, env: Envelope, _: Delivery) -> None:
+        request_id = decode_cancel(env)
+        if self.cancellations.cancel(request_id, time.time()):
+            log.info("job %s cancelled by its client: upstream call aborted", request_id)
+
+    # --- stop ----------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop intake, drain, stop heartbeats and the container, close everything."""
+        await self.broker.stop_consuming()
+        # No heartbeats while draining: the registry lets this agent go after the TTL, so
+        # dispatchers answer 503 at once instead of queueing jobs nobody will take.
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeats
+        await self.broker.drain(self.settings.drain_timeout)
+        if self.container is not None:
+            await self.container.stop()
+        await self.broker.close()
+        await self.upstream.aclose()
+        await self.router.aclose()
+        if self._web is not None:
+            await self._web.cleanup()
+
+
+async def run(settings: AgentSettings, stop: asyncio.Event) -> None:
+    service = AgentService(settings)
+    starting = asyncio.create_task(service.start())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            if starting.exception() is not None:
+                log.error("agent %s failed to start: %s", settings.agent_name, starting.exception())
+            starting.result()  # a failed start raises here
+            await stop.wait()
+    finally:
+        log.info("agent %s stopping", settings.agent_name)
+        for task in (starting, stopping):
+            task.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await service.stop()

@@ -1,0 +1,55 @@
+"""Reading a Server-Sent Events stream incrementally, as bytes (pure; no I/O).
+
+Only `data:` fields matter to the router: an event's data lines are joined with `\\n` and the
+event ends at a blank line. Comments (`: ping`), `event:`, `id:` and `retry:` fields are
+ignored. Lines may end in `\\n`, `\\r\\n` or `\\r`, and may be split across network reads.
+"""
+
+from __future__ import annotations
+
+
+class SseDecoder:
+    """Feed raw bytes, get the `data` payload of every event completed so far."""
+
+    def __init__(self, max_event_bytes: int = 16 * 1024 * 1024) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+        self._size = 0
+        self._max = max_event_bytes
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Raises ValueError when one event grows past `max_event_bytes`."""
+        text = self._pending + chunk
+        events: list[bytes] = []
+        lines = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        if text.endswith(b"\r"):
+            # A `\r` at the end may be the first half of `\r\n`: keep the line for later.
+            lines = lines[:-1]
+            self._pending = lines.pop() + b"\r" if lines else b"\r"
+        else:
+            self._pending = lines.pop()
+        if len(self._pending) > self._max:
+            raise ValueError("an SSE line is larger than the limit")
+        for line in lines:
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data.clear()
+                    self._size = 0
+                continue
+            field, sep, value = line.partition(b":")
+            if field != b"data" or not sep:
+                continue  # a comment, another field, or a field without a value
+            if value.startswith(b" "):
+                value = value[1:]
+            self._size += len(value)
+            if self._size > self._max:
+                raise ValueError("an SSE event is larger than the limit")
+            self._data.append(value)
+        return events
+
+    def close(self) -> list[bytes]:
+        """The last event when the stream ended without its blank line."""
+        events = self.feed(b"\n\n") if self._pending or self._data else []
+        self._pending = b""
+        return events

@@ -1,0 +1,345 @@
+"""Agents in front of fake vLLM servers, through the real API and dispatcher processes.
+
+Each test gets its own stack (fresh broker namespace): API with agent tokens, a dispatcher with a
+short heartbeat TTL, fake vLLM servers and agents as processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from fakes.core import FakeConfig, reply_tokens
+from tests.conftest import require_services
+from tests.integration.conftest import STACK_ENV, sdk_client
+from tests.support.procs import Service, Stack, free_port, running_stack, wait_for, wait_http
+
+pytestmark = pytest.mark.integration
+
+TTL = 3.0
+NAMES = ("a1", "a2", "a3", "b1", "b2")
+AGENT_TOKENS = ",".join(f"{name}=tok-{name}" for name in NAMES)
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def content_of(tokens: int) -> str:
+    return "".join(reply_tokens(FakeConfig(), tokens))
+
+
+@dataclass
+class Fake:
+    service: Service
+    url: str
+
+    def stats(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.url}/_fake/stats", timeout=2).json())
+
+
+@dataclass
+class Agent:
+    service: Service
+    url: str
+
+
+@dataclass
+class Router:
+    stack: Stack
+    tmp: Path
+    apis: list[str]
+
+    @property
+    def api(self) -> str:
+        return self.apis[0]
+
+    def add_api(self, **extra: str) -> str:
+        url = self.stack.start_api(AGENT_TOKENS=AGENT_TOKENS, **extra)
+        self.apis.append(url)
+        return url
+
+    def add_dispatcher(self) -> Service:
+        return self.stack.start_dispatcher(self.tmp, HEARTBEAT_TTL=str(TTL))
+
+    def fake(self, *args: str, models: str = "m") -> Fake:
+        port = free_port()
+        service = self.stack.start(
+            "fake-vllm", ["fake-vllm", "--port", str(port), "--models", models, *args]
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", service=service)
+        return Fake(service, url)
+
+    def agent(
+        self, name: str, fake: Fake, *, ready: bool = True, token: str = "", **extra: str
+    ) -> Agent:
+        port = free_port()
+        env = {
+            "AGENT_NAME": name,
+            "AGENT_TOKEN": token or f"tok-{name}",
+            "ROUTER_URL": self.api,
+            "VLLM_URL": f"{fake.url}/v1",
+            "AGENT_PORT": str(port),
+            "AGENT_HOST": "127.0.0.1",
+            "HEARTBEAT_INTERVAL": "0.5",
+            "AGENT_CONCURRENCY": "2",
+            "DRAIN_TIMEOUT": "2",
+            **extra,
+        }
+        service = self.stack.start(f"agent-{name}", ["agent"], **env)
+        url = f"http://127.0.0.1:{port}"
+        if ready:
+            wait_http(f"{url}/ready", service=service)
+        return Agent(service, url)
+
+    def models(self, api: str | None = None) -> list[str]:
+        response = httpx.get(f"{api or self.api}/v1/models", timeout=5)
+        response.raise_for_status()
+        return [entry["id"] for entry in response.json()["data"]]
+
+    def wait_listed(self, model: str, *, timeout: float = 5.0) -> None:
+        wait_for(lambda: model in self.models(), timeout=timeout, message=f"{model} not listed")
+
+    def chat(self, model: str, *, api: str | None = None, **body: Any) -> httpx.Response:
+        return httpx.post(
+            f"{api or self.api}/v1/chat/completions",
+            json={"model": model, "messages": MESSAGES, **body},
+            timeout=25,
+        )
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[Router]:
+    require_services()
+    with running_stack({**STACK_ENV, "STREAM_IDLE_TIMEOUT": "3"}) as stack:
+        r = Router(stack, tmp_path, [])
+        r.add_dispatcher()
+        r.add_api()
+        yield r
+
+
+def fire(router: Router, count: int, model: str, **body: Any) -> list[httpx.Response]:
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(lambda _: router.chat(model, **body), range(count)))
+
+
+# --- the SDK through an agent ----------------------------------------------------------------
+
+
+def test_sdk_completion_and_stream_through_an_agent(router: Router) -> None:
+    fake = router.fake("--tokens", "12", "--token-rate", "200", models="mistral-7b")
+    router.agent("a1", fake)  # AGENT_MODELS empty: discovered as local_mistral-7b
+    router.wait_listed("local_mistral-7b")
+    with sdk_client(router.api) as client:
+        completion = client.chat.completions.create(model="local_mistral-7b", messages=MESSAGES)  # type: ignore[arg-type]
+        assert completion.model == "local_mistral-7b"
+        assert completion.choices[0].message.content == content_of(12)
+
+        stream = client.chat.completions.create(
+            model="local_mistral-7b",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+    assert {c.model for c in chunks} == {"local_mistral-7b"}
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == content_of(12)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert [body["model"] for body in fake.stats()["bodies"]] == ["mistral-7b", "mistral-7b"]
+
+
+def test_configured_model_names_are_rewritten_both_ways(router: Router) -> None:
+    fake = router.fake("--tokens", "3", models="served-x")
+    router.agent("a1", fake, AGENT_MODELS="local_x=served-x")
+    router.wait_listed("local_x")
+    response = router.chat("local_x")
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "local_x"
+    assert fake.stats()["bodies"][0]["model"] == "served-x"
+
+
+def test_upstream_error_keeps_its_status(router: Router) -> None:
+    fake = router.fake(models="m")
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    body = {"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}}
+    httpx.post(f"{fake.url}/_fake/script", json=[{"status": 400, "body": body}] * 2, timeout=2)
+    response = router.chat("local_m")
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "prompt too long"
+    response = router.chat("local_m", stream=True)
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+# --- sharing and failure -----------------------------------------------------------------------
+
+
+def test_three_agents_share_the_work(router: Router) -> None:
+    fakes = [router.fake("--latency", "0.3", "--tokens", "4") for _ in range(3)]
+    for name, fake in zip(("a1", "a2", "a3"), fakes, strict=True):
+        router.agent(name, fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    responses = fire(router, 60, "local_m")
+    assert [r.status_code for r in responses] == [200] * 60
+    served = [fake.stats()["completed"] for fake in fakes]
+    assert sum(served) == 60
+    assert min(served) >= 10, served
+
+
+def test_killed_agent_loses_no_job(router: Router) -> None:
+    slow = router.fake("--latency", "5", "--tokens", "4")
+    fast = router.fake("--latency", "0.1", "--tokens", "4")
+    doomed = router.agent("a1", slow, AGENT_MODELS="local_m")
+    router.agent("a2", fast, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(router.chat, "local_m") for _ in range(8)]
+        wait_for(lambda: slow.stats()["in_flight"] >= 2, timeout=5, message="a1 holds no jobs")
+        doomed.service.kill()  # SIGKILL with two jobs unacked
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200] * 8
+    assert len({r.json()["id"] for r in responses}) == 8
+    assert all(r.json()["choices"][0]["message"]["content"] == content_of(4) for r in responses)
+    assert slow.stats()["completed"] == 0
+    assert fast.stats()["completed"] == 8
+
+
+def test_silent_agent_leaves_the_model_list_and_requests_fail_fast(router: Router) -> None:
+    fake = router.fake()
+    agent = router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    os.kill(agent.service.pid, signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        wait_for(lambda: "local_m" not in router.models(), timeout=TTL + 3, interval=0.2)
+        assert time.monotonic() - stopped >= TTL - 1.0  # not before the TTL (minus one interval)
+        started = time.monotonic()
+        response = router.chat("local_m")
+        assert time.monotonic() - started < 1.0
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "no_live_agent"
+    finally:
+        agent.service.kill()
+
+
+def test_agent_tokens_are_checked(router: Router) -> None:
+    heartbeat = httpx.post(
+        f"{router.api}/heartbeat",
+        json={"name": "a1"},
+        headers={"authorization": "Bearer tok-b1"},
+        timeout=5,
+    )
+    assert heartbeat.status_code == 403
+    register = httpx.post(
+        f"{router.api}/register", json={"name": "a1", "models": ["local_m"]}, timeout=5
+    )
+    assert register.status_code == 401
+    assert register.json()["error"]["code"] == "invalid_api_key"
+
+    # An agent process holding another agent's token never gets in.
+    impostor = router.agent(
+        "a1", router.fake(), token="tok-b1", ready=False, AGENT_MODELS="local_m"
+    )
+    wait_for(lambda: "403" in impostor.service.log(), timeout=5, message="no 403 logged")
+    assert httpx.get(f"{impostor.url}/ready", timeout=2).status_code == 503
+    assert "local_m" not in router.models()
+
+
+def test_two_apis_and_two_dispatchers_agree(router: Router) -> None:
+    router.add_dispatcher()
+    router.add_api()
+    fake = router.fake("--tokens", "3")
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    # Either dispatcher may answer the model list: ask often enough to hear from both.
+    wait_for(
+        lambda: all("local_m" in router.models(api) for api in router.apis for _ in range(4)),
+        timeout=5,
+    )
+    lists = {tuple(router.models(api)) for api in router.apis for _ in range(6)}
+    assert lists == {("dummy", "local_m")}
+    # Every API sends both kinds of request: the dummy model and the agent's.
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        responses = list(
+            pool.map(
+                lambda i: router.chat("local_m" if i % 2 else "dummy", api=router.apis[i // 2 % 2]),
+                range(20),
+            )
+        )
+    assert [r.status_code for r in responses] == [200] * 20
+    assert {r.json()["model"] for r in responses} == {"dummy", "local_m"}
+
+
+# --- streams: cancel and agent death -----------------------------------------------------------
+
+
+def test_client_leaving_a_stream_aborts_the_upstream_call(router: Router) -> None:
+    fake = router.fake("--tokens", "400", "--token-rate", "20")
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()
+        left = time.time()
+    wait_for(lambda: fake.stats()["aborted"] >= 1, timeout=2, message="upstream never aborted")
+    assert fake.stats()["aborted_at"][-1] - left < 1.0
+    assert fake.stats()["completed"] == 0
+
+
+def test_agent_killed_mid_stream_ends_the_stream_with_an_error(router: Router) -> None:
+    fake = router.fake("--tokens", "400", "--token-rate", "20")
+    agent = router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        received = 0
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                received += 1
+                if received == 3:
+                    agent.service.kill()
+                    killed = time.monotonic()
+        ended = time.monotonic() - killed
+    assert ended < 3 + 1.5, ended  # STREAM_IDLE_TIMEOUT=3 on the API
+    assert received < 100
+
+
+def test_sigterm_lets_a_running_stream_finish(router: Router) -> None:
+    fake = router.fake("--tokens", "20", "--token-rate", "20")
+    agent = router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        parts: list[str] = []
+        for chunk in stream:
+            parts.extend(c.delta.content or "" for c in chunk.choices)
+            if len(parts) == 3:
+                agent.service.signal(signal.SIGTERM)
+    assert "".join(parts) == content_of(20)
+    assert agent.service.process is not None
+    assert agent.service.process.wait(5) == 0
+    wait_for(lambda: "local_m" not in router.models(), timeout=TTL + 3, interval=0.2)

@@ -1,0 +1,94 @@
+"""Body rewriting and upstream error normalisation."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from services.agent.bodies import BodyError, normalise_error, stream_event, with_model
+
+
+def test_with_model_rewrites_only_the_model() -> None:
+    body = b'{"model":"local_m","messages":[{"role":"user","content":"hi"}],"x_extra":{"k":[1]}}'
+    out = orjson.loads(with_model(body, "served-m"))
+    assert out == {
+        "model": "served-m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "x_extra": {"k": [1]},
+    }
+
+
+@pytest.mark.parametrize("body", [b"[1]", b"not json", b""])
+def test_with_model_refuses_non_objects(body: bytes) -> None:
+    with pytest.raises(BodyError):
+        with_model(body, "m")
+
+
+def test_stream_event_chunk_is_framed_with_the_router_model() -> None:
+    event = stream_event(b'{"id":"c1","model":"served","choices":[]}', "local_m")
+    assert event.chunk == b'data: {"id":"c1","model":"local_m","choices":[]}\n\n'
+    assert not event.done and event.error is None
+
+
+def test_stream_event_done() -> None:
+    assert stream_event(b"[DONE]", "local_m").done
+
+
+def test_stream_event_error() -> None:
+    event = stream_event(b'{"error":{"message":"boom","type":"x","code":400}}', "local_m")
+    assert event.error is not None
+    assert event.error.status == 400
+    assert event.error.message == "boom"
+
+
+def error_of(status: int, body: bytes) -> tuple[int, dict[str, object]]:
+    failure = normalise_error(status, body)
+    return failure.status, orjson.loads(failure.body)
+
+
+def test_vllm_flat_error() -> None:
+    body = b'{"object":"error","message":"bad","type":"BadRequestError","param":null,"code":400}'
+    assert error_of(400, body) == (
+        400,
+        {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}},
+    )
+
+
+def test_openai_shaped_error_keeps_its_fields_and_status() -> None:
+    body = b'{"error":{"message":"nope","type":"NotFoundError","param":"model","code":404}}'
+    assert error_of(404, body) == (
+        404,
+        {"error": {"message": "nope", "type": "NotFoundError", "param": "model", "code": 404}},
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "expected_status", "expected_type"),
+    [
+        (503, b"Service Unavailable", 503, "server_error"),
+        (429, b"", 429, "rate_limit_error"),
+        (400, b'{"error":"text only"}', 400, "invalid_request_error"),
+        (200, b'{"error":{"message":"m"}}', 502, "server_error"),
+        (302, b"{}", 502, "server_error"),
+    ],
+)
+def test_unhelpful_errors_still_get_openai_shape(
+    status: int, body: bytes, expected_status: int, expected_type: str
+) -> None:
+    got_status, payload = error_of(status, body)
+    assert got_status == expected_status
+    error = payload["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == expected_type
+    assert isinstance(error["message"], str) and error["message"]
+
+
+def test_error_text_is_kept_when_only_a_string() -> None:
+    _, payload = error_of(400, b'{"error":"text only"}')
+    assert payload["error"] == {
+        "message": "text only",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }

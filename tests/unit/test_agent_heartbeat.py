@@ -1,0 +1,109 @@
+"""Registration and heartbeats, against an `httpx.MockTransport` standing in for the API."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import orjson
+
+from services.agent.heartbeat import Registrar, next_backoff
+from shared.messages import AgentRegistration
+
+REG = AgentRegistration(name="gpu1", endpoint="http://gpu1:5000", models=["local_a"])
+
+
+class Api:
+    def __init__(self, statuses: list[int]) -> None:
+        self.statuses = statuses  # answers to give, in order; 200 once they run out
+        self.seen: list[tuple[str, str | None, dict[str, object]]] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.seen.append(
+            (request.url.path, request.headers.get("authorization"), orjson.loads(request.content))
+        )
+        status = self.statuses.pop(0) if self.statuses else 200
+        return httpx.Response(status, json={"status": "ok"})
+
+    def paths(self) -> list[str]:
+        return [path for path, _, _ in self.seen]
+
+
+def registrar(api: Api, attached: list[bool], load: float = 0.0) -> Registrar:
+    client = httpx.AsyncClient(transport=httpx.MockTransport(api))
+    return Registrar(
+        client,
+        router_url="http://api:8000/",
+        token="tok1",
+        registration=REG,
+        interval=0.01,
+        is_attached=lambda: attached[0],
+        load=lambda: load,
+        first_backoff=0.005,
+        max_backoff=0.01,
+    )
+
+
+def test_backoff_doubles_up_to_its_cap() -> None:
+    assert [next_backoff(x, cap=10) for x in (0.5, 4, 8)] == [1, 8, 10]
+
+
+async def test_registers_with_its_token_and_retries_until_accepted() -> None:
+    api = Api([503, 403])
+    r = registrar(api, [True])
+    await asyncio.wait_for(r.register(), 1)
+    assert r.registered.is_set()
+    assert api.paths() == ["/register"] * 3
+    _, auth, body = api.seen[-1]
+    assert auth == "Bearer tok1"
+    assert body == {"name": "gpu1", "endpoint": "http://gpu1:5000", "models": ["local_a"]}
+
+
+async def test_waits_for_its_consumers_before_registering() -> None:
+    api = Api([])
+    attached = [False]
+    r = registrar(api, attached)
+    task = asyncio.create_task(r.register())
+    await asyncio.sleep(0.05)
+    assert api.seen == []
+    attached[0] = True
+    await asyncio.wait_for(task, 1)
+    assert api.paths() == ["/register"]
+
+
+async def test_heartbeats_carry_models_and_load_only_while_attached() -> None:
+    api = Api([])
+    attached = [True]
+    r = registrar(api, attached, load=3)
+    task = asyncio.create_task(r.run())
+    try:
+        await until(lambda: r.heartbeats_sent >= 2)
+        assert api.seen[1][2] == {"name": "gpu1", "models": ["local_a"], "load": 3.0}
+        attached[0] = False
+        await asyncio.sleep(0.02)  # a heartbeat in flight may still land
+        paused_at = r.heartbeats_sent
+        await asyncio.sleep(0.05)
+        assert r.heartbeats_sent == paused_at
+        attached[0] = True
+        await until(lambda: r.heartbeats_sent != paused_at)
+    finally:
+        task.cancel()
+    assert api.paths()[0] == "/register"
+    assert set(api.paths()[1:]) == {"/heartbeat"}
+
+
+async def test_a_refused_heartbeat_is_reported_not_raised() -> None:
+    api = Api([403])
+    r = registrar(api, [True])
+    assert await r.heartbeat() is False
+    assert await r.heartbeat() is True
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Let the loop run until `predicate()` holds (TimeoutError after `timeout`)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.005)

@@ -1,0 +1,58 @@
+"""Incremental SSE decoding: events survive any split of the byte stream."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.agent.sse import SseDecoder
+
+STREAM = (
+    b'data: {"a":1}\n\n'
+    b": ping\n\n"
+    b'event: message\nid: 7\ndata: {"b":2}\n\n'
+    b"data: line1\ndata: line2\n\n"
+    b"data:nospace\n\n"
+    b"data: [DONE]\n\n"
+)
+EVENTS = [b'{"a":1}', b'{"b":2}', b"line1\nline2", b"nospace", b"[DONE]"]
+
+
+def decode_all(chunks: list[bytes]) -> list[bytes]:
+    decoder = SseDecoder()
+    events: list[bytes] = []
+    for chunk in chunks:
+        events += decoder.feed(chunk)
+    return events + decoder.close()
+
+
+def test_whole_stream() -> None:
+    assert decode_all([STREAM]) == EVENTS
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 16])
+def test_any_split(size: int) -> None:
+    chunks = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
+    assert decode_all(chunks) == EVENTS
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_other_line_endings(newline: bytes) -> None:
+    stream = STREAM.replace(b"\n", newline)
+    assert decode_all([stream]) == EVENTS
+    assert decode_all([stream[i : i + 1] for i in range(len(stream))]) == EVENTS
+
+
+def test_last_event_without_blank_line() -> None:
+    decoder = SseDecoder()
+    assert decoder.feed(b'data: {"a":1}\n\ndata: {"b"') == [b'{"a":1}']
+    assert decoder.feed(b":2}") == []
+    assert decoder.close() == [b'{"b":2}']
+
+
+def test_event_size_is_bounded() -> None:
+    decoder = SseDecoder(max_event_bytes=10)
+    with pytest.raises(ValueError):
+        decoder.feed(b"data: " + b"x" * 20)
+    decoder = SseDecoder(max_event_bytes=10)
+    with pytest.raises(ValueError):
+        decoder.feed(b"data: 123456\ndata: 123456\n")
