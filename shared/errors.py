@@ -121,6 +121,18 @@ class GatewayTimeoutError(RouterError):
     code = "timeout"
 
 
+class InternalError(RouterError):
+    """A bug, answered as a bare 500 that names the request id and nothing else."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(internal_error_message(request_id), headers={"x-request-id": request_id})
+
+
+def internal_error_message(request_id: str = "") -> str:
+    suffix = f" (request id {request_id})" if request_id else ""
+    return f"The server had an error processing your request{suffix}."
+
+
 def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | int | None = None
 ) -> bytes:
@@ -138,8 +150,7 @@ def to_openai_error(
     if isinstance(exc, RouterError):
         body = error_body(exc.message, exc.type, param=exc.param, code=exc.code)
         return exc.status, body, dict(exc.headers)
-    suffix = f" (request id {request_id})" if request_id else ""
-    body = error_body(f"The server had an error processing your request{suffix}.", "server_error")
+    body = error_body(internal_error_message(request_id), "server_error")
     return 500, body, {}
 
 

@@ -1,0 +1,245 @@
+"""OpenAI's Chat Completions API over one pooled httpx client (aiohttp transport).
+
+The HTTP shell only: what to retry, which headers to relay and how errors map live in
+`retry` and `upstream`. The key goes into the `Authorization` header of each request and
+nowhere else (httpx masks it in a `Headers` repr; no log line here prints headers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import httpx
+import orjson
+from httpx_aiohttp import AiohttpTransport
+
+from services.dispatcher.providers.base import ProviderRequest, ProviderResponse
+from services.dispatcher.providers.retry import RetryableFailure, RetryPolicy, call_with_retries
+from services.dispatcher.providers.sse import SseSplitter
+from services.dispatcher.providers.upstream import (
+    broken_stream,
+    check_response,
+    raise_for_status,
+    relay_headers,
+    transport_failure,
+    upstream_error,
+)
+from shared.errors import UpstreamError
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+USER_AGENT = "router/0.1"
+
+T = TypeVar("T")
+
+
+def build_http_client(*, max_connections: int, connect_timeout: float) -> httpx.AsyncClient:
+    """The process's pooled client: aiohttp underneath (twice httpx's own throughput here)."""
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=max_connections,
+        keepalive_expiry=30.0,
+    )
+    return httpx.AsyncClient(
+        transport=AiohttpTransport(limits=limits),
+        timeout=httpx.Timeout(connect_timeout),
+        follow_redirects=False,
+    )
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        policy: RetryPolicy | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._client = client
+        self._api_key = api_key
+        self._base_url = base_url.rstrip("/")
+        self._policy = policy or RetryPolicy()
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._clock = clock
+        self._sleep = sleep
+        self._jitter = jitter
+
+    def __repr__(self) -> str:
+        return f"OpenAIProvider(base_url={self._base_url!r})"
+
+    # --- chat completions ----------------------------------------------------------------------
+    async def complete(self, request: ProviderRequest) -> ProviderResponse:
+        return await self._with_retries(request, lambda: self._post_once(request))
+
+    async def stream(self, request: ProviderRequest) -> OpenAIStream:
+        return await self._with_retries(request, lambda: self._open_stream_once(request))
+
+    async def _with_retries(
+        self, request: ProviderRequest, attempt: Callable[[], Awaitable[T]]
+    ) -> T:
+        return await call_with_retries(
+            attempt,
+            policy=self._policy,
+            deadline=request.deadline,
+            label=f"{self.name} {request.request_id}",
+            clock=self._clock,
+            sleep=self._sleep,
+            jitter=self._jitter,
+        )
+
+    async def _post_once(self, request: ProviderRequest) -> ProviderResponse:
+        try:
+            response = await self._client.post(
+                f"{self._base_url}/chat/completions",
+                content=request.body,
+                headers=self._headers("application/json"),
+                timeout=self._timeout(request.deadline),
+            )
+        except httpx.TransportError as e:
+            raise transport_failure(e, provider=self.name) from e
+        return check_response(
+            response.status_code,
+            response.content,
+            response.headers,
+            provider=self.name,
+            secret=self._api_key,
+        )
+
+    async def _open_stream_once(self, request: ProviderRequest) -> OpenAIStream:
+        http_request = self._client.build_request(
+            "POST",
+            f"{self._base_url}/chat/completions",
+            content=request.body,
+            # identity: a compressed SSE stream would be held back by the decoder.
+            headers={**self._headers("text/event-stream"), "accept-encoding": "identity"},
+            timeout=self._timeout(request.deadline),
+        )
+        try:
+            response = await self._client.send(http_request, stream=True)
+        except httpx.TransportError as e:
+            raise transport_failure(e, provider=self.name) from e
+        stream = OpenAIStream(response, provider=self.name)
+        try:
+            if not 200 <= response.status_code < 300:
+                raise_for_status(
+                    response.status_code,
+                    await response.aread(),
+                    response.headers,
+                    provider=self.name,
+                    secret=self._api_key,
+                )
+            if "text/event-stream" not in response.headers.get("content-type", ""):
+                raise UpstreamError(f"The provider `{self.name}` did not answer with a stream.")
+            await stream.start()
+        except httpx.TransportError as e:
+            await stream.aclose()
+            raise transport_failure(e, provider=self.name) from e
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+    # --- models --------------------------------------------------------------------------------
+    async def list_models(self) -> list[str]:
+        try:
+            response = await self._client.get(
+                f"{self._base_url}/models",
+                headers=self._headers("application/json"),
+                timeout=httpx.Timeout(self._connect_timeout),
+            )
+        except httpx.TransportError as e:
+            raise transport_failure(e, provider=self.name).error from e
+        if response.status_code != 200:
+            raise upstream_error(response.status_code, b"", response.headers, provider=self.name)
+        return model_ids(response.content)
+
+    # --- plumbing ------------------------------------------------------------------------------
+    def _headers(self, accept: str) -> dict[str, str]:
+        return {
+            "authorization": f"Bearer {self._api_key}",
+            "content-type": "application/json",
+            "accept": accept,
+            "user-agent": USER_AGENT,
+        }
+
+    def _timeout(self, deadline: float) -> httpx.Timeout:
+        """Connect and read timeouts, neither past the deadline (read: between two bytes)."""
+        remaining = max(0.001, deadline - self._clock())
+        connect = min(self._connect_timeout, remaining)
+        read = min(self._read_timeout, remaining)
+        return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
+
+
+class OpenAIStream:
+    """An upstream SSE response, its events split as they arrive."""
+
+    def __init__(self, response: httpx.Response, *, provider: str) -> None:
+        self._response = response
+        self._provider = provider
+        self._chunks = response.aiter_bytes()
+        self._splitter = SseSplitter()
+        self._ready: deque[bytes] = deque()
+        self.headers = relay_headers(response.headers)
+
+    async def start(self) -> None:
+        """Read until the first event; raises RetryableFailure if the stream ends first."""
+        while not self._ready and not self._splitter.done:
+            if not await self._read_more():
+                raise RetryableFailure(
+                    UpstreamError(f"The provider `{self._provider}` ended a stream without output.")
+                )
+
+    async def events(self) -> AsyncIterator[bytes]:
+        while True:
+            while self._ready:
+                yield self._ready.popleft()
+            if self._splitter.done:
+                return
+            try:
+                more = await self._read_more()
+            except httpx.TransportError as e:
+                raise broken_stream(e, provider=self._provider) from e
+            if not more:
+                raise UpstreamError(f"The stream from the provider `{self._provider}` ended early.")
+
+    async def _read_more(self) -> bool:
+        """Read one piece into the event queue; False at the end of the body."""
+        try:
+            data = await anext(self._chunks)
+        except StopAsyncIteration:
+            return False
+        self._ready.extend(self._splitter.feed(data))
+        return True
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        await self._response.aclose()
+
+
+def model_ids(body: bytes) -> list[str]:
+    """The ids of an OpenAI model list body (`{"data": [{"id": ...}]}`)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise UpstreamError("The provider's model list is not JSON.") from e
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise UpstreamError("The provider's model list has no `data`.")
+    return sorted(
+        {e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)}
+    )

@@ -1,0 +1,193 @@
+"""What the router makes of an upstream's answer: plain functions over status, body, headers.
+
+- `relay_headers`: the response headers a client may use (rate limits, retry hints).
+- `check_response`: a 2xx becomes a `ProviderResponse`; a retryable status a
+  `RetryableFailure`; anything else the error the client gets (`upstream_error`).
+- `transport_failure`: a connection error or timeout as a `RetryableFailure`.
+- `rewrite_model`: the body with `model` set to the upstream's name, else untouched bytes.
+
+No message built here quotes the upstream's key, URL or an exception's text: `scrub` removes
+the key from any upstream body before it is relayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from services.dispatcher.providers.base import ProviderResponse
+from services.dispatcher.providers.retry import (
+    RetryableFailure,
+    is_retryable_status,
+    parse_retry_after,
+)
+from shared.errors import (
+    GatewayTimeoutError,
+    RouterError,
+    UpstreamError,
+    UpstreamHTTPError,
+    error_body,
+)
+
+H_SHOULD_RETRY = "x-should-retry"
+H_UPSTREAM_REQUEST_ID = "x-upstream-request-id"
+_RELAYED = frozenset({"retry-after", "retry-after-ms", H_SHOULD_RETRY})
+_RELAYED_PREFIXES = ("x-ratelimit-",)
+# Client errors that the same request will meet again: the SDKs must not retry them.
+_FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
+REDACTED = b"[redacted]"
+
+
+def relay_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Rate-limit and retry headers, lower-cased; the upstream's request id renamed.
+
+    The upstream's `x-request-id` travels as `x-upstream-request-id`: `x-request-id` is the
+    router's own.
+    """
+    selected: dict[str, str] = {}
+    for name, value in headers.items():
+        key = name.lower()
+        if key in _RELAYED or key.startswith(_RELAYED_PREFIXES):
+            selected[key] = value
+        elif key == "x-request-id":
+            selected[H_UPSTREAM_REQUEST_ID] = value
+    return selected
+
+
+def scrub(body: bytes, secret: str) -> bytes:
+    """`body` with every occurrence of `secret` replaced (an upstream may echo a key)."""
+    if not secret:
+        return body
+    return body.replace(secret.encode(), REDACTED)
+
+
+def openai_error_body(body: bytes) -> bytes | None:
+    """`body` as compact JSON if it is an OpenAI error object, else None.
+
+    Compact because an error may end up in a single SSE `data:` line.
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("error"), dict):
+        return None
+    message = data["error"].get("message")
+    if not isinstance(message, str):
+        return None
+    return orjson.dumps(data)
+
+
+def error_message(body: bytes) -> str:
+    """The `error.message` of an OpenAI error body ("" if there is none)."""
+    data: Any = orjson.loads(body)
+    return str(data["error"]["message"])
+
+
+def upstream_error(
+    status: int, body: bytes, headers: Mapping[str, str], *, provider: str, secret: str = ""
+) -> RouterError:
+    """The error a client gets for an upstream's non-2xx answer that is not retried (again).
+
+    - 401: the router's own credential is wrong; the client sees a 502 naming no key.
+    - other 4xx: relayed with status, OpenAI body and rate-limit headers; `x-should-retry:
+      false` where the same request cannot succeed.
+    - 504 and 408: 504; other 5xx: 502.
+    """
+    relayed = relay_headers(headers)
+    if status == 401:
+        return UpstreamError(
+            f"The provider `{provider}` rejected the router's credentials.",
+            code="upstream_auth_failed",
+            headers={H_SHOULD_RETRY: "false"},
+        )
+    if status in (408, 504):
+        return GatewayTimeoutError(f"The provider `{provider}` did not answer in time.")
+    if status >= 500 or status < 400:
+        return UpstreamError(f"The provider `{provider}` failed (HTTP {status}).")
+    if status in _FINAL_STATUSES:
+        relayed.setdefault(H_SHOULD_RETRY, "false")
+    clean = openai_error_body(scrub(body, secret))
+    if clean is None:
+        message = f"The provider `{provider}` refused the request (HTTP {status})."
+        type_ = "rate_limit_error" if status == 429 else "invalid_request_error"
+        clean = error_body(message, type_, code=str(status))
+    return UpstreamHTTPError(status, clean, message=error_message(clean), headers=relayed)
+
+
+def raise_for_status(
+    status: int, body: bytes, headers: Mapping[str, str], *, provider: str, secret: str = ""
+) -> None:
+    """Nothing for a 2xx; else raises.
+
+    RetryableFailure for 5xx and 408 (its `error` is what the client gets once retries are
+    spent, honouring the upstream's retry-after), the `upstream_error` for other statuses.
+    """
+    if 200 <= status < 300:
+        return
+    error = upstream_error(status, body, headers, provider=provider, secret=secret)
+    if is_retryable_status(status):
+        raise RetryableFailure(error, retry_after=parse_retry_after(_lowered(headers)))
+    raise error
+
+
+def check_response(
+    status: int, body: bytes, headers: Mapping[str, str], *, provider: str, secret: str = ""
+) -> ProviderResponse:
+    """A 2xx answer as a ProviderResponse (relayed as 200); raises as `raise_for_status`.
+
+    A 2xx whose body is not a JSON object is an UpstreamError.
+    """
+    raise_for_status(status, body, headers, provider=provider, secret=secret)
+    if not body.lstrip().startswith(b"{"):
+        raise UpstreamError(f"The provider `{provider}` sent an answer that is not JSON.")
+    return ProviderResponse(body=body, headers=relay_headers(headers))
+
+
+def transport_failure(exc: httpx.TransportError, *, provider: str) -> RetryableFailure:
+    """A connection error or timeout before any output, as a retryable failure (502 or 504)."""
+    if is_timeout(exc):
+        error: RouterError = GatewayTimeoutError(
+            f"The provider `{provider}` did not answer in time."
+        )
+    else:
+        error = UpstreamError(
+            f"Could not reach the provider `{provider}`.", code="upstream_unreachable"
+        )
+    return RetryableFailure(error)
+
+
+def broken_stream(exc: httpx.TransportError, *, provider: str) -> RouterError:
+    """A stream that failed after its first event (too late to retry)."""
+    if is_timeout(exc):
+        return GatewayTimeoutError(f"The provider `{provider}` stopped sending output in time.")
+    return UpstreamError(f"The stream from the provider `{provider}` was interrupted.")
+
+
+def is_timeout(exc: httpx.TransportError) -> bool:
+    """A real timeout: httpx-aiohttp maps some lost connections to `ConnectTimeout` too, so
+    only a timeout with a timeout (or nothing) underneath counts."""
+    cause = exc.__cause__
+    return isinstance(exc, httpx.TimeoutException) and (
+        cause is None or isinstance(cause, TimeoutError)
+    )
+
+
+def rewrite_model(body: bytes, model: str, upstream_model: str) -> bytes:
+    """The body with `model` set to `upstream_model`; the very same bytes when they are equal.
+
+    Only `model` changes: every other field (tools, n, response_format, stream_options,
+    unknown ones) is kept, in order.
+    """
+    if model == upstream_model:
+        return body
+    data = orjson.loads(body)
+    data["model"] = upstream_model
+    return orjson.dumps(data)
+
+
+def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}

@@ -1,0 +1,214 @@
+"""The OpenAI provider against httpx.MockTransport: requests sent, answers, retries, streams."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import orjson
+import pytest
+
+from services.dispatcher.providers.base import ProviderRequest
+from services.dispatcher.providers.openai import OpenAIProvider, model_ids
+from services.dispatcher.providers.retry import RetryPolicy
+from shared.errors import GatewayTimeoutError, UpstreamError, UpstreamHTTPError
+
+KEY = "sk-unit-key"
+BASE = "https://upstream.test/v1"
+BODY = b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"x_extra":1}'
+ANSWER = b'{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o-2024","choices":[]}'
+EVENTS = [
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n',
+    b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n',
+    b'data: {"id":"c","choices":[],"usage":{"total_tokens":3}}\n\n',
+]
+SSE = {"content-type": "text/event-stream"}
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Upstream:
+    """A scripted upstream: one handler per request, in order; records what it was sent."""
+
+    def __init__(self, *handlers: Handler) -> None:
+        self.handlers = list(handlers)
+        self.requests: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        await request.aread()
+        return self.handlers.pop(0)(request)
+
+
+def provider(upstream: Upstream, *, max_retries: int = 2) -> tuple[OpenAIProvider, list[float]]:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
+    return (
+        OpenAIProvider(
+            client,
+            api_key=KEY,
+            base_url=BASE + "/",
+            policy=RetryPolicy(max_retries=max_retries, backoff_base=0.1),
+            clock=lambda: 1000.0,
+            sleep=sleep,
+            jitter=lambda: 0.0,
+        ),
+        slept,
+    )
+
+
+def request(*, stream: bool = False) -> ProviderRequest:
+    return ProviderRequest(request_id="r1", model="gpt-4o", body=BODY, stream=stream, deadline=1060)
+
+
+def status(code: int, body: bytes = b"{}", headers: dict[str, str] | None = None) -> Handler:
+    return lambda _: httpx.Response(code, content=body, headers=headers)
+
+
+def fail(exc: Exception) -> Handler:
+    def handler(_: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return handler
+
+
+def sse(*events: bytes, error: Exception | None = None) -> Handler:
+    async def body() -> AsyncIterator[bytes]:
+        for event in events:
+            yield event
+        if error is not None:
+            raise error
+
+    return lambda _: httpx.Response(200, content=body(), headers=SSE)
+
+
+async def test_json_request_and_answer_pass_through() -> None:
+    upstream = Upstream(status(200, ANSWER, {"x-ratelimit-remaining-tokens": "9"}))
+    p, _ = provider(upstream)
+    response = await p.complete(request())
+    assert response.body == ANSWER and response.status == 200
+    assert response.headers == {"x-ratelimit-remaining-tokens": "9"}
+    sent = upstream.requests[0]
+    assert sent.method == "POST" and str(sent.url) == f"{BASE}/chat/completions"
+    assert sent.content == BODY
+    assert sent.headers["authorization"] == f"Bearer {KEY}"
+    assert sent.headers["content-type"] == "application/json"
+    assert KEY not in repr(sent.headers) and KEY not in repr(p)
+
+
+async def test_two_500s_then_a_200_is_answered_after_backoff() -> None:
+    upstream = Upstream(status(500), status(502), status(200, ANSWER))
+    p, slept = provider(upstream)
+    assert (await p.complete(request())).body == ANSWER
+    assert len(upstream.requests) == 3 and slept == [0.05, 0.1]
+
+
+async def test_5xx_past_the_retries_is_a_502() -> None:
+    upstream = Upstream(status(500), status(500), status(503))
+    p, _ = provider(upstream)
+    with pytest.raises(UpstreamError) as info:
+        await p.complete(request())
+    assert info.value.status == 502 and len(upstream.requests) == 3
+
+
+async def test_timeouts_past_the_retries_are_a_504() -> None:
+    upstream = Upstream(fail(httpx.ReadTimeout("slow")), fail(httpx.ReadTimeout("slow")))
+    p, _ = provider(upstream, max_retries=1)
+    with pytest.raises(GatewayTimeoutError):
+        await p.complete(request())
+    assert len(upstream.requests) == 2
+
+
+async def test_a_connection_error_is_retried() -> None:
+    upstream = Upstream(fail(httpx.ConnectError("refused")), status(200, ANSWER))
+    p, _ = provider(upstream)
+    assert (await p.complete(request())).body == ANSWER
+
+
+@pytest.mark.parametrize("code", [400, 404, 429])
+async def test_4xx_is_relayed_at_once(code: int) -> None:
+    body = b'{"error":{"message":"nope","type":"invalid_request_error","param":null,"code":null}}'
+    upstream = Upstream(status(code, body, {"retry-after": "3"}))
+    p, _ = provider(upstream)
+    with pytest.raises(UpstreamHTTPError) as info:
+        await p.complete(request())
+    assert info.value.status == code and info.value.body == body
+    assert info.value.headers["retry-after"] == "3"
+    assert len(upstream.requests) == 1
+
+
+async def test_a_stream_yields_every_event_until_done() -> None:
+    upstream = Upstream(sse(*EVENTS, b"data: [DONE]\n\n"))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    assert [e async for e in stream.events()] == EVENTS
+    await stream.aclose()
+    assert upstream.requests[0].headers["accept"] == "text/event-stream"
+
+
+async def test_a_stream_failing_before_its_first_event_is_retried() -> None:
+    upstream = Upstream(
+        status(503),
+        sse(error=httpx.ReadError("reset")),
+        sse(),  # ends without a byte
+        sse(*EVENTS, b"data: [DONE]\n\n"),
+    )
+    p, slept = provider(upstream, max_retries=3)
+    stream = await p.stream(request(stream=True))
+    assert [e async for e in stream.events()] == EVENTS
+    await stream.aclose()
+    assert len(upstream.requests) == 4 and len(slept) == 3
+
+
+async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry() -> None:
+    upstream = Upstream(sse(EVENTS[0], error=httpx.ReadError("reset")), sse(*EVENTS))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    got: list[bytes] = []
+    with pytest.raises(UpstreamError, match="interrupted"):
+        async for event in stream.events():
+            got.append(event)
+    await stream.aclose()
+    assert got == EVENTS[:1] and len(upstream.requests) == 1
+
+
+async def test_a_stream_ending_without_done_is_an_error() -> None:
+    upstream = Upstream(sse(*EVENTS))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    with pytest.raises(UpstreamError, match="ended early"):
+        _ = [e async for e in stream.events()]
+    await stream.aclose()
+
+
+async def test_a_stream_refused_with_a_4xx_is_relayed() -> None:
+    body = b'{"error":{"message":"Rate limit","type":"requests","param":null,"code":null}}'
+    upstream = Upstream(status(429, body, {"x-ratelimit-remaining-requests": "0"}))
+    p, _ = provider(upstream)
+    with pytest.raises(UpstreamHTTPError) as info:
+        await p.stream(request(stream=True))
+    assert info.value.status == 429
+    assert info.value.headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_list_models() -> None:
+    models = orjson.dumps({"object": "list", "data": [{"id": "gpt-4o"}, {"id": "a"}, {"x": 1}]})
+    upstream = Upstream(status(200, models))
+    p, _ = provider(upstream)
+    assert await p.list_models() == ["a", "gpt-4o"]
+    assert str(upstream.requests[0].url) == f"{BASE}/models"
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_list_models_failures_are_router_errors() -> None:
+    p, _ = provider(Upstream(status(401), fail(httpx.ConnectError("x"))))
+    with pytest.raises(UpstreamError):
+        await p.list_models()
+    with pytest.raises(UpstreamError):
+        await p.list_models()
+    with pytest.raises(UpstreamError):
+        model_ids(b"[]")

@@ -1,0 +1,81 @@
+"""PROVIDER_ROUTES as data: parsing, activation by configured provider, model names."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.dispatcher.providers.routes import (
+    DEFAULT_ROUTES,
+    active_rules,
+    listed_models,
+    parse_provider_routes,
+    upstream_model,
+)
+from services.dispatcher.routing import ProviderRule
+from services.dispatcher.settings import DispatcherSettings
+
+OPENAI = (ProviderRule("openai/", "openai"), ProviderRule("", "openai"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (DEFAULT_ROUTES, OPENAI),
+        (" openai/ = openai , ", (ProviderRule("openai/", "openai"),)),
+        ("", ()),
+        ("oa:=openai,x/=other", (ProviderRule("oa:", "openai"), ProviderRule("x/", "other"))),
+    ],
+)
+def test_parse(text: str, expected: tuple[ProviderRule, ...]) -> None:
+    assert parse_provider_routes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["openai", "openai/=", "a=OpenAI", "a=open ai"])
+def test_malformed_routes_are_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="PROVIDER_ROUTES"):
+        parse_provider_routes(text)
+
+
+def test_malformed_routes_fail_the_settings() -> None:
+    with pytest.raises(ValueError, match="PROVIDER_ROUTES"):
+        DispatcherSettings(provider_routes="nonsense")
+
+
+def test_rules_of_unconfigured_providers_are_dropped() -> None:
+    rules = (*OPENAI, ProviderRule("g/", "google"))
+    assert active_rules(rules, ["openai"]) == OPENAI
+    assert active_rules(rules, []) == ()
+
+
+@pytest.mark.parametrize(
+    ("model", "rules", "expected"),
+    [
+        ("openai/gpt-4o", OPENAI, "gpt-4o"),
+        ("gpt-4o", OPENAI, "gpt-4o"),
+        ("gpt-4o", (ProviderRule("openai/", "openai"),), None),
+        ("openai/gpt-4o", (ProviderRule("openai/", "other"), ProviderRule("", "openai")), None),
+        ("dummy", OPENAI, None),
+        ("local-x", OPENAI, None),
+    ],
+)
+def test_upstream_model(model: str, rules: tuple[ProviderRule, ...], expected: str | None) -> None:
+    assert upstream_model(model, rules, "openai") == expected
+
+
+def test_listed_models_use_the_shortest_prefix_that_routes_back() -> None:
+    ids = ["gpt-4o", "gpt-4o-mini", "gpt-4o", "local-llama", "dummy"]
+    # `dummy` and `local*` names belong to the router: those upstream models keep the prefix.
+    assert listed_models(ids, OPENAI, "openai") == [
+        "openai/dummy",
+        "gpt-4o",
+        "gpt-4o-mini",
+        "openai/local-llama",
+    ]
+    prefixed_only = (ProviderRule("openai/", "openai"),)
+    assert listed_models(ids, prefixed_only, "openai") == [
+        "openai/dummy",
+        "openai/gpt-4o",
+        "openai/gpt-4o-mini",
+        "openai/local-llama",
+    ]
+    assert listed_models(ids, (), "openai") == []

@@ -1,0 +1,47 @@
+"""Splitting an upstream SSE body into events, whatever the network's piece boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.dispatcher.providers.sse import SseSplitter
+
+EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b'data: {"c":"x\\ny"}\n\n']
+BODY = b"".join(EVENTS) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(BODY)])
+def test_events_come_out_whole_and_unchanged(size: int) -> None:
+    splitter = SseSplitter()
+    out: list[bytes] = []
+    for i in range(0, len(BODY), size):
+        out += splitter.feed(BODY[i : i + size])
+    assert out == EVENTS
+    assert splitter.done
+
+
+def test_done_is_not_returned_and_nothing_after_it() -> None:
+    splitter = SseSplitter()
+    assert splitter.feed(b'data: [DONE]\n\ndata: {"late":1}\n\n') == []
+    assert splitter.done
+    assert splitter.feed(b'data: {"later":1}\n\n') == []
+
+
+def test_crlf_is_normalised_even_across_pieces() -> None:
+    splitter = SseSplitter()
+    out = splitter.feed(b'data: {"a":1}\r') + splitter.feed(b"\n\r\ndata: [DONE]\r\n\r\n")
+    assert out == [b'data: {"a":1}\n\n']
+    assert splitter.done
+
+
+def test_comments_are_dropped_and_multiline_events_kept() -> None:
+    splitter = SseSplitter()
+    out = splitter.feed(b": keep-alive\n\nevent: x\ndata: {}\n\n: ping\n\n")
+    assert out == [b"event: x\ndata: {}\n\n"]
+
+
+def test_an_incomplete_event_stays_pending() -> None:
+    splitter = SseSplitter()
+    assert splitter.feed(b'data: {"a":1}\n\ndata: {"b"') == [b'data: {"a":1}\n\n']
+    assert splitter.pending == b'data: {"b"'
+    assert not splitter.done

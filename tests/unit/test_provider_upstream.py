@@ -1,0 +1,149 @@
+"""Upstream answers to router errors: what is relayed, retried, rewritten or hidden."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+import pytest
+
+from services.dispatcher.providers.retry import RetryableFailure
+from services.dispatcher.providers.upstream import (
+    check_response,
+    relay_headers,
+    rewrite_model,
+    scrub,
+    transport_failure,
+    upstream_error,
+)
+from shared.errors import (
+    GatewayTimeoutError,
+    UpstreamError,
+    UpstreamHTTPError,
+    to_openai_error,
+)
+
+KEY = "sk-secret-canary-1234"
+OPENAI_400 = b"""{
+    "error": {
+        "message": "Invalid 'messages': empty array.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "empty_array"
+    }
+}
+"""
+RATE_HEADERS = {
+    "Retry-After": "7",
+    "retry-after-ms": "7000",
+    "x-ratelimit-remaining-requests": "0",
+    "x-ratelimit-reset-tokens": "1s",
+    "x-request-id": "req_abc",
+    "openai-organization": "org-x",
+    "set-cookie": "a=b",
+}
+
+
+def test_relay_headers_keep_rate_limits_and_retry_hints_only() -> None:
+    assert relay_headers(RATE_HEADERS) == {
+        "retry-after": "7",
+        "retry-after-ms": "7000",
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-tokens": "1s",
+        "x-upstream-request-id": "req_abc",
+    }
+
+
+def test_a_400_is_relayed_with_its_body_compacted_and_no_retry() -> None:
+    error = upstream_error(400, OPENAI_400, {}, provider="openai")
+    status, body, headers = to_openai_error(error)
+    assert status == 400
+    assert body == orjson.dumps(orjson.loads(OPENAI_400))
+    assert b"\n" not in body  # fits one SSE data line
+    assert headers == {"x-should-retry": "false"}
+    assert error.message == "Invalid 'messages': empty array."
+
+
+def test_a_429_keeps_its_rate_limit_headers_and_may_be_retried_by_the_client() -> None:
+    body = orjson.dumps(
+        {"error": {"message": "Rate limit", "type": "requests", "param": None, "code": "x"}}
+    )
+    status, relayed, headers = to_openai_error(
+        upstream_error(429, body, RATE_HEADERS, provider="openai")
+    )
+    assert (status, relayed) == (429, body)
+    assert headers["retry-after"] == "7" and headers["x-ratelimit-remaining-requests"] == "0"
+    assert "x-should-retry" not in headers
+
+
+def test_a_4xx_that_is_not_an_openai_error_gets_one() -> None:
+    error = upstream_error(404, b"<html>nope</html>", {}, provider="openai")
+    assert isinstance(error, UpstreamHTTPError)
+    parsed = orjson.loads(to_openai_error(error)[1])
+    assert parsed["error"]["type"] == "invalid_request_error"
+    assert "HTTP 404" in parsed["error"]["message"]
+
+
+def test_the_key_is_scrubbed_from_relayed_bodies() -> None:
+    body = orjson.dumps({"error": {"message": f"Incorrect API key {KEY}", "type": "x"}})
+    _, relayed, _ = to_openai_error(upstream_error(403, body, {}, provider="openai", secret=KEY))
+    assert KEY.encode() not in relayed and b"[redacted]" in relayed
+    assert scrub(b"abc", "") == b"abc"
+
+
+def test_a_401_is_the_routers_problem_not_relayed() -> None:
+    body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {KEY}", "type": "x"}})
+    error = upstream_error(401, body, {}, provider="openai", secret=KEY)
+    status, relayed, headers = to_openai_error(error)
+    assert status == 502 and b"credentials" in relayed and KEY.encode() not in relayed
+    assert headers == {"x-should-retry": "false"}
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "client_status"),
+    [(500, UpstreamError, 502), (503, UpstreamError, 502), (504, GatewayTimeoutError, 504)],
+)
+def test_5xx_are_retryable_then_502_or_504(status: int, kind: type, client_status: int) -> None:
+    with pytest.raises(RetryableFailure) as info:
+        check_response(status, b"{}", {"retry-after": "2"}, provider="openai")
+    assert isinstance(info.value.error, kind)
+    assert info.value.error.status == client_status
+    assert info.value.retry_after == 2.0
+
+
+def test_2xx_answers_are_relayed_as_they_are() -> None:
+    response = check_response(200, b'{"id":"x"}', {"x-ratelimit-limit-requests": "5"}, provider="o")
+    assert response.body == b'{"id":"x"}' and response.status == 200
+    assert response.headers == {"x-ratelimit-limit-requests": "5"}
+    with pytest.raises(UpstreamError):
+        check_response(200, b"<html>", {}, provider="o")
+
+
+def test_transport_failures() -> None:
+    assert isinstance(
+        transport_failure(httpx.ReadTimeout("t"), provider="o").error, GatewayTimeoutError
+    )
+    assert isinstance(transport_failure(httpx.ConnectError("c"), provider="o").error, UpstreamError)
+    # httpx-aiohttp reports a dropped connection as ConnectTimeout: not a timeout underneath.
+    lost = httpx.ConnectTimeout("Server disconnected")
+    lost.__cause__ = ConnectionResetError()
+    failure = transport_failure(lost, provider="o")
+    assert isinstance(failure.error, UpstreamError) and failure.error.status == 502
+
+
+def test_rewrite_model_changes_only_the_model() -> None:
+    body = (
+        b'{"model":"openai/gpt-4o","messages":[{"role":"user","content":"hi"}],"n":2,'
+        b'"tools":[{"type":"function","function":{"name":"f"}}],"logprobs":true,'
+        b'"response_format":{"type":"json_object"},"stream_options":{"include_usage":true},'
+        b'"x_unknown":{"deep":[1,2.5,null]}}'
+    )
+    rewritten = rewrite_model(body, "openai/gpt-4o", "gpt-4o")
+    expected = orjson.loads(body)
+    expected["model"] = "gpt-4o"
+    assert orjson.loads(rewritten) == expected
+    assert list(orjson.loads(rewritten)) == list(expected)  # order kept
+
+
+def test_rewrite_model_keeps_the_exact_bytes_when_the_name_is_the_same() -> None:
+    body = b'{ "model" : "gpt-4o",\n "messages": [] }'
+    assert rewrite_model(body, "gpt-4o", "gpt-4o") is body
