@@ -8,13 +8,14 @@ a short window and sent as one message, so a fast stream does not cost a message
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
 from shared.amqp import Broker
 from shared.errors import RouterError, UnroutableError, to_openai_error
-from shared.messages import Job, Reply, ReplyKind, encode_reply
+from shared.messages import Job, Reply, ReplyKind, encode_completed, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -25,23 +26,59 @@ def new_attempt() -> str:
     return uuid.uuid4().hex[:12]
 
 
+CACHE_HEADER = "x-cache"
+
+
+def with_cache_header(job: Job, reply: Reply) -> Reply:
+    """The first reply of a job carries the dispatcher's cache verdict as `x-cache`."""
+    if job.cache_status is None or reply.seq != 0 or CACHE_HEADER in reply.http_headers:
+        return reply
+    headers = {**reply.http_headers, CACHE_HEADER: job.cache_status}
+    return dataclasses.replace(reply, http_headers=headers)
+
+
 class ReplyPublisher:
     """Publishes replies to a job's `reply_to` queue, confirmed.
 
     A reply queue that is gone (its API process died) is logged and skipped: nobody waits.
-    Final answers are persistent in durable modes; stream chunks never are.
+    Final answers are persistent in durable modes; stream chunks never are. The first reply
+    carries the job's cache verdict (`x-cache`). With `completed_exchange`, the answer to a
+    job that carries a cache key (a FINAL or an ERROR) is also published as a `job.completed`
+    event for the cache writer: producers need no code of their own for it.
     """
 
-    def __init__(self, broker: Broker, *, persistent: bool) -> None:
+    def __init__(
+        self, broker: Broker, *, persistent: bool, completed_exchange: str | None = None
+    ) -> None:
         self._broker = broker
         self._persistent = persistent
+        self._completed_exchange = completed_exchange
 
     async def __call__(self, job: Job, reply: Reply) -> None:
+        reply = with_cache_header(job, reply)
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
         try:
             await self._broker.publish(encode_reply(reply), job.reply_to, persistent=persistent)
         except UnroutableError:
             log.info("reply queue of %s is gone; %s dropped", job.request_id, reply.kind)
+        if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
+            await self.completed(job, reply)
+
+    async def completed(self, job: Job, reply: Reply) -> None:
+        """Publish `job.completed` for a cacheable job's answer (best effort: never raises).
+
+        A 200 FINAL carries the body (the cache writer still checks it is complete); any other
+        answer an empty body and its status, which releases the single-flight lock at once.
+        """
+        if self._completed_exchange is None or job.cache_key is None:
+            return
+        whole = reply.kind is ReplyKind.FINAL and reply.status == 200
+        status = 200 if whole else (reply.status if reply.status != 200 else 500)
+        env = encode_completed(job.cache_key, reply.body if whole else b"", status=status)
+        try:
+            await self._broker.publish(env, "", exchange=self._completed_exchange, mandatory=False)
+        except RouterError as e:  # the client has its answer; only the cache misses out
+            log.warning("job.completed of %s not published: %s", job.request_id, e)
 
     async def final(
         self, job: Job, body: bytes, *, attempt: str, http_headers: dict[str, str] | None = None

@@ -1,0 +1,397 @@
+"""The response cache: Redis in front of routing, and the writer fed by `job.completed` events.
+
+`JobCache.lookup(job)` runs before a job is routed. A hit is answered from Redis; a miss goes on
+with its cache verdict (`x-cache`) and, when its answer may be stored, the cache key, which asks
+whoever finishes the job to publish a `job.completed` event; `JobCache.on_completed` (fed by the
+`completed` queue, one dispatcher per event) writes the entry. The decisions are the pure
+functions of `cache_key` and `cache_replay`; `RedisStore` is the thin Redis shell.
+
+Single flight: a deterministic job whose key is not cached takes a lock (`SET NX PX`) before it
+is routed. An identical job that finds the lock held waits, holding its job message unacked, for
+the writer's `ok` on the key's pub/sub channel, then answers from the cache. It stops waiting
+when the leader ends without a storable answer (`fail`: its producer published that too), when
+the leader's client cancels (the leader's dispatcher, which sees the cancel, releases its lock),
+when the lock expires, after `single_flight_wait` seconds or half its own time left, or when its
+own client cancels; then it is routed like any miss. At most `max_waiters` jobs wait at once
+per dispatcher, so waiting never takes more than part of the jobs queue's prefetch: past it, a
+job is routed at once (one more upstream call rather than a stalled jobs queue).
+
+Fail-open: every Redis operation is bounded by `timeout`; a failure makes the job bypass the
+cache (`x-cache: bypass`) and opens a breaker that skips Redis for `BREAKER_COOLDOWN` seconds,
+so a dead Redis costs at most one timeout per second and not one per request. redis-py
+reconnects on the next command once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from services.dispatcher.cache_key import (
+    CachePlan,
+    CachePolicy,
+    done_channel,
+    lock_key,
+    plan_request,
+)
+from services.dispatcher.cache_replay import EntryError, hit_payload, is_storable
+from services.dispatcher.settings import DispatcherSettings
+from shared.amqp import Delivery
+from shared.cancel import Cancellations
+from shared.messages import Envelope, Job, completed_status, decode_completed
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BREAKER_COOLDOWN = 1.0
+# Delete the lock only if this owner still holds it, and tell its waiters.
+_RELEASE = """
+if redis.call("GET", KEYS[1]) == ARGV[1] then
+    redis.call("DEL", KEYS[1])
+    redis.call("PUBLISH", KEYS[2], ARGV[2])
+end
+return 0
+"""
+OK = b"ok"
+FAIL = b"fail"
+
+HIT = "hit"
+MISS = "miss"
+BYPASS = "bypass"
+
+
+class CacheUnavailableError(Exception):
+    """Redis did not answer in time, or at all."""
+
+
+class Breaker:
+    """Skips Redis for `cooldown` seconds after a failure; the next call after it tries again."""
+
+    def __init__(
+        self, cooldown: float = BREAKER_COOLDOWN, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._cooldown = cooldown
+        self._clock = clock
+        self._open_until = 0.0
+
+    def allows(self) -> bool:
+        return self._clock() >= self._open_until
+
+    def failed(self) -> None:
+        self._open_until = self._clock() + self._cooldown
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    entry: bytes | None
+    locked: bool
+
+
+class CacheStore(Protocol):
+    """The Redis operations of the cache; each raises CacheUnavailableError on failure."""
+
+    async def probe(self, key: str) -> Probe: ...
+    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool: ...
+    async def wait(self, key: str, timeout: float) -> bytes | None: ...
+    async def write(self, key: str, body: bytes, ttl: int) -> None: ...
+    async def abandon(self, key: str) -> None: ...
+    async def release(self, key: str, owner: str) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class RedisStore:
+    """`CacheStore` on redis-py's asyncio client, every operation bounded by `timeout`."""
+
+    def __init__(self, redis: Redis, *, timeout: float) -> None:
+        self._redis = redis
+        self._timeout = timeout
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float) -> RedisStore:
+        # No retries inside redis-py: the breaker decides when to try again.
+        redis = Redis.from_url(
+            url,
+            socket_connect_timeout=timeout,
+            socket_timeout=max(timeout, 1.0),
+            retry=Retry(NoBackoff(), 0),
+        )
+        return cls(redis, timeout=timeout)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.aclose()
+
+    async def _bounded(self, operation: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await operation
+        except (RedisError, OSError, TimeoutError) as e:
+            raise CacheUnavailableError(f"redis: {type(e).__name__}: {e}") from e
+
+    async def probe(self, key: str) -> Probe:
+        async def run() -> list[object]:
+            # One transaction: a write landing between the two reads would look like a
+            # leader that failed (no entry, no lock) and send a follower upstream.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(key)
+                pipe.exists(lock_key(key))
+                return list(await pipe.execute())
+
+        entry, locked = await self._bounded(run())
+        return Probe(entry if isinstance(entry, bytes) else None, bool(locked))
+
+    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self._bounded(self._redis.set(lock_key(key), owner, nx=True, px=ttl_ms)))
+
+    async def wait(self, key: str, timeout: float) -> bytes | None:
+        """The entry once another job wrote it; None when its lock went away without one
+        (the leader failed or outlived its lock) or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        pubsub = self._redis.pubsub()
+        try:
+            # Subscribe before looking: an `ok` published in between is not missed.
+            await self._bounded(pubsub.subscribe(done_channel(key)))
+            while True:
+                probe = await self.probe(key)
+                if probe.entry is not None:
+                    return probe.entry
+                left = deadline - time.monotonic()
+                if not probe.locked or left <= 0:
+                    return None
+                try:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=min(left, 1.0)
+                    )
+                except (RedisError, OSError) as e:
+                    raise CacheUnavailableError(f"redis: {type(e).__name__}") from e
+                if message is not None and message.get("data") == FAIL:
+                    return None
+        finally:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._timeout):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def write(self, key: str, body: bytes, ttl: int) -> None:
+        async def run() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(key, body, ex=ttl)
+                pipe.delete(lock_key(key))
+                pipe.publish(done_channel(key), OK)
+                await pipe.execute()
+
+        await self._bounded(run())
+
+    async def abandon(self, key: str) -> None:
+        async def run() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(lock_key(key))
+                pipe.publish(done_channel(key), FAIL)
+                await pipe.execute()
+
+        await self._bounded(run())
+
+    async def release(self, key: str, owner: str) -> None:
+        """Give up the lock `owner` holds (its job was cancelled): its waiters are routed."""
+        await self._bounded(
+            self._redis.eval(  # type: ignore[no-untyped-call]
+                _RELEASE, 2, lock_key(key), done_channel(key), owner, FAIL
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """Answer from the cache: `payload` is the JSON body, or the SSE events of the replay."""
+
+    job: Job
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Proceed:
+    """Route the job; it carries its cache verdict, and its cache key when it may be stored."""
+
+    job: Job
+
+
+class JobCache:
+    def __init__(
+        self,
+        store: CacheStore | None,
+        policy: CachePolicy,
+        *,
+        cancellations: Cancellations,
+        single_flight_wait: float = 30.0,
+        max_waiters: int = 32,
+        breaker: Breaker | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.cancellations = cancellations
+        self.single_flight_wait = single_flight_wait
+        self.max_waiters = max_waiters
+        self.breaker = breaker or Breaker()
+        self.clock = clock
+        self.waiting = 0
+        # Locks this process took, by request id, with their expiry: released on a cancel.
+        self._leading: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    @property
+    def is_active(self) -> bool:
+        return self.store is not None and self.policy.is_active
+
+    async def aclose(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
+
+    async def lookup(self, job: Job) -> Hit | Proceed:
+        """The cache's answer to a job, or the job to route. Never raises for Redis."""
+        plan = plan_request(
+            job.body,
+            stream=job.stream,
+            tenant=job.tenant,
+            cache_control=job.cache_control,
+            policy=self.policy,
+        )
+        if plan.key is None or self.store is None or not self.breaker.allows():
+            return Proceed(job.with_changes(cache_status=BYPASS, cache_key=None))
+        try:
+            return await self._lookup(job, self.store, plan)
+        except CacheUnavailableError as e:
+            self.breaker.failed()
+            log.warning("job %s bypasses the cache: %s", job.request_id, e)
+            return Proceed(job.with_changes(cache_status=BYPASS, cache_key=None))
+
+    async def _lookup(self, job: Job, store: CacheStore, plan: CachePlan) -> Hit | Proceed:
+        key = plan.key
+        assert key is not None
+        locked = False
+        if plan.lookup:
+            probe = await store.probe(key)
+            if probe.entry is not None and (hit := self._hit(job, probe.entry)):
+                return hit
+            locked = probe.locked
+        if plan.deterministic and self.single_flight_wait > 0:
+            if plan.store and not locked:
+                now = self.clock()
+                ttl = min(self.single_flight_wait, max(job.remaining(now), 0.1))
+                locked = not await store.acquire(key, job.request_id, int(ttl * 1000))
+                if not locked:
+                    self._lead(job.request_id, key, now=now, expires=now + ttl)
+            if locked and plan.lookup:
+                entry = await self._follow(job, store, key)
+                if entry is not None and (hit := self._hit(job, entry)):
+                    return hit
+        status = MISS if plan.lookup else BYPASS
+        return Proceed(job.with_changes(cache_status=status, cache_key=key if plan.store else None))
+
+    def _lead(self, request_id: str, key: str, *, now: float, expires: float) -> None:
+        self._leading[request_id] = (key, expires)
+        while self._leading:  # forget expired locks (each lives single_flight_wait at most)
+            _, (_, first_expiry) = next(iter(self._leading.items()))
+            if first_expiry > now:
+                break
+            self._leading.popitem(last=False)
+
+    async def on_cancel(self, request_id: str) -> None:
+        """A cancelled job computes no answer: release its lock now, so its waiters (such as
+        the same request retried by its client) are routed at once instead of waiting it out."""
+        lead = self._leading.pop(request_id, None)
+        if lead is None or self.store is None or lead[1] <= self.clock():
+            return
+        try:
+            await self.store.release(lead[0], request_id)
+        except CacheUnavailableError as e:
+            log.info("lock of cancelled job %s left to expire: %s", request_id, e)
+
+    def _hit(self, job: Job, entry: bytes) -> Hit | None:
+        try:
+            payload = hit_payload(
+                entry, job.request_id, stream=job.stream, include_usage=job.include_usage
+            )
+        except EntryError as e:
+            log.warning("job %s: unreadable cache entry treated as a miss (%s)", job.request_id, e)
+            return None
+        return Hit(job.with_changes(cache_status=HIT, cache_key=None), payload)
+
+    async def _follow(self, job: Job, store: CacheStore, key: str) -> bytes | None:
+        """Wait for the identical job in flight (see the module docstring); None: route it."""
+        timeout = min(self.single_flight_wait, job.remaining(self.clock()) / 2)
+        if self.waiting >= self.max_waiters or timeout <= 0:
+            return None
+        found: list[bytes | None] = []
+
+        async def wait() -> None:
+            found.append(await store.wait(key, timeout))
+
+        self.waiting += 1
+        started = time.monotonic()
+        try:
+            await self.cancellations.run(job.request_id, wait())
+        finally:
+            self.waiting -= 1
+        entry = found[0] if found else None
+        log.info(
+            "job %s waited %.0fms for an identical job: %s",
+            job.request_id,
+            (time.monotonic() - started) * 1000,
+            "answered" if entry is not None else "routing it",
+        )
+        return entry
+
+    async def on_completed(self, env: Envelope, _: Delivery) -> None:
+        """Write a finished job's answer (if complete) and wake its waiters. Acked either way:
+        the client has its answer, and a cache write is worth no retry."""
+        key, body = decode_completed(env)
+        status = completed_status(env)
+        if self.store is None or not self.policy.is_active:
+            return
+        if not self.policy.owns(key):
+            log.warning("job.completed for a foreign key dropped")
+            return
+        if not self.breaker.allows():
+            return
+        try:
+            if status == 200 and is_storable(body):
+                await self.store.write(key, body, self.policy.ttl)
+            else:
+                await self.store.abandon(key)
+        except CacheUnavailableError as e:
+            self.breaker.failed()
+            log.warning("cache write skipped: %s", e)
+
+
+def cache_for(
+    settings: DispatcherSettings, *, cancellations: Cancellations, max_waiters: int
+) -> JobCache:
+    """The cache of one dispatcher process; inactive without REDIS_URL or with CACHE_TTL=0."""
+    policy = CachePolicy(
+        prefix=f"{settings.broker_namespace}:cache:v1",
+        ttl=settings.cache_ttl,
+        enabled=bool(settings.redis_url),
+        deterministic_only=settings.cache_deterministic_only,
+        shared_namespace=settings.cache_shared_namespace,
+    )
+    store = None
+    if policy.is_active and settings.redis_url:
+        store = RedisStore.from_url(settings.redis_url, timeout=settings.cache_timeout_ms / 1000)
+    return JobCache(
+        store,
+        policy,
+        cancellations=cancellations,
+        single_flight_wait=settings.cache_single_flight_wait,
+        max_waiters=max_waiters,
+    )

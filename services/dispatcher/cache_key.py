@@ -1,0 +1,191 @@
+"""What the response cache keys on, and whether a request may use it (pure functions).
+
+A key is `<prefix>:<scope>:<sha256 of the canonical request>`. The canonical request is the
+parsed body without the fields that never change the answer (`IGNORED_FIELDS`), serialised as
+compact JSON with sorted keys and integral floats written as integers, so `{"temperature": 0}`
+and `{"temperature": 0.0}` are one key. The scope is the caller's tenant (stamped on the job by
+the API, never read from the body), or one shared scope when `shared_namespace` is set.
+
+Unknown fields are part of the key: a parameter the router does not know may change the answer,
+so two requests that differ in it never share an entry.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Fields that change how an answer travels or is accounted, never what it says.
+IGNORED_FIELDS = frozenset(
+    {
+        "stream",  # the same answer, as JSON or replayed as SSE
+        "stream_options",  # include_usage only adds the usage chunk, which the replay honours
+        "user",  # the end user's id, for the provider's abuse monitoring
+        "safety_identifier",  # the same, under its newer name
+        "metadata",  # tags for stored completions
+        "store",  # whether the provider keeps the completion
+        "prompt_cache_key",  # a hint for the provider's own prompt cache
+        "prompt_cache_retention",  # likewise
+    }
+)
+
+SHARED_SCOPE = "_shared"  # starts with `_`: no tenant's scope can (see `tenant_scope`)
+_TENANT = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"
+_SCOPE = rf"(?:_shared|_h[0-9a-f]{{32}}|{_TENANT})"
+
+
+@functools.lru_cache(maxsize=8)
+def _entry_key_re(prefix: str) -> re.Pattern[str]:
+    return re.compile(rf"{re.escape(prefix)}:{_SCOPE}:[0-9a-f]{{64}}")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """The cache settings of one dispatcher, as plain data.
+
+    `prefix` namespaces every key (`<BROKER_NAMESPACE>:cache:v1`); `ttl` is in seconds and 0
+    (or no Redis) turns the cache off; `deterministic_only` stores only requests with
+    temperature 0 or a seed.
+    """
+
+    prefix: str
+    ttl: int
+    enabled: bool = True
+    deterministic_only: bool = False
+    shared_namespace: bool = False
+
+    @property
+    def is_active(self) -> bool:
+        return self.enabled and self.ttl > 0
+
+    def owns(self, key: str) -> bool:
+        """True for an entry key this policy could have made (a `job.completed` is checked
+        with it before anything is written to Redis)."""
+        return _entry_key_re(self.prefix).fullmatch(key) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """The request's `Cache-Control`: `no-cache` skips the lookup, `no-store` the write."""
+
+    no_cache: bool = False
+    no_store: bool = False
+
+
+def parse_cache_control(value: str | None) -> CacheControl:
+    """Parse a `Cache-Control` request header (case-insensitive; other directives ignored).
+
+    `max-age=0` means the client accepts no stored answer, so it counts as `no-cache`.
+    """
+    if not value:
+        return CacheControl()
+    directives = set()
+    for part in value.split(","):
+        name, _, argument = part.strip().partition("=")
+        name = name.strip().lower()
+        if name == "max-age" and argument.strip().strip('"') == "0":
+            name = "no-cache"
+        directives.add(name)
+    return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
+
+
+def _normalised(value: Any) -> Any:
+    # 1.0 and 1 are one key; past 64 bits a float stays a float (orjson writes no bigger int).
+    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalised(v) for v in value]
+    return value
+
+
+def canonical_request(data: dict[str, Any]) -> bytes:
+    """The bytes the key hashes: the request minus `IGNORED_FIELDS`, keys sorted."""
+    kept = {k: _normalised(v) for k, v in data.items() if k not in IGNORED_FIELDS}
+    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+
+
+def tenant_scope(tenant: str) -> str:
+    """The tenant as it appears in a key: itself when it is a plain name, else a hash."""
+    if re.fullmatch(_TENANT, tenant):
+        return tenant
+    return "_h" + hashlib.sha256(tenant.encode()).hexdigest()[:32]
+
+
+def cache_key(data: dict[str, Any], *, tenant: str, policy: CachePolicy) -> str:
+    scope = SHARED_SCOPE if policy.shared_namespace else tenant_scope(tenant)
+    digest = hashlib.sha256(canonical_request(data)).hexdigest()
+    return f"{policy.prefix}:{scope}:{digest}"
+
+
+def lock_key(key: str) -> str:
+    """The single-flight lock of an entry (held by the dispatcher whose job computes it)."""
+    return f"{key}:lock"
+
+
+def done_channel(key: str) -> str:
+    """The pub/sub channel that says an entry was written (`ok`) or will not be (`fail`)."""
+    return f"{key}:done"
+
+
+def is_deterministic(data: dict[str, Any]) -> bool:
+    """Temperature 0 or a seed: the same request should get the same answer."""
+    temperature = data.get("temperature")
+    seed = data.get("seed")
+    zero = isinstance(temperature, int | float) and not isinstance(temperature, bool)
+    return (zero and temperature == 0) or (isinstance(seed, int) and not isinstance(seed, bool))
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What the cache does for one job.
+
+    `key` None means the cache plays no part (the answer says `x-cache: bypass`). `lookup`:
+    read before routing; `store`: ask whoever finishes the job to publish it; `deterministic`:
+    identical requests in flight at once may share one upstream call.
+    """
+
+    key: str | None = None
+    lookup: bool = False
+    store: bool = False
+    deterministic: bool = False
+
+
+BYPASS = CachePlan()
+
+
+def plan_request(
+    body: bytes, *, stream: bool, tenant: str, cache_control: str | None, policy: CachePolicy
+) -> CachePlan:
+    """Decide the cache's part in one request (never raises: a body it cannot read bypasses).
+
+    Streams are looked up (and replayed) but never stored: only whole answers are kept.
+    """
+    if not policy.is_active:
+        return BYPASS
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return BYPASS
+    if not isinstance(data, dict):
+        return BYPASS
+    deterministic = is_deterministic(data)
+    if policy.deterministic_only and not deterministic:
+        return BYPASS
+    control = parse_cache_control(cache_control)
+    lookup = not control.no_cache
+    store = not control.no_store and not stream
+    if not lookup and not store:
+        return BYPASS
+    return CachePlan(
+        key=cache_key(data, tenant=tenant, policy=policy),
+        lookup=lookup,
+        store=store,
+        deterministic=deterministic,
+    )

@@ -1,0 +1,196 @@
+"""Cache keys, Cache-Control and the cacheability plan: pure functions, read as a specification."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from services.dispatcher.cache_key import (
+    BYPASS,
+    CacheControl,
+    CachePlan,
+    CachePolicy,
+    cache_key,
+    canonical_request,
+    done_channel,
+    is_deterministic,
+    lock_key,
+    parse_cache_control,
+    plan_request,
+    tenant_scope,
+)
+
+POLICY = CachePolicy(prefix="router:cache:v1", ttl=3600)
+BASE: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def key(data: dict[str, Any], tenant: str = "t1", policy: CachePolicy = POLICY) -> str:
+    return cache_key(data, tenant=tenant, policy=policy)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stream": True},
+        {"stream": True, "stream_options": {"include_usage": True}},
+        {"user": "u-42"},
+        {"safety_identifier": "s"},
+        {"metadata": {"run": "7"}},
+        {"store": True},
+        {"prompt_cache_key": "pk"},
+    ],
+)
+def test_transport_and_metadata_fields_do_not_change_the_key(extra: dict[str, Any]) -> None:
+    assert key({**BASE, **extra}) == key(BASE)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 0.5},
+        {"seed": 1},
+        {"max_tokens": 10},
+        {"n": 2},
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"response_format": {"type": "json_object"}},
+        {"some_future_parameter": True},  # unknown fields count: they may change the answer
+        {"model": "other"},
+        {"messages": [{"role": "user", "content": "hello"}]},
+    ],
+)
+def test_everything_else_changes_the_key(extra: dict[str, Any]) -> None:
+    assert key({**BASE, **extra}) != key(BASE)
+
+
+def test_key_order_and_integral_floats_do_not_matter() -> None:
+    one = {"temperature": 0, "messages": [{"content": "hi", "role": "user"}], "model": "m"}
+    two = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0}
+    assert canonical_request(one) == canonical_request(two)
+    assert key(one) == key(two)
+    assert key({**BASE, "temperature": 0.5}) != key({**BASE, "temperature": 0})
+
+
+def test_canonical_request_is_sorted_compact_json() -> None:
+    assert canonical_request({"b": 1, "a": {"d": 2.0, "c": [1.5]}, "stream": True}) == (
+        b'{"a":{"c":[1.5],"d":2},"b":1}'
+    )
+
+
+def test_tenants_never_share_a_key_unless_the_namespace_is_shared() -> None:
+    assert key(BASE, "alice") != key(BASE, "bob")
+    shared = CachePolicy(prefix="p", ttl=1, shared_namespace=True)
+    assert key(BASE, "alice", shared) == key(BASE, "bob", shared)
+    assert key(BASE, "alice").startswith("router:cache:v1:alice:")
+
+
+@pytest.mark.parametrize("tenant", ["a:b", "_shared", "", "x" * 100, "tenant with spaces"])
+def test_odd_tenant_names_are_hashed_into_their_own_scope(tenant: str) -> None:
+    scope = tenant_scope(tenant)
+    assert scope.startswith("_h") and len(scope) == 34
+    assert scope != "_shared"
+    assert POLICY.owns(key(BASE, tenant))
+
+
+def test_policy_owns_only_entry_keys_it_could_make() -> None:
+    entry = key(BASE)
+    assert POLICY.owns(entry)
+    assert POLICY.owns(
+        key(BASE, policy=CachePolicy(prefix=POLICY.prefix, ttl=1, shared_namespace=True))
+    )
+    assert not POLICY.owns(lock_key(entry))
+    assert not POLICY.owns(done_channel(entry))
+    assert not POLICY.owns("other:cache:v1:t1:" + "0" * 64)
+    assert not POLICY.owns("router:cache:v1:t1:xyz")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, CacheControl()),
+        ("", CacheControl()),
+        ("no-cache", CacheControl(no_cache=True)),
+        ("No-Store", CacheControl(no_store=True)),
+        ("no-cache, no-store", CacheControl(no_cache=True, no_store=True)),
+        ("max-age=0", CacheControl(no_cache=True)),
+        ('max-age="0"', CacheControl(no_cache=True)),
+        ("max-age=60", CacheControl()),
+        ("private, no-store , x-other=1", CacheControl(no_store=True)),
+        ("no-cacheX", CacheControl()),
+    ],
+)
+def test_cache_control(header: str | None, expected: CacheControl) -> None:
+    assert parse_cache_control(header) == expected
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, False),
+        ({"temperature": 0}, True),
+        ({"temperature": 0.0}, True),
+        ({"temperature": 0.2}, False),
+        ({"seed": 7}, True),
+        ({"seed": 0, "temperature": 1.5}, True),
+        ({"seed": None}, False),
+        ({"seed": True}, False),
+        ({"temperature": False}, False),
+    ],
+)
+def test_deterministic_means_temperature_zero_or_a_seed(
+    extra: dict[str, Any], expected: bool
+) -> None:
+    assert is_deterministic({**BASE, **extra}) is expected
+
+
+def plan(
+    extra: dict[str, Any] | None = None,
+    *,
+    stream: bool = False,
+    control: str | None = None,
+    policy: CachePolicy = POLICY,
+    body: bytes | None = None,
+) -> CachePlan:
+    raw = body if body is not None else orjson.dumps({**BASE, **(extra or {})})
+    return plan_request(raw, stream=stream, tenant="t1", cache_control=control, policy=policy)
+
+
+def test_a_plain_request_is_looked_up_and_stored() -> None:
+    p = plan()
+    assert p.key == key(BASE) and p.lookup and p.store and not p.deterministic
+
+
+def test_a_stream_is_looked_up_but_never_stored() -> None:
+    p = plan({"stream": True}, stream=True)
+    assert p.key == key(BASE) and p.lookup and not p.store
+
+
+def test_no_cache_skips_the_lookup_and_no_store_the_write() -> None:
+    assert plan(control="no-cache") == CachePlan(key(BASE), False, True, False)
+    assert plan(control="no-store") == CachePlan(key(BASE), True, False, False)
+    assert plan(control="no-cache, no-store") == BYPASS
+    assert plan({"stream": True}, stream=True, control="no-cache") == BYPASS
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        CachePolicy(prefix="p", ttl=0),
+        CachePolicy(prefix="p", ttl=60, enabled=False),
+    ],
+)
+def test_an_inactive_cache_bypasses_everything(policy: CachePolicy) -> None:
+    assert plan(policy=policy) == BYPASS
+
+
+def test_deterministic_only_bypasses_sampled_requests() -> None:
+    policy = CachePolicy(prefix="p", ttl=60, deterministic_only=True)
+    assert plan(policy=policy) == BYPASS
+    p = plan({"temperature": 0}, policy=policy)
+    assert p.key is not None and p.store and p.deterministic
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"x"'])
+def test_an_unreadable_body_bypasses(body: bytes) -> None:
+    assert plan(body=body) == BYPASS
