@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install dev test test-unit lint format bench clean
+.PHONY: install dev test test-unit lint format bench bench-peers clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,20 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format shared services fakes tests
 	$(VENV)/bin/ruff check --fix shared services fakes tests
+
+## The benchmark (bench/README.md): router vs the direct path (and LiteLLM, once
+## `make bench-peers` made bench/.peers). BENCH_QUICK=1 for a ~2-minute smoke run.
+bench: install
+	scripts/ensure-services.sh
+	bench/ensure-wrk.sh
+	$(PY) -m bench
+
+## LiteLLM's proxy (pinned) and py-spy in bench/.peers, then the bench with LiteLLM required.
+bench-peers: install
+	bench/peers.sh
+	scripts/ensure-services.sh
+	bench/ensure-wrk.sh
+	BENCH_PEERS=require $(PY) -m bench
 
 clean:
 	rm -rf var .pytest_cache .mypy_cache .ruff_cache

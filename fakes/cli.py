@@ -34,6 +34,9 @@ def build_parser(
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens per choice")
     parser.add_argument("--token-rate", type=float, default=0.0, help="tokens/s (0 = instant)")
     parser.add_argument("--reply", default=None, help="fixed reply text (overrides --tokens)")
+    parser.add_argument(
+        "--echo", action="store_true", help="reply with the last message's text (overrides both)"
+    )
     if api_key is not None:
         parser.add_argument("--api-key", default=api_key, help=f"required Bearer key ({api_key})")
     return parser
@@ -50,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> FakeConfig:
         tokens=args.tokens,
         token_rate=args.token_rate,
         reply=args.reply,
+        echo=args.echo,
         api_key=getattr(args, "api_key", None) or None,  # "" disables the check
     )
 

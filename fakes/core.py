@@ -47,6 +47,7 @@ class FakeConfig:
     reply: str | None = None  # fixed reply text (split into word tokens)
     api_key: str | None = None  # OpenAI flavour: required Bearer key (None = open)
     max_model_len: int = 32768  # vLLM flavour: advertised in /v1/models
+    echo: bool = False  # reply with the last message's text (overrides reply and tokens)
 
 
 class ErrorKind(Enum):
@@ -154,6 +155,18 @@ def reply_tokens(config: FakeConfig, count: int | None = None) -> list[str]:
     if base:
         return [base[i % len(base)] for i in range(n)]
     return [_filler(i) for i in range(n)]
+
+
+def echo_tokens(messages: list[Any]) -> list[str]:
+    """The last message's text content as tokens (join == the text), for `echo`."""
+    content = messages[-1].get("content") if messages and isinstance(messages[-1], dict) else None
+    if isinstance(content, list):
+        content = "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
+    return split_tokens(content) if isinstance(content, str) else []
 
 
 def _filler(i: int) -> str:
@@ -363,7 +376,9 @@ def plan_completion(
         finish = "length" if cut else ("stop" if named else "tool_calls")
         per_choice = len(fragments) + 1
     else:
-        tokens = reply_tokens(config, pacing.tokens)
+        tokens = (
+            echo_tokens(request.messages) if config.echo else reply_tokens(config, pacing.tokens)
+        )
         cut = limit is not None and len(tokens) > limit
         if cut and limit is not None:
             tokens = tokens[:limit]

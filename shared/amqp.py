@@ -235,6 +235,19 @@ class Broker:
     def consumer_count(self) -> int:
         return len(self._consumers)
 
+    @property
+    def is_consuming(self) -> bool:
+        """Connected, with every consumer's channel open: what `/ready` reports.
+
+        Robust channels re-open and re-consume after a reconnect; until they have, this is
+        False, so an orchestrator never sees a process that is alive but idle.
+        """
+        return (
+            self.is_connected
+            and bool(self._consumers)
+            and all(not queue.channel.is_closed for queue, _ in self._consumers)
+        )
+
     async def stop_consuming(self) -> None:
         """Stop intake: cancel every consumer (in-flight handlers keep running)."""
         for queue, tag in self._consumers:

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import uvicorn
 
+from services.api.agent_auth import parse_token_pairs
 from services.api.app import create_app
+from services.api.client_auth import load_entries
 from services.api.settings import ApiSettings
-from shared.logs import configure_logging
+from shared.logs import configure_logging, secret_values
+
+
+def credential_values(settings: ApiSettings) -> list[str]:
+    """Each client key and agent token on its own, for the log redactor."""
+    tokens = parse_token_pairs(settings.agent_tokens.get_secret_value())
+    entries = load_entries(settings.client_keys.get_secret_value(), settings.client_keys_file)
+    return [*tokens.values(), *(key for _, key in entries)]
 
 
 def main() -> None:
     settings = ApiSettings()
-    configure_logging(settings.log_level, "api")
+    configure_logging(
+        settings.log_level, "api", secrets=secret_values(settings, *credential_values(settings))
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.api_host,
@@ -19,6 +30,7 @@ def main() -> None:
         loop="uvloop",
         http="httptools",
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's records go through our handler, and its secret redactor
         access_log=False,
         timeout_graceful_shutdown=10,
     )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -17,9 +19,19 @@ from starlette.responses import Response
 from services.api.agent_auth import AgentCredentials, parse_token_pairs
 from services.api.agents import AgentEndpoints
 from services.api.bus import ApiBus
+from services.api.client_auth import Client, ClientKeys, visible_models
 from services.api.completions import CompletionsEndpoint
+from services.api.openapi import (
+    MODEL_LIST_SCHEMA,
+    MODEL_REF,
+    SSE_EVENT_SCHEMA,
+    agent_body,
+    build_openapi,
+    error_responses,
+    json_response,
+    status_schema,
+)
 from services.api.settings import ApiSettings
-from services.api.validation import openapi_request_schema
 from shared.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
@@ -29,50 +41,67 @@ from shared.errors import (
     error_body,
     to_openai_error,
 )
+from shared.messages import AgentHeartbeat, AgentRegistration
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
 
-ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "integer", "null"]},
-            },
-        }
-    },
-}
-
-
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        status: {"description": "OpenAI error", "content": {JSON: {"schema": ERROR_SCHEMA}}}
-        for status in statuses
-    }
-
 
 def topology_for(settings: ApiSettings) -> Topology:
     return Topology(namespace=settings.broker_namespace, mode=settings.durability)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_client_keys(settings: ApiSettings, agent_tokens: dict[str, str]) -> ClientKeys:
+    """The configured client keys; raises ValueError on a malformed or reused key."""
+    keys = ClientKeys.from_config(
+        settings.client_keys.get_secret_value(), settings.client_keys_file
+    )
+    if keys.shares_a_key_with(agent_tokens.values()):
+        raise ValueError("a client key is also an agent token: give each its own")
+    if keys.is_configured:
+        log.info("client keys: %d configured; /v1/* needs one", len(keys))
+    else:
+        exposure = "" if is_loopback(settings.api_host) else " AND LISTENS BEYOND LOOPBACK"
+        log.warning(
+            "NO CLIENT KEYS (CLIENT_KEYS, CLIENT_KEYS_FILE): /v1/* IS OPEN to anyone who can "
+            "reach %s:%d%s",
+            settings.api_host,
+            settings.api_port,
+            exposure,
+        )
+    return keys
+
+
+async def current_client(request: Request) -> Client:
+    """The caller behind `/v1/*`: 401 before anything else is read when keys are configured."""
+    keys: ClientKeys = request.app.state.client_keys
+    return keys.authenticate(request.headers.get("authorization"))
+
+
+CurrentClient = Annotated[Client, Depends(current_client)]
+
+
 def create_app(settings: ApiSettings) -> FastAPI:
     bus = ApiBus(settings, topology_for(settings))
-    credentials = AgentCredentials(
-        parse_token_pairs(settings.agent_tokens), settings.agent_token_secret
-    )
+    agent_tokens = parse_token_pairs(settings.agent_tokens.get_secret_value())
+    credentials = AgentCredentials(agent_tokens, settings.agent_token_secret.get_secret_value())
     if not credentials.is_configured:
         log.warning("no AGENT_TOKENS or AGENT_TOKEN_SECRET: agents cannot register")
+    client_keys = load_client_keys(settings, agent_tokens)
     completions = CompletionsEndpoint(settings, bus)
     agents = AgentEndpoints(bus, credentials)
+    request_schema, request_components = completions.parser.json_schema()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -84,66 +113,85 @@ def create_app(settings: ApiSettings) -> FastAPI:
 
     app = FastAPI(title="Router", version="0.1.0", lifespan=lifespan)
     app.state.bus = bus
+    app.state.client_keys = client_keys
     install_error_handlers(app)
 
     @app.post(
         "/v1/chat/completions",
         summary="Create a chat completion (JSON or SSE stream)",
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {JSON: {"schema": openapi_request_schema()}},
-            }
-        },
         responses={
             200: {
                 "description": "A chat.completion, or an SSE stream of chat.completion.chunk",
-                "content": {JSON: {"schema": {"type": "object"}}, "text/event-stream": {}},
+                "content": {
+                    JSON: {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
+                },
             },
-            **error_responses(400, 404, 413, 429, 500, 502, 503, 504),
+            **error_responses(400, 401, 403, 404, 413, 429, 500, 502, 503, 504),
         },
     )
-    async def chat_completions(request: Request) -> Response:
-        return await completions(request)
+    async def chat_completions(request: Request, client: CurrentClient) -> Response:
+        return await completions(request, client.id, client.check_model)
 
     @app.get(
         "/v1/models",
         summary="List the models the router can serve now",
-        responses=error_responses(503),
+        responses={
+            200: json_response("OpenAI's model list", MODEL_LIST_SCHEMA),
+            **error_responses(401, 503),
+        },
     )
-    async def list_models() -> Response:
-        return Response(await bus.ask_models(settings.models_timeout), media_type=JSON)
+    async def list_models(client: CurrentClient) -> Response:
+        listing = await bus.ask_models(settings.models_timeout)
+        return Response(visible_models(listing, client), media_type=JSON)
 
     @app.get(
-        "/v1/models/{model:path}", summary="Retrieve one model", responses=error_responses(404, 503)
+        "/v1/models/{model:path}",
+        summary="Retrieve one model",
+        responses={
+            200: json_response("One model", MODEL_REF),
+            **error_responses(401, 404, 503),
+        },
     )
-    async def retrieve_model(model: str) -> Response:
+    async def retrieve_model(model: str, client: CurrentClient) -> Response:
+        if not client.allows(model):
+            raise ModelNotFoundError(model)
         listing = orjson.loads(await bus.ask_models(settings.models_timeout))
         for entry in listing.get("data", []):
             if entry.get("id") == model:
                 return Response(orjson.dumps(entry), media_type=JSON)
         raise ModelNotFoundError(model)
 
+    agent_ok = json_response("Accepted and published", status_schema("ok"))
+
     @app.post(
-        "/register", summary="Register an agent", responses=error_responses(400, 401, 403, 503)
+        "/register",
+        summary="Register an agent",
+        responses={200: agent_ok, **error_responses(400, 401, 403, 413, 503)},
     )
     async def register(request: Request) -> Response:
         return await agents.register(request)
 
     @app.post(
-        "/heartbeat", summary="Agent heartbeat", responses=error_responses(400, 401, 403, 503)
+        "/heartbeat",
+        summary="Agent heartbeat",
+        responses={200: agent_ok, **error_responses(400, 401, 403, 413, 503)},
     )
     async def heartbeat(request: Request) -> Response:
         return await agents.heartbeat(request)
 
-    @app.get("/health", summary="The process is up")
+    @app.get(
+        "/health",
+        summary="The process is up",
+        responses={200: json_response("Up", status_schema("ok"))},
+    )
     async def health() -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
 
     @app.get(
         "/ready",
         summary="Connected to the broker and consuming replies",
-        responses=error_responses(503),
+        responses={200: json_response("Ready", status_schema("ready")), **error_responses(503)},
     )
     async def ready() -> Response:
         if bus.is_ready:
@@ -151,14 +199,31 @@ def create_app(settings: ApiSettings) -> FastAPI:
         body = error_body("Not connected to the broker.", "server_error", code="not_ready")
         return Response(body, status_code=503, media_type=JSON)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(
+                app,
+                bodies={
+                    "/v1/chat/completions": request_schema,
+                    "/register": agent_body(AgentRegistration),
+                    "/heartbeat": agent_body(AgentHeartbeat),
+                },
+                components=request_components,
+                client_keys_required=client_keys.is_configured,
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI error object; nothing else (no traceback) ever does."""
 
-    def respond(exc: BaseException) -> Response:
-        status, body, headers = to_openai_error(exc)
+    def respond(exc: BaseException, request_id: str = "") -> Response:
+        status, body, headers = to_openai_error(exc, request_id=request_id)
+        if request_id:
+            headers["x-request-id"] = request_id
         return Response(body, status_code=status, media_type=JSON, headers=headers)
 
     async def on_router_error(_: Request, exc: Exception) -> Response:
@@ -180,8 +245,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return respond(InvalidRequestError("Invalid request parameters."))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s", request.url.path)
-        return respond(exc)
+        # The client learns a request id and nothing else; the log has the traceback under it.
+        request_id = uuid.uuid4().hex
+        log.error(
+            "unhandled %s on %s (request id %s)",
+            type(exc).__name__,
+            request.url.path,
+            request_id,
+            exc_info=exc,
+        )
+        return respond(exc, request_id)
 
     app.add_exception_handler(RouterError, on_router_error)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -83,7 +83,7 @@ class ApiBus:
 
     @property
     def is_ready(self) -> bool:
-        return self._connected.is_set() and self._broker.is_connected
+        return self._connected.is_set() and self._broker.is_consuming
 
     async def stop(self) -> None:
         if self._connector is not None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,8 +21,14 @@ from services.api.bus import ApiBus
 from services.api.rpc import PendingCall
 from services.api.settings import ApiSettings
 from services.api.sse import ClientGoneError, SseRelay, StreamLimits
-from services.api.validation import parse_chat_request
-from shared.errors import GatewayTimeoutError, PayloadTooLargeError, RouterError, UpstreamError
+from services.api.validation import ChatRequestParser, EdgeLimits
+from shared.errors import (
+    GatewayTimeoutError,
+    InternalError,
+    PayloadTooLargeError,
+    RouterError,
+    UpstreamError,
+)
 from shared.messages import Job, Reply, ReplyKind
 
 log = logging.getLogger(__name__)
@@ -65,18 +72,40 @@ class CompletionsEndpoint:
     def __init__(self, settings: ApiSettings, bus: ApiBus) -> None:
         self.settings = settings
         self.bus = bus
+        self.parser = ChatRequestParser(
+            EdgeLimits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit)
+        )
 
-    async def __call__(self, request: Request, tenant: str = "anonymous") -> Response:
+    async def __call__(
+        self,
+        request: Request,
+        tenant: str = "anonymous",
+        check_model: Callable[[str], None] | None = None,
+    ) -> Response:
+        """Answer one request for `tenant` (the caller's key id, never read from the body);
+        `check_model` raises for a model the caller may not use."""
         request_id = uuid.uuid4().hex
         try:
-            return await self._complete(request, request_id, tenant)
+            return await self._complete(request, request_id, tenant, check_model)
         except RouterError as e:
             e.headers["x-request-id"] = request_id  # every answer names its request
             raise
+        except Exception as e:
+            # A bug: the client gets a 500 naming the request id; the log keeps the rest.
+            log.exception("request %s failed", request_id)
+            raise InternalError(request_id) from e
 
-    async def _complete(self, request: Request, request_id: str, tenant: str) -> Response:
+    async def _complete(
+        self,
+        request: Request,
+        request_id: str,
+        tenant: str,
+        check_model: Callable[[str], None] | None,
+    ) -> Response:
         body = await read_body(request, self.settings.max_body_bytes)
-        view = parse_chat_request(body)
+        view = self.parser.parse(body)
+        if check_model is not None:
+            check_model(view.model)
         started = time.monotonic()
         job = Job(
             request_id=request_id,
@@ -87,6 +116,8 @@ class CompletionsEndpoint:
             stream=view.stream,
             include_usage=view.include_usage,
             tenant=tenant,
+            # Passed on as sent (bounded); the dispatcher reads `no-cache` and `no-store`.
+            cache_control=request.headers.get("cache-control", "")[:256] or None,
         )
         call = self.bus.replies.open(request_id)
         watcher = watch_disconnect(request.receive, call)

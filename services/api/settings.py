@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from shared.settings import BrokerSettings
 
@@ -32,11 +32,29 @@ class ApiSettings(BrokerSettings):
     models_timeout: float = Field(
         3.0, gt=0, description="Seconds to wait for a dispatcher to answer the model list."
     )
-    agent_tokens: str = Field(
-        "",
+    agent_tokens: SecretStr = Field(
+        SecretStr(""),
         description="Agent credentials as `name=token` pairs, comma separated.",
     )
-    agent_token_secret: str = Field(
-        "",
+    agent_token_secret: SecretStr = Field(
+        SecretStr(""),
         description="If set, an agent's token may also be HMAC-SHA256(secret, name) in hex.",
+    )
+    client_keys: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "Client API keys as `id:key` or `id:key:model1|model2` entries, comma separated; "
+            "none (and no CLIENT_KEYS_FILE) leaves /v1/* open."
+        ),
+    )
+    client_keys_file: str = Field(
+        "", description="A file of client key entries, one per line (`#` starts a comment)."
+    )
+    max_messages: int = Field(
+        2048, ge=1, le=1_000_000, description="Most `messages` one chat request may carry."
+    )
+    max_tokens_limit: int = Field(
+        1_000_000,
+        ge=1,
+        description="Largest `max_tokens` / `max_completion_tokens` a request may ask for.",
     )

@@ -6,13 +6,13 @@ import asyncio
 
 from services.dispatcher.service import run
 from services.dispatcher.settings import DispatcherSettings
-from shared.logs import configure_logging
+from shared.logs import configure_logging, secret_values
 from shared.runner import run_service
 
 
 def main() -> None:
     settings = DispatcherSettings()
-    configure_logging(settings.log_level, "dispatcher")
+    configure_logging(settings.log_level, "dispatcher", secrets=secret_values(settings))
 
     async def serve(stop: asyncio.Event) -> None:
         await run(settings, stop)

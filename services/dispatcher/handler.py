@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 
 from services.dispatcher import dummy
+from services.dispatcher.cache import Hit, JobCache
 from services.dispatcher.registry import Registry
 from services.dispatcher.routing import (
     AgentView,
@@ -77,6 +78,7 @@ class DispatcherHandler:
         provider_models: Callable[[], list[str]] = list,
         coalesce_window: float = 0.005,
         clock: Callable[[], float] = time.time,
+        cache: JobCache | None = None,
     ) -> None:
         self.topology = topology
         self.broker = broker
@@ -87,7 +89,13 @@ class DispatcherHandler:
         self.provider_models = provider_models
         self.coalesce_window = coalesce_window
         self.clock = clock
-        self.reply = ReplyPublisher(broker, persistent=topology.is_persistent)
+        self.cache = cache
+        # Answers to cacheable jobs this dispatcher finishes (dummy, providers) feed the cache.
+        self.reply = ReplyPublisher(
+            broker,
+            persistent=topology.is_persistent,
+            completed_exchange=topology.completed_exchange,
+        )
 
     # --- jobs ----------------------------------------------------------------------------------
     async def on_job(self, env: Envelope, _: Delivery) -> None:
@@ -100,6 +108,22 @@ class DispatcherHandler:
         if job.remaining(now) <= 0:
             log.info("job %s dropped: deadline passed before dispatch", job.request_id)
             return
+        if self.cache is not None:
+            looked = await self.cache.lookup(job)
+            if isinstance(looked, Hit):
+                await self._answer_from_cache(looked)
+                log.info(
+                    "job %s model=%s route=CacheHit stream=%s %.2fms",
+                    job.request_id,
+                    job.model,
+                    job.stream,
+                    (time.perf_counter() - started) * 1000,
+                )
+                return
+            job = looked.job
+            if self.cancellations.is_cancelled(job.request_id):  # while waiting on the cache
+                log.info("job %s dropped: cancelled by its client", job.request_id)
+                return
         route = choose_route(job.model, self.registry.view(now), self.providers)
         if isinstance(route, AnswerDummy):
             await self._answer_dummy(job, int(now))
@@ -117,6 +141,15 @@ class DispatcherHandler:
             job.stream,
             (time.perf_counter() - started) * 1000,
         )
+
+    async def _answer_from_cache(self, hit: Hit) -> None:
+        job, attempt = hit.job, new_attempt()
+        if not job.stream:
+            await self.reply.final(job, hit.payload, attempt=attempt)
+            return
+        writer = StreamWriter(job, self.reply, attempt=attempt, window=self.coalesce_window)
+        await writer.send(hit.payload)
+        await writer.end()
 
     async def _answer_dummy(self, job: Job, created: int) -> None:
         attempt = new_attempt()
@@ -175,7 +208,10 @@ class DispatcherHandler:
             await self.ensure_queue(self.topology.agent_queue_spec(model))
 
     async def on_cancel(self, env: Envelope, _: Delivery) -> None:
-        self.cancellations.cancel(decode_cancel(env), self.clock())
+        request_id = decode_cancel(env)
+        self.cancellations.cancel(request_id, self.clock())
+        if self.cache is not None:
+            await self.cache.on_cancel(request_id)
 
     async def on_rpc(self, env: Envelope, _: Delivery) -> None:
         if not env.reply_to or not env.correlation_id:

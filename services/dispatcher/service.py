@@ -7,16 +7,21 @@ consumers (no new intake), let in-flight jobs finish within `drain_timeout`, the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
 from aio_pika.abc import AbstractChannel
 
+from services.dispatcher.cache import cache_for
 from services.dispatcher.handler import DispatcherHandler
+from services.dispatcher.providers.runtime import ProviderRuntime
 from services.dispatcher.registry import AgentTable, Registry, SqliteStore
 from services.dispatcher.settings import DispatcherSettings
+from shared import health
 from shared.amqp import Broker
 from shared.cancel import Cancellations
+from shared.errors import RouterError
 from shared.topology import QueueSpec, Topology, declare_queue, declare_topology
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,13 @@ class DispatcherService:
             AgentTable(settings.heartbeat_ttl), SqliteStore(settings.registry_path)
         )
         self.cancellations = Cancellations()
+        # Single-flight waiters hold jobs unacked: never more than half the prefetch.
+        self.cache = cache_for(
+            settings,
+            cancellations=self.cancellations,
+            max_waiters=max(1, settings.dispatcher_prefetch // 2),
+        )
+        self.providers = ProviderRuntime.from_settings(settings)
 
     async def start(self) -> None:
         await self.broker.connect()
@@ -68,7 +80,10 @@ class DispatcherService:
             registry=self.registry,
             cancellations=self.cancellations,
             ensure_queue=QueueDeclarer(control_channel),
+            providers=self.providers.rules,
+            provider_models=self.providers.models,
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
+            cache=self.cache,
         )
         t = self.topology
         exchanges = {
@@ -88,6 +103,19 @@ class DispatcherService:
         await self.broker.consume(control_channel, cancel, handler.on_cancel)
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
         await self.broker.consume(control_channel, t.returns_queue_spec(), handler.on_returned)
+        if self.cache.is_active:
+            await self.broker.consume(
+                control_channel, t.completed_queue_spec(), self.cache.on_completed
+            )
+        # Provider calls last long: their own queues, channels and prefetch (no head-of-line).
+        await self.providers.start(
+            self.broker,
+            t,
+            reply=handler.reply,
+            cancellations=self.cancellations,
+            prefetch=self.settings.provider_prefetch,
+            coalesce_window=self.settings.stream_coalesce_ms / 1000,
+        )
         jobs_channel = await self.broker.channel(prefetch=self.settings.dispatcher_prefetch)
         await self.broker.consume(jobs_channel, t.jobs_queue_spec(), handler.on_job)
         log.info(
@@ -98,18 +126,43 @@ class DispatcherService:
             len(self.registry.table),
         )
 
+    def status(self) -> dict[str, object]:
+        return {
+            "service": "dispatcher",
+            "id": self.process_id,
+            "agents": len(self.registry.table),
+            "consuming": self.broker.is_consuming,
+        }
+
     async def stop(self) -> None:
         await self.broker.stop_consuming()
         await self.broker.drain(self.settings.drain_timeout)
+        await self.providers.aclose()
         await self.broker.close()
+        await self.cache.aclose()
         self.registry.close()
 
 
 async def run(settings: DispatcherSettings, stop: asyncio.Event) -> None:
+    """Serve until `stop`; a broker that is down at start is waited for, not fatal."""
     service = DispatcherService(settings)
-    await service.start()
+    runner = None
+    if settings.health_port:
+        app = health.create_app(service.status, lambda: service.broker.is_consuming)
+        runner, _ = await health.serve(app, settings.health_host, settings.health_port)
     try:
+        while not stop.is_set():
+            try:
+                await service.start()
+                break
+            except RouterError as e:
+                log.warning("dispatcher cannot start yet (%s); retrying in 2 s", e.message)
+                await service.broker.close()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 2.0)
         await stop.wait()
     finally:
         log.info("dispatcher %s stopping", service.process_id)
         await service.stop()
+        if runner is not None:
+            await runner.cleanup()

@@ -12,7 +12,16 @@ import pytest
 from tests.conftest import require_services
 from tests.support.procs import Stack, running_stack
 
-STACK_ENV = {"REQUEST_TIMEOUT": "20", "TTFT_TIMEOUT": "15", "LOG_LEVEL": "INFO"}
+# The response cache is off in shared stacks: tests that count upstream calls or compare ids
+# must not be answered from an earlier test's entry. tests/integration/test_cache.py turns it on.
+# The developer's own OPENAI_API_KEY must never reach a test stack: cloud names would go to OpenAI.
+STACK_ENV = {
+    "REQUEST_TIMEOUT": "20",
+    "TTFT_TIMEOUT": "15",
+    "LOG_LEVEL": "INFO",
+    "CACHE_TTL": "0",
+    "OPENAI_API_KEY": "",
+}
 
 
 @pytest.fixture(scope="session")

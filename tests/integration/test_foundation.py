@@ -231,3 +231,23 @@ def test_two_clients_get_their_own_answers(api_url: str) -> None:
         a = first.chat.completions.create(model="dummy", messages=MESSAGES)  # type: ignore[arg-type]
         b = second.chat.completions.create(model="dummy", messages=MESSAGES)  # type: ignore[arg-type]
     assert a.id != b.id
+
+
+def test_dispatcher_reports_ready_once_consuming(isolated: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    dispatcher = isolated.start_dispatcher(tmp_path, HEALTH_PORT=str(port))
+    wait_http(f"http://127.0.0.1:{port}/ready", service=dispatcher)
+    status = httpx.get(f"http://127.0.0.1:{port}/health").json()
+    assert status["service"] == "dispatcher" and status["consuming"] is True
+
+
+def test_dispatcher_waits_for_a_broker_that_is_down(isolated: Stack, tmp_path: Path) -> None:
+    port = free_port()
+    dispatcher = isolated.start_dispatcher(
+        tmp_path,
+        HEALTH_PORT=str(port),
+        RABBITMQ_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/",
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", service=dispatcher)
+    assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 503
+    assert dispatcher.is_running()
