@@ -69,10 +69,7 @@ def main(argv: list[str]) -> None:
     manager = Manager()
     for name, command, extra in processes:
         manager.add_process(name, command, env={**env, "PYTHONUNBUFFERED": "1", **extra})
-    print(
-        "router dev: API on http://127.0.0.1:%s (Ctrl-C stops everything)"
-        % env.get("API_PORT", "8000"),
-        flush=True,
-    )
+    port = env.get("API_PORT", "8000")
+    print(f"router dev: API on http://127.0.0.1:{port} (Ctrl-C stops everything)", flush=True)
     manager.loop()
     sys.exit(manager.returncode)

@@ -102,7 +102,7 @@ class Broker:
         self._consume_conn: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
-        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consumers: list[tuple[AbstractQueue, str, bool]] = []  # queue, tag, is intake
         self._inflight: set[asyncio.Task[Any]] = set()
 
     async def connect(self, timeout: float = 10.0) -> None:
@@ -189,12 +189,14 @@ class Broker:
         handler: Handler,
         *,
         no_ack: bool = False,
+        intake: bool = True,
     ) -> AbstractQueue:
         """Consume a queue: each message runs `handler` in its own task.
 
         An undecodable message (MessageDecodeError) is rejected without requeue, into the
         dead-letter queue. Any other exception requeues the message once; a redelivered message
-        that fails again is rejected, so a crash-looping message never loops.
+        that fails again is rejected, so a crash-looping message never loops. `intake=False`
+        marks a consumer that must outlive `stop_consuming(intake_only=True)` (cancels).
         """
         queue = await declare_queue(channel, spec) if isinstance(spec, QueueSpec) else spec
 
@@ -228,7 +230,7 @@ class Broker:
                     self._inflight.discard(task)
 
         tag = await queue.consume(on_message, no_ack=no_ack)
-        self._consumers.append((queue, tag))
+        self._consumers.append((queue, tag, intake))
         return queue
 
     @property
@@ -245,17 +247,25 @@ class Broker:
         return (
             self.is_connected
             and bool(self._consumers)
-            and all(not queue.channel.is_closed for queue, _ in self._consumers)
+            and all(not queue.channel.is_closed for queue, _, _ in self._consumers)
         )
 
-    async def stop_consuming(self) -> None:
-        """Stop intake: cancel every consumer (in-flight handlers keep running)."""
-        for queue, tag in self._consumers:
+    async def stop_consuming(self, *, intake_only: bool = False) -> None:
+        """Stop intake: cancel consumers (in-flight handlers keep running).
+
+        With `intake_only`, consumers registered with `intake=False` (cancels, control) keep
+        running, so a draining service still hears that a client left.
+        """
+        kept: list[tuple[AbstractQueue, str, bool]] = []
+        for queue, tag, intake in self._consumers:
+            if intake_only and not intake:
+                kept.append((queue, tag, intake))
+                continue
             try:
                 await queue.cancel(tag)
             except Exception:  # the channel may already be gone; intake is stopped either way
                 log.debug("cancel of consumer %s failed", tag, exc_info=True)
-        self._consumers.clear()
+        self._consumers = kept
 
     async def drain(self, timeout: float) -> None:
         """Wait for in-flight handlers to finish, then cancel those still running."""

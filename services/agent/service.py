@@ -210,7 +210,7 @@ class AgentService:
         cancel_exchange = await control.get_exchange(t.cancel_exchange)
         cancel = await declare_queue(control, t.private_queue_spec("cancel", self.process_id))
         await cancel.bind(cancel_exchange)
-        await self.broker.consume(control, cancel, self._on_cancel)
+        await self.broker.consume(control, cancel, self._on_cancel, intake=False)
         for model in self.models.router_ids:
             channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
             await self.broker.consume(channel, t.agent_queue_spec(model), self.handler.on_job)
@@ -249,7 +249,7 @@ class AgentService:
     # --- stop ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop intake, drain, stop heartbeats and the container, close everything."""
-        await self.broker.stop_consuming()
+        await self.broker.stop_consuming(intake_only=True)
         # No heartbeats while draining: the registry lets this agent go after the TTL, so
         # dispatchers answer 503 at once instead of queueing jobs nobody will take.
         if self._heartbeats is not None:

@@ -95,12 +95,12 @@ class DispatcherService:
             control_channel, t.private_queue_spec("control", self.process_id)
         )
         await control.bind(exchanges[t.control_exchange])
-        await self.broker.consume(control_channel, control, handler.on_control)
+        await self.broker.consume(control_channel, control, handler.on_control, intake=False)
         cancel = await declare_queue(
             control_channel, t.private_queue_spec("cancel", self.process_id)
         )
         await cancel.bind(exchanges[t.cancel_exchange])
-        await self.broker.consume(control_channel, cancel, handler.on_cancel)
+        await self.broker.consume(control_channel, cancel, handler.on_cancel, intake=False)
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
         await self.broker.consume(control_channel, t.returns_queue_spec(), handler.on_returned)
         if self.cache.is_active:
@@ -135,7 +135,7 @@ class DispatcherService:
         }
 
     async def stop(self) -> None:
-        await self.broker.stop_consuming()
+        await self.broker.stop_consuming(intake_only=True)
         await self.broker.drain(self.settings.drain_timeout)
         await self.providers.aclose()
         await self.broker.close()
