@@ -29,8 +29,13 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
-from shared.errors import BrokerUnavailableError, QueueFullError, UnroutableError
-from shared.messages import Envelope, MessageDecodeError
+from shared.errors import (
+    BrokerUnavailableError,
+    QueueFullError,
+    ReplyQueueGoneError,
+    UnroutableError,
+)
+from shared.messages import H_DELIVERIES, Envelope, MessageDecodeError
 from shared.topology import QueueSpec, declare_queue
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,10 @@ class Delivery:
 
     @property
     def redelivered(self) -> bool:
-        return bool(self._message.redelivered)
+        """Delivered before: by the broker's flag, or a copy the consumer counted (see
+        `Broker.consume`'s `redelivery_limit`)."""
+        headers = self._message.headers or {}
+        return bool(self._message.redelivered) or H_DELIVERIES in headers
 
     async def ack(self) -> None:
         if not self.settled:
@@ -104,20 +112,38 @@ class Broker:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consumers: list[tuple[AbstractQueue, str, bool]] = []  # queue, tag, is intake
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._lost_callbacks: list[Callable[[], None]] = []
+        self._closing = False
+
+    def on_connection_lost(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever a connection drops (not on `close()`); it must not block."""
+        self._lost_callbacks.append(callback)
+
+    def _connection_closed(self, *_: Any) -> None:
+        if self._closing:
+            return
+        for callback in self._lost_callbacks:
+            callback()
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Open both connections; raises BrokerUnavailableError if the broker does not answer."""
         try:
+            self._closing = False
+            # Reconnect every second (aio-pika's default is 5 s): full service sooner.
             self._publish_conn = await aio_pika.connect_robust(
                 self._url,
                 timeout=timeout,
+                reconnect_interval=1,
                 client_properties={"connection_name": f"{self._name}/publish"},
             )
             self._consume_conn = await aio_pika.connect_robust(
                 self._url,
                 timeout=timeout,
+                reconnect_interval=1,
                 client_properties={"connection_name": f"{self._name}/consume"},
             )
+            for conn in (self._publish_conn, self._consume_conn):
+                conn.close_callbacks.add(self._connection_closed)
             self._publish_channel = await self._publish_conn.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -190,6 +216,7 @@ class Broker:
         *,
         no_ack: bool = False,
         intake: bool = True,
+        redelivery_limit: int = 0,
     ) -> AbstractQueue:
         """Consume a queue: each message runs `handler` in its own task.
 
@@ -197,6 +224,12 @@ class Broker:
         dead-letter queue. Any other exception requeues the message once; a redelivered message
         that fails again is rejected, so a crash-looping message never loops. `intake=False`
         marks a consumer that must outlive `stop_consuming(intake_only=True)` (cancels).
+
+        `redelivery_limit` counts deliveries where the queue cannot (classic queues have no
+        delivery limit): a redelivered message, such as one whose consumer died holding it,
+        is republished with its count in `x-router-deliveries` and the original acked; past
+        the limit it is rejected into the dead-letter queue. So a message that crashes its
+        consumer process every time ends parked, never looping.
         """
         queue = await declare_queue(channel, spec) if isinstance(spec, QueueSpec) else spec
 
@@ -206,6 +239,9 @@ class Broker:
                 self._inflight.add(task)
             delivery = Delivery(message, settled=no_ack)
             try:
+                recount = redelivery_limit and message.redelivered and not no_ack
+                if recount and await self._recount(channel, message, delivery, redelivery_limit):
+                    return
                 await handler(to_envelope(message), delivery)
                 await delivery.ack()
             except MessageDecodeError as e:
@@ -213,6 +249,9 @@ class Broker:
                     "rejecting undecodable %s message %s: %s", message.type, message.message_id, e
                 )
                 await delivery.reject(requeue=False)
+            except ReplyQueueGoneError as e:
+                log.info("%s: nobody waits for %s any more; dropped", e, message.correlation_id)
+                await _settle_quietly(delivery, requeue=False, ack=True)
             except asyncio.CancelledError:
                 await _settle_quietly(delivery, requeue=True)
                 raise
@@ -232,6 +271,57 @@ class Broker:
         tag = await queue.consume(on_message, no_ack=no_ack)
         self._consumers.append((queue, tag, intake))
         return queue
+
+    async def _recount(
+        self,
+        channel: AbstractChannel,
+        message: AbstractIncomingMessage,
+        delivery: Delivery,
+        limit: int,
+    ) -> bool:
+        """Handle a redelivered message's count; True if it was settled here.
+
+        The original is acked before its copy is published, both on the consuming channel:
+        the broker handles a channel's frames in order, so the copy cannot reach a consumer
+        (and crash it again) before the ack is settled, and copies never multiply. The price
+        is a window of a few frames: a process killed between the ack and the copy's publish
+        loses that (already redelivered) message.
+        """
+        headers = dict(message.headers or {})
+        raw = headers.get(H_DELIVERIES, 1)
+        deliveries = (raw if isinstance(raw, int) else 1) + 1
+        if deliveries > limit:
+            log.warning(
+                "%s %s delivered %d times: parked in the dead-letter queue",
+                message.type,
+                message.correlation_id,
+                deliveries - 1,
+            )
+            await delivery.reject(requeue=False)
+            return True
+        if message.exchange or not message.routing_key:
+            return False  # not published straight to its queue: cannot republish, just handle it
+        headers[H_DELIVERIES] = deliveries
+        expiration = message.expiration
+        env = Envelope(
+            type=message.type or "",
+            body=message.body,
+            headers=headers,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            message_id=message.message_id,
+            expiration_ms=(
+                max(1, int(expiration * 1000)) if isinstance(expiration, int | float) else None
+            ),
+        )
+        persistent = message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        await delivery.ack()
+        await channel.default_exchange.publish(
+            to_message(env, persistent=persistent),
+            message.routing_key,
+            timeout=self.publish_timeout,
+        )
+        return True
 
     @property
     def consumer_count(self) -> int:
@@ -278,6 +368,7 @@ class Broker:
             await asyncio.wait(pending, timeout=1.0)
 
     async def close(self) -> None:
+        self._closing = True
         for conn in (self._publish_conn, self._consume_conn):
             if conn is not None:
                 try:
@@ -289,8 +380,11 @@ class Broker:
         self._exchanges.clear()
 
 
-async def _settle_quietly(delivery: Delivery, *, requeue: bool) -> None:
+async def _settle_quietly(delivery: Delivery, *, requeue: bool, ack: bool = False) -> None:
     try:
-        await delivery.reject(requeue=requeue)
+        if ack:
+            await delivery.ack()
+        else:
+            await delivery.reject(requeue=requeue)
     except Exception:  # a stale delivery tag after a reconnect: the broker requeued it already
         log.debug("could not settle a delivery", exc_info=True)

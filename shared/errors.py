@@ -174,3 +174,11 @@ class BrokerUnavailableError(ServiceUnavailableError):
 
 class UnroutableError(RouterError):
     """A mandatory publish found no queue (an internal condition callers map to a reply)."""
+
+
+class ReplyQueueGoneError(UnroutableError):
+    """The job's reply queue is gone: its API process died, nobody waits for the answer.
+
+    Raised by reply publishing so the work stops (an agent aborts its upstream call); the
+    consumer then acks the job instead of requeueing it for another agent to redo for nobody.
+    """

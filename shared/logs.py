@@ -33,6 +33,9 @@ class SecretRedactor(logging.Filter):
         known = {s for s in secrets if len(s) >= MIN_SECRET_LENGTH}
         self._secrets = sorted(known, key=len, reverse=True)  # longest first: no partial leaks
 
+    def __len__(self) -> int:
+        return len(self._secrets)
+
     def redact(self, text: str) -> str:
         for secret in self._secrets:
             if secret in text:
@@ -90,3 +93,6 @@ def configure_logging(level: str, service: str, *, secrets: Iterable[str] = ()) 
     # DEBUG: keep them at WARNING whatever the service's level.
     for noisy in ("aio_pika", "aiormq", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger(__name__).debug(
+        "%s logs at %s; %d secret values are redacted", service, level.upper(), len(redactor)
+    )

@@ -42,6 +42,7 @@ H_SEQ = "x-seq"
 H_STATUS = "x-status"
 H_HTTP_HEADERS = "x-http-headers"
 H_ROUTE = "x-route"
+H_DELIVERIES = "x-router-deliveries"  # deliveries counted where the queue type cannot
 
 
 class MessageType(StrEnum):

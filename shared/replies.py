@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from shared.amqp import Broker
-from shared.errors import RouterError, UnroutableError, to_openai_error
+from shared.errors import ReplyQueueGoneError, RouterError, UnroutableError, to_openai_error
 from shared.messages import Job, Reply, ReplyKind, encode_completed, encode_reply
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ class ReplyPublisher:
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
         try:
             await self._broker.publish(encode_reply(reply), job.reply_to, persistent=persistent)
-        except UnroutableError:
-            log.info("reply queue of %s is gone; %s dropped", job.request_id, reply.kind)
+        except UnroutableError as e:
+            raise ReplyQueueGoneError(f"reply queue of {job.request_id} is gone") from e
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
             await self.completed(job, reply)
 
@@ -115,9 +115,11 @@ class StreamWriter:
     """Turns SSE events into numbered chunk messages for one attempt at one job.
 
     `send()` takes framed events (`data: ...\\n\\n`). The first is published before `send()`
-    returns (so the caller can ack the job once it is confirmed); later ones are coalesced for
-    `window` seconds. `end()` and `fail()` flush what is buffered and close the stream; a
-    publish failure in the background surfaces on the next call.
+    returns (so the caller can ack the job once it is confirmed); after that at most one
+    message goes out per `window` seconds: an event after a quiet spell is published at once,
+    a burst is gathered until the window since the last message has passed. `end()` and
+    `fail()` flush what is buffered and close the stream; a publish failure in the background
+    surfaces on the next call.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class StreamWriter:
         self._seq = 0
         self._buffer: list[bytes] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._last_publish = float("-inf")
         self._lock = asyncio.Lock()
         self._failure: BaseException | None = None
         self.closed = False
@@ -147,13 +150,16 @@ class StreamWriter:
 
     async def send(self, event: bytes) -> None:
         self._raise_failure()
-        if not self.started:
-            self._buffer.append(event)
-            await self._flush()
-            return
         self._buffer.append(event)
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush_later())
+        if self._flusher is not None:
+            return  # a flush is already due: this event rides along
+        # At most one message per window: an event after a quiet spell (the first one, or the
+        # first token after the role chunk) goes out at once; a burst waits out the window.
+        delay = self._last_publish + self._window - asyncio.get_running_loop().time()
+        if delay <= 0:
+            await self._flush()
+        else:
+            self._flusher = asyncio.create_task(self._flush_later(delay))
 
     async def end(self) -> None:
         await self._close(Reply(ReplyKind.END, self.job.request_id, self.attempt))
@@ -182,9 +188,9 @@ class StreamWriter:
             await self._publish(self.job, _renumbered(last, self._seq))
             self._seq += 1
 
-    async def _flush_later(self) -> None:
+    async def _flush_later(self, delay: float) -> None:
         try:
-            await asyncio.sleep(self._window)
+            await asyncio.sleep(delay)
             await self._flush()
         except RouterError as e:
             self._failure = e
@@ -197,6 +203,7 @@ class StreamWriter:
                 return
             body = b"".join(self._buffer)
             self._buffer.clear()
+            self._last_publish = asyncio.get_running_loop().time()
             headers = self._http_headers if self._seq == 0 else {}
             reply = Reply(
                 ReplyKind.CHUNK,

@@ -112,6 +112,11 @@ class Topology:
 
     # --- queue specs -----------------------------------------------------------------------
     @property
+    def redelivery_limit(self) -> int:
+        """Deliveries a consumer counts itself (0 where the queue counts: quorum)."""
+        return 0 if self.mode is Durability.QUORUM else self.delivery_limit
+
+    @property
     def is_persistent(self) -> bool:
         return self.mode is not Durability.TRANSIENT
 

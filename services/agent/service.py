@@ -213,7 +213,12 @@ class AgentService:
         await self.broker.consume(control, cancel, self._on_cancel, intake=False)
         for model in self.models.router_ids:
             channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
-            await self.broker.consume(channel, t.agent_queue_spec(model), self.handler.on_job)
+            await self.broker.consume(
+                channel,
+                t.agent_queue_spec(model),
+                self.handler.on_job,
+                redelivery_limit=t.redelivery_limit,
+            )
         log.info(
             "agent %s consuming %s (prefetch %d each, %s mode) for %s",
             self.settings.agent_name,

@@ -51,6 +51,10 @@ class ApiBus:
             publish_timeout=settings.publish_timeout,
         )
         self._connected = asyncio.Event()
+        if not topology.is_persistent:
+            # Transient mode: a broker that drops the connection may have lost every queued
+            # job and reply, so nobody waits out a deadline for an answer that cannot come.
+            self._broker.on_connection_lost(self._fail_waiting)
         self._connector: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -80,6 +84,12 @@ class ApiBus:
         # Auto-ack: a reply is consumed once; the API is its only reader.
         await self._broker.consume(channel, queue, self._on_reply, no_ack=True)
         self._connected.set()
+
+    def _fail_waiting(self) -> None:
+        log.warning("broker connection lost in transient mode: failing waiting requests")
+        self.replies.fail_all(
+            BrokerUnavailableError("The broker connection was lost; the request was not kept.")
+        )
 
     @property
     def is_ready(self) -> bool:

@@ -164,12 +164,14 @@ class CompletionsEndpoint:
             idle=settings.stream_idle_timeout,
             now=time.monotonic(),
         )
-        first_wait = min(settings.stream_keepalive_after, limits.first_chunk_by - time.monotonic())
+        ttft_left = limits.first_chunk_by - time.monotonic()
+        # Decided before waiting, not by the clock after it: a timer may fire a hair early.
+        commits_early = settings.stream_keepalive_after < ttft_left
         first: Reply | None
         try:
-            first = await call.next(first_wait)
+            first = await call.next(settings.stream_keepalive_after if commits_early else ttft_left)
         except TimeoutError as e:
-            if time.monotonic() >= limits.first_chunk_by:
+            if not commits_early:
                 self.bus.cancel_soon(call.request_id)
                 raise GatewayTimeoutError("No output from the model in time.") from e
             first = None  # commit to 200 now and ping until the first chunk

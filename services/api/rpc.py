@@ -97,6 +97,11 @@ class ReplyRouter:
         call.deliver(reply)
         return True
 
+    def fail_all(self, exc: BaseException) -> None:
+        """Fail every waiting call (their replies can no longer arrive)."""
+        for call in self._calls.values():
+            call.fail(exc)
+
     def expect_result(self, request_id: str) -> asyncio.Future[bytes]:
         """A one-shot RPC answer (the model list), removed from the table when done."""
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()

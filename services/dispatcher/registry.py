@@ -29,8 +29,10 @@ class AgentRecord:
 
 
 class AgentTable:
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, *, started_at: float | None = None) -> None:
+        """`started_at` (this dispatcher's start) opens a warm-up of one TTL in `view()`."""
         self.ttl = ttl
+        self.started_at = started_at
         self._agents: dict[str, AgentRecord] = {}
         self._model_last_seen: dict[str, float] = {}
 
@@ -91,7 +93,8 @@ class AgentTable:
     def view(self, now: float) -> AgentView:
         cutoff = now - self.ttl
         live = frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
-        return AgentView(live=live, known=frozenset(self._model_last_seen))
+        warming_up = self.started_at is not None and now - self.started_at < self.ttl
+        return AgentView(live=live, known=frozenset(self._model_last_seen), warming_up=warming_up)
 
     def is_model_live(self, model: str, now: float) -> bool:
         seen = self._model_last_seen.get(model)

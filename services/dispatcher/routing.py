@@ -43,6 +43,9 @@ class AgentView:
 
     live: frozenset[str]
     known: frozenset[str]
+    # True for one heartbeat TTL after the dispatcher started: an unknown model may belong to
+    # an agent whose next heartbeat has not arrived yet, so it is not a 404 yet.
+    warming_up: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,14 @@ def choose_route(model: str, agents: AgentView, providers: tuple[ProviderRule, .
                 ServiceUnavailableError(
                     f"No live agent serves `{model}` right now; retry shortly.",
                     code="no_live_agent",
+                    headers={"retry-after": "1"},
+                )
+            )
+        if agents.warming_up:
+            return Refuse(
+                ServiceUnavailableError(
+                    "This dispatcher is still learning which agents are alive; retry shortly.",
+                    code="registry_warming_up",
                     headers={"retry-after": "1"},
                 )
             )

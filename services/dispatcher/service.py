@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 
 from aio_pika.abc import AbstractChannel
@@ -59,7 +60,8 @@ class DispatcherService:
             publish_timeout=settings.publish_timeout,
         )
         self.registry = Registry(
-            AgentTable(settings.heartbeat_ttl), SqliteStore(settings.registry_path)
+            AgentTable(settings.heartbeat_ttl, started_at=time.time()),
+            SqliteStore(settings.registry_path),
         )
         self.cancellations = Cancellations()
         # Single-flight waiters hold jobs unacked: never more than half the prefetch.
@@ -117,7 +119,9 @@ class DispatcherService:
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
         )
         jobs_channel = await self.broker.channel(prefetch=self.settings.dispatcher_prefetch)
-        await self.broker.consume(jobs_channel, t.jobs_queue_spec(), handler.on_job)
+        await self.broker.consume(
+            jobs_channel, t.jobs_queue_spec(), handler.on_job, redelivery_limit=t.redelivery_limit
+        )
         log.info(
             "dispatcher %s consuming %s (%s mode, %d agents known)",
             self.process_id,

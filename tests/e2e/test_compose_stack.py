@@ -17,7 +17,12 @@ pytestmark = pytest.mark.e2e
 
 def engine_answers() -> bool:
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, check=False, timeout=10).returncode == 0
+        return (
+            subprocess.run(
+                ["docker", "info"], capture_output=True, check=False, timeout=10
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -26,7 +31,9 @@ def engine_answers() -> bool:
 def compose_stack() -> Iterator[str]:
     command = compose_command()
     if command is None or not engine_answers():
-        pytest.skip("no Docker engine answers here (`docker info` fails): the compose stack cannot run")
+        pytest.skip(
+            "no Docker engine answers here (`docker info` fails): the compose stack cannot run"
+        )
     base = [*command, "-f", str(COMPOSE_FILE), "-p", "router-e2e"]
     subprocess.run([*base, "up", "-d", "--build"], check=True, timeout=900)
     try:
@@ -46,9 +53,14 @@ def compose_stack() -> Iterator[str]:
 @pytest.mark.timeout(1200)
 def test_dummy_and_local_model_through_compose(compose_stack: str) -> None:
     client = openai.OpenAI(
-        base_url=f"{compose_stack}/v1", api_key="sk-e2e", max_retries=0, _strict_response_validation=True
+        base_url=f"{compose_stack}/v1",
+        api_key="sk-e2e",
+        max_retries=0,
+        _strict_response_validation=True,
     )
-    completion = client.chat.completions.create(model="dummy", messages=[{"role": "user", "content": "hi"}])
+    completion = client.chat.completions.create(
+        model="dummy", messages=[{"role": "user", "content": "hi"}]
+    )
     assert completion.choices[0].message.content == "Hello world"
     deadline = time.monotonic() + 60
     while "local_mistral-7b-instruct" not in [m.id for m in client.models.list()]:

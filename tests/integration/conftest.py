@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import require_services
 from tests.support.procs import Stack, running_stack
+from tests.support.rig import Router
 
 # The response cache is off in shared stacks: tests that count upstream calls or compare ids
 # must not be answered from an earlier test's entry. tests/integration/test_cache.py turns it on.
@@ -68,3 +69,15 @@ def isolated(stack_dir: Path) -> Iterator[Stack]:
     require_services()
     with running_stack(STACK_ENV) as stack:
         yield stack
+
+
+@pytest.fixture
+def router(tmp_path: Path) -> Iterator[Router]:
+    """API (with agent tokens) and a dispatcher with a short heartbeat TTL; tests add the
+    fake vLLM servers and agents they need."""
+    require_services()
+    with running_stack({**STACK_ENV, "STREAM_IDLE_TIMEOUT": "3"}) as stack:
+        r = Router(stack, tmp_path, [])
+        r.add_dispatcher()
+        r.add_api()
+        yield r

@@ -26,7 +26,9 @@ def compose_command() -> list[str] | None:
 def test_compose_file_is_valid() -> None:
     command = compose_command()
     if command is None:
-        pytest.skip("neither `docker compose` nor `docker-compose` is installed (.ci/run installs it)")
+        pytest.skip(
+            "neither `docker compose` nor `docker-compose` is installed (.ci/run installs it)"
+        )
     result = subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, check=False
     )

@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import require_services
 from tests.integration.conftest import STACK_ENV, sdk_client
-from tests.integration.test_agents import MESSAGES, Router, router  # noqa: F401  (fixture)
 from tests.support.procs import running_stack, wait_for
+from tests.support.rig import MESSAGES, Router
 
 pytestmark = pytest.mark.integration
 

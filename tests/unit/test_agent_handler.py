@@ -60,6 +60,7 @@ class Message:
     def __init__(self, log: list[str], *, redelivered: bool = False) -> None:
         self.log = log
         self.redelivered = redelivered
+        self.headers: dict[str, object] = {}
 
     async def ack(self) -> None:
         self.log.append("ack")

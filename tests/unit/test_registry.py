@@ -70,3 +70,10 @@ def test_quotes_in_fields_are_stored_as_data(tmp_path: Path) -> None:
     registry.record(AgentRegistration(name="gpu1", endpoint=endpoint, models=["local_a"]), now=1)
     assert [(r.name, r.endpoint) for r in store.load_all()] == [("gpu1", endpoint)]
     registry.close()
+
+
+def test_a_new_dispatcher_warms_up_for_one_ttl() -> None:
+    table = AgentTable(ttl=10, started_at=100)
+    assert table.view(105).warming_up
+    assert not table.view(111).warming_up
+    assert not AgentTable(ttl=10).view(0).warming_up

@@ -54,3 +54,16 @@ async def test_fail_flushes_then_sends_an_error_once() -> None:
     kinds = [r.kind for r in out.sent]
     assert kinds == [ReplyKind.CHUNK, ReplyKind.CHUNK, ReplyKind.ERROR]
     assert out.sent[-1].status == 502 and b"boom" in out.sent[-1].body
+
+
+async def test_an_event_after_a_quiet_spell_goes_out_at_once() -> None:
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=0.02)
+    await writer.send(b"data: role\n\n")
+    await asyncio.sleep(0.03)  # the model thinks longer than the window
+    await writer.send(b"data: first token\n\n")
+    assert [r.body for r in out.sent] == [b"data: role\n\n", b"data: first token\n\n"]
+    await writer.send(b"data: burst\n\n")  # within the window of the last message: waits
+    assert len(out.sent) == 2
+    await writer.end()
+    assert [r.kind for r in out.sent][-1] is ReplyKind.END

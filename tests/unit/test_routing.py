@@ -54,3 +54,11 @@ def test_unservable_models_are_404(model: str, providers: tuple[ProviderRule, ..
     assert isinstance(route, Refuse)
     assert isinstance(route.error, ModelNotFoundError)
     assert route.error.param == "model"
+
+
+def test_unknown_local_model_while_warming_up_is_503_not_404() -> None:
+    warming = AgentView(live=frozenset(), known=frozenset(), warming_up=True)
+    route = choose_route("local_new", warming)
+    assert isinstance(route, Refuse)
+    assert isinstance(route.error, ServiceUnavailableError)
+    assert route.error.code == "registry_warming_up"

@@ -57,3 +57,12 @@ async def test_rpc_results_resolve_once() -> None:
     assert await asyncio.wait_for(future, 1) == b"x"
     assert not router.resolve_result("q1", b"y")
     assert len(router) == 0
+
+
+async def test_fail_all_fails_every_waiting_call() -> None:
+    router = ReplyRouter()
+    first, second = router.open("r1"), router.open("r2")
+    router.fail_all(StreamOrderError("gone"))
+    for call in (first, second):
+        with pytest.raises(StreamOrderError):
+            await call.next(1)

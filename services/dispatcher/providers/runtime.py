@@ -102,7 +102,12 @@ class ProviderRuntime:
                 coalesce_window=coalesce_window,
             )
             channel = await broker.channel(prefetch=prefetch)
-            await broker.consume(channel, topology.provider_queue_spec(name), worker.on_job)
+            await broker.consume(
+                channel,
+                topology.provider_queue_spec(name),
+                worker.on_job,
+                redelivery_limit=topology.redelivery_limit,
+            )
             log.info("consuming %s (prefetch %d)", topology.provider_queue(name), prefetch)
 
     async def aclose(self) -> None:

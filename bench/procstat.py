@@ -1,0 +1,96 @@
+"""CPU time and resident memory of processes, read from /proc (Linux only).
+
+CPU is `utime + stime` (fields 14 and 15 of /proc/<pid>/stat) in clock ticks, converted to
+milliseconds; a process that has gone away counts as 0 from then on, so a delta never fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_ms(pid: int) -> float:
+    """User + system CPU time of `pid` so far, in ms (0 if it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    # The command name (field 2) may hold spaces: split after its closing parenthesis.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_MS
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of `pid` in MiB (0 if it is gone)."""
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0.0
+    return pages * PAGE / 2**20
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of `pid` (workers of a multi-process server)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rindex(")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def with_children(pids: Iterable[int]) -> list[int]:
+    out: list[int] = []
+    for pid in pids:
+        out.append(pid)
+        out.extend(children(pid))
+    return out
+
+
+def cpu_snapshot(pids: Iterable[int]) -> dict[int, float]:
+    return {pid: cpu_ms(pid) for pid in pids}
+
+
+def cpu_delta(before: dict[int, float]) -> dict[int, float]:
+    """CPU ms each pid of `before` used since; never negative."""
+    return {pid: max(cpu_ms(pid) - ms, 0.0) for pid, ms in before.items()}
+
+
+def rabbitmq_pid() -> int | None:
+    """The broker's Erlang VM: `rabbitmqctl status` says its OS pid, else `pgrep beam.smp`."""
+    if shutil.which("rabbitmqctl"):
+        try:
+            out = subprocess.run(
+                ["rabbitmqctl", "status"], capture_output=True, text=True, timeout=20, check=False
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        for line in out.splitlines():
+            if line.strip().startswith("OS PID:"):
+                return int(line.split(":", 1)[1])
+    try:
+        out = subprocess.run(
+            ["pgrep", "-f", "beam.smp"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pids = [int(p) for p in out.split()]
+    return pids[0] if len(pids) == 1 else None

@@ -1,0 +1,197 @@
+"""From the measurements to numbers, a markdown table and the met/missed verdicts.
+
+Each figure is the median over rounds. An overhead is computed per round (router minus direct,
+measured back to back) and then the median taken; a ratio is the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.config import BenchConfig
+from bench.load import LoadResult
+from bench.series import DIRECT, LITELLM, ROUTER, Results
+
+
+def med(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def overhead(
+    results: Results, series: str, target: str, pick: Callable[[LoadResult], float | None]
+) -> float | None:
+    """Median over rounds of target minus direct, on the figure `pick` reads."""
+    mine, direct = results.get(series, target), results.get(series, DIRECT)
+    diffs: list[float | None] = []
+    for a, b in zip(mine, direct, strict=False):
+        x, y = pick(a), pick(b)
+        diffs.append(x - y if x is not None and y is not None else None)
+    return med(diffs)
+
+
+def cpu_per_request(runs: list[LoadResult], name_filter: Callable[[str], bool]) -> float | None:
+    return med([r.cpu_per_request(name_filter) for r in runs])
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    text: str
+    goal: str
+    check: Callable[[float], bool]
+    unit: str
+
+
+TARGETS = [
+    Target("overhead_p50", "Router overhead p50, c=1", "<= 2.5 ms", lambda v: v <= 2.5, "ms"),
+    Target("overhead_p99", "Router overhead p99, c=1", "<= 8 ms", lambda v: v <= 8.0, "ms"),
+    Target("rps_c32_vs_litellm", "RPS at c=32 vs LiteLLM", ">= 4x", lambda v: v >= 4.0, "x"),
+    Target("streams_vs_litellm", "Streams/s vs LiteLLM", ">= 6x", lambda v: v >= 6.0, "x"),
+    Target("ttft_overhead", "TTFT overhead p50, c=1", "<= 3 ms", lambda v: v <= 3.0, "ms"),
+    Target("cache_overhead", "Cache-hit overhead p50, c=1", "<= 1.5 ms", lambda v: v <= 1.5, "ms"),
+    Target("cpu_ms", "Whole-path CPU per request", "<= 2.5 ms", lambda v: v <= 2.5, "ms"),
+    Target("rss_growth", "RSS growth over the soak", "< 10%", lambda v: v < 10.0, "%"),
+    Target("scaling", "Agent throughput 1 -> 4 agents", ">= 3.6x", lambda v: v >= 3.6, "x"),
+]
+
+
+def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
+    """Every headline figure (None where it could not be measured)."""
+    s: dict[str, Any] = {}
+    has_litellm = bool(results.get("json_c1", LITELLM))
+    targets = [t for t in (DIRECT, ROUTER, LITELLM) if results.get("json_c1", t)]
+    s["targets"] = targets
+    s["latency"] = {
+        t: {
+            "p50": med([r.p50_ms for r in results.get("json_c1", t)]),
+            "p99": med([r.p99_ms for r in results.get("json_c1", t)]),
+        }
+        for t in targets
+    }
+    for t in (ROUTER, LITELLM):
+        s[f"{t}_overhead_p50"] = overhead(results, "json_c1", t, lambda r: r.p50_ms)
+        s[f"{t}_overhead_p99"] = overhead(results, "json_c1", t, lambda r: r.p99_ms)
+    s["rps"] = {
+        c: {t: med([r.rps for r in results.get(f"json_c{c}", t)]) for t in targets}
+        for c in config.json_concurrency
+    }
+    s["streams"] = {t: med([r.rps for r in results.get("streams", t)]) for t in targets}
+    s["ttft"] = {
+        t: {
+            "p50": med([r.ttft_p50_ms for r in results.get("ttft", t)]),
+            "p99": med([r.ttft_p99_ms for r in results.get("ttft", t)]),
+            "total_p50": med([r.p50_ms for r in results.get("ttft", t)]),
+            "first_p50": med([r.first_event_p50_ms for r in results.get("ttft", t)]),
+        }
+        for t in targets
+    }
+    for t in (ROUTER, LITELLM):
+        s[f"{t}_ttft_overhead"] = overhead(results, "ttft", t, lambda r: r.ttft_p50_ms)
+        s[f"{t}_ttft_overhead_p99"] = overhead(results, "ttft", t, lambda r: r.ttft_p99_ms)
+    if results.get("cache", ROUTER):
+        s["cache"] = {
+            t: {
+                "p50": med([r.p50_ms for r in results.get("cache", t)]),
+                "p99": med([r.p99_ms for r in results.get("cache", t)]),
+            }
+            for t in (DIRECT, ROUTER)
+        }
+        s["cache_overhead"] = overhead(results, "cache", ROUTER, lambda r: r.p50_ms)
+        s["cache_overhead_p99"] = overhead(results, "cache", ROUTER, lambda r: r.p99_ms)
+        s["cache_hit_rate"] = med(results.cache_hits)
+    s["cache_note"] = results.cache_note
+    c1, c32 = results.get("dummy_c1", ROUTER), results.get("dummy_c32", ROUTER)
+    s["dummy"] = {
+        "p50": med([r.p50_ms for r in c1]),
+        "p99": med([r.p99_ms for r in c1]),
+        "rps_c32": med([r.rps for r in c32]),
+        "cpu_c32": _cpu(results, "dummy_c32").get(ROUTER, {}),
+    }
+    s["cpu"] = _cpu(results, "json_c32")
+    s["cpu_streams"] = _cpu(results, "streams")
+    s["scaling"] = {n: med([r.rps for r in runs]) for n, runs in sorted(results.scaling.items())}
+    first, last = min(results.scaling, default=None), max(results.scaling, default=None)
+    s["scaling_ratio"] = (
+        ratio(s["scaling"][last], s["scaling"][first])
+        if first is not None and last != first
+        else None
+    )
+    s["soak"] = results.soak
+    if results.soak:
+        growth = {
+            name: 100.0 * (results.soak["rss_after_mb"][name] - before) / before
+            for name, before in results.soak["rss_before_mb"].items()
+            if before > 0
+        }
+        s["rss_growth"] = growth
+    values = {
+        "overhead_p50": s[f"{ROUTER}_overhead_p50"],
+        "overhead_p99": s[f"{ROUTER}_overhead_p99"],
+        "rps_c32_vs_litellm": ratio(
+            s["rps"].get(32, {}).get(ROUTER), s["rps"].get(32, {}).get(LITELLM)
+        )
+        if has_litellm
+        else None,
+        "streams_vs_litellm": ratio(s["streams"].get(ROUTER), s["streams"].get(LITELLM))
+        if has_litellm
+        else None,
+        "ttft_overhead": s[f"{ROUTER}_ttft_overhead"],
+        "cache_overhead": s.get("cache_overhead"),
+        "cpu_ms": s["cpu"].get(ROUTER, {}).get("whole path"),
+        "rss_growth": max(s["rss_growth"].values()) if s.get("rss_growth") else None,
+        "scaling": s["scaling_ratio"],
+    }
+    s["values"] = values
+    return s
+
+
+def _cpu(results: Results, series: str) -> dict[str, dict[str, float | None]]:
+    """ms of CPU per request, per process and for the whole path, for router and LiteLLM."""
+    out: dict[str, dict[str, float | None]] = {}
+    for t in (ROUTER, LITELLM):
+        runs = results.get(series, t)
+        if not runs or not runs[0].cpu_ms:
+            continue
+        names = list(runs[0].cpu_ms)
+        per = {n: cpu_per_request(runs, lambda x, n=n: x == n) for n in names}  # type: ignore[misc]
+        if t == ROUTER:
+            per["without rabbitmq"] = cpu_per_request(runs, lambda x: x != "rabbitmq")
+        per["whole path"] = cpu_per_request(runs, lambda _: True)
+        out[t] = per
+    return out
+
+
+def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(target, goal, measured, met/missed/n/a) for each target of the issue."""
+    rows = []
+    for t in TARGETS:
+        value = summary["values"].get(t.key)
+        if value is None:
+            why = _why_missing(t.key, summary)
+            rows.append((t.text, t.goal, why, "n/a"))
+            continue
+        measured = f"{value:.2f} {t.unit}" if t.unit != "x" else f"{value:.2f}x"
+        status = "met" if t.check(value) else "missed"
+        if t.key == "rss_growth" and config.soak < 600:
+            measured += f" (soak {config.soak:.0f} s, not 600: indicative)"
+        rate = summary.get("cache_hit_rate")
+        if t.key == "cache_overhead" and rate is not None and rate < 0.99:
+            measured += f" (only {100 * rate:.0f}% were hits)"
+        rows.append((t.text, t.goal, measured, status))
+    return rows
+
+
+def _why_missing(key: str, summary: dict[str, Any]) -> str:
+    if key in ("rps_c32_vs_litellm", "streams_vs_litellm") and LITELLM not in summary["targets"]:
+        return "no LiteLLM (run `make bench-peers`)"
+    if key == "cache_overhead":
+        return summary.get("cache_note") or "no cache series"
+    return "not measured"

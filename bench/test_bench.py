@@ -1,0 +1,110 @@
+"""The harness's pure parts (`.venv/bin/pytest bench/test_bench.py`; no sockets, no processes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.config import BenchConfig
+from bench.load import LoadResult, percentile
+from bench.markdown import BEGIN, END, fill_results, render
+from bench.profile import summarise as summarise_profile
+from bench.report import summarise, verdicts
+from bench.series import DIRECT, LITELLM, ROUTER, Results, rotated
+from bench.stack import litellm_config, router_id
+
+
+def result(rps: float, p50: float, p99: float, **kw: object) -> LoadResult:
+    return LoadResult(requests=int(rps * 10), errors=0, seconds=10.0, p50_ms=p50, p99_ms=p99, **kw)  # type: ignore[arg-type]
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 50) == 0.0
+
+
+def test_rotation_moves_every_target_to_the_front_once() -> None:
+    targets = [DIRECT, ROUTER, LITELLM]
+    assert [rotated(targets, i)[0] for i in range(3)] == [DIRECT, ROUTER, LITELLM]
+
+
+def test_quick_config_and_overrides() -> None:
+    quick = BenchConfig.from_env({"BENCH_QUICK": "1", "BENCH_ROUNDS": "5"})
+    assert (quick.quick, quick.rounds, quick.duration, quick.soak) == (True, 5, 2.0, 15.0)
+    assert not quick.should_write_results
+    full = BenchConfig.from_env({})
+    assert (full.rounds, full.soak, full.agent_concurrency) == (3, 600.0, 64)
+    assert full.should_write_results
+
+
+def test_litellm_config_names_each_fake_as_the_router_does() -> None:
+    text = litellm_config({"m": "http://127.0.0.1:1"})
+    assert f"model_name: {router_id('m')}" in text
+    assert "api_base: http://127.0.0.1:1/v1" in text
+
+
+def _results() -> Results:
+    r = Results()
+    for direct_p50, router_p50 in ((0.2, 2.2), (0.3, 2.0), (0.2, 9.0)):
+        r.add("json_c1", DIRECT, result(4000, direct_p50, 1.0))
+        r.add("json_c1", ROUTER, result(400, router_p50, 6.0))
+        r.add("json_c1", LITELLM, result(100, 10.0, 30.0))
+        r.add("json_c32", ROUTER, result(1000, 30, 60, cpu_ms={"api": 5000.0, "rabbitmq": 5000.0}))
+        r.add("json_c32", LITELLM, result(200, 100, 200))
+    r.scaling = {1: [result(40, 50, 60)], 4: [result(150, 50, 60)]}
+    return r
+
+
+def test_overhead_is_the_median_of_per_round_differences() -> None:
+    s = summarise(BenchConfig(json_concurrency=(1, 32)), _results())
+    assert s["router_overhead_p50"] == pytest.approx(2.0)  # rounds: 2.0, 1.7, 8.8
+    assert s["values"]["rps_c32_vs_litellm"] == pytest.approx(5.0)
+    assert s["values"]["cpu_ms"] == pytest.approx(1.0)  # 10 s of CPU over 10,000 requests
+    assert s["values"]["scaling"] == pytest.approx(3.75)
+
+
+def test_verdicts_say_met_missed_and_why_not_measured() -> None:
+    config = BenchConfig(json_concurrency=(1, 32))
+    rows = {row[0]: row for row in verdicts(config, summarise(config, _results()))}
+    assert rows["Router overhead p50, c=1"][3] == "met"
+    assert rows["Agent throughput 1 -> 4 agents"][3] == "met"
+    assert rows["Router overhead p99, c=1"][3] == "met"
+    assert rows["Streams/s vs LiteLLM"][2:] == ("not measured", "n/a")  # no stream series here
+    assert rows["Cache-hit overhead p50, c=1"][3] == "n/a"
+
+
+def test_results_md_block_is_replaced_and_headings_shifted(tmp_path: Path) -> None:
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"# Results\n\nintro\n\n{BEGIN}\nold\n{END}\n")
+    config = BenchConfig(json_concurrency=(1, 32))
+    s = summarise(config, _results())
+    meta = {
+        "started": "now",
+        "setup": {"machine": "test"},
+        "stream_concurrency": 32,
+        "scaling_latency_ms": 50.0,
+        "scaling_ceiling": 40.0,
+    }
+    assert fill_results(page, render(meta, s, verdicts(config, s)))
+    text = page.read_text()
+    assert text.startswith("# Results\n\nintro")
+    assert "old" not in text
+    assert "## Router benchmark, now" in text and "### Targets" in text
+
+
+def test_profile_summary_names_native_time_and_skips_entry_frames(tmp_path: Path) -> None:
+    raw = tmp_path / "p.txt"
+    lib = "/x/lib/python3.11"
+    raw.write_text(
+        f"main (/w/services/cli.py:1);Runner.run ({lib}/asyncio/runners.py:118) 3\n"
+        f"main (/w/services/cli.py:1);publish (/w/shared/amqp.py:9);"
+        f"StreamWriter.write ({lib}/asyncio/streams.py:325) 1\n"
+    )
+    text = summarise_profile(raw)
+    assert "75.0%  [event loop" in text
+    assert "25.0%  [socket send" in text
+    assert "publish (shared/amqp)" in text
+    assert "services/cli" not in text

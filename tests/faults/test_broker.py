@@ -1,0 +1,232 @@
+"""The broker fails under load: graceful restart, kill -9, SIGSTOP, forced connection close,
+and a queue deleted under its consumer.
+
+Every case runs a load of JSON and streaming requests (the `dummy` model and `local_tiny`
+through an agent and a fake vLLM), breaks the suite's own RabbitMQ node, brings it back, and
+then checks the ledger: no accepted request lost, no duplicate, every request ended in a 200,
+a complete stream or an OpenAI error within its deadline plus 2 s, and full service again
+within 15 s of the broker's return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aio_pika
+import httpx
+import pytest
+
+from tests.faults.harness.load import (
+    GRACE,
+    Entry,
+    Ledger,
+    LoadGenerator,
+    send,
+    wait_full_service,
+)
+from tests.faults.harness.nodes import RabbitNode
+from tests.faults.harness.router import LOCAL, FaultRouter
+from tests.support.procs import wait_for
+
+MODELS = ["dummy", LOCAL]
+RECOVERY = 15.0  # full service again within this many seconds of the broker's return
+SLOW_FAKE = ("--latency", "0.5", "--tokens", "8", "--token-rate", "16")
+STREAM_IDLE_TIMEOUT = 3.0  # BASE_ENV's: a started stream silent this long ends in an error
+PUBLISH_TIMEOUT = 2.0  # BASE_ENV's PUBLISH_TIMEOUT: a 503 for a job the broker did not take
+
+RouterFactory = Callable[..., FaultRouter]
+
+
+async def start_router(
+    make_router: RouterFactory, *, durability: str = "durable", timeout: float = 20.0
+) -> FaultRouter:
+    router = make_router(
+        durability=durability, REQUEST_TIMEOUT=str(timeout), TTFT_TIMEOUT=str(timeout)
+    )
+    await asyncio.to_thread(router.add_dispatcher)
+    await asyncio.to_thread(router.add_api)
+    # Slow enough that many jobs are held by the agent (confirmed, unanswered) at any moment.
+    fake = await asyncio.to_thread(router.fake, *SLOW_FAKE)
+    await asyncio.to_thread(router.agent, "a1", fake.url)
+    await asyncio.to_thread(router.wait_listed)
+    return router
+
+
+async def run_outage(
+    router: FaultRouter,
+    *,
+    timeout: float,
+    break_broker: Callable[[], None],
+    restore_broker: Callable[[], None],
+    outage: float = 0.0,
+    stream_every: int = 2,
+    backlog: int = 0,
+) -> tuple[Ledger, float, float, float]:
+    """Load, break, (wait `outage` s), restore, prove full service within RECOVERY, load 3 s
+    more; returns the ledger and the break, return and full-service times (monotonic).
+
+    With `backlog`, the agent is kept busy (its fake vLLM holds the next two calls 3 s) and
+    that many `local_tiny` JSON requests are sent, and the break waits until jobs certainly sit
+    in the agent's queue: confirmed jobs nobody has answered yet.
+    """
+    ledger = Ledger()
+    limits = httpx.Limits(max_connections=64)
+    extra: list[asyncio.Task[Entry]] = []
+    async with httpx.AsyncClient(base_url=router.api, timeout=None, limits=limits) as http:
+        load = LoadGenerator(
+            http, ledger, models=MODELS, timeout=timeout, concurrency=6, stream_every=stream_every
+        ).start()
+        await asyncio.sleep(2.0)
+        if backlog:
+            await asyncio.to_thread(router.fakes[0].script, {"delay": 3}, {"delay": 3})
+            extra = [
+                asyncio.create_task(send(http, ledger, model=LOCAL, stream=False, timeout=timeout))
+                for _ in range(backlog)
+            ]
+            await asyncio.to_thread(
+                wait_for,
+                lambda: (router.queue(f"agent.{LOCAL}") or (0, 0))[0] >= 3,
+                timeout=10,
+                interval=0.2,
+                message="no backlog in the agent queue",
+            )
+        broke = time.monotonic()
+        await asyncio.to_thread(break_broker)
+        await asyncio.sleep(outage)
+        await asyncio.to_thread(restore_broker)
+        back = time.monotonic()
+        took = await wait_full_service(http, models=MODELS, since=back, within=RECOVERY)
+        served = back + took
+        await asyncio.sleep(3.0)
+        await load.stop()
+        await asyncio.gather(*extra)
+    print(f"outage {back - broke:.1f}s, full service {took:.1f}s after; {ledger.summary()}")
+    return ledger, broke, back, served
+
+
+@pytest.mark.timeout(150)
+async def test_graceful_broker_restart_under_load(
+    make_router: RouterFactory, rabbit: RabbitNode
+) -> None:
+    router = await start_router(make_router, timeout=20)
+    ledger, _, _, served = await run_outage(
+        router, timeout=20, break_broker=rabbit.stop, restore_broker=rabbit.start
+    )
+    router.check(ledger, allowed_errors=(502, 503, 504), ok_after=served)
+
+
+@pytest.mark.timeout(180)
+async def test_broker_kill9_durable_keeps_confirmed_jobs(
+    make_router: RouterFactory, rabbit: RabbitNode
+) -> None:
+    """Durable mode: a job the broker confirmed survives kill -9 and is answered after the
+    broker returns, within its deadline. So a JSON request ends 200, or 503 when its job was
+    never confirmed; never 504 (a confirmed job lost)."""
+    router = await start_router(make_router, timeout=30)
+    ledger, _, _, served = await run_outage(
+        router,
+        timeout=30,
+        break_broker=rabbit.kill,
+        restore_broker=rabbit.start,
+        backlog=10,
+        stream_every=0,  # stream chunks are never persistent: only JSON answers are promised
+    )
+    router.check(ledger, allowed_errors=(503,), ok_after=served)
+
+
+@pytest.mark.timeout(150)
+async def test_broker_kill9_transient_answers_503_promptly(
+    make_router: RouterFactory, rabbit: RabbitNode
+) -> None:
+    """Transient mode: kill -9 loses every queued job and reply, so nobody can answer the
+    requests in flight; they must end in a prompt 503 (never wait out their deadline), and the
+    requests sent while the broker is away too."""
+    timeout = 20.0
+    router = await start_router(make_router, durability="transient", timeout=timeout)
+    ledger, broke, _, served = await run_outage(
+        router,
+        timeout=timeout,
+        break_broker=rabbit.kill,
+        restore_broker=rabbit.start,
+        backlog=10,
+    )
+    router.check(ledger, allowed_errors=(503,), ok_after=served)
+    # A started stream can only end with an error event, after STREAM_IDLE_TIMEOUT (3 s).
+    prompt = max(PUBLISH_TIMEOUT, STREAM_IDLE_TIMEOUT) + GRACE
+    slow = [
+        e
+        for e in ledger.entries
+        if e.outcome != "ok" and e.finished is not None and e.finished - max(e.sent, broke) > prompt
+    ]
+    assert not slow, (
+        f"{len(slow)} failures came later than {prompt}s after the kill or their sending:\n"
+        + "\n".join(e.describe() for e in slow[:20])
+        + "\n--- logs ---\n"
+        + router.explain([e.request_id for e in slow[:5] if e.request_id])
+    )
+
+
+@pytest.mark.timeout(150)
+async def test_broker_paused_sigstop(make_router: RouterFactory, rabbit: RabbitNode) -> None:
+    """A frozen broker (SIGSTOP, TCP connections open and silent) for 8 s: publishes are not
+    confirmed, so new requests get a prompt 503; then SIGCONT and full service."""
+    timeout = 20.0
+    router = await start_router(make_router, timeout=timeout)
+    ledger, broke, back, served = await run_outage(
+        router, timeout=timeout, break_broker=rabbit.pause, restore_broker=rabbit.resume, outage=8
+    )
+    router.check(ledger, allowed_errors=(503, 504), ok_after=served)
+    during = [e for e in ledger.between(broke + 0.5, back) if e.outcome == "error"]
+    assert during, "no request failed while the broker was frozen: was it?"
+    slow = [e.describe() for e in during if (e.latency or 0) > PUBLISH_TIMEOUT + GRACE]
+    assert not slow, "requests sent to a frozen broker must fail fast:\n" + "\n".join(slow[:20])
+
+
+@pytest.mark.timeout(150)
+async def test_forced_connection_close(make_router: RouterFactory, rabbit: RabbitNode) -> None:
+    """`rabbitmqctl close_all_connections`: every service reconnects by itself."""
+    router = await start_router(make_router, timeout=20)
+
+    def close_all() -> None:
+        rabbit.ctl("close_all_connections", "fault suite: forced close")
+
+    ledger, _, _, served = await run_outage(
+        router, timeout=20, break_broker=close_all, restore_broker=lambda: None
+    )
+    router.check(ledger, allowed_errors=(503, 504), ok_after=served)
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("which", ["jobs", "reply", "agent"])
+async def test_queue_deleted_under_its_consumer(
+    make_router: RouterFactory, rabbit: RabbitNode, which: str
+) -> None:
+    """A queue deleted under load (an operator's mistake, a policy gone wrong): its consumer
+    is cancelled by the broker, redeclares the queue and consumes again."""
+    router = await start_router(make_router, timeout=10)
+    queues = rabbit.queues()
+    prefix = f"{router.prefix}."
+    names = {
+        "jobs": [f"{prefix}jobs"],
+        "reply": [q for q in queues if q.startswith(f"{prefix}reply.")],
+        "agent": [f"{prefix}agent.{LOCAL}"],
+    }[which]
+    assert len(names) == 1 and names[0] in queues, (names, sorted(queues))
+
+    async def delete() -> None:
+        connection = await aio_pika.connect(rabbit.url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(names[0])
+
+    def delete_sync() -> None:
+        asyncio.run(delete())
+
+    ledger, _, _, served = await run_outage(
+        router, timeout=10, break_broker=delete_sync, restore_broker=lambda: None
+    )
+    # A reply queue deleted mid-stream loses chunks: the API sees the gap and answers 502.
+    router.check(ledger, allowed_errors=(502, 503, 504), ok_after=served)
+    assert names[0] in rabbit.queues(), f"{names[0]} was not declared again"
