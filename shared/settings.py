@@ -41,6 +41,12 @@ class BrokerSettings(BaseSettings):
         5.0, gt=0, description="Seconds to wait for a publisher confirm before answering 503."
     )
     log_level: str = Field("INFO", description="Python logging level of the service.")
+    agent_queue_ttl: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds a job may wait in an agent queue before it gets 503. Part of the "
+        "agent queues' arguments: every service must agree on it.",
+    )
 
 
 class RedisSettings(BaseSettings):

@@ -14,7 +14,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 
-from shared.settings import Durability
+from shared.settings import BrokerSettings, Durability
 
 SCHEMA_VERSION = "v1"
 
@@ -211,6 +211,15 @@ class Topology:
             exclusive=True,
             auto_delete=True,
         )
+
+
+def topology_for(settings: BrokerSettings) -> Topology:
+    """The topology every service derives from the same settings, so queue arguments agree."""
+    return Topology(
+        namespace=settings.broker_namespace,
+        mode=settings.durability,
+        agent_queue_ttl_ms=int(settings.agent_queue_ttl * 1000),
+    )
 
 
 async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:

@@ -39,18 +39,9 @@ from shared.cancel import Cancellations
 from shared.errors import BrokerUnavailableError
 from shared.messages import AgentRegistration, Envelope, decode_cancel
 from shared.replies import ReplyPublisher
-from shared.topology import Topology, declare_queue, declare_topology
+from shared.topology import declare_queue, declare_topology, topology_for
 
 log = logging.getLogger(__name__)
-
-
-def topology_for(settings: AgentSettings) -> Topology:
-    # Must match the dispatchers' arguments exactly, or declaring the agent queue fails.
-    return Topology(
-        namespace=settings.broker_namespace,
-        mode=settings.durability,
-        agent_queue_ttl_ms=int(settings.agent_queue_ttl * 1000),
-    )
 
 
 def vllm_url(settings: AgentSettings) -> str:

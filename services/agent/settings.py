@@ -62,11 +62,6 @@ class AgentSettings(BrokerSettings):
     upstream_connect_timeout: float = Field(
         5.0, gt=0, description="Seconds to open a connection to the inference server."
     )
-    agent_queue_ttl: float = Field(
-        30.0,
-        gt=0,
-        description="Seconds a job may wait in an agent queue before it gets 503 (as dispatchers).",
-    )
     agent_backend: Backend = Field(
         Backend.VLLM, description="`vllm` (a running server) or `vllm-docker` (start it)."
     )

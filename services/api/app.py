@@ -42,15 +42,11 @@ from shared.errors import (
     to_openai_error,
 )
 from shared.messages import AgentHeartbeat, AgentRegistration
-from shared.topology import Topology
+from shared.topology import topology_for
 
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-
-
-def topology_for(settings: ApiSettings) -> Topology:
-    return Topology(namespace=settings.broker_namespace, mode=settings.durability)
 
 
 def is_loopback(host: str) -> bool:

@@ -23,17 +23,9 @@ from shared import health
 from shared.amqp import Broker
 from shared.cancel import Cancellations
 from shared.errors import RouterError
-from shared.topology import QueueSpec, Topology, declare_queue, declare_topology
+from shared.topology import QueueSpec, declare_queue, declare_topology, topology_for
 
 log = logging.getLogger(__name__)
-
-
-def topology_for(settings: DispatcherSettings) -> Topology:
-    return Topology(
-        namespace=settings.broker_namespace,
-        mode=settings.durability,
-        agent_queue_ttl_ms=int(settings.agent_queue_ttl * 1000),
-    )
 
 
 class QueueDeclarer:

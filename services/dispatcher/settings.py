@@ -18,9 +18,6 @@ class DispatcherSettings(BrokerSettings, RedisSettings):
     heartbeat_ttl: float = Field(
         15.0, gt=0, description="Seconds after its last heartbeat that an agent counts as dead."
     )
-    agent_queue_ttl: float = Field(
-        30.0, gt=0, description="Seconds a job may wait in an agent queue before it gets 503."
-    )
     stream_coalesce_ms: float = Field(
         5.0, ge=0, description="Window in ms over which stream chunks are sent as one message."
     )
