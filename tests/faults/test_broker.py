@@ -230,3 +230,29 @@ async def test_queue_deleted_under_its_consumer(
     # A reply queue deleted mid-stream loses chunks: the API sees the gap and answers 502.
     router.check(ledger, allowed_errors=(502, 503, 504), ok_after=served)
     assert names[0] in rabbit.queues(), f"{names[0]} was not declared again"
+
+
+@pytest.mark.timeout(150)
+async def test_memory_alarm_blocks_publishers_then_clears(
+    make_router: RouterFactory, rabbit: RabbitNode
+) -> None:
+    """A broker memory alarm blocks every connection that publishes: new requests get a prompt
+    503 (their publish is never confirmed), consumers keep acking on their own connections,
+    and service is full again once the alarm clears."""
+    timeout = 20.0
+    router = await start_router(make_router, timeout=timeout)
+
+    def alarm() -> None:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.0000001")
+
+    def clear() -> None:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+
+    ledger, broke, back, served = await run_outage(
+        router, timeout=timeout, break_broker=alarm, restore_broker=clear, outage=6
+    )
+    router.check(ledger, allowed_errors=(503, 504), ok_after=served)
+    during = [e for e in ledger.between(broke + 0.5, back) if e.outcome == "error"]
+    assert during, "no request failed during the alarm: was it raised?"
+    slow = [e.describe() for e in during if (e.latency or 0) > PUBLISH_TIMEOUT + GRACE]
+    assert not slow, "requests sent during an alarm must fail fast:\n" + "\n".join(slow[:20])
