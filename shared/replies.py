@@ -115,11 +115,11 @@ class StreamWriter:
     """Turns SSE events into numbered chunk messages for one attempt at one job.
 
     `send()` takes framed events (`data: ...\\n\\n`). The first is published before `send()`
-    returns (so the caller can ack the job once it is confirmed); after that at most one
-    message goes out per `window` seconds: an event after a quiet spell is published at once,
-    a burst is gathered until the window since the last message has passed. `end()` and
-    `fail()` flush what is buffered and close the stream; a publish failure in the background
-    surfaces on the next call.
+    returns (so the caller can ack the job once it is confirmed), and so is the next (the
+    first token behind a role chunk); after that at most one message goes out per `window`
+    seconds: an event after a quiet spell is published at once, a burst is gathered until the
+    window since the last message has passed. `end()` and `fail()` flush what is buffered and
+    close the stream; a publish failure in the background surfaces on the next call.
     """
 
     def __init__(
@@ -203,7 +203,11 @@ class StreamWriter:
                 return
             body = b"".join(self._buffer)
             self._buffer.clear()
-            self._last_publish = asyncio.get_running_loop().time()
+            if self._seq > 0:
+                # The first message (often a role-only chunk) does not open a window: the
+                # first token right behind it goes out at once too. Time to first token is
+                # what users feel; one extra message per stream is the price.
+                self._last_publish = asyncio.get_running_loop().time()
             headers = self._http_headers if self._seq == 0 else {}
             reply = Reply(
                 ReplyKind.CHUNK,

@@ -32,7 +32,7 @@ async def test_later_chunks_are_coalesced_in_order() -> None:
     writer = StreamWriter(JOB, out, attempt="a1", window=0.01)
     for i in range(5):
         await writer.send(f"data: {i}\n\n".encode())
-    assert len(out.sent) == 1
+    assert len(out.sent) == 2  # the first two at once (role chunk, first token), then a window
     await asyncio.sleep(0.05)
     await writer.send(b"data: 5\n\n")
     await writer.end()
@@ -40,7 +40,7 @@ async def test_later_chunks_are_coalesced_in_order() -> None:
     assert out.sent[-1].kind is ReplyKind.END
     body = b"".join(r.body for r in out.sent if r.kind is ReplyKind.CHUNK)
     assert body == b"".join(f"data: {i}\n\n".encode() for i in range(6))
-    assert len(out.sent) == 4  # first, one coalesced batch, the last chunk, end
+    assert len(out.sent) == 5  # two at once, one coalesced batch, the last chunk, end
     assert {r.attempt for r in out.sent} == {"a1"}
 
 
