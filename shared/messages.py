@@ -349,9 +349,12 @@ def encode_completed(cache_key: str, body: bytes, *, status: int = 200) -> Envel
 
 
 def decode_completed(env: Envelope) -> tuple[str, bytes]:
+    """A `job.completed` event, or a whole answer (`reply.final`) the broker copied to the
+    cache writer's queue: (cache key, body)."""
     _check_version(env)
     cache_key = _header(env, H_CACHE_KEY, str)
-    if env.type != MessageType.JOB_COMPLETED or not cache_key:
+    completed = env.type in (MessageType.JOB_COMPLETED, MessageType.REPLY_FINAL)
+    if not completed or not cache_key:
         raise MessageDecodeError("bad job.completed message")
     return cache_key, env.body
 

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from shared.amqp import Broker
 from shared.errors import ReplyQueueGoneError, RouterError, UnroutableError, to_openai_error
-from shared.messages import Job, Reply, ReplyKind, encode_completed, encode_reply
+from shared.messages import H_CACHE_KEY, Job, Reply, ReplyKind, encode_completed, encode_reply
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +42,42 @@ class ReplyPublisher:
 
     A reply queue that is gone (its API process died) is logged and skipped: nobody waits.
     Final answers are persistent in durable modes; stream chunks never are. The first reply
-    carries the job's cache verdict (`x-cache`). With `completed_exchange`, the answer to a
-    job that carries a cache key (a FINAL or an ERROR) is also published as a `job.completed`
-    event for the cache writer: producers need no code of their own for it.
+    carries the job's cache verdict (`x-cache`). The answer to a job that carries a cache key
+    also reaches the cache writer, so producers need no code of their own for it: a whole
+    answer (a 200 FINAL) is copied to `completed_queue` by the broker in the same publish;
+    anything else goes as a small `job.completed` event to `completed_exchange`.
     """
 
     def __init__(
-        self, broker: Broker, *, persistent: bool, completed_exchange: str | None = None
+        self,
+        broker: Broker,
+        *,
+        persistent: bool,
+        completed_exchange: str | None = None,
+        completed_queue: str | None = None,
     ) -> None:
         self._broker = broker
         self._persistent = persistent
         self._completed_exchange = completed_exchange
+        self._completed_queue = completed_queue
 
     async def __call__(self, job: Job, reply: Reply) -> None:
         reply = with_cache_header(job, reply)
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
+        env = encode_reply(reply)
+        whole = reply.kind is ReplyKind.FINAL and reply.status == 200
+        copied = whole and job.cache_key is not None and self._completed_queue is not None
+        if copied:
+            # One publish instead of two: the broker also delivers the answer to the cache
+            # writer's queue (sender-selected distribution: BCC names it, and is stripped).
+            headers = {**env.headers, H_CACHE_KEY: job.cache_key, "BCC": [self._completed_queue]}
+            env = dataclasses.replace(env, headers=headers)
         try:
-            await self._broker.publish(encode_reply(reply), job.reply_to, persistent=persistent)
+            await self._broker.publish(env, job.reply_to, persistent=persistent)
         except UnroutableError as e:
             raise ReplyQueueGoneError(f"reply queue of {job.request_id} is gone") from e
+        if copied:
+            return
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
             await self.completed(job, reply)
 

@@ -186,7 +186,10 @@ class AgentService:
         # Answers to jobs that carry a cache key also go out as `job.completed` (cache writes,
         # single-flight release); see shared.replies.ReplyPublisher.
         reply = ReplyPublisher(
-            self.broker, persistent=t.is_persistent, completed_exchange=t.completed_exchange
+            self.broker,
+            persistent=t.is_persistent,
+            completed_exchange=t.completed_exchange,
+            completed_queue=t.completed_queue,
         )
         self.handler = AgentHandler(
             models=self.models,

@@ -95,6 +95,7 @@ class DispatcherHandler:
             broker,
             persistent=topology.is_persistent,
             completed_exchange=topology.completed_exchange,
+            completed_queue=topology.completed_queue,
         )
 
     # --- jobs ----------------------------------------------------------------------------------

@@ -490,3 +490,20 @@ async def test_a_failed_completed_publish_does_not_fail_the_reply() -> None:
     reply = publisher(broker)
     await reply.final(job(cache_key="k1"), ANSWER, attempt="a")
     assert len(broker.sent) == 1
+
+
+async def test_a_whole_answer_reaches_the_cache_writer_in_the_same_publish() -> None:
+    broker = RecordingBroker()
+    reply = ReplyPublisher(
+        cast(Broker, broker),
+        persistent=False,
+        completed_exchange="completed",
+        completed_queue="completed.q",
+    )
+    await reply.final(job(cache_key="k1", cache_status="miss"), ANSWER, attempt="a")
+    ((answer, queue, exchange),) = broker.sent  # one publish, copied by the broker
+    assert (queue, exchange) == ("reply.q", "")
+    assert answer.headers["BCC"] == ["completed.q"]
+    assert decode_completed(answer) == ("k1", ANSWER) and completed_status(answer) == 200
+    await reply.error(job(cache_key="k2"), BrokerUnavailableError(), attempt="a")
+    assert [exchange for _, _, exchange in broker.sent[1:]] == ["", "completed"]
