@@ -113,8 +113,14 @@ class ApiBus:
             raise BrokerUnavailableError()
 
     async def submit(self, job: Job) -> None:
-        """Publish a job, confirmed; raises QueueFullError or BrokerUnavailableError."""
-        self._require_connection()
+        """Publish a job, confirmed; raises QueueFullError or BrokerUnavailableError.
+
+        Refused while the reply consumer is not back after a reconnect: the answer would find
+        no reply queue (in transient mode it is re-declared only when the consuming connection
+        returns), and the client would wait out its deadline for nothing.
+        """
+        if not self.is_ready:
+            raise BrokerUnavailableError()
         env = encode_job(job, now=time.time())
         try:
             await self._broker.publish(

@@ -244,6 +244,11 @@ async def test_memory_alarm_blocks_publishers_then_clears(
 
     def alarm() -> None:
         rabbit.ctl("set_vm_memory_high_watermark", "0.0000001")
+        # The broker notices at its next memory check: load starts only once the alarm is on.
+        deadline = time.monotonic() + 15
+        while "memory" not in rabbit.ctl("eval", "rabbit_alarm:get_alarms().").stdout:
+            assert time.monotonic() < deadline, "the memory alarm never went off"
+            time.sleep(0.2)
 
     def clear() -> None:
         rabbit.ctl("set_vm_memory_high_watermark", "0.4")
