@@ -114,16 +114,23 @@ class Broker:
         self._inflight: set[asyncio.Task[Any]] = set()
         self._lost_callbacks: list[Callable[[], None]] = []
         self._closing = False
+        self._restored = False
 
     def on_connection_lost(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a connection drops (not on `close()`); it must not block."""
         self._lost_callbacks.append(callback)
 
     def _connection_closed(self, *_: Any) -> None:
+        self._restored = False
         if self._closing:
             return
         for callback in self._lost_callbacks:
             callback()
+
+    def _connection_restored(self, *_: Any) -> None:
+        # Fired by aio-pika after every channel was re-opened and its queues, bindings and
+        # consumers re-declared: only now do reply queues exist again.
+        self._restored = self.is_connected
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Open both connections; raises BrokerUnavailableError if the broker does not answer."""
@@ -144,6 +151,8 @@ class Broker:
             )
             for conn in (self._publish_conn, self._consume_conn):
                 conn.close_callbacks.add(self._connection_closed)
+                conn.reconnect_callbacks.add(self._connection_restored)
+            self._restored = True
             self._publish_channel = await self._publish_conn.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -335,7 +344,8 @@ class Broker:
         False, so an orchestrator never sees a process that is alive but idle.
         """
         return (
-            self.is_connected
+            self._restored
+            and self.is_connected
             and bool(self._consumers)
             and all(not queue.channel.is_closed for queue, _, _ in self._consumers)
         )
