@@ -3,6 +3,8 @@
 router api | dispatcher | agent     run one service (configured by environment variables)
 router dev                          every service, on local defaults, one log stream
 router fake-vllm | fake-openai      the fake upstream servers shipped for tests and dev
+router topology                     declare the shared broker topology (admin, once)
+router broker-acl                   print least-privilege broker permissions per service/agent
 """
 
 from __future__ import annotations
@@ -47,6 +49,18 @@ def _fake_openai(argv: list[str]) -> None:
     main(argv)
 
 
+def _topology(argv: list[str]) -> None:
+    from services.admin import topology_main
+
+    topology_main(argv)
+
+
+def _broker_acl(argv: list[str]) -> None:
+    from services.admin import broker_acl_main
+
+    broker_acl_main(argv)
+
+
 COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "api": _api,
     "dispatcher": _dispatcher,
@@ -54,6 +68,8 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
     "dev": _dev,
     "fake-vllm": _fake_vllm,
     "fake-openai": _fake_openai,
+    "topology": _topology,
+    "broker-acl": _broker_acl,
 }
 
 

@@ -28,6 +28,7 @@ from aio_pika.exceptions import (
     DeliveryError,
     PublishError,
 )
+from yarl import URL
 
 from shared.errors import (
     BrokerUnavailableError,
@@ -41,9 +42,10 @@ from shared.topology import QueueSpec, declare_queue
 log = logging.getLogger(__name__)
 
 
-def to_message(env: Envelope, *, persistent: bool) -> aio_pika.Message:
+def to_message(env: Envelope, *, persistent: bool, user_id: str | None = None) -> aio_pika.Message:
     return aio_pika.Message(
         env.body,
+        user_id=user_id,
         headers=env.headers,
         type=env.type,
         correlation_id=env.correlation_id,
@@ -64,6 +66,7 @@ def to_envelope(message: AbstractIncomingMessage) -> Envelope:
         correlation_id=message.correlation_id,
         reply_to=message.reply_to,
         message_id=message.message_id,
+        user_id=message.user_id,
     )
 
 
@@ -102,10 +105,26 @@ Handler = Callable[[Envelope, Delivery], Awaitable[None]]
 class Broker:
     """Publishing and consuming connections of one service process."""
 
-    def __init__(self, url: str, *, name: str, publish_timeout: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        publish_timeout: float,
+        declare_shared: bool = True,
+        requeue_exchange: str = "",
+    ) -> None:
+        """`declare_shared=False` only passive-declares the queues given to `consume()` as
+        specs (least privilege: `router topology` created them). `requeue_exchange` is where
+        counted copies of redelivered messages go (see `consume`)."""
         self._url = url
         self._name = name
         self.publish_timeout = publish_timeout
+        self.declare_shared = declare_shared
+        self._requeue_exchange = requeue_exchange
+        # Every message carries the user it was published as; the broker refuses a mismatch,
+        # so a receiver can trust `user_id` (see services.api.reply_trust).
+        self.user = URL(url).user or "guest"
         self._publish_conn: AbstractRobustConnection | None = None
         self._consume_conn: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
@@ -195,7 +214,7 @@ class Broker:
         target = self._exchange(exchange)
         try:
             await target.publish(
-                to_message(env, persistent=persistent),
+                to_message(env, persistent=persistent, user_id=self.user),
                 routing_key,
                 mandatory=mandatory,
                 timeout=self.publish_timeout,
@@ -216,6 +235,11 @@ class Broker:
             exchange = aio_pika.Exchange(self._publish_channel, name)  # already declared
             self._exchanges[name] = exchange
         return exchange
+
+    async def declare(self, channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
+        """Declare `spec`, or only check it exists when services may not declare shared names;
+        a missing queue raises BrokerEntityMissingError (and closes `channel`)."""
+        return await declare_queue(channel, spec, passive=not self.declare_shared)
 
     async def consume(
         self,
@@ -240,7 +264,12 @@ class Broker:
         the limit it is rejected into the dead-letter queue. So a message that crashes its
         consumer process every time ends parked, never looping.
         """
-        queue = await declare_queue(channel, spec) if isinstance(spec, QueueSpec) else spec
+        if isinstance(spec, QueueSpec):
+            queue = await self.declare(channel, spec)
+            if redelivery_limit and self._requeue_exchange and self.declare_shared:
+                await queue.bind(self._requeue_exchange, routing_key=queue.name)
+        else:
+            queue = spec
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             task = asyncio.current_task()
@@ -249,7 +278,9 @@ class Broker:
             delivery = Delivery(message, settled=no_ack)
             try:
                 recount = redelivery_limit and message.redelivered and not no_ack
-                if recount and await self._recount(channel, message, delivery, redelivery_limit):
+                if recount and await self._recount(
+                    channel, queue.name, message, delivery, redelivery_limit
+                ):
                     return
                 await handler(to_envelope(message), delivery)
                 await delivery.ack()
@@ -284,6 +315,7 @@ class Broker:
     async def _recount(
         self,
         channel: AbstractChannel,
+        queue_name: str,
         message: AbstractIncomingMessage,
         delivery: Delivery,
         limit: int,
@@ -308,8 +340,6 @@ class Broker:
             )
             await delivery.reject(requeue=False)
             return True
-        if message.exchange or not message.routing_key:
-            return False  # not published straight to its queue: cannot republish, just handle it
         headers[H_DELIVERIES] = deliveries
         expiration = message.expiration
         env = Envelope(
@@ -325,9 +355,16 @@ class Broker:
         )
         persistent = message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         await delivery.ack()
-        await channel.default_exchange.publish(
-            to_message(env, persistent=persistent),
-            message.routing_key,
+        # Through the requeue exchange (each work queue is bound to it under its own name):
+        # an agent's broker user may publish there only with its own queues' names.
+        target = (
+            aio_pika.Exchange(channel, self._requeue_exchange)
+            if self._requeue_exchange
+            else channel.default_exchange
+        )
+        await target.publish(
+            to_message(env, persistent=persistent, user_id=self.user),
+            queue_name,
             timeout=self.publish_timeout,
         )
         return True

@@ -182,3 +182,8 @@ class ReplyQueueGoneError(UnroutableError):
     Raised by reply publishing so the work stops (an agent aborts its upstream call); the
     consumer then acks the job instead of requeueing it for another agent to redo for nobody.
     """
+
+
+class BrokerEntityMissingError(RouterError):
+    """A passive declare found no such queue or exchange: under least privilege
+    (`DECLARE_TOPOLOGY=false`) `router topology` has not declared it yet."""

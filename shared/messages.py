@@ -74,6 +74,7 @@ class Envelope:
     reply_to: str | None = None
     message_id: str | None = None
     expiration_ms: int | None = None
+    user_id: str | None = None  # set by the broker-validated sender on receipt
 
 
 def _check_version(env: Envelope) -> None:

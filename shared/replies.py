@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from shared.amqp import Broker
 from shared.errors import ReplyQueueGoneError, RouterError, UnroutableError, to_openai_error
 from shared.messages import H_CACHE_KEY, Job, Reply, ReplyKind, encode_completed, encode_reply
+from shared.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,24 @@ class ReplyPublisher:
         persistent: bool,
         completed_exchange: str | None = None,
         completed_queue: str | None = None,
+        replies_exchange: str = "",
     ) -> None:
         self._broker = broker
         self._persistent = persistent
         self._completed_exchange = completed_exchange
         self._completed_queue = completed_queue
+        self._replies_exchange = replies_exchange
+
+    @classmethod
+    def for_topology(cls, broker: Broker, topology: Topology) -> ReplyPublisher:
+        """Replies through the replies exchange, feeding the cache writer."""
+        return cls(
+            broker,
+            persistent=topology.is_persistent,
+            completed_exchange=topology.completed_exchange,
+            completed_queue=topology.completed_queue,
+            replies_exchange=topology.replies_exchange,
+        )
 
     async def __call__(self, job: Job, reply: Reply) -> None:
         reply = with_cache_header(job, reply)
@@ -73,7 +87,9 @@ class ReplyPublisher:
             headers = {**env.headers, H_CACHE_KEY: job.cache_key, "BCC": [self._completed_queue]}
             env = dataclasses.replace(env, headers=headers)
         try:
-            await self._broker.publish(env, job.reply_to, persistent=persistent)
+            await self._broker.publish(
+                env, job.reply_to, exchange=self._replies_exchange, persistent=persistent
+            )
         except UnroutableError as e:
             raise ReplyQueueGoneError(f"reply queue of {job.request_id} is gone") from e
         if copied:

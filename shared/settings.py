@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,12 +41,30 @@ class BrokerSettings(BaseSettings):
         5.0, gt=0, description="Seconds to wait for a publisher confirm before answering 503."
     )
     log_level: str = Field("INFO", description="Python logging level of the service.")
+    declare_topology: bool = Field(
+        True,
+        description="Declare shared exchanges and queues at start; false only checks they "
+        "exist (least-privilege broker users; run `router topology` once as admin).",
+    )
+    reply_users: str = Field(
+        "",
+        description="API and dispatcher: broker users whose replies are accepted, as "
+        "`user=*` or `user=model1|model2`, comma separated; empty accepts any sender.",
+    )
     agent_queue_ttl: float = Field(
         30.0,
         gt=0,
         description="Seconds a job may wait in an agent queue before it gets 503. Part of the "
         "agent queues' arguments: every service must agree on it.",
     )
+
+    @field_validator("reply_users")
+    @classmethod
+    def _reply_users_parse(cls, value: str) -> str:
+        from shared.reply_trust import ReplyTrust  # shared.topology imports this module
+
+        ReplyTrust.parse(value)
+        return value
 
 
 class RedisSettings(BaseSettings):

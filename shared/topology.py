@@ -13,7 +13,9 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
+from aio_pika.exceptions import ChannelNotFoundEntity
 
+from shared.errors import BrokerEntityMissingError
 from shared.settings import BrokerSettings, Durability
 
 SCHEMA_VERSION = "v1"
@@ -67,6 +69,19 @@ class Topology:
     def completed_exchange(self) -> str:
         """Fanout: finished cacheable answers (`job.completed`), for the cache writer."""
         return f"{self.prefix}.completed"
+
+    @property
+    def replies_exchange(self) -> str:
+        """Direct: every reply, routed by reply-queue name. Agents may publish here and nowhere
+        else that reaches a client, and the broker stamps their `user_id` (see `broker_acl`)."""
+        return f"{self.prefix}.replies"
+
+    @property
+    def requeue_exchange(self) -> str:
+        """Topic: a counted copy of a redelivered job back into its own queue (routing key =
+        the queue's name). A topic exchange so the broker can limit an agent's routing keys
+        to its own models' queues."""
+        return f"{self.prefix}.requeue"
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -222,7 +237,16 @@ def topology_for(settings: BrokerSettings) -> Topology:
     )
 
 
-async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
+async def declare_queue(
+    channel: AbstractChannel, spec: QueueSpec, *, passive: bool = False
+) -> AbstractQueue:
+    """Declare a queue, or with `passive` only check that it exists (needs no configure right;
+    raises aio-pika's ChannelNotFoundEntity, closing the channel, if it does not)."""
+    if passive:
+        try:
+            return await channel.declare_queue(spec.name, passive=True)
+        except ChannelNotFoundEntity as e:
+            raise BrokerEntityMissingError(_missing(f"queue {spec.name}")) from e
     return await channel.declare_queue(
         spec.name,
         durable=spec.durable,
@@ -233,37 +257,70 @@ async def declare_queue(channel: AbstractChannel, spec: QueueSpec) -> AbstractQu
 
 
 async def declare_exchanges(
-    channel: AbstractChannel, topology: Topology
+    channel: AbstractChannel, topology: Topology, *, passive: bool = False
 ) -> dict[str, AbstractExchange]:
     durable = topology.is_persistent
-    fanouts = (topology.control_exchange, topology.cancel_exchange, topology.completed_exchange)
-    exchanges = {
-        name: await channel.declare_exchange(name, ExchangeType.FANOUT, durable=durable)
-        for name in fanouts
+    kinds = {
+        topology.control_exchange: ExchangeType.FANOUT,
+        topology.cancel_exchange: ExchangeType.FANOUT,
+        topology.completed_exchange: ExchangeType.FANOUT,
+        topology.replies_exchange: ExchangeType.DIRECT,
+        topology.requeue_exchange: ExchangeType.TOPIC,
+        topology.dead_letter_exchange: ExchangeType.DIRECT,
     }
-    exchanges[topology.dead_letter_exchange] = await channel.declare_exchange(
-        topology.dead_letter_exchange, ExchangeType.DIRECT, durable=durable
-    )
+    exchanges = {}
+    for name, kind in kinds.items():
+        try:
+            exchanges[name] = await channel.declare_exchange(
+                name, kind, durable=durable, passive=passive
+            )
+        except ChannelNotFoundEntity as e:
+            raise BrokerEntityMissingError(_missing(f"exchange {name}")) from e
     return exchanges
 
 
-async def declare_topology(channel: AbstractChannel, topology: Topology) -> None:
-    """Declare the shared exchanges and queues (idempotent; every service may call it)."""
-    exchanges = await declare_exchanges(channel, topology)
+def _missing(what: str) -> str:
+    return f"{what} does not exist: declare the topology with `router topology` (admin user)"
+
+
+async def declare_topology(
+    channel: AbstractChannel, topology: Topology, *, passive: bool = False
+) -> None:
+    """Declare the shared exchanges and queues (idempotent; every service may call it).
+
+    With `passive`, only check they exist: under least privilege (`DECLARE_TOPOLOGY=false`)
+    services may not create shared names; `router topology` does, once, with admin rights.
+    """
+    exchanges = await declare_exchanges(channel, topology, passive=passive)
+    specs = (
+        topology.jobs_queue_spec(),
+        topology.rpc_queue_spec(),
+        topology.returns_queue_spec(),
+        topology.dead_queue_spec(),
+        topology.completed_queue_spec(),
+    )
+    queues = {spec.name: await declare_queue(channel, spec, passive=passive) for spec in specs}
+    if passive:
+        return
     dlx = exchanges[topology.dead_letter_exchange]
-    queues = {
-        spec.name: await declare_queue(channel, spec)
-        for spec in (
-            topology.jobs_queue_spec(),
-            topology.rpc_queue_spec(),
-            topology.returns_queue_spec(),
-            topology.dead_queue_spec(),
-            topology.completed_queue_spec(),
-        )
-    }
     await queues[topology.returns_queue].bind(dlx, routing_key=topology.returns_queue)
     await queues[topology.dead_queue].bind(dlx, routing_key=topology.dead_queue)
     await queues[topology.completed_queue].bind(exchanges[topology.completed_exchange])
+    # Whole answers reach the cache writer as a BCC copy of the reply itself.
+    completed = queues[topology.completed_queue]
+    await completed.bind(exchanges[topology.replies_exchange], routing_key=completed.name)
+    jobs = queues[topology.jobs_queue]
+    await jobs.bind(exchanges[topology.requeue_exchange], routing_key=jobs.name)
+
+
+async def declare_work_queue(
+    channel: AbstractChannel, topology: Topology, spec: QueueSpec, *, passive: bool = False
+) -> AbstractQueue:
+    """An agent or provider queue, bound to the requeue exchange under its own name."""
+    queue = await declare_queue(channel, spec, passive=passive)
+    if not passive:
+        await queue.bind(topology.requeue_exchange, routing_key=spec.name)
+    return queue
 
 
 def message_delivery_mode(topology: Topology) -> aio_pika.DeliveryMode:

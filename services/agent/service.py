@@ -36,7 +36,7 @@ from services.agent.settings import AgentSettings, Backend
 from shared import health
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
-from shared.errors import BrokerUnavailableError
+from shared.errors import BrokerEntityMissingError, BrokerUnavailableError
 from shared.messages import AgentRegistration, Envelope, decode_cancel
 from shared.replies import ReplyPublisher
 from shared.topology import declare_queue, declare_topology, topology_for
@@ -85,6 +85,8 @@ class AgentService:
             settings.rabbitmq_url,
             name=f"agent-{settings.agent_name}-{self.process_id}",
             publish_timeout=settings.publish_timeout,
+            declare_shared=settings.declare_topology,
+            requeue_exchange=self.topology.requeue_exchange,
         )
         self.cancellations = Cancellations()
         self.handler: AgentHandler | None = None
@@ -185,12 +187,7 @@ class AgentService:
         t = self.topology
         # Answers to jobs that carry a cache key also go out as `job.completed` (cache writes,
         # single-flight release); see shared.replies.ReplyPublisher.
-        reply = ReplyPublisher(
-            self.broker,
-            persistent=t.is_persistent,
-            completed_exchange=t.completed_exchange,
-            completed_queue=t.completed_queue,
-        )
+        reply = ReplyPublisher.for_topology(self.broker, t)
         self.handler = AgentHandler(
             models=self.models,
             upstream=self.upstream,
@@ -200,19 +197,13 @@ class AgentService:
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
         )
         control = await self.broker.channel(prefetch=256)
-        await declare_topology(control, t)
-        cancel_exchange = await control.get_exchange(t.cancel_exchange)
+        if self.settings.declare_topology:
+            await declare_topology(control, t)
         cancel = await declare_queue(control, t.private_queue_spec("cancel", self.process_id))
-        await cancel.bind(cancel_exchange)
+        await cancel.bind(t.cancel_exchange)
         await self.broker.consume(control, cancel, self._on_cancel, intake=False)
         for model in self.models.router_ids:
-            channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
-            await self.broker.consume(
-                channel,
-                t.agent_queue_spec(model),
-                self.handler.on_job,
-                redelivery_limit=t.redelivery_limit,
-            )
+            await self._consume_model(model)
         log.info(
             "agent %s consuming %s (prefetch %d each, %s mode) for %s",
             self.settings.agent_name,
@@ -221,6 +212,28 @@ class AgentService:
             t.mode.value,
             self.upstream.root,
         )
+
+    async def _consume_model(self, model: str) -> None:
+        """Consume one model's queue; under least privilege wait until it has been declared
+        (`router topology --agent-model ...`), since this agent's broker user may not."""
+        assert self.handler is not None
+        delay = 0.5
+        while True:
+            channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
+            try:
+                await self.broker.consume(
+                    channel,
+                    self.topology.agent_queue_spec(model),
+                    self.handler.on_job,
+                    redelivery_limit=self.topology.redelivery_limit,
+                )
+                return
+            except BrokerEntityMissingError as e:
+                log.warning(
+                    "%s; declare it with `router topology --agent-model %s` (retrying)", e, model
+                )
+            await asyncio.sleep(delay)
+            delay = next_backoff(delay, cap=10.0)
 
     def _start_heartbeats(self) -> None:
         s = self.settings

@@ -33,6 +33,7 @@ from shared.messages import (
     encode_job,
     encode_rpc_models,
 )
+from shared.reply_trust import ReplyTrust
 from shared.topology import Topology, declare_queue, declare_topology
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,13 @@ class ApiBus:
         self.settings = settings
         self.topology = topology
         self.process_id = uuid.uuid4().hex[:12]
-        self.replies = ReplyRouter()
+        self.replies = ReplyRouter(ReplyTrust.parse(settings.reply_users))
         self.reply_queue = topology.reply_queue(self.process_id)
         self._broker = Broker(
             settings.rabbitmq_url,
             name=f"api-{self.process_id}",
             publish_timeout=settings.publish_timeout,
+            declare_shared=settings.declare_topology,
         )
         self._connected = asyncio.Event()
         if not topology.is_persistent:
@@ -62,8 +64,8 @@ class ApiBus:
         """Connect now if the broker answers, else keep trying in the background."""
         try:
             await self._connect()
-        except RouterError:
-            log.warning("broker unreachable at start; retrying in the background")
+        except RouterError as e:
+            log.warning("broker not usable at start (%s); retrying in the background", e.message)
             self._connector = asyncio.create_task(self._keep_connecting())
 
     async def _keep_connecting(self) -> None:
@@ -78,9 +80,19 @@ class ApiBus:
 
     async def _connect(self) -> None:
         await self._broker.connect()
+        try:
+            await self._attach()
+        except RouterError:
+            await self._broker.close()  # the next attempt opens fresh connections
+            raise
+
+    async def _attach(self) -> None:
         channel = await self._broker.channel(prefetch=1000)
-        await declare_topology(channel, self.topology)
+        await declare_topology(channel, self.topology, passive=not self.settings.declare_topology)
         queue = await declare_queue(channel, self.topology.reply_queue_spec(self.process_id))
+        # Replies arrive through the replies exchange, which stamps nothing but routes by name;
+        # the sender's broker-validated user_id is checked per reply (`ReplyTrust`).
+        await queue.bind(self.topology.replies_exchange, routing_key=queue.name)
         # Auto-ack: a reply is consumed once; the API is its only reader.
         await self._broker.consume(channel, queue, self._on_reply, no_ack=True)
         self._connected.set()
@@ -104,9 +116,9 @@ class ApiBus:
     async def _on_reply(self, env: Envelope, _: Delivery) -> None:
         if env.type == MessageType.RPC_RESULT:
             if env.correlation_id:
-                self.replies.resolve_result(env.correlation_id, env.body)
+                self.replies.resolve_result(env.correlation_id, env.body, env.user_id)
             return
-        self.replies.dispatch(decode_reply(env))
+        self.replies.dispatch(decode_reply(env), env.user_id)
 
     def _require_connection(self) -> None:
         if not self._connected.is_set():

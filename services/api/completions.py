@@ -119,7 +119,7 @@ class CompletionsEndpoint:
             # Passed on as sent (bounded); the dispatcher reads `no-cache` and `no-store`.
             cache_control=request.headers.get("cache-control", "")[:256] or None,
         )
-        call = self.bus.replies.open(request_id)
+        call = self.bus.replies.open(request_id, view.model)
         watcher = watch_disconnect(request.receive, call)
         handed_to_stream = False
         try:

@@ -13,6 +13,7 @@ import logging
 
 from shared.errors import UpstreamError
 from shared.messages import Reply, ReplyKind
+from shared.reply_trust import ReplyTrust
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,11 @@ class StreamOrderError(UpstreamError):
 class PendingCall:
     """The replies of one request, in arrival order, filtered by attempt and sequence."""
 
-    __slots__ = ("_queue", "attempt", "next_seq", "output_started", "request_id")
+    __slots__ = ("_queue", "attempt", "model", "next_seq", "output_started", "request_id")
 
-    def __init__(self, request_id: str) -> None:
+    def __init__(self, request_id: str, model: str = "") -> None:
         self.request_id = request_id
+        self.model = model
         self.attempt: str | None = None
         self.next_seq = 0
         self.output_started = False
@@ -73,26 +75,36 @@ class PendingCall:
 class ReplyRouter:
     """All calls of this process that wait for a reply, by correlation id."""
 
-    def __init__(self) -> None:
+    def __init__(self, trust: ReplyTrust | None = None) -> None:
+        self.trust = trust or ReplyTrust()
         self._calls: dict[str, PendingCall] = {}
         self._results: dict[str, asyncio.Future[bytes]] = {}
 
     def __len__(self) -> int:
         return len(self._calls) + len(self._results)
 
-    def open(self, request_id: str) -> PendingCall:
-        call = PendingCall(request_id)
+    def open(self, request_id: str, model: str = "") -> PendingCall:
+        call = PendingCall(request_id, model)
         self._calls[request_id] = call
         return call
 
     def close(self, request_id: str) -> None:
         self._calls.pop(request_id, None)
 
-    def dispatch(self, reply: Reply) -> bool:
-        """Hand a reply to its call; False (and a log line) for a stray or late one."""
+    def dispatch(self, reply: Reply, sender: str | None = None) -> bool:
+        """Hand a reply to its call; False (and a log line) for a stray or late one, or one
+        whose broker user (`sender`) may not answer for the call's model (`REPLY_USERS`)."""
         call = self._calls.get(reply.request_id)
         if call is None:
             log.debug("stray %s reply for %s dropped", reply.kind, reply.request_id)
+            return False
+        if not self.trust.may_answer(sender, call.model):
+            log.warning(
+                "reply for %s (model %s) from broker user %r dropped: not allowed to answer it",
+                reply.request_id,
+                call.model,
+                sender,
+            )
             return False
         call.deliver(reply)
         return True
@@ -109,9 +121,12 @@ class ReplyRouter:
         future.add_done_callback(lambda _: self._results.pop(request_id, None))
         return future
 
-    def resolve_result(self, request_id: str, body: bytes) -> bool:
+    def resolve_result(self, request_id: str, body: bytes, sender: str | None = None) -> bool:
         future = self._results.get(request_id)
         if future is None or future.done():
+            return False
+        if not self.trust.is_router(sender):
+            log.warning("rpc answer %s from broker user %r dropped", request_id, sender)
             return False
         future.set_result(body)
         return True

@@ -50,6 +50,7 @@ from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.messages import Envelope, Job, completed_status, decode_completed
+from shared.reply_trust import ReplyTrust
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,10 @@ class JobCache:
         max_waiters: int = 32,
         breaker: Breaker | None = None,
         clock: Callable[[], float] = time.time,
+        trust: ReplyTrust | None = None,
     ) -> None:
         self.store = store
+        self.trust = trust or ReplyTrust()
         self.policy = policy
         self.cancellations = cancellations
         self.single_flight_wait = single_flight_wait
@@ -359,8 +362,15 @@ class JobCache:
         status = completed_status(env)
         if self.store is None or not self.policy.is_active:
             return
-        if not self.policy.owns(key):
+        model = self.policy.model_of(key)
+        if model is None:
             log.warning("job.completed for a foreign key dropped")
+            return
+        if not self.trust.may_answer(env.user_id, model):
+            # An agent's broker user may write entries only for the models it serves.
+            log.warning(
+                "job.completed for model %s from broker user %r dropped", model, env.user_id
+            )
             return
         if not self.breaker.allows():
             return
@@ -394,4 +404,5 @@ def cache_for(
         cancellations=cancellations,
         single_flight_wait=settings.cache_single_flight_wait,
         max_waiters=max_waiters,
+        trust=ReplyTrust.parse(settings.reply_users),
     )

@@ -1,6 +1,8 @@
 """What the response cache keys on, and whether a request may use it (pure functions).
 
-A key is `<prefix>:<scope>:<sha256 of the canonical request>`. The canonical request is the
+A key is `<prefix>:<scope>:<model>:<sha256 of the canonical request>`. The model is there so
+the cache writer can check that whoever sent an answer may answer for that model (see
+`shared.reply_trust`); a name unfit for a key is replaced by a hash. The canonical request is the
 parsed body without the fields that never change the answer (`IGNORED_FIELDS`), serialised as
 compact JSON with sorted keys and integral floats written as integers, so `{"temperature": 0}`
 and `{"temperature": 0.0}` are one key. The scope is the caller's tenant (stamped on the job by
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from shared.topology import MODEL_NAME_RE
 
 # Fields that change how an answer travels or is accounted, never what it says.
 IGNORED_FIELDS = frozenset(
@@ -39,9 +43,13 @@ _TENANT = r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"
 _SCOPE = rf"(?:_shared|_h[0-9a-f]{{32}}|{_TENANT})"
 
 
+_MODEL_TAG = rf"(?:_h[0-9a-f]{{32}}|{MODEL_NAME_RE.pattern.strip('^$')})"
+
+
 @functools.lru_cache(maxsize=8)
 def _entry_key_re(prefix: str) -> re.Pattern[str]:
-    return re.compile(rf"{re.escape(prefix)}:{_SCOPE}:[0-9a-f]{{64}}")
+    # The digest is last and fixed-length, so a model tag holding `:` parses unambiguously.
+    return re.compile(rf"{re.escape(prefix)}:{_SCOPE}:(?P<model>{_MODEL_TAG}):[0-9a-f]{{64}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,11 @@ class CachePolicy:
         """True for an entry key this policy could have made (a `job.completed` is checked
         with it before anything is written to Redis)."""
         return _entry_key_re(self.prefix).fullmatch(key) is not None
+
+    def model_of(self, key: str) -> str | None:
+        """The model tag of an entry key this policy could have made, else None."""
+        match = _entry_key_re(self.prefix).fullmatch(key)
+        return match["model"] if match else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,10 +131,19 @@ def tenant_scope(tenant: str) -> str:
     return "_h" + hashlib.sha256(tenant.encode()).hexdigest()[:32]
 
 
+def model_tag(model: object) -> str:
+    """The model as it appears in a key: itself when a queue could be named after it (every
+    agent model is), else a hash (`_` cannot start a model name)."""
+    name = model if isinstance(model, str) else orjson.dumps(model).decode()
+    if MODEL_NAME_RE.fullmatch(name):
+        return name
+    return "_h" + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 def cache_key(data: dict[str, Any], *, tenant: str, policy: CachePolicy) -> str:
     scope = SHARED_SCOPE if policy.shared_namespace else tenant_scope(tenant)
     digest = hashlib.sha256(canonical_request(data)).hexdigest()
-    return f"{policy.prefix}:{scope}:{digest}"
+    return f"{policy.prefix}:{scope}:{model_tag(data.get('model'))}:{digest}"
 
 
 def lock_key(key: str) -> str:

@@ -91,12 +91,7 @@ class DispatcherHandler:
         self.clock = clock
         self.cache = cache
         # Answers to cacheable jobs this dispatcher finishes (dummy, providers) feed the cache.
-        self.reply = ReplyPublisher(
-            broker,
-            persistent=topology.is_persistent,
-            completed_exchange=topology.completed_exchange,
-            completed_queue=topology.completed_queue,
-        )
+        self.reply = ReplyPublisher.for_topology(broker, topology)
 
     # --- jobs ----------------------------------------------------------------------------------
     async def on_job(self, env: Envelope, _: Delivery) -> None:
@@ -220,6 +215,10 @@ class DispatcherHandler:
         now = self.clock()
         body = model_list(self.registry.view(now), self.provider_models(), int(now))
         try:
-            await self.broker.publish(encode_rpc_result(env.correlation_id, body), env.reply_to)
+            await self.broker.publish(
+                encode_rpc_result(env.correlation_id, body),
+                env.reply_to,
+                exchange=self.topology.replies_exchange,
+            )
         except UnroutableError:
             log.info("rpc asker %s is gone", env.reply_to)

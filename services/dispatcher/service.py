@@ -29,14 +29,19 @@ log = logging.getLogger(__name__)
 
 
 class QueueDeclarer:
-    """Declares backend queues once per process (they are created on first use)."""
+    """Declares backend queues once per process (they are created on first use).
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    Disabled under least privilege (`DECLARE_TOPOLOGY=false`): `router topology` declared
+    them, and a job for a queue that does not exist is unroutable, which answers 503.
+    """
+
+    def __init__(self, channel: AbstractChannel, *, enabled: bool = True) -> None:
         self._channel = channel
+        self._enabled = enabled
         self._declared: set[str] = set()
 
     async def __call__(self, spec: QueueSpec) -> None:
-        if spec.name not in self._declared:
+        if self._enabled and spec.name not in self._declared:
             await declare_queue(self._channel, spec)
             self._declared.add(spec.name)
 
@@ -50,6 +55,8 @@ class DispatcherService:
             settings.rabbitmq_url,
             name=f"dispatcher-{self.process_id}",
             publish_timeout=settings.publish_timeout,
+            declare_shared=settings.declare_topology,
+            requeue_exchange=self.topology.requeue_exchange,
         )
         self.registry = Registry(
             AgentTable(settings.heartbeat_ttl, started_at=time.time()),
@@ -67,13 +74,15 @@ class DispatcherService:
     async def start(self) -> None:
         await self.broker.connect()
         control_channel = await self.broker.channel(prefetch=256)
-        await declare_topology(control_channel, self.topology)
+        await declare_topology(
+            control_channel, self.topology, passive=not self.settings.declare_topology
+        )
         handler = DispatcherHandler(
             topology=self.topology,
             broker=self.broker,
             registry=self.registry,
             cancellations=self.cancellations,
-            ensure_queue=QueueDeclarer(control_channel),
+            ensure_queue=QueueDeclarer(control_channel, enabled=self.settings.declare_topology),
             providers=self.providers.rules,
             provider_models=self.providers.models,
             coalesce_window=self.settings.stream_coalesce_ms / 1000,

@@ -7,6 +7,7 @@ decision is checked without a socket; tests/integration/test_cache.py runs it on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any, cast
 
 import orjson
@@ -34,6 +35,7 @@ from shared.messages import (
     encode_completed,
 )
 from shared.replies import ReplyPublisher
+from shared.reply_trust import ReplyTrust
 
 POLICY = CachePolicy(prefix="ns:cache:v1", ttl=60)
 ANSWER = orjson.dumps(
@@ -261,11 +263,32 @@ async def test_a_completed_event_for_a_foreign_key_writes_nothing() -> None:
     store = MemoryStore()
     cache = make_cache(store)
     for key in (
-        "other:cache:v1:anonymous:" + "a" * 64,
-        "ns:cache:v1:anonymous:" + "a" * 64 + ":lock",
+        "other:cache:v1:anonymous:m:" + "a" * 64,
+        "ns:cache:v1:anonymous:m:" + "a" * 64 + ":lock",
+        "ns:cache:v1:anonymous:" + "a" * 64,  # no model
     ):
         await cache.on_completed(encode_completed(key, ANSWER), NO_DELIVERY)
     assert store.entries == {} and store.calls == 0
+
+
+async def test_only_a_sender_allowed_to_answer_the_model_writes_its_entry() -> None:
+    """With REPLY_USERS set, an agent's broker user cannot poison another model's entries."""
+    store = MemoryStore()
+    trust = ReplyTrust.parse("router=*,gpu-a=local_a")
+    cache = make_cache(store, trust=trust)
+    keys = {model: f"{POLICY.prefix}:anonymous:{model}:" + "b" * 64 for model in ("local_a", "m")}
+
+    async def send(key: str, user: str | None) -> None:
+        env = dataclasses.replace(encode_completed(key, ANSWER), user_id=user)
+        await cache.on_completed(env, NO_DELIVERY)
+
+    await send(keys["m"], "gpu-a")  # not its model
+    await send(keys["m"], None)  # no sender
+    await send(keys["local_a"], "gpu-b")  # unknown user
+    assert store.entries == {}
+    await send(keys["local_a"], "gpu-a")
+    await send(keys["m"], "router")
+    assert set(store.entries) == set(keys.values())
 
 
 # --- fail-open ---------------------------------------------------------------------------------

@@ -1,0 +1,114 @@
+"""Operator commands for a least-privilege broker (docs/security.md).
+
+router topology [--agent-model M ...]
+    Declare the shared exchanges and queues, every provider queue and the named agent
+    models' queues, with RABBITMQ_URL's (admin) user. Idempotent; run once per namespace and
+    durability mode, and again when an agent pool gets a new model. Services then run with
+    DECLARE_TOPOLOGY=false and only check that these exist.
+
+router broker-acl --api USER --dispatcher USER --agent USER=model1|model2 ... [--vhost V]
+    Print the permissions (rabbitmqctl commands) for one broker user per service and per agent
+    pool, and the matching REPLY_USERS. `--format definitions --password USER=PW ...` prints a
+    RabbitMQ definitions file with the users instead (for `load_definitions`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from shared.amqp import Broker
+from shared.broker_acl import (
+    Grant,
+    admin_grant,
+    agent_grant,
+    api_grant,
+    definitions,
+    dispatcher_grant,
+    shell_script,
+)
+from shared.settings import BrokerSettings
+from shared.topology import declare_topology, declare_work_queue, topology_for
+
+
+async def declare_all(
+    settings: BrokerSettings, agent_models: list[str], providers: list[str]
+) -> list[str]:
+    """Declare everything the services expect; returns the work queues declared."""
+    t = topology_for(settings)
+    broker = Broker(settings.rabbitmq_url, name="router-topology", publish_timeout=5.0)
+    await broker.connect()
+    try:
+        channel = await broker.channel()
+        await declare_topology(channel, t)
+        specs = [t.provider_queue_spec(p) for p in providers]
+        specs += [t.agent_queue_spec(m) for m in agent_models]
+        for spec in specs:
+            await declare_work_queue(channel, t, spec)
+        return [spec.name for spec in specs]
+    finally:
+        await broker.close()
+
+
+def topology_main(argv: list[str]) -> None:
+    from services.dispatcher.providers.runtime import KNOWN_PROVIDERS
+
+    parser = argparse.ArgumentParser(prog="router topology", description=__doc__)
+    parser.add_argument("--agent-model", action="append", default=[], metavar="MODEL")
+    parser.add_argument(
+        "--provider", action="append", choices=sorted(KNOWN_PROVIDERS), metavar="NAME"
+    )
+    args = parser.parse_args(argv)
+    settings = BrokerSettings()
+    providers = args.provider or sorted(KNOWN_PROVIDERS)
+    try:
+        names = asyncio.run(declare_all(settings, args.agent_model, providers))
+    except ValueError as e:  # a model name that cannot name a queue
+        parser.error(str(e))
+    t = topology_for(settings)
+    print(f"declared the shared topology {t.prefix}.* and: {', '.join(names)}")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    user, sep, value = text.partition("=")
+    if not sep or not user or not value:
+        raise argparse.ArgumentTypeError(f"expected USER=VALUE, got {text!r}")
+    return user, value
+
+
+def acl_grants(args: argparse.Namespace, settings: BrokerSettings) -> list[Grant]:
+    t = topology_for(settings)
+    grants = [admin_grant(user) for user in args.admin]
+    grants += [api_grant(user, t) for user in args.api]
+    grants += [dispatcher_grant(user, t) for user in args.dispatcher]
+    for user, models in args.agent:
+        grants.append(agent_grant(user, t, [m for m in models.split("|") if m]))
+    return grants
+
+
+def broker_acl_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="router broker-acl", description=__doc__)
+    parser.add_argument("--vhost", default="router")
+    parser.add_argument("--admin", action="append", default=[], metavar="USER")
+    parser.add_argument("--api", action="append", default=[], metavar="USER")
+    parser.add_argument("--dispatcher", action="append", default=[], metavar="USER")
+    parser.add_argument(
+        "--agent", action="append", default=[], type=_pair, metavar="USER=MODEL|MODEL"
+    )
+    parser.add_argument("--format", choices=("shell", "definitions"), default="shell")
+    parser.add_argument("--password", action="append", default=[], type=_pair, metavar="USER=PW")
+    args = parser.parse_args(argv)
+    try:
+        grants = acl_grants(args, BrokerSettings())
+    except ValueError as e:
+        parser.error(str(e))
+    if args.format == "shell":
+        sys.stdout.write(shell_script(args.vhost, grants))
+        return
+    passwords = dict(args.password)
+    missing = [g.user for g in grants if g.user not in passwords]
+    if missing:
+        parser.error(f"--format definitions needs --password for {', '.join(missing)}")
+    print(json.dumps(definitions(args.vhost, grants, passwords), indent=2))
