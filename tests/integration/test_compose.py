@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from shared.broker_acl import admin_grant, agent_grant, api_grant, dispatcher_grant
+from shared.topology import Topology
 
 COMPOSE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "docker-compose.yml"
 
@@ -39,3 +43,36 @@ def test_compose_file_is_valid() -> None:
     assert "healthcheck" in services["rabbitmq"]
     assert services["api"]["build"]["dockerfile"].endswith("Dockerfile")
     assert services["dispatcher-quorum"]["environment"]["DURABILITY"] == "quorum"
+
+
+def test_compose_services_use_least_privilege_broker_users() -> None:
+    """Each service has its own broker user in vhost `router`, and the committed definitions
+    grant exactly what `router broker-acl` computes for them today (no drift)."""
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    users = {}
+    for name in ("topology", "api", "dispatcher", "agent"):
+        url = services[name]["environment"]["RABBITMQ_URL"]
+        users[name] = url.split("//", 1)[1].split(":", 1)[0]
+        assert url.endswith("@rabbitmq:5672/router")
+    assert len(set(users.values())) == 4
+    for name in ("api", "dispatcher", "agent"):
+        assert services[name]["depends_on"]["topology"]["condition"] == (
+            "service_completed_successfully"
+        )
+    definitions = json.loads((COMPOSE_FILE.parent / "rabbitmq" / "definitions.json").read_text())
+    t = Topology(namespace="router")
+    model = services["topology"]["command"][-1]
+    expected = [
+        admin_grant(users["topology"]),
+        api_grant(users["api"], t),
+        dispatcher_grant(users["dispatcher"], t),
+        agent_grant(users["agent"], t, [model]),
+    ]
+    granted = {
+        p["user"]: (p["configure"], p["write"], p["read"]) for p in definitions["permissions"]
+    }
+    assert granted == {
+        g.user: (g.permission.configure, g.permission.write, g.permission.read) for g in expected
+    }
+    reply_users = services["api"]["environment"]["REPLY_USERS"]
+    assert reply_users == f"{users['dispatcher']}=*,{users['agent']}={model}"

@@ -7,7 +7,8 @@
   random registrations declare no agent queues. The only test-side change to the document is
   `model` pinned to `dummy` (other models route to providers this stack does not have).
 - Hypothesis sends arbitrary unicode message contents through API, dispatcher, an agent and a
-  fake vLLM that echoes them, and checks they come back identical: 1,000 here (the whole stack
+  fake vLLM that echoes them, and checks they come back identical: 1,000 one per request and
+  10,000 more as content parts, 100 per request, here (the whole stack
   answers about a hundred requests a second on a loaded test machine), 10,000 through the same
   steps in-process in tests/unit/test_security_roundtrip.py.
 
@@ -256,7 +257,7 @@ def models(api: str) -> list[str]:
     return [m["id"] for m in httpx.get(f"{api}/v1/models", timeout=5).json()["data"]]
 
 
-def round_trip(http: httpx.Client, content: str, stream: bool) -> str:
+def round_trip(http: httpx.Client, content: str | list[dict[str, str]], stream: bool) -> str:
     body = orjson.dumps(
         {"model": ECHO_MODEL, "messages": [{"role": "user", "content": content}], "stream": stream}
     )
@@ -304,6 +305,51 @@ def test_unicode_contents_come_back_identical(echo_stack: str) -> None:
         check()
     print(f"\nround trips: {sent} in {time.monotonic() - started:.1f}s")
     assert sent >= ROUND_TRIPS
+
+
+PARTS_EXAMPLES = 10_000
+PARTS_PER_REQUEST = 100
+
+
+def test_ten_thousand_unicode_contents_round_trip_as_content_parts(echo_stack: str) -> None:
+    """10,000 more examples through the whole stack, 100 per request as OpenAI content parts
+    (`[{"type": "text", "text": ...}]`): each travels as its own JSON string to the fake vLLM,
+    which answers with their concatenation; it must come back byte-identical."""
+    sent = 0
+    with (
+        httpx.Client(base_url=echo_stack, timeout=30) as http,
+        ThreadPoolExecutor(max_workers=8) as pool,
+    ):
+
+        @given(
+            batches=st.lists(
+                st.lists(st.text(), min_size=PARTS_PER_REQUEST, max_size=PARTS_PER_REQUEST),
+                min_size=10,
+                max_size=10,
+            )
+        )
+        @settings(
+            max_examples=PARTS_EXAMPLES // (10 * PARTS_PER_REQUEST),
+            deadline=None,
+            database=None,
+            phases=[Phase.generate, Phase.shrink],
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(batches: list[list[str]]) -> None:
+            nonlocal sent
+            requests = [
+                ([{"type": "text", "text": text} for text in texts], i % 2 == 0)
+                for i, texts in enumerate(batches)
+            ]
+            answers = list(pool.map(lambda a: round_trip(http, *a), requests))
+            for texts, answer in zip(batches, answers, strict=True):
+                assert answer.encode() == "".join(texts).encode()
+            sent += sum(len(texts) for texts in batches)
+
+        started = time.monotonic()
+        check()
+    print(f"\ncontent parts round trips: {sent} in {time.monotonic() - started:.1f}s")
+    assert sent >= PARTS_EXAMPLES
 
 
 def test_fuzz_summary_recorded(tmp_path: Path) -> None:
