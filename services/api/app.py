@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ from services.api.agents import AgentEndpoints
 from services.api.bus import ApiBus
 from services.api.client_auth import Client, ClientKeys, visible_models
 from services.api.completions import CompletionsEndpoint
+from services.api.fastpath import ChatRoute, RouterApp, error_response, unexpected_response
 from services.api.openapi import (
     MODEL_LIST_SCHEMA,
     MODEL_REF,
@@ -39,7 +39,6 @@ from shared.errors import (
     NotFoundError,
     RouterError,
     error_body,
-    to_openai_error,
 )
 from shared.messages import AgentHeartbeat, AgentRegistration
 from shared.topology import topology_for
@@ -88,7 +87,7 @@ async def current_client(request: Request) -> Client:
 CurrentClient = Annotated[Client, Depends(current_client)]
 
 
-def create_app(settings: ApiSettings) -> FastAPI:
+def create_app(settings: ApiSettings) -> RouterApp:
     bus = ApiBus(settings, topology_for(settings))
     agent_tokens = parse_token_pairs(settings.agent_tokens.get_secret_value())
     credentials = AgentCredentials(agent_tokens, settings.agent_token_secret.get_secret_value())
@@ -107,10 +106,13 @@ def create_app(settings: ApiSettings) -> FastAPI:
         finally:
             await bus.stop()
 
-    app = FastAPI(title="Router", version="0.1.0", lifespan=lifespan)
+    app = RouterApp(title="Router", version="0.1.0", lifespan=lifespan)
     app.state.bus = bus
     app.state.client_keys = client_keys
     install_error_handlers(app)
+    # The hot route skips FastAPI's machinery (services/api/fastpath.py); the FastAPI route
+    # below stays for the OpenAPI document and the 405 of other methods.
+    app.fast_route = ChatRoute(completions, client_keys)
 
     @app.post(
         "/v1/chat/completions",
@@ -216,14 +218,8 @@ def create_app(settings: ApiSettings) -> FastAPI:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI error object; nothing else (no traceback) ever does."""
 
-    def respond(exc: BaseException, request_id: str = "") -> Response:
-        status, body, headers = to_openai_error(exc, request_id=request_id)
-        if request_id:
-            headers["x-request-id"] = request_id
-        return Response(body, status_code=status, media_type=JSON, headers=headers)
-
     async def on_router_error(_: Request, exc: Exception) -> Response:
-        return respond(exc)
+        return error_response(exc)
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -235,22 +231,13 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             mapped = RouterError(str(exc.detail))
             mapped.status = exc.status_code
-        return respond(mapped)
+        return error_response(mapped)
 
     async def on_validation_error(_: Request, exc: Exception) -> Response:
-        return respond(InvalidRequestError("Invalid request parameters."))
+        return error_response(InvalidRequestError("Invalid request parameters."))
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
-        # The client learns a request id and nothing else; the log has the traceback under it.
-        request_id = uuid.uuid4().hex
-        log.error(
-            "unhandled %s on %s (request id %s)",
-            type(exc).__name__,
-            request.url.path,
-            request_id,
-            exc_info=exc,
-        )
-        return respond(exc, request_id)
+        return unexpected_response(exc, request.url.path)
 
     app.add_exception_handler(RouterError, on_router_error)
     app.add_exception_handler(HTTPException, on_http_error)

@@ -1,0 +1,64 @@
+"""The hot route served in front of FastAPI (services/api/fastpath.py) behaves as the FastAPI
+route did: OpenAI error bodies, the body limit, 405 for other methods, 500 naming only a
+request id, and the route still in the OpenAPI document. (Auth: test_security_auth.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from services.api.app import create_app
+from services.api.settings import ApiSettings
+
+NO_BROKER = "amqp://u:p@127.0.0.1:1/"
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, max_body_bytes=1024))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        yield client
+
+
+async def test_other_methods_still_get_405(http: httpx.AsyncClient) -> None:
+    response = await http.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_a_validation_error_names_its_param_and_request(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/chat/completions", json={"model": "dummy", "messages": []})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("messages", "empty_array")
+    assert response.headers["x-request-id"]
+
+
+async def test_a_body_over_the_limit_is_413(http: httpx.AsyncClient) -> None:
+    response = await http.post("/v1/chat/completions", content=b"x" * 2048)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_a_bug_before_the_endpoint_answers_500_with_only_a_request_id() -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+
+    def broken(_: str | None) -> None:
+        raise RuntimeError("internal detail")
+
+    app.state.client_keys.authenticate = broken
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.post("/v1/chat/completions", json={})
+    assert response.status_code == 500
+    assert "internal detail" not in response.text
+    assert response.headers["x-request-id"] in response.json()["error"]["message"]
+
+
+async def test_the_route_is_still_in_the_openapi_document(http: httpx.AsyncClient) -> None:
+    document = (await http.get("/openapi.json")).json()
+    operation = document["paths"]["/v1/chat/completions"]["post"]
+    assert "requestBody" in operation and "400" in operation["responses"]
