@@ -1,9 +1,19 @@
-"""The inference server's HTTP API (vLLM or any OpenAI-compatible server).
+"""The inference server's HTTP API (vLLM or any OpenAI-compatible server), on raw aiohttp.
 
-One pooled httpx client on the aiohttp transport (httpx's own transport measured at half the
-throughput). Tests pass an `httpx.MockTransport`. Failures to reach the server map to
-`UpstreamUnavailableError`, chained; an answer with an error status is returned as it is,
-for the caller to relay with its status.
+One pooled `aiohttp.ClientSession`, created on first use (it must be made inside the event
+loop). Raw aiohttp rather than httpx: httpx on its aiohttp transport cost about three times
+the agent's CPU per call (540-690 us against 170-210 us for a JSON call: `python -m
+bench.clients`, bench/RESULTS.md), a third of the agent's whole budget per request. The
+surface stays small and free of aiohttp types: `complete()` returns an `Answer`, `stream()`
+yields an `UpstreamStream`.
+
+Errors: failing to reach the server (or losing the connection before an answer) raises
+`UpstreamUnavailableError`; a stream that breaks off once its status arrived raises
+`UpstreamBrokenError` from `UpstreamStream.chunks()`. Both are chained to aiohttp's error. An
+answer with an error status is returned as it is, for the caller to relay with its status.
+
+Leaving `stream()` before the body's end closes the connection, and so does cancelling
+`complete()`: that is how a cancelled job stops the server generating.
 """
 
 from __future__ import annotations
@@ -12,9 +22,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import orjson
-from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from services.agent.models import served_names_from_listing
 from shared.errors import UpstreamError
@@ -24,7 +34,11 @@ SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"
 
 
 class UpstreamUnavailableError(UpstreamError):
-    """The inference server could not be reached, or dropped the connection mid-answer."""
+    """The inference server could not be reached, or dropped the connection before answering."""
+
+
+class UpstreamBrokenError(UpstreamError):
+    """The inference server's stream broke off after its status line."""
 
 
 def server_root(url: str) -> str:
@@ -43,79 +57,118 @@ class Answer:
     body: bytes
 
 
+class UpstreamStream:
+    """A streaming answer whose body has not been read yet."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+
+    async def read(self) -> bytes:
+        """The whole body (an error answer). Raises UpstreamBrokenError."""
+        try:
+            return await self._response.read()
+        except aiohttp.ClientError as e:
+            raise UpstreamBrokenError(_broke_off(e)) from e
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Raises UpstreamBrokenError."""
+        content = self._response.content
+        try:
+            async for chunk in content.iter_any():
+                yield chunk
+        except aiohttp.ClientError as e:
+            raise UpstreamBrokenError(_broke_off(e)) from e
+
+    @property
+    def finished(self) -> bool:
+        return self._response.content.is_eof()
+
+
 class VllmClient:
     """Calls to one inference server. The caller bounds each call's total time."""
 
     def __init__(
-        self,
-        url: str,
-        *,
-        connect_timeout: float = 5.0,
-        max_connections: int = 256,
-        transport: httpx.AsyncBaseTransport | None = None,
+        self, url: str, *, connect_timeout: float = 5.0, max_connections: int = 256
     ) -> None:
         self.root = server_root(url)
-        limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._client = httpx.AsyncClient(
-            base_url=self.root,
-            # No read timeout: a long generation is bounded by the job's deadline instead.
-            timeout=httpx.Timeout(None, connect=connect_timeout, pool=connect_timeout),
-            transport=transport or AiohttpTransport(limits=limits),
-            limits=limits,
-        )
+        self._chat_url = URL(f"{self.root}/v1/chat/completions")
+        self._models_url = URL(f"{self.root}/v1/models")
+        self._health_url = URL(f"{self.root}/health")
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                # No read timeout: a long generation is bounded by the job's deadline instead.
+                # `connect` also bounds the wait for a free pooled connection.
+                timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
+                cookie_jar=aiohttp.DummyCookieJar(),  # an inference server sets no cookies
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def is_healthy(self) -> bool:
         """True when `/health` answers 200 (vLLM's readiness probe)."""
         try:
-            response = await self._client.get("/health", timeout=5.0)
-        except httpx.HTTPError:
+            timeout = aiohttp.ClientTimeout(total=5.0)
+            async with self._http().get(self._health_url, timeout=timeout) as response:
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
-        return response.status_code == 200
 
     async def served_models(self) -> list[str]:
         """The ids at `/v1/models`. Raises UpstreamUnavailableError (also for a bad answer)."""
         try:
-            response = await self._client.get("/v1/models", headers=JSON_HEADERS, timeout=10.0)
-            response.raise_for_status()
-            return served_names_from_listing(orjson.loads(response.content))
-        except (httpx.HTTPError, ValueError) as e:
+            timeout = aiohttp.ClientTimeout(total=10.0)
+            async with self._http().get(
+                self._models_url, headers=JSON_HEADERS, timeout=timeout
+            ) as response:
+                response.raise_for_status()
+                return served_names_from_listing(orjson.loads(await response.read()))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             raise UpstreamUnavailableError(f"cannot list the server's models: {e!r}") from e
 
     async def complete(self, body: bytes) -> Answer:
         """POST a non-streaming chat completion. Raises UpstreamUnavailableError."""
         try:
-            response = await self._client.post(
-                "/v1/chat/completions", content=body, headers=JSON_HEADERS
-            )
-        except httpx.HTTPError as e:
+            async with self._http().post(
+                self._chat_url, data=body, headers=JSON_HEADERS
+            ) as response:
+                return Answer(response.status, await response.read())
+        except aiohttp.ClientError as e:
             raise UpstreamUnavailableError(_describe(e)) from e
-        return Answer(response.status_code, response.content)
 
     @asynccontextmanager
-    async def stream(self, body: bytes) -> AsyncIterator[httpx.Response]:
-        """POST a streaming chat completion; the response's body is not read yet.
+    async def stream(self, body: bytes) -> AsyncIterator[UpstreamStream]:
+        """POST a streaming chat completion; the answer's body is not read yet.
 
-        Leaving the block closes the connection if the body was not read to its end, which is
-        how a cancelled job stops the server generating. Raises UpstreamUnavailableError when
-        the server cannot be reached (reads from the yielded response raise `httpx` errors).
+        Raises UpstreamUnavailableError when the server cannot be reached.
         """
-        request = self._client.build_request(
-            "POST", "/v1/chat/completions", content=body, headers=SSE_HEADERS
-        )
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as e:
+            response = await self._http().post(self._chat_url, data=body, headers=SSE_HEADERS)
+        except aiohttp.ClientError as e:
             raise UpstreamUnavailableError(_describe(e)) from e
+        stream = UpstreamStream(response)
         try:
-            yield response
+            yield stream
         finally:
-            await response.aclose()
+            if stream.finished:
+                response.release()  # read to its end: the connection goes back to the pool
+            else:
+                response.close()  # closing the connection is what stops the generation
 
 
-def _describe(exc: httpx.HTTPError) -> str:
+def _describe(exc: BaseException) -> str:
     return f"The inference server could not be reached ({type(exc).__name__})."
+
+
+def _broke_off(exc: BaseException) -> str:
+    return f"The inference server's stream broke off ({type(exc).__name__})."

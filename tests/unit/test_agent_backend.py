@@ -1,14 +1,23 @@
-"""The inference server's URL forms, its model list and health, and the docker spec from
-settings (no sockets: `httpx.MockTransport`)."""
+"""The inference server's URL forms, its model list and health, the client's error mapping,
+and the docker spec from settings (the server is an in-process loopback one)."""
 
 from __future__ import annotations
 
-import httpx
-import pytest
+import asyncio
 
-from services.agent.backend import UpstreamUnavailableError, VllmClient, server_root
+import orjson
+import pytest
+from aiohttp import web
+
+from services.agent.backend import (
+    UpstreamBrokenError,
+    UpstreamUnavailableError,
+    VllmClient,
+    server_root,
+)
 from services.agent.service import docker_spec, vllm_url
 from services.agent.settings import AgentSettings, Backend
+from tests.support.upstream import UpstreamServer, answer, closed_port_url, drop, sse
 
 
 @pytest.mark.parametrize(
@@ -24,34 +33,115 @@ def test_server_root_refuses_other_schemes() -> None:
         server_root("gpu1:8000")
 
 
-def client(handler: object) -> VllmClient:
-    return VllmClient("http://vllm:8000/v1", transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
-
-
 async def test_served_models_and_health() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "m1"}]})
-        if request.url.path == "/health":
-            return httpx.Response(200)
-        return httpx.Response(404)
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": [{"id": "m1"}]})
+        if request.path == "/health":
+            return web.Response()
+        return web.Response(status=404)
 
-    vllm = client(handler)
-    assert await vllm.served_models() == ["m1"]
-    assert await vllm.is_healthy()
-    await vllm.aclose()
+    server = await UpstreamServer(route).start()
+    vllm = VllmClient(server.url)
+    try:
+        assert await vllm.served_models() == ["m1"]
+        assert await vllm.is_healthy()
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+async def assert_unavailable(vllm: VllmClient) -> None:
+    """Both kinds of call fail as UpstreamUnavailableError (the job goes back to the queue)."""
+    with pytest.raises(UpstreamUnavailableError):
+        await vllm.complete(b"{}")
+    with pytest.raises(UpstreamUnavailableError):
+        async with vllm.stream(b"{}"):
+            pass
 
 
 async def test_unreachable_server() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+    vllm = VllmClient(closed_port_url())
+    try:
+        assert not await vllm.is_healthy()
+        with pytest.raises(UpstreamUnavailableError):
+            await vllm.served_models()
+        await assert_unavailable(vllm)
+    finally:
+        await vllm.aclose()
 
-    vllm = client(handler)
-    assert not await vllm.is_healthy()
-    with pytest.raises(UpstreamUnavailableError):
-        await vllm.served_models()
-    with pytest.raises(UpstreamUnavailableError):
-        await vllm.complete(b"{}")
+
+async def test_an_answer_keeps_its_status_and_body() -> None:
+    server = await UpstreamServer(answer(400, b'{"message":"too long"}')).start()
+    vllm = VllmClient(server.url)
+    try:
+        reply = await vllm.complete(b"{}")
+        assert (reply.status, orjson.loads(reply.body)) == (400, {"message": "too long"})
+        async with vllm.stream(b"{}") as response:
+            assert (response.status, await response.read()) == (400, b'{"message":"too long"}')
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+async def test_a_connection_dropped_before_the_answer_is_unavailable() -> None:
+    server = await UpstreamServer(drop).start()
+    vllm = VllmClient(server.url)
+    try:
+        await assert_unavailable(vllm)
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+async def test_a_stream_broken_off_mid_body_is_broken() -> None:
+    server = await UpstreamServer(sse(b"data: {}\n\n", fail=True)).start()
+    vllm = VllmClient(server.url)
+    try:
+        async with vllm.stream(b"{}") as response:
+            assert response.status == 200
+            with pytest.raises(UpstreamBrokenError):
+                async for _ in response.chunks():
+                    pass
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+async def test_leaving_a_stream_early_closes_the_connection() -> None:
+    closed = asyncio.Event()
+    server = await UpstreamServer(sse(b"data: {}\n\n", hang=closed)).start()
+    vllm = VllmClient(server.url)
+    try:
+        async with vllm.stream(b"{}") as response:
+            async for _ in response.chunks():
+                break
+        await asyncio.wait_for(closed.wait(), 2)
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+async def test_cancelling_a_completion_closes_the_connection() -> None:
+    closed = asyncio.Event()
+
+    async def route(_: web.Request) -> web.StreamResponse:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            closed.set()
+        return web.Response()
+
+    server = await UpstreamServer(route).start()
+    vllm = VllmClient(server.url)
+    try:
+        call = asyncio.create_task(vllm.complete(b"{}"))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        await asyncio.wait_for(closed.wait(), 2)
+    finally:
+        await vllm.aclose()
+        await server.close()
 
 
 def test_vllm_url_defaults_follow_the_backend() -> None:
