@@ -1,19 +1,19 @@
 """One job through the agent: replies, acks, requeues, deadlines and cancels.
 
-The inference server is an `httpx.MockTransport` (no sockets); the broker side is a recording
-publisher and a stand-in for the incoming message under a real `Delivery`.
+The inference server is an in-process loopback server (tests/support/upstream.py); the broker
+side is a recording publisher and a stand-in for the incoming message under a real `Delivery`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from services.agent.backend import VllmClient
 from services.agent.handler import AgentHandler
@@ -21,6 +21,7 @@ from services.agent.models import parse_agent_models
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.messages import Job, Reply, ReplyKind, encode_job
+from tests.support.upstream import Route, UpstreamServer, answer, drop, sse
 
 BODY = b'{"model":"local_m","messages":[{"role":"user","content":"hi"}]}'
 COMPLETION = orjson.dumps(
@@ -69,7 +70,14 @@ class Message:
         self.log.append(f"reject(requeue={requeue})")
 
 
-Route = Callable[[httpx.Request], Awaitable[httpx.Response]]
+OPEN: list[Rig] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_rigs() -> AsyncIterator[None]:
+    yield
+    while OPEN:
+        await OPEN.pop().close()
 
 
 class Rig:
@@ -83,20 +91,32 @@ class Rig:
         self.now = now
         self.cancellations = Cancellations()
 
-        async def handle(request: httpx.Request) -> httpx.Response:
-            self.upstream_bodies.append(orjson.loads(request.content))
+        async def handle(request: web.Request) -> web.StreamResponse:
+            self.upstream_bodies.append(orjson.loads(await request.read()))
             return await route(request)
 
+        self.server = UpstreamServer(handle)
+        self.concurrency = concurrency
+
+    async def start(self) -> Rig:
+        await self.server.start()
+        OPEN.append(self)
+        self.upstream = VllmClient(self.server.url)
         self.handler = AgentHandler(
             models=parse_agent_models("local_m=served-m"),
-            upstream=VllmClient("http://vllm:8000/v1", transport=httpx.MockTransport(handle)),
+            upstream=self.upstream,
             publish=self.publish,
             cancellations=self.cancellations,
             publish_completed=self.publish_completed,
-            concurrency=concurrency,
+            concurrency=self.concurrency,
             coalesce_window=0.001,
             clock=lambda: self.now,
         )
+        return self
+
+    async def close(self) -> None:
+        await self.upstream.aclose()
+        await self.server.close()
 
     async def publish(self, job: Job, reply: Reply) -> None:
         self.log.append(f"publish {reply.kind.value}")
@@ -125,40 +145,11 @@ class Rig:
         return b"".join(r.body for r in self.replies if r.kind is ReplyKind.CHUNK)
 
 
-def answer(status: int, body: bytes) -> Route:
-    async def route(_: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, content=body)
-
-    return route
-
-
-def sse(*parts: bytes, fail: Exception | None = None, hang: asyncio.Event | None = None) -> Route:
-    async def route(_: httpx.Request) -> httpx.Response:
-        async def events() -> AsyncIterator[bytes]:
-            for part in parts:
-                yield part
-            if hang is not None:
-                try:
-                    await asyncio.Event().wait()
-                finally:
-                    hang.set()  # the upstream call was closed
-            if fail is not None:
-                raise fail
-
-        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
-
-    return route
-
-
-async def refused(request: httpx.Request) -> httpx.Response:
-    raise httpx.ConnectError("connection refused", request=request)
-
-
 # --- JSON ------------------------------------------------------------------------------------
 
 
 async def test_completion_is_answered_with_the_router_model() -> None:
-    rig = Rig(answer(200, COMPLETION))
+    rig = await Rig(answer(200, COMPLETION)).start()
     delivery = await rig.run(rig.job())
     assert rig.upstream_bodies[0]["model"] == "served-m"
     [reply] = rig.replies
@@ -170,14 +161,14 @@ async def test_completion_is_answered_with_the_router_model() -> None:
 
 
 async def test_cacheable_completion_publishes_the_completed_event() -> None:
-    rig = Rig(answer(200, COMPLETION))
+    rig = await Rig(answer(200, COMPLETION)).start()
     await rig.run(rig.job(cache_key="k1"))
     assert rig.completed == [("k1", rig.replies[0].body)]
 
 
 async def test_vllm_error_keeps_its_status_in_openai_shape() -> None:
     body = b'{"object":"error","message":"too long","type":"BadRequestError","code":400}'
-    rig = Rig(answer(400, body))
+    rig = await Rig(answer(400, body)).start()
     await rig.run(rig.job())
     [reply] = rig.replies
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 400)
@@ -187,7 +178,7 @@ async def test_vllm_error_keeps_its_status_in_openai_shape() -> None:
 
 
 async def test_unreachable_server_requeues_once_then_answers_502() -> None:
-    rig = Rig(refused)
+    rig = await Rig(drop).start()
     first = await rig.run(rig.job())
     assert rig.log == ["reject(requeue=True)"] and first.settled
     assert rig.replies == []
@@ -199,7 +190,7 @@ async def test_unreachable_server_requeues_once_then_answers_502() -> None:
 
 
 async def test_expired_and_cancelled_jobs_are_dropped_without_a_call() -> None:
-    rig = Rig(answer(200, COMPLETION))
+    rig = await Rig(answer(200, COMPLETION)).start()
     await rig.run(rig.job(remaining=-1))
     rig.cancellations.cancel("req1", rig.now)
     await rig.run(rig.job())
@@ -207,11 +198,11 @@ async def test_expired_and_cancelled_jobs_are_dropped_without_a_call() -> None:
 
 
 async def test_upstream_call_is_bounded_by_the_deadline() -> None:
-    async def slow(_: httpx.Request) -> httpx.Response:
+    async def slow(_: web.Request) -> web.StreamResponse:
         await asyncio.sleep(10)
-        return httpx.Response(200, content=COMPLETION)
+        return web.Response(body=COMPLETION)
 
-    rig = Rig(slow)
+    rig = await Rig(slow).start()
     started = time.monotonic()
     await rig.run(rig.job(remaining=0.1))
     assert time.monotonic() - started < 1
@@ -220,7 +211,7 @@ async def test_upstream_call_is_bounded_by_the_deadline() -> None:
 
 
 async def test_model_not_served_here_is_404() -> None:
-    rig = Rig(answer(200, COMPLETION))
+    rig = await Rig(answer(200, COMPLETION)).start()
     await rig.run(rig.job(model="local_other"))
     [reply] = rig.replies
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 404)
@@ -231,7 +222,7 @@ async def test_model_not_served_here_is_404() -> None:
 
 
 async def test_stream_is_relayed_with_the_router_model_and_acked_after_the_first_chunk() -> None:
-    rig = Rig(sse(SSE))
+    rig = await Rig(sse(SSE)).start()
     delivery = await rig.run(rig.job(stream=True))
     assert delivery.settled
     assert rig.log[:2] == ["publish reply.chunk", "ack"]
@@ -244,9 +235,20 @@ async def test_stream_is_relayed_with_the_router_model_and_acked_after_the_first
     assert rig.upstream_bodies[0]["model"] == "served-m"
 
 
+async def test_events_that_arrive_together_leave_in_one_message() -> None:
+    # A role chunk and the first token written at once: the token must not wait for the
+    # role chunk's publish to be confirmed.
+    rig = await Rig(sse(chunk("") + chunk("Hello"), b"data: [DONE]\n\n")).start()
+    await rig.run(rig.job(stream=True))
+    first = rig.replies[0]
+    assert first.kind is ReplyKind.CHUNK and first.seq == 0
+    assert first.body.count(b"data: ") == 2 and b"Hello" in first.body
+    assert rig.log[:2] == ["publish reply.chunk", "ack"]
+
+
 async def test_stream_split_across_reads_is_reassembled() -> None:
     pieces = [SSE[i : i + 7] for i in range(0, len(SSE), 7)]
-    rig = Rig(sse(*pieces))
+    rig = await Rig(sse(*pieces)).start()
     await rig.run(rig.job(stream=True))
     assert rig.stream_body().count(b"data: ") == 3
     assert rig.replies[-1].kind is ReplyKind.END
@@ -256,7 +258,7 @@ async def test_stream_error_before_output_keeps_its_status() -> None:
     body = (
         b'{"error":{"message":"no such model","type":"NotFoundError","param":"model","code":404}}'
     )
-    rig = Rig(answer(404, body))
+    rig = await Rig(answer(404, body)).start()
     await rig.run(rig.job(stream=True))
     [reply] = rig.replies
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 404)
@@ -264,13 +266,13 @@ async def test_stream_error_before_output_keeps_its_status() -> None:
 
 
 async def test_stream_unreachable_server_requeues() -> None:
-    rig = Rig(refused)
+    rig = await Rig(drop).start()
     await rig.run(rig.job(stream=True))
     assert rig.log == ["reject(requeue=True)"]
 
 
 async def test_stream_broken_after_output_ends_with_an_error_event() -> None:
-    rig = Rig(sse(chunk("Hello"), fail=httpx.ReadError("reset")))
+    rig = await Rig(sse(chunk("Hello"), fail=True)).start()
     await rig.run(rig.job(stream=True))
     assert rig.replies[0].kind is ReplyKind.CHUNK
     last = rig.replies[-1]
@@ -279,14 +281,14 @@ async def test_stream_broken_after_output_ends_with_an_error_event() -> None:
 
 
 async def test_stream_ending_without_done_is_an_error() -> None:
-    rig = Rig(sse(chunk("Hello")))
+    rig = await Rig(sse(chunk("Hello"))).start()
     await rig.run(rig.job(stream=True))
     assert [r.kind for r in rig.replies] == [ReplyKind.CHUNK, ReplyKind.ERROR]
 
 
 async def test_error_event_mid_stream_ends_it() -> None:
     error = b'data: {"error":{"message":"engine died","type":"x","code":500}}\n\n'
-    rig = Rig(sse(chunk("Hello"), error, chunk("never")))
+    rig = await Rig(sse(chunk("Hello"), error, chunk("never"))).start()
     await rig.run(rig.job(stream=True))
     last = rig.replies[-1]
     assert last.kind is ReplyKind.ERROR
@@ -296,12 +298,12 @@ async def test_error_event_mid_stream_ends_it() -> None:
 
 async def test_cancel_mid_stream_closes_the_upstream_call_without_a_reply() -> None:
     closed = asyncio.Event()
-    rig = Rig(sse(chunk("Hello"), hang=closed))
+    rig = await Rig(sse(chunk("Hello"), hang=closed)).start()
     task = asyncio.create_task(rig.run(rig.job(stream=True)))
     await until(lambda: "ack" in rig.log)
     assert rig.cancellations.cancel("req1", rig.now)
     delivery = await asyncio.wait_for(task, 1)
-    assert closed.is_set()
+    await asyncio.wait_for(closed.wait(), 1)  # the server saw the connection close
     assert delivery.settled
     assert [r.kind for r in rig.replies] == [ReplyKind.CHUNK]
     assert rig.handler.in_flight == 0
@@ -309,22 +311,22 @@ async def test_cancel_mid_stream_closes_the_upstream_call_without_a_reply() -> N
 
 async def test_stream_deadline_ends_with_a_timeout_event() -> None:
     closed = asyncio.Event()
-    rig = Rig(sse(chunk("Hello"), hang=closed))
+    rig = await Rig(sse(chunk("Hello"), hang=closed)).start()
     await rig.run(rig.job(stream=True, remaining=0.2))
     last = rig.replies[-1]
     assert (last.kind, last.status) == (ReplyKind.ERROR, 504)
-    assert closed.is_set()
+    await asyncio.wait_for(closed.wait(), 1)
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_load_counts_jobs_in_flight(stream: bool) -> None:
     gate = asyncio.Event()
 
-    async def gated(_: httpx.Request) -> httpx.Response:
+    async def gated(_: web.Request) -> web.StreamResponse:
         await gate.wait()
-        return httpx.Response(200, content=SSE if stream else COMPLETION)
+        return web.Response(body=SSE if stream else COMPLETION)
 
-    rig = Rig(gated)
+    rig = await Rig(gated).start()
     tasks = [asyncio.create_task(rig.run(rig.job(stream=stream))) for _ in range(3)]
     await asyncio.sleep(0.05)
     assert rig.handler.in_flight == 3
@@ -336,18 +338,17 @@ async def test_load_counts_jobs_in_flight(stream: bool) -> None:
 async def test_streams_acked_early_still_respect_the_concurrency() -> None:
     calls: list[asyncio.Event] = []
 
-    async def held(_: httpx.Request) -> httpx.Response:
+    async def held(request: web.Request) -> web.StreamResponse:
         release = asyncio.Event()
         calls.append(release)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(chunk("Hello"))
+        await release.wait()
+        await response.write(b"data: [DONE]\n\n")
+        return response
 
-        async def events() -> AsyncIterator[bytes]:
-            yield chunk("Hello")
-            await release.wait()
-            yield b"data: [DONE]\n\n"
-
-        return httpx.Response(200, content=events())
-
-    rig = Rig(held, concurrency=1)
+    rig = await Rig(held, concurrency=1).start()
     first = asyncio.create_task(rig.run(rig.job(stream=True)))
     second = asyncio.create_task(rig.run(rig.job(stream=True, request_id="req2")))
     await until(lambda: "ack" in rig.log)
