@@ -107,8 +107,10 @@ class DispatcherService:
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
         await self.broker.consume(control_channel, t.returns_queue_spec(), handler.on_returned)
         if self.cache.is_active:
+            # Auto-ack: a cache write is best effort (acked either way), so an ack frame per
+            # answered request would buy nothing. Each write is bounded by CACHE_TIMEOUT_MS.
             await self.broker.consume(
-                control_channel, t.completed_queue_spec(), self.cache.on_completed
+                control_channel, t.completed_queue_spec(), self.cache.on_completed, no_ack=True
             )
         # Provider calls last long: their own queues, channels and prefetch (no head-of-line).
         await self.providers.start(
