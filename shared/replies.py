@@ -28,6 +28,8 @@ def new_attempt() -> str:
 
 
 CACHE_HEADER = "x-cache"
+# Seconds between tries of a reply that found no queue, before the queue counts as gone (~2 s).
+UNROUTABLE_RETRIES = (0.05, 0.15, 0.3, 0.5, 1.0)
 
 
 def with_cache_header(job: Job, reply: Reply) -> Reply:
@@ -57,8 +59,10 @@ class ReplyPublisher:
         completed_exchange: str | None = None,
         completed_queue: str | None = None,
         replies_exchange: str = "",
+        unroutable_retries: tuple[float, ...] = UNROUTABLE_RETRIES,
     ) -> None:
         self._broker = broker
+        self._unroutable_retries = unroutable_retries
         self._persistent = persistent
         self._completed_exchange = completed_exchange
         self._completed_queue = completed_queue
@@ -86,12 +90,18 @@ class ReplyPublisher:
             # writer's queue (sender-selected distribution: BCC names it, and is stripped).
             headers = {**env.headers, H_CACHE_KEY: job.cache_key, "BCC": [self._completed_queue]}
             env = dataclasses.replace(env, headers=headers)
-        try:
-            await self._broker.publish(
-                env, job.reply_to, exchange=self._replies_exchange, persistent=persistent
-            )
-        except UnroutableError as e:
-            raise ReplyQueueGoneError(f"reply queue of {job.request_id} is gone") from e
+        for delay in (*self._unroutable_retries, None):
+            try:
+                await self._broker.publish(
+                    env, job.reply_to, exchange=self._replies_exchange, persistent=persistent
+                )
+                break
+            except UnroutableError as e:
+                if delay is None:
+                    raise ReplyQueueGoneError(f"reply queue of {job.request_id} is gone") from e
+                # A reply queue being re-declared (after a deletion) is bound to the replies
+                # exchange a moment after it exists again: unroutable for that moment.
+                await asyncio.sleep(delay)
         if copied:
             return
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):

@@ -289,14 +289,20 @@ def test_a_reply_from_an_agent_not_serving_the_model_is_dropped(acl: Acl, acl_st
     """Agent B's user learned a local_a job's id and reply queue: its forged answer (a valid
     publish, with its own user_id) never reaches the client; agent A's answer does."""
     api = f"http://127.0.0.1:{acl_stack.api_ports[0]}"
-    registered = httpx.post(
-        f"{api}/register",
-        json={"name": "a1", "models": ["local_a"]},
-        headers={"Authorization": "Bearer tok-a1"},
-        timeout=5,
-    )
-    assert registered.status_code == 200, registered.text
-    wait_for(lambda: "local_a" in _listed(api), timeout=5, message="local_a not listed")
+
+    def registered_and_listed() -> bool:
+        # Registered again until listed, as heartbeats would: the dispatcher may not have
+        # bound its control queue yet when the first registration is broadcast.
+        response = httpx.post(
+            f"{api}/register",
+            json={"name": "a1", "models": ["local_a"]},
+            headers={"Authorization": "Bearer tok-a1"},
+            timeout=5,
+        )
+        assert response.status_code == 200, response.text
+        return "local_a" in _listed(api)
+
+    wait_for(registered_and_listed, timeout=15, interval=0.5, message="local_a not listed")
 
     answer: dict[str, httpx.Response] = {}
     client = threading.Thread(

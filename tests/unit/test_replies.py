@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
-from shared.errors import UpstreamError
-from shared.messages import Job, Reply, ReplyKind
-from shared.replies import StreamWriter
+import pytest
+
+from shared.amqp import Broker
+from shared.errors import ReplyQueueGoneError, UnroutableError, UpstreamError
+from shared.messages import Envelope, Job, Reply, ReplyKind
+from shared.replies import ReplyPublisher, StreamWriter
 
 JOB = Job(request_id="r1", model="m", reply_to="q", deadline=1e12, body=b"{}", stream=True)
 
@@ -67,3 +71,35 @@ async def test_an_event_after_a_quiet_spell_goes_out_at_once() -> None:
     assert len(out.sent) == 2
     await writer.end()
     assert [r.kind for r in out.sent][-1] is ReplyKind.END
+
+
+class UnroutableFor:
+    """A broker whose publishes find no queue for the first `misses` tries."""
+
+    def __init__(self, misses: int) -> None:
+        self.misses = misses
+        self.tries = 0
+
+    async def publish(self, env: Envelope, routing_key: str, **_: object) -> None:
+        self.tries += 1
+        if self.tries <= self.misses:
+            raise UnroutableError(routing_key)
+
+
+def a_job() -> Job:
+    return Job(request_id="r1", model="m", reply_to="reply.q", deadline=1e12, body=b"{}")
+
+
+async def test_a_reply_queue_being_redeclared_is_waited_for_briefly() -> None:
+    broker = UnroutableFor(misses=2)
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False, unroutable_retries=(0, 0, 0))
+    await publish.final(a_job(), b"{}", attempt="a")
+    assert broker.tries == 3
+
+
+async def test_a_reply_queue_still_missing_after_the_retries_is_gone() -> None:
+    broker = UnroutableFor(misses=10)
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False, unroutable_retries=(0, 0))
+    with pytest.raises(ReplyQueueGoneError):
+        await publish.final(a_job(), b"{}", attempt="a")
+    assert broker.tries == 3
