@@ -53,17 +53,23 @@ async def test_dispatcher_kill9_mid_job(make_router: RouterFactory) -> None:
     """One of two dispatchers is killed while its provider workers hold calls to a (slow) fake
     OpenAI: the jobs it held go back to the queue and the other dispatcher answers them."""
     router = make_router(**timeouts(20))
-    openai = await asyncio.to_thread(router.fake_openai, "--latency", "1.5")
-    provider = {"OPENAI_API_KEY": "sk-fake", "OPENAI_BASE_URL": f"{openai.url}/v1"}
-    doomed = await asyncio.to_thread(router.add_dispatcher, **provider)
-    await asyncio.to_thread(router.add_dispatcher, **provider)
+    # One fake OpenAI per dispatcher, so the test knows the doomed one holds calls when it
+    # is killed (the provider queue hands jobs to either dispatcher).
+    fakes = [await asyncio.to_thread(router.fake_openai, "--latency", "1.5") for _ in range(2)]
+    openai = fakes[0]  # the doomed dispatcher's
+    doomed, _ = [
+        await asyncio.to_thread(
+            router.add_dispatcher, OPENAI_API_KEY="sk-fake", OPENAI_BASE_URL=f"{fake.url}/v1"
+        )
+        for fake in fakes
+    ]
     await asyncio.to_thread(router.add_api)
     ledger = Ledger()
     models = ["dummy", "gpt-4o-mini"]
     async with httpx.AsyncClient(base_url=router.api, timeout=None) as http:
         load = LoadGenerator(http, ledger, models=models, timeout=20, concurrency=8).start()
         await asyncio.to_thread(
-            wait_for, lambda: openai.stats()["in_flight"] >= 3, timeout=15, message="no calls"
+            wait_for, lambda: openai.stats()["in_flight"] >= 2, timeout=15, message="no calls"
         )
         doomed.kill()
         killed = time.monotonic()
