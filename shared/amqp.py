@@ -123,7 +123,7 @@ class Broker:
         self.declare_shared = declare_shared
         self._requeue_exchange = requeue_exchange
         # Every message carries the user it was published as; the broker refuses a mismatch,
-        # so a receiver can trust `user_id` (see services.api.reply_trust).
+        # so a receiver can trust `user_id` (see shared.reply_trust).
         self.user = URL(url).user or "guest"
         self._publish_conn: AbstractRobustConnection | None = None
         self._consume_conn: AbstractRobustConnection | None = None
