@@ -102,6 +102,19 @@ class Delivery:
 Handler = Callable[[Envelope, Delivery], Awaitable[None]]
 
 
+def _consumer_alive(queue: AbstractQueue, tag: str) -> bool:
+    """The consumer is registered on its channel right now.
+
+    The broker cancels a consumer whose queue is deleted, and the channel stays open: aio-pika
+    re-declares the queue and consumes again under the same tag a moment later. Until then the
+    tag is missing from the aiormq channel's consumers (aio-pika keeps that channel in
+    `_channel`, which it exposes only through a coroutine)."""
+    underlay = getattr(queue.channel, "_channel", None)
+    return (
+        underlay is not None and not queue.channel.is_closed and tag in underlay.channel.consumers
+    )
+
+
 class Broker:
     """Publishing and consuming connections of one service process."""
 
@@ -384,7 +397,7 @@ class Broker:
             self._restored
             and self.is_connected
             and bool(self._consumers)
-            and all(not queue.channel.is_closed for queue, _, _ in self._consumers)
+            and all(_consumer_alive(queue, tag) for queue, tag, _ in self._consumers)
         )
 
     async def stop_consuming(self, *, intake_only: bool = False) -> None:

@@ -371,8 +371,10 @@ async def wait_full_service(
         now = time.monotonic()
         if now - since > within:
             tail = "\n".join(e.describe() for e in ledger.entries[-6:])
+            failed = [e for e in ledger.entries if e.outcome != "ok"]
             raise AssertionError(
-                f"no full service {within:.0f}s after recovery ({ledger.summary()}):\n{tail}"
+                f"no full service {within:.0f}s after recovery ({ledger.summary()}):\n{tail}",
+                failed,  # for the caller to look up in the services' logs
             )
         entry = await send(
             http,

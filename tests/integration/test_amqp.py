@@ -1,0 +1,77 @@
+"""`shared.amqp.Broker` on the real RabbitMQ: what `/ready` and the API's job intake rely on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import aio_pika
+import pytest
+
+from shared.amqp import Broker, Delivery
+from shared.messages import Envelope
+from shared.topology import QueueSpec
+from tests.conftest import require_services
+from tests.support.procs import new_namespace
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+async def ignore(_: Envelope, __: Delivery) -> None:
+    return None
+
+
+@pytest.fixture
+async def consuming() -> AsyncIterator[tuple[Broker, str]]:
+    """A broker consuming a queue of this test's own (durable, so deleting it is the only way
+    it goes away)."""
+    require_services()
+    name = f"{new_namespace()}.probe"
+    broker = Broker(URL, name="test-amqp", publish_timeout=5)
+    await broker.connect()
+    channel = await broker.channel(prefetch=10)
+    await broker.consume(channel, QueueSpec(name=name, durable=True), ignore)
+    try:
+        yield broker, name
+    finally:
+        await broker.stop_consuming()
+        await broker.close()
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            await (await connection.channel()).queue_delete(name)
+
+
+async def test_a_consumer_gone_from_its_channel_is_not_consuming(
+    consuming: tuple[Broker, str],
+) -> None:
+    """The channel is open, but the consumer is not registered on it (as between the broker's
+    Basic.Cancel and aio-pika's re-consume): not ready, so the API takes no job whose answer
+    would find no queue."""
+    broker, _ = consuming
+    assert broker.is_consuming
+    queue, tag, _ = broker._consumers[0]
+    # Straight on the aiormq channel, so aio-pika does not know and does not consume again.
+    underlay = await queue.channel.get_underlay_channel()
+    await underlay.basic_cancel(tag)
+    assert not queue.channel.is_closed
+    assert not broker.is_consuming
+
+
+async def test_a_deleted_queue_is_declared_and_consumed_again(
+    consuming: tuple[Broker, str],
+) -> None:
+    broker, name = consuming
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        await (await connection.channel()).queue_delete(name)
+        deadline = time.monotonic() + 5
+        while True:
+            assert time.monotonic() < deadline, f"{name} was not consumed again"
+            try:  # a passive declare of a missing queue closes its channel: one per try
+                queue = await (await connection.channel()).declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                queue = None
+            if queue and queue.declaration_result.consumer_count == 1 and broker.is_consuming:
+                return
+            await asyncio.sleep(0.02)
