@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -75,3 +76,45 @@ async def test_a_deleted_queue_is_declared_and_consumed_again(
             if queue and queue.declaration_result.consumer_count == 1 and broker.is_consuming:
                 return
             await asyncio.sleep(0.02)
+
+
+async def test_a_published_envelope_arrives_whole_and_a_failed_one_comes_back_once() -> None:
+    """What a handler gets is what was published (plus the broker-checked user); a handler that
+    fails is given the message once more, marked redelivered, and not a third time."""
+    require_services()
+    name = f"{new_namespace()}.roundtrip"
+    broker = Broker(URL, name="test-amqp", publish_timeout=5)
+    await broker.connect()
+    seen: list[tuple[Envelope, bool]] = []
+    done = asyncio.Event()
+
+    async def handler(env: Envelope, delivery: Delivery) -> None:
+        seen.append((env, delivery.redelivered))
+        if env.type == "fails":
+            if len([e for e, _ in seen if e.type == "fails"]) == 2:
+                done.set()
+            raise RuntimeError("handler failure, on purpose")
+
+    sent = Envelope(
+        type="job",
+        body=b'{"x": 1}',
+        headers={"x-router-test": "yes", "n": 3},
+        correlation_id="req-1",
+        reply_to="somewhere",
+        message_id="m-1",
+    )
+    try:
+        channel = await broker.channel(prefetch=10)
+        await broker.consume(
+            channel, QueueSpec(name=name, durable=False, auto_delete=True), handler
+        )
+        await broker.publish(sent, name, persistent=True)
+        await broker.publish(Envelope(type="fails", body=b"", headers={}), name)
+        await asyncio.wait_for(done.wait(), timeout=5)
+        await asyncio.sleep(0.3)  # a third delivery would land by now
+    finally:
+        await broker.stop_consuming()
+        await broker.close()
+    got = next(env for env, _ in seen if env.type == "job")
+    assert got == dataclasses.replace(sent, user_id="guest")
+    assert [again for env, again in seen if env.type == "fails"] == [False, True]
