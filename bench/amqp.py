@@ -24,7 +24,6 @@ from shared.amqp import Broker, Delivery
 from shared.messages import Envelope
 from shared.topology import QueueSpec
 
-ONE_BY_ONE = amqp_writes.CoalescingFrameGenerator.__mro__[1]  # aiormq's own FrameGenerator
 ENVELOPE = Envelope(
     type="job",
     body=b"x" * 600,
@@ -40,7 +39,7 @@ async def handle(_: Envelope, __: Delivery) -> None:
 
 async def cpu_us_per_message(url: str, messages: int, *, coalesce: bool) -> float:
     aiormq_connection.FrameGenerator = (  # type: ignore[misc]
-        amqp_writes.CoalescingFrameGenerator if coalesce else ONE_BY_ONE
+        amqp_writes.CoalescingFrameGenerator if coalesce else amqp_writes.OneByOneFrameGenerator
     )
     broker = Broker(url, name="bench-amqp", publish_timeout=10)
     await broker.connect()

@@ -7,21 +7,20 @@ TCP processing, and under load that was the largest single cost of the dispatche
 frame queued while it was away: an ack, a publish and another ack from one turn of the event
 loop leave in one write. A closing frame still goes alone, because the writer stops after it.
 
-`install()` swaps aiormq's frame iterator for this one; it checks the shape it relies on
-(pinned aiormq, see pyproject.toml) and leaves aiormq alone if that ever changes.
+`install()` swaps aiormq's frame iterator for this one. It relies on aiormq's internals
+(pinned in pyproject.toml); tests/unit/test_amqp_writes.py fails if an upgrade moves them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 
 from aiormq import connection as aiormq_connection
 from aiormq.abc import ChannelFrame
 
-log = logging.getLogger(__name__)
-
+# aiormq's own iterator: one frame, so one socket write, at a time.
+OneByOneFrameGenerator = aiormq_connection.FrameGenerator
 MAX_BATCH = 256  # frames in one write: bounds the join, not the latency (writes never block)
 
 
@@ -64,7 +63,7 @@ def coalesce(
     return batch, held
 
 
-class CoalescingFrameGenerator(aiormq_connection.FrameGenerator):
+class CoalescingFrameGenerator(OneByOneFrameGenerator):
     def __init__(self, queue: asyncio.Queue[ChannelFrame]) -> None:
         super().__init__(queue)
         self._held: ChannelFrame | None = None
@@ -81,14 +80,6 @@ class CoalescingFrameGenerator(aiormq_connection.FrameGenerator):
         return frame
 
 
-def install() -> bool:
-    """Make every aiormq connection opened from now on write coalesced; False if aiormq no
-    longer has the frame iterator this replaces."""
-    current = getattr(aiormq_connection, "FrameGenerator", None)
-    if current is CoalescingFrameGenerator:
-        return True
-    if current is None or not hasattr(current, "__anext__"):
-        log.warning("aiormq has no FrameGenerator: AMQP frames are written one by one")
-        return False
+def install() -> None:
+    """Make every aiormq connection opened from now on write coalesced."""
     aiormq_connection.FrameGenerator = CoalescingFrameGenerator  # type: ignore[misc]
-    return True

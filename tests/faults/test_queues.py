@@ -12,11 +12,11 @@ import aio_pika
 import httpx
 import pytest
 
-from shared.amqp import to_message
 from shared.messages import Job, encode_job
 from tests.faults.harness.load import GRACE, Ledger, send
 from tests.faults.harness.nodes import RabbitNode
 from tests.faults.harness.router import LOCAL, FaultRouter
+from tests.support.amqp import to_message
 from tests.support.procs import wait_for
 
 RouterFactory = Callable[..., FaultRouter]

@@ -28,12 +28,13 @@ import httpx
 import pytest
 from aiormq.exceptions import ChannelAccessRefused, ChannelClosed, ChannelPreconditionFailed
 
-from shared.amqp import to_envelope, to_message
+from shared.amqp import envelope_of
 from shared.broker_acl import admin_grant, agent_grant, api_grant, definitions, dispatcher_grant
 from shared.messages import Job, Reply, ReplyKind, decode_job, encode_reply
 from shared.settings import Durability
 from shared.topology import Topology
 from tests.conftest import require_services
+from tests.support.amqp import to_message
 from tests.support.procs import ROOT, Stack, free_port, running_stack, wait_for
 from tests.support.rig import AGENT_TOKENS, MESSAGES, Router
 
@@ -239,14 +240,13 @@ def _take_job(acl: Acl, model: str, timeout: float = 10.0) -> Job:
     async def take() -> Job:
         connection = await aio_pika.connect(acl.url("admin"))
         try:
-            channel = await connection.channel()
-            queue = await channel.declare_queue(acl.topology.agent_queue(model), passive=True)
+            # aiormq's basic.get gives the message as the router's consumers receive it.
+            channel = await (await connection.channel()).get_underlay_channel()
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                message = await queue.get(fail=False)
-                if message is not None:
-                    await message.ack()
-                    return decode_job(to_envelope(message))
+                message = await channel.basic_get(acl.topology.agent_queue(model), no_ack=True)
+                if message.delivery_tag is not None:  # None: the queue was empty
+                    return decode_job(envelope_of(message))
                 await asyncio.sleep(0.05)
             raise TimeoutError(f"no job for {model}")
         finally:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from shared.amqp import to_message, to_properties
+from shared.amqp import to_properties
 from shared.messages import Envelope
+from tests.support.amqp import to_message
 
 ENVELOPES = [
     Envelope(

@@ -22,7 +22,9 @@ async def frames_of(generator: CoalescingFrameGenerator, n: int) -> list[Channel
 
 def test_installed_in_aiormq() -> None:
     assert aiormq_connection.FrameGenerator is CoalescingFrameGenerator
-    assert amqp_writes.install()  # idempotent
+    amqp_writes.install()  # idempotent
+    assert aiormq_connection.FrameGenerator is CoalescingFrameGenerator
+    assert hasattr(amqp_writes.OneByOneFrameGenerator, "__anext__")  # what it replaces is there
 
 
 async def test_queued_frames_leave_as_one_write_in_order() -> None:

@@ -360,9 +360,11 @@ async def wait_full_service(
     within: float = 15.0,
     timeout: float = 10.0,
     streak: int = 6,
+    explain: Callable[[list[str]], str] | None = None,
 ) -> float:
     """Seconds from `since` (monotonic) until `streak` requests in a row (JSON and streams, every
-    model) are answered ok; fails past `within`."""
+    model) are answered ok; fails past `within`, with `explain(request ids)` of the failed
+    requests (the services' log lines about them) when given."""
     models = list(models)
     ledger = Ledger()
     good = 0
@@ -371,10 +373,10 @@ async def wait_full_service(
         now = time.monotonic()
         if now - since > within:
             tail = "\n".join(e.describe() for e in ledger.entries[-6:])
-            failed = [e for e in ledger.entries if e.outcome != "ok"]
+            failed = [e.request_id for e in ledger.entries if e.outcome != "ok" and e.request_id]
+            logs = f"\n--- logs ---\n{explain(failed)}" if explain else ""
             raise AssertionError(
-                f"no full service {within:.0f}s after recovery ({ledger.summary()}):\n{tail}",
-                failed,  # for the caller to look up in the services' logs
+                f"no full service {within:.0f}s after recovery ({ledger.summary()}):\n{tail}{logs}"
             )
         entry = await send(
             http,
