@@ -5,7 +5,7 @@ requests/s and CPU ms/request (from /proc, the most load-robust figure) for the 
 the issue's targets are about. `MICRO_SECONDS` (default 5) sets each run's length;
 `MICRO_SERIES` (comma-separated keys) runs only some series;
 `MICRO_PROFILE=1` also records py-spy (`raw` stacks in bench/out/micro-*.txt) during an extra
-c=32 JSON run and prints its summary.
+run of the first chosen series (c=32 JSON when all run) and prints its summary.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ async def main() -> None:
             prefix = config.out_dir / f"micro-{time.strftime('%H%M%S')}"
             recording = asyncio.create_task(profile.record(pids, seconds, prefix))
             await asyncio.sleep(0.5)
-            await runner.measure(targets[ROUTER], SERIES[1], seconds)
+            profiled = chosen[0] if wanted else SERIES[1]
+            await runner.measure(targets[ROUTER], profiled, seconds)
             for name, path in (await recording).items():
                 print(f"--- {name} ({path})\n{profile.summarise(path, top=25)}")
     finally:
