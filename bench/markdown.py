@@ -27,7 +27,10 @@ def render(meta: dict[str, Any], s: dict[str, Any], rows: list[tuple[str, str, s
     lines += [f"- {k}: {v}" for k, v in meta["setup"].items()]
     lines += ["", "## Targets", ""]
     lines += _table(["target", "goal", "measured", "status"], [list(r) for r in rows])
-    sections = (_latency, _throughput, _streams, _ttft, _cpu, _cache, _scaling, _soak, _dummy)
+    sections = (
+        _latency, _throughput, _streams, _ttft, _cpu, _cache, _scaling, _soak, _dummy,
+        _ttft_instant,
+    )  # fmt: skip
     for section in sections:
         lines += ["", *section(meta, s)]
     if meta.get("profile"):
@@ -149,6 +152,20 @@ def _dummy(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
         f"- c=1: p50 {_f(d['p50'])} ms, p99 {_f(d['p99'])} ms "
         f"(against the agent path's {_f(s['latency'].get(ROUTER, {}).get('p50'))} ms p50)",
         f"- c=32: {_f(d['rps_c32'], '{:.0f}')} requests/s; CPU ms/request: {parts or 'n/a'}",
+    ]
+
+
+def _ttft_instant(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    instant = s.get("ttft_instant_overhead")
+    if instant is None:
+        return []
+    return [
+        "## Diagnostics: time to first token from an instant backend (stream, c=1)",
+        "",
+        f"- router TTFT overhead p50: {_f(instant)} ms with the instant backend, "
+        f"{_f(s.get(f'{ROUTER}_ttft_overhead'))} ms with the paced one (the target's series).",
+        "- Between paced tokens the cores go idle, and each hop of the path then wakes from",
+        "  idle: the difference is that cost, not work the router does.",
     ]
 
 

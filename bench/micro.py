@@ -27,6 +27,7 @@ SERIES = (
     Series("json_c32", "json", INSTANT_MODEL, 32),
     Series("streams", "stream", INSTANT_MODEL, 32),
     Series("ttft", "stream", PACED_MODEL, 1),
+    Series("ttft_instant", "stream", INSTANT_MODEL, 1),
     Series("dummy_c1", "json", DUMMY_MODEL, 1),
     Series("dummy_c32", "json", DUMMY_MODEL, 32),
     Series("cache_c1", "json", INSTANT_MODEL, 1, same=True),

@@ -96,6 +96,7 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
     for t in (ROUTER, LITELLM):
         s[f"{t}_ttft_overhead"] = overhead(results, "ttft", t, lambda r: r.ttft_p50_ms)
         s[f"{t}_ttft_overhead_p99"] = overhead(results, "ttft", t, lambda r: r.ttft_p99_ms)
+    s["ttft_instant_overhead"] = overhead(results, "ttft_instant", ROUTER, lambda r: r.ttft_p50_ms)
     if results.get("cache", ROUTER):
         s["cache"] = {
             t: {

@@ -75,6 +75,10 @@ def plan(config: BenchConfig) -> list[Series]:
     series = [Series(f"json_c{c}", "json", INSTANT_MODEL, c) for c in config.json_concurrency]
     series.append(Series("streams", "stream", INSTANT_MODEL, config.stream_concurrency))
     series.append(Series("ttft", "stream", PACED_MODEL, 1))
+    # Diagnostic: time to first token when the backend answers at once. Paced streams leave
+    # the cores idle between tokens, and waking a hop from idle costs more than a busy hop;
+    # the difference between the two TTFT overheads is that, not the router's own work.
+    series.append(Series("ttft_instant", "stream", INSTANT_MODEL, 1, only=(DIRECT, ROUTER)))
     # Diagnostics: the router's own `dummy` model (api + dispatcher, no agent hop, no backend),
     # to tell the cost of the agent hop from the rest.
     series.append(Series("dummy_c1", "json", DUMMY_MODEL, 1, only=(ROUTER,)))

@@ -108,3 +108,21 @@ def test_profile_summary_names_native_time_and_skips_entry_frames(tmp_path: Path
     assert "25.0%  [socket send" in text
     assert "publish (shared/amqp)" in text
     assert "services/cli" not in text
+
+
+def test_the_instant_ttft_diagnostic_is_reported_beside_the_paced_target() -> None:
+    config = BenchConfig(json_concurrency=(1, 32))
+    results = _results()
+    for direct, router in ((1.0, 4.0), (1.2, 4.6), (0.9, 3.8)):
+        results.add("ttft", DIRECT, result(10, 70, 80, ttft_p50_ms=direct, ttft_p99_ms=direct))
+        results.add("ttft", ROUTER, result(10, 75, 85, ttft_p50_ms=router, ttft_p99_ms=router))
+    for direct, router in ((0.3, 3.0), (0.4, 3.4), (0.3, 3.1)):
+        results.add("ttft_instant", DIRECT, result(500, 1, 2, ttft_p50_ms=direct))
+        results.add("ttft_instant", ROUTER, result(300, 3, 4, ttft_p50_ms=router))
+    s = summarise(config, results)
+    assert s["ttft_instant_overhead"] == pytest.approx(2.8)  # per round: 2.7, 3.0, 2.8
+    assert s["router_ttft_overhead"] == pytest.approx(3.0)  # per round: 3.0, 3.4, 2.9
+    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
+    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    text = render(meta, s, verdicts(config, s))
+    assert "2.80 ms with the instant backend, 3.00 ms with the paced one" in text
