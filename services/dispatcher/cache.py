@@ -7,7 +7,7 @@ whoever finishes the job to publish a `job.completed` event; `JobCache.on_comple
 functions of `cache_key` and `cache_replay`; `RedisStore` is the thin Redis shell.
 
 Single flight: a deterministic job whose key is not cached takes a lock (`SET NX PX`) before it
-is routed. An identical job that finds the lock held waits, holding its job message unacked, for
+is routed, in the same script call as the lookup. An identical job that finds the lock held waits, holding its job message unacked, for
 the writer's `ok` on the key's pub/sub channel, then answers from the cache. It stops waiting
 when the leader ends without a storable answer (`fail`: its producer published that too), when
 the leader's client cancels (the leader's dispatcher, which sees the cancel, releases its lock),
@@ -69,12 +69,26 @@ return 0
 # The two operations on every cacheable request, each one atomic script call for a whole batch
 # of requests (`Batcher`): redis-py's MULTI/EXEC pipelines cost the dispatcher about twice the
 # CPU of a script, and a call per request costs more than a share of a batch under load.
-# KEYS: entry, lock, entry, lock, ... Returns each entry (or nil) and whether its lock exists.
+# KEYS: entry, lock, entry, lock, ...; ARGV: owner, ttl in ms per entry (owner "": only look).
+# Returns per entry: the entry (or nil), whether a lock exists, whether this call took it. A
+# deterministic miss takes its single-flight lock in the same call that found no entry: one
+# round trip, and two identical jobs in one batch still get one leader (the script runs in
+# order).
 _PROBE = """
 local found = {}
-for i = 1, #KEYS, 2 do
-    found[i] = redis.call("GET", KEYS[i])
-    found[i + 1] = redis.call("EXISTS", KEYS[i + 1])
+for i = 1, #KEYS / 2 do
+    local entry = redis.call("GET", KEYS[2 * i - 1])
+    local locked = redis.call("EXISTS", KEYS[2 * i])
+    local taken = 0
+    local owner = ARGV[2 * i - 1]
+    if not entry and locked == 0 and owner ~= "" then
+        if redis.call("SET", KEYS[2 * i], owner, "NX", "PX", ARGV[2 * i]) then
+            taken = 1
+        end
+    end
+    found[3 * i - 2] = entry
+    found[3 * i - 1] = locked
+    found[3 * i] = taken
 end
 return found
 """
@@ -119,14 +133,24 @@ class Breaker:
 
 @dataclass(frozen=True, slots=True)
 class Probe:
+    """What a lookup found: the entry, whether another job holds its lock, or that this one
+    took the lock (asked for with a `LockRequest`, taken only when there was neither)."""
+
     entry: bytes | None
     locked: bool
+    acquired: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LockRequest:
+    owner: str
+    ttl_ms: int
 
 
 class CacheStore(Protocol):
     """The Redis operations of the cache; each raises CacheUnavailableError on failure."""
 
-    async def probe(self, key: str) -> Probe: ...
+    async def probe(self, key: str, lock: LockRequest | None = None) -> Probe: ...
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool: ...
     async def wait(self, key: str, timeout: float) -> bytes | None: ...
     async def write(self, key: str, body: bytes, ttl: int) -> None: ...
@@ -144,7 +168,7 @@ class RedisStore:
         # Sent by digest (EVALSHA); loaded again by redis-py if the server lost it.
         self._probe_script = redis.register_script(_PROBE)
         self._write_script = redis.register_script(_WRITE)
-        self._probes: Batcher[str, Probe] = Batcher(self._probe_many)
+        self._probes: Batcher[tuple[str, LockRequest | None], Probe] = Batcher(self._probe_many)
         self._writes: Batcher[tuple[str, bytes, int], None] = Batcher(self._write_many)
 
     @classmethod
@@ -169,18 +193,21 @@ class RedisStore:
         except (RedisError, OSError, TimeoutError) as e:
             raise CacheUnavailableError(f"redis: {type(e).__name__}: {e}") from e
 
-    async def probe(self, key: str) -> Probe:
-        return await self._probes.submit(key)
+    async def probe(self, key: str, lock: LockRequest | None = None) -> Probe:
+        return await self._probes.submit((key, lock))
 
-    async def _probe_many(self, keys: Sequence[str]) -> list[Probe]:
-        # Both reads in one script: a write landing between them would look like a leader
+    async def _probe_many(self, asks: Sequence[tuple[str, LockRequest | None]]) -> list[Probe]:
+        # The reads in one script: a write landing between them would look like a leader
         # that failed (no entry, no lock) and send a follower upstream.
-        found = await self._bounded(
-            self._probe_script(keys=[k for key in keys for k in (key, lock_key(key))])
-        )
+        keys: list[str] = []
+        args: list[str | int] = []
+        for key, lock in asks:
+            keys += (key, lock_key(key))
+            args += (lock.owner, lock.ttl_ms) if lock is not None else ("", 0)
+        found = await self._bounded(self._probe_script(keys=keys, args=args))
         return [
-            Probe(entry if isinstance(entry, bytes) else None, bool(locked))
-            for entry, locked in zip(found[::2], found[1::2], strict=True)
+            Probe(entry if isinstance(entry, bytes) else None, bool(locked), bool(taken))
+            for entry, locked, taken in zip(found[::3], found[1::3], found[2::3], strict=True)
         ]
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
@@ -313,23 +340,30 @@ class JobCache:
     async def _lookup(self, job: Job, store: CacheStore, plan: CachePlan) -> Hit | Proceed:
         key = plan.key
         assert key is not None
-        locked = False
+        now = self.clock()
+        ttl = min(self.single_flight_wait, max(job.remaining(now), 0.1))
+        # A deterministic job that may be stored leads or follows the identical jobs in flight.
+        lock = (
+            LockRequest(job.request_id, int(ttl * 1000))
+            if plan.deterministic and plan.store and self.single_flight_wait > 0
+            else None
+        )
+        locked = acquired = False
         if plan.lookup:
-            probe = await store.probe(key)
+            probe = await store.probe(key, lock)  # takes the lock too when nothing is there
             if probe.entry is not None and (hit := self._hit(job, probe.entry)):
                 return hit
-            locked = probe.locked
-        if plan.deterministic and self.single_flight_wait > 0:
-            if plan.store and not locked:
-                now = self.clock()
-                ttl = min(self.single_flight_wait, max(job.remaining(now), 0.1))
-                locked = not await store.acquire(key, job.request_id, int(ttl * 1000))
-                if not locked:
-                    self._lead(job.request_id, key, now=now, expires=now + ttl)
-            if locked and plan.lookup:
-                entry = await self._follow(job, store, key)
-                if entry is not None and (hit := self._hit(job, entry)):
-                    return hit
+            locked, acquired = probe.locked, probe.acquired
+        if lock is not None and not locked and not acquired:
+            # Not looked up (`no-cache`), or an unreadable entry was found: lock on its own.
+            acquired = await store.acquire(key, lock.owner, lock.ttl_ms)
+            locked = not acquired
+        if acquired:
+            self._lead(job.request_id, key, now=now, expires=now + ttl)
+        if locked and plan.lookup and plan.deterministic and self.single_flight_wait > 0:
+            entry = await self._follow(job, store, key)
+            if entry is not None and (hit := self._hit(job, entry)):
+                return hit
         status = MISS if plan.lookup else BYPASS
         return Proceed(job.with_changes(cache_status=status, cache_key=key if plan.store else None))
 

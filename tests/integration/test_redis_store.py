@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from services.dispatcher.cache import OK, CacheUnavailableError, Probe, RedisStore
+from services.dispatcher.cache import OK, CacheUnavailableError, LockRequest, Probe, RedisStore
 from services.dispatcher.cache_key import done_channel, lock_key
 from tests.conftest import REDIS, require_services
 
@@ -69,6 +69,39 @@ async def test_probes_in_one_burst_are_one_call_with_each_its_own_answer(
             Probe(None, False),
         ]
         assert store._probes.batches == 1
+    finally:
+        await store.aclose()
+
+
+async def test_a_probe_asking_for_the_lock_takes_it_only_where_nothing_is_there(
+    redis: tuple[Redis, Keys],
+) -> None:
+    client, key_named = redis
+    empty, cached, held, twice = (key_named(name) for name in ("empty", "cached", "held", "twice"))
+    await client.set(cached, b"entry")
+    await client.set(lock_key(held), "other")
+    store = RedisStore.from_url(URL, timeout=1.0)
+    try:
+        probes = await asyncio.gather(
+            store.probe(empty, LockRequest("r1", 5_000)),
+            store.probe(cached, LockRequest("r2", 5_000)),
+            store.probe(held, LockRequest("r3", 5_000)),
+            store.probe(twice, LockRequest("r4", 5_000)),
+            store.probe(twice, LockRequest("r5", 5_000)),  # identical job in the same batch
+        )
+        assert store._probes.batches == 1
+        assert probes == [
+            Probe(None, False, acquired=True),
+            Probe(b"entry", False),
+            Probe(None, True),
+            Probe(None, False, acquired=True),
+            Probe(None, True),
+        ]
+        assert await client.get(lock_key(empty)) == b"r1"
+        assert 0 < await client.pttl(lock_key(empty)) <= 5_000
+        assert not await client.exists(lock_key(cached))
+        assert await client.get(lock_key(held)) == b"other"
+        assert await client.get(lock_key(twice)) == b"r4"
     finally:
         await store.aclose()
 

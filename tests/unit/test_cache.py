@@ -18,6 +18,7 @@ from services.dispatcher.cache import (
     CacheUnavailableError,
     Hit,
     JobCache,
+    LockRequest,
     Probe,
     Proceed,
 )
@@ -69,9 +70,13 @@ class MemoryStore:
         if self.down:
             raise CacheUnavailableError("redis: ConnectionError")
 
-    async def probe(self, key: str) -> Probe:
+    async def probe(self, key: str, lock: LockRequest | None = None) -> Probe:
         self._use()
-        return Probe(self.entries.get(key), key in self.locks)
+        entry, locked = self.entries.get(key), key in self.locks
+        if lock is not None and entry is None and not locked:
+            self.locks[key] = lock.owner
+            return Probe(None, False, acquired=True)
+        return Probe(entry, locked)
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
         self._use()
@@ -353,6 +358,34 @@ async def test_an_identical_deterministic_job_waits_for_the_one_in_flight() -> N
     assert isinstance(answered, Hit) and orjson.loads(answered.payload)["id"] == "chatcmpl-r2"
     assert isinstance(streamed, Hit) and streamed.payload.startswith(b"data: ")
     assert cache.waiting == 0
+
+
+async def test_a_deterministic_miss_takes_its_lock_in_the_lookup_itself() -> None:
+    store = MemoryStore()
+    cache = make_cache(store)
+    leader = await cache.lookup(job("r1", body=DETERMINISTIC))
+    assert isinstance(leader, Proceed) and store.locks == {leader.job.cache_key: "r1"}
+    assert store.calls == 1  # one round trip: no separate acquire
+
+
+async def test_without_a_lookup_a_deterministic_job_still_takes_the_lock() -> None:
+    store = MemoryStore()
+    cache = make_cache(store)
+    leader = await cache.lookup(job("r1", body=DETERMINISTIC, cache_control="no-cache"))
+    assert isinstance(leader, Proceed) and leader.job.cache_status == "bypass"
+    assert store.locks == {leader.job.cache_key: "r1"}
+
+
+async def test_an_unreadable_entry_is_a_miss_that_leads() -> None:
+    store = MemoryStore()
+    cache = make_cache(store)
+    first = await cache.lookup(job("r0", body=DETERMINISTIC))
+    assert isinstance(first, Proceed) and first.job.cache_key is not None
+    store.entries[first.job.cache_key] = b"not json"
+    store.locks.clear()
+    leader = await cache.lookup(job("r1", body=DETERMINISTIC))
+    assert isinstance(leader, Proceed) and leader.job.cache_status == "miss"
+    assert store.locks == {first.job.cache_key: "r1"}
 
 
 async def test_followers_are_routed_at_once_when_the_leader_fails() -> None:
