@@ -6,15 +6,16 @@ whoever finishes the job to publish a `job.completed` event; `JobCache.on_comple
 `completed` queue, one dispatcher per event) writes the entry. The decisions are the pure
 functions of `cache_key` and `cache_replay`; `RedisStore` is the thin Redis shell.
 
-Single flight: a deterministic job whose key is not cached takes a lock (`SET NX PX`) before it
-is routed, in the same script call as the lookup. An identical job that finds the lock held waits, holding its job message unacked, for
-the writer's `ok` on the key's pub/sub channel, then answers from the cache. It stops waiting
-when the leader ends without a storable answer (`fail`: its producer published that too), when
-the leader's client cancels (the leader's dispatcher, which sees the cancel, releases its lock),
-when the lock expires, after `single_flight_wait` seconds or half its own time left, or when its
-own client cancels; then it is routed like any miss. At most `max_waiters` jobs wait at once
-per dispatcher, so waiting never takes more than part of the jobs queue's prefetch: past it, a
-job is routed at once (one more upstream call rather than a stalled jobs queue).
+Single flight: a deterministic job whose key is not cached takes a lock (`SET NX PX`) before it is
+routed, in the same script call as the lookup. An identical job that finds the lock held waits,
+holding its job message unacked, for the writer's `ok` on the key's pub/sub channel, then answers
+from the cache. It stops waiting when the leader ends without a storable answer (`fail`: its
+producer published that too), when the leader's client cancels (the leader's dispatcher, which sees
+the cancel, releases its lock), when the lock expires, after `single_flight_wait` seconds or half
+its own time left, or when its own client cancels; then it is routed like any miss. At most
+`max_waiters` jobs wait at once per dispatcher, so waiting never takes more than part of the jobs
+queue's prefetch: past it, a job is routed at once (one more upstream call rather than a stalled
+jobs queue).
 
 Fail-open: every Redis operation is bounded by `timeout`; a failure makes the job bypass the
 cache (`x-cache: bypass`) and opens a breaker that skips Redis for `BREAKER_COOLDOWN` seconds,
