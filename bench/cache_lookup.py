@@ -1,0 +1,88 @@
+"""`python -m bench.cache_lookup`: the dispatcher's Redis cost per cache lookup, on its own.
+
+Runs `RedisStore` against `REDIS_URL` (default: the machine's Redis) on fresh keys, and reports
+wall time and this process's CPU per lookup for:
+
+- a deterministic miss, one at a time: the probe that also takes the single-flight lock, and,
+  for comparison, a probe followed by a separate `SET NX PX` (how it was done before);
+- a probe alone, and 32 probes at once (how they arrive under load), which the store sends as
+  one batch.
+
+`LOOKUPS` (default 2000) sets how many per row; `ROUNDS` (default 2) repeats the rows in turn.
+Keys live under `bench-lookup:<hex>` and are deleted at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import uvloop
+from redis.asyncio import Redis
+
+from services.dispatcher.cache import LockRequest, RedisStore
+from services.dispatcher.cache_key import lock_key
+
+
+async def main() -> None:
+    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    lookups = int(os.environ.get("LOOKUPS", "2000"))
+    rounds = int(os.environ.get("ROUNDS", "2"))
+    prefix = f"bench-lookup:{secrets.token_hex(4)}"
+    store = RedisStore.from_url(url, timeout=1.0)
+    made: list[str] = []
+    counter = 0
+
+    def fresh() -> str:
+        nonlocal counter
+        counter += 1
+        key = f"{prefix}:{counter}"
+        made.extend((key, lock_key(key)))
+        return key
+
+    async def merged() -> None:
+        probe = await store.probe(fresh(), LockRequest("bench", 5000))
+        assert probe.acquired
+
+    async def separate() -> None:
+        key = fresh()
+        await store.probe(key)
+        assert await store.acquire(key, "bench", 5000)
+
+    async def single() -> None:
+        await store.probe(fresh())
+
+    async def burst() -> None:
+        await asyncio.gather(*(store.probe(fresh()) for _ in range(32)))
+
+    rows: list[tuple[str, Callable[[], Awaitable[None]], int]] = [
+        ("miss, probe and lock in one call", merged, 1),
+        ("miss, probe then SET NX (before)", separate, 1),
+        ("one probe at a time", single, 1),
+        ("32 probes at once (per probe)", burst, 32),
+    ]
+    try:
+        await merged()  # loads the script
+        for _ in range(rounds):
+            for name, run, per_call in rows:
+                calls = max(lookups // per_call, 1)
+                wall, cpu = time.perf_counter(), time.process_time()
+                for _ in range(calls):
+                    await run()
+                n = calls * per_call
+                wall_us = (time.perf_counter() - wall) / n * 1e6
+                cpu_us = (time.process_time() - cpu) / n * 1e6
+                print(f"{name:36} wall {wall_us:6.0f} us  cpu {cpu_us:6.0f} us", flush=True)
+    finally:
+        redis = Redis.from_url(url)
+        for i in range(0, len(made), 1000):
+            await redis.delete(*made[i : i + 1000])
+        await redis.aclose()
+        await store.aclose()
+
+
+if __name__ == "__main__":
+    uvloop.run(main())
