@@ -343,11 +343,10 @@ class JobCache:
         assert key is not None
         now = self.clock()
         ttl = min(self.single_flight_wait, max(job.remaining(now), 0.1))
-        # A deterministic job that may be stored leads or follows the identical jobs in flight.
+        # A deterministic job leads (if it may be stored) or follows the identical jobs in flight.
+        single_flight = plan.deterministic and self.single_flight_wait > 0
         lock = (
-            LockRequest(job.request_id, int(ttl * 1000))
-            if plan.deterministic and plan.store and self.single_flight_wait > 0
-            else None
+            LockRequest(job.request_id, int(ttl * 1000)) if single_flight and plan.store else None
         )
         locked = acquired = False
         if plan.lookup:
@@ -361,7 +360,7 @@ class JobCache:
             locked = not acquired
         if acquired:
             self._lead(job.request_id, key, now=now, expires=now + ttl)
-        if locked and plan.lookup and plan.deterministic and self.single_flight_wait > 0:
+        if locked and plan.lookup and single_flight:
             entry = await self._follow(job, store, key)
             if entry is not None and (hit := self._hit(job, entry)):
                 return hit

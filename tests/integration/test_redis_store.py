@@ -48,8 +48,17 @@ async def redis() -> AsyncIterator[tuple[Redis, Keys]]:
         await client.aclose()
 
 
+@pytest.fixture
+async def store() -> AsyncIterator[RedisStore]:
+    store = RedisStore.from_url(URL, timeout=1.0)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 async def test_probes_in_one_burst_are_one_call_with_each_its_own_answer(
-    redis: tuple[Redis, Keys],
+    redis: tuple[Redis, Keys], store: RedisStore
 ) -> None:
     client, key_named = redis
     keys = [key_named(f"k{i}") for i in range(6)]
@@ -57,57 +66,49 @@ async def test_probes_in_one_burst_are_one_call_with_each_its_own_answer(
     await client.set(keys[2], b"entry-2")
     await client.set(lock_key(keys[2]), "someone")  # entry and lock both: the entry counts
     await client.set(lock_key(keys[3]), "someone")
-    store = RedisStore.from_url(URL, timeout=1.0)
-    try:
-        probes = await asyncio.gather(*(store.probe(key) for key in keys))
-        assert probes == [
-            Probe(b"entry-0", False),
-            Probe(None, False),
-            Probe(b"entry-2", True),
-            Probe(None, True),
-            Probe(None, False),
-            Probe(None, False),
-        ]
-        assert store._probes.batches == 1
-    finally:
-        await store.aclose()
+    probes = await asyncio.gather(*(store.probe(key) for key in keys))
+    assert probes == [
+        Probe(b"entry-0", False),
+        Probe(None, False),
+        Probe(b"entry-2", True),
+        Probe(None, True),
+        Probe(None, False),
+        Probe(None, False),
+    ]
+    assert store._probes.batches == 1
 
 
 async def test_a_probe_asking_for_the_lock_takes_it_only_where_nothing_is_there(
-    redis: tuple[Redis, Keys],
+    redis: tuple[Redis, Keys], store: RedisStore
 ) -> None:
     client, key_named = redis
     empty, cached, held, twice = (key_named(name) for name in ("empty", "cached", "held", "twice"))
     await client.set(cached, b"entry")
     await client.set(lock_key(held), "other")
-    store = RedisStore.from_url(URL, timeout=1.0)
-    try:
-        probes = await asyncio.gather(
-            store.probe(empty, LockRequest("r1", 5_000)),
-            store.probe(cached, LockRequest("r2", 5_000)),
-            store.probe(held, LockRequest("r3", 5_000)),
-            store.probe(twice, LockRequest("r4", 5_000)),
-            store.probe(twice, LockRequest("r5", 5_000)),  # identical job in the same batch
-        )
-        assert store._probes.batches == 1
-        assert probes == [
-            Probe(None, False, acquired=True),
-            Probe(b"entry", False),
-            Probe(None, True),
-            Probe(None, False, acquired=True),
-            Probe(None, True),
-        ]
-        assert await client.get(lock_key(empty)) == b"r1"
-        assert 0 < await client.pttl(lock_key(empty)) <= 5_000
-        assert not await client.exists(lock_key(cached))
-        assert await client.get(lock_key(held)) == b"other"
-        assert await client.get(lock_key(twice)) == b"r4"
-    finally:
-        await store.aclose()
+    probes = await asyncio.gather(
+        store.probe(empty, LockRequest("r1", 5_000)),
+        store.probe(cached, LockRequest("r2", 5_000)),
+        store.probe(held, LockRequest("r3", 5_000)),
+        store.probe(twice, LockRequest("r4", 5_000)),
+        store.probe(twice, LockRequest("r5", 5_000)),  # identical job in the same batch
+    )
+    assert store._probes.batches == 1
+    assert probes == [
+        Probe(None, False, acquired=True),
+        Probe(b"entry", False),
+        Probe(None, True),
+        Probe(None, False, acquired=True),
+        Probe(None, True),
+    ]
+    assert await client.get(lock_key(empty)) == b"r1"
+    assert 0 < await client.pttl(lock_key(empty)) <= 5_000
+    assert not await client.exists(lock_key(cached))
+    assert await client.get(lock_key(held)) == b"other"
+    assert await client.get(lock_key(twice)) == b"r4"
 
 
 async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
-    redis: tuple[Redis, Keys],
+    redis: tuple[Redis, Keys], store: RedisStore
 ) -> None:
     client, key_named = redis
     keys = [key_named(f"w{i}") for i in range(4)]
@@ -115,7 +116,6 @@ async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
         await client.set(lock_key(key), "leader")
     pubsub = client.pubsub()
     await pubsub.subscribe(*(done_channel(key) for key in keys))
-    store = RedisStore.from_url(URL, timeout=1.0)
     try:
         await asyncio.gather(
             *(store.write(key, f"body-{i}".encode(), 30 + i) for i, key in enumerate(keys))
@@ -134,7 +134,6 @@ async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
         assert told == {done_channel(key).encode(): OK for key in keys}
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await store.aclose()
 
 
 async def test_a_probe_against_no_redis_fails_as_unavailable() -> None:
