@@ -36,8 +36,10 @@ from bench.series import (
     build_targets,
     plan,
     sanity_check,
+    target_mode,
 )
 from bench.stack import INSTANT_MODEL, PACED_MODEL, SLOW_MODEL, Stack, StartupError
+from bench.versions import describe
 
 log = logging.getLogger("bench")
 
@@ -54,7 +56,10 @@ def wants_litellm(config: BenchConfig) -> bool:
     return installed and config.peers != "off"
 
 
-def setup_lines(config: BenchConfig, stack: Stack, use_wrk: bool, litellm: bool) -> dict[str, str]:
+def setup_lines(
+    config: BenchConfig, stack: Stack, siblings: dict[str, Stack], use_wrk: bool, litellm: bool
+) -> dict[str, str]:
+    others = ", ".join(f"{mode} (namespace {s.namespace})" for mode, s in siblings.items())
     lines = {
         "machine": f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f} at start",
         "load generator": f"wrk {wrk_version()} (1 thread, Lua script bench/wrk/chat.lua)"
@@ -69,6 +74,13 @@ def setup_lines(config: BenchConfig, stack: Stack, use_wrk: bool, litellm: bool)
         f"DURABILITY={config.durability}, LOG_LEVEL={config.log_level}, "
         f"AGENT_CONCURRENCY={config.agent_concurrency}, client keys on, Redis cache as configured "
         "(REDIS_URL, CACHE_TTL)",
+        "durability modes": f"{config.durability} (the router above, the targets' mode); "
+        + (
+            f"{others}: api + dispatcher + one agent each, in front of the same instant fake, "
+            "for JSON c=1 and c=32 and streams only"
+            if others
+            else "no other (see the modes section)"
+        ),
         "agent scaling": f"AGENT_CONCURRENCY={config.scaling_concurrency} per agent, "
         f"{config.scaling_clients} client connections, agents {config.scaling_agents}",
         "LiteLLM": f"{litellm_version()}, 2 workers, logging off, same fake backend"
@@ -104,6 +116,43 @@ async def start(stack: Stack, config: BenchConfig, litellm: bool) -> bool:
     return litellm
 
 
+def command_line() -> str:
+    """How this run was asked for: the command and the `BENCH_*` settings it was given."""
+    asked = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("BENCH_"))
+    return f"{asked} python -m bench".strip() + " (what `make bench` runs)"
+
+
+async def start_siblings(
+    stack: Stack, config: BenchConfig, stacks: list[Stack], meta: dict[str, Any]
+) -> dict[str, Stack]:
+    """A router per extra durability mode (mode -> its stack); one that fails is left out.
+
+    Each goes into `stacks` before it starts, so that the run stops it and cleans its namespace
+    whatever happens.
+    """
+    started: dict[str, Stack] = {}
+    for mode in config.modes:
+        sibling = stack.sibling(mode)
+        stacks.append(sibling)
+        try:
+            await sibling.start_router()
+            await sibling.start_agent(INSTANT_MODEL, config.agent_concurrency)
+        except StartupError as e:
+            log.warning("the %s router did not start, going on without it: %s", mode, e)
+            sibling.stop()
+            note_missing(meta, mode, "did not start", e)
+            continue
+        log.info("%s router up (namespace %s)", mode, sibling.namespace)
+        started[mode] = sibling
+    return started
+
+
+def note_missing(meta: dict[str, Any], mode: str, what: str, error: Exception) -> None:
+    """Why `mode` has no row in the modes section (the full error is in the log)."""
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    meta.setdefault("modes_missing", {})[mode] = f"{what}: {first}"
+
+
 async def profile_runs(
     runner: Runner, stack: Stack, config: BenchConfig, prefix: Path
 ) -> dict[str, str]:
@@ -134,26 +183,36 @@ async def profile_runs(
 
 
 async def check_targets(targets: dict[str, Target], meta: dict[str, Any]) -> None:
-    """A JSON answer and a stream through each target; LiteLLM failing only drops it."""
+    """A JSON answer and a stream through each target; LiteLLM or a mode failing only drops it."""
     for target in list(targets.values()):
-        for model in (INSTANT_MODEL, PACED_MODEL):
+        mode = target_mode(target.name)
+        for model in (INSTANT_MODEL,) if mode else (INSTANT_MODEL, PACED_MODEL):
             try:
                 await sanity_check(target, model)
             except Exception as e:
-                if target.name != LITELLM:
+                if target.name != LITELLM and not mode:
                     raise
-                log.warning("LiteLLM fails the sanity check, dropped: %s", e)
-                targets.pop(LITELLM, None)
-                meta["setup"]["LiteLLM"] = f"dropped: {e}"
+                log.warning("%s fails the sanity check, dropped: %s", target.name, e)
+                targets.pop(target.name, None)
+                if mode:
+                    note_missing(meta, mode, "failed the sanity check", e)
+                else:
+                    meta["setup"]["LiteLLM"] = f"dropped: {e}"
                 break
 
 
 async def measure(
-    config: BenchConfig, stack: Stack, litellm: bool, meta: dict[str, Any], run_id: str
+    config: BenchConfig,
+    stack: Stack,
+    litellm: bool,
+    meta: dict[str, Any],
+    run_id: str,
+    *,
+    siblings: dict[str, Stack],
 ) -> Results:
     """Every series, round after round, then the profile (if asked) and the soak."""
     results = Results()
-    targets = build_targets(stack, procstat.rabbitmq_pid(), litellm)
+    targets = build_targets(stack, procstat.rabbitmq_pid(), litellm, siblings)
     await check_targets(targets, meta)
     runner = Runner(config, stack, targets)
     series = plan(config)
@@ -167,6 +226,8 @@ async def measure(
     for index in range(config.rounds):
         await runner.round(index, series, results)
         await runner.scaling_round(index, results)
+    for sibling in siblings.values():  # done with: the profile and the soak are the main router's
+        sibling.stop()
     await runner.scale_to(1)
     if config.profile:
         prefix = config.out_dir / f"{run_id}-profile"
@@ -205,6 +266,7 @@ async def run(config: BenchConfig) -> int:
     started = datetime.now(UTC)
     run_id = started.strftime("%Y%m%d-%H%M%S")
     stack = Stack(config, run_id)
+    stacks = [stack]  # and one per other durability mode: all stopped and cleaned at the end
     litellm = wants_litellm(config)
     use_wrk = config.load_tool == "wrk" or (config.load_tool == "auto" and wrk_available())
     meta: dict[str, Any] = {
@@ -221,19 +283,33 @@ async def run(config: BenchConfig) -> int:
         except StartupError as e:
             log.error("the stack did not start: %s", e)
             return 1
-        meta["setup"] = setup_lines(config, stack, use_wrk, litellm)
-        results = await measure(config, stack, litellm, meta, run_id)
+        siblings = await start_siblings(stack, config, stacks, meta)
+        meta["setup"] = setup_lines(config, stack, siblings, use_wrk, litellm)
+        meta["setup"].update(await describe(ROOT, broker_url(), redis_url()))
+        meta["setup"]["command"] = command_line()
+        results = await measure(config, stack, litellm, meta, run_id, siblings=siblings)
         meta["setup"]["machine"] += f", {os.getloadavg()[0]:.2f} at end"
     finally:
-        stack.stop()
-        await clean_broker(stack.namespace)
+        for each in reversed(stacks):  # the main stack, which runs the fakes, last
+            each.stop()
+        for each in stacks:
+            await clean_broker(each.namespace)
     write_report(config, meta, results, run_id)
     log.info("done in %.0f s", time.monotonic() - t0)
     return 0
 
 
+def broker_url() -> str:
+    """The broker the services use (they read the same variable, with the same default)."""
+    return os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+def redis_url() -> str:
+    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
 async def clean_broker(namespace: str) -> None:
-    url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    url = broker_url()
     try:
         gone = await delete_namespace(url, namespace)
     except Exception as e:  # cleanup must not hide the run's own outcome

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.settings import Durability
+
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_VENV = ROOT / "bench" / ".peers"
 LITELLM_VERSION = "1.108.0"  # keep in step with bench/peers.sh
@@ -23,6 +25,17 @@ def _num(env: Mapping[str, str], name: str, default: float) -> float:
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_num(env, name, default))
+
+
+def _modes(env: Mapping[str, str], main: str) -> tuple[str, ...]:
+    """`BENCH_MODES`: the modes measured beside the main router's (default: the other two)."""
+    valid = [m.value for m in Durability]
+    raw = env.get("BENCH_MODES")
+    names = valid if raw is None else raw.replace(",", " ").split()
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"BENCH_MODES: {name!r} is not one of {valid}")
+    return tuple(m for m in dict.fromkeys(names) if m != main)
 
 
 @dataclass(frozen=True)
@@ -51,7 +64,8 @@ class BenchConfig:
     peers: str = "auto"  # auto: LiteLLM when bench/.peers has it; require; off
     profile: bool = False  # py-spy the router's services during one c=32 run
     load_tool: str = "auto"  # auto (wrk if installed), wrk, python
-    durability: str = "durable"
+    durability: str = "durable"  # the main router's: the targets are judged on it
+    modes: tuple[str, ...] = ()  # other modes, each measured on a router of its own
     log_level: str = "WARNING"  # of the router's services (and LiteLLM's)
     write_results: str = "auto"  # auto: bench/RESULTS.md on full runs only; 1; 0
     out_dir: Path = field(default_factory=lambda: ROOT / "bench" / "out")
@@ -61,6 +75,7 @@ class BenchConfig:
         env = os.environ if env is None else env
         quick = _flag(env, "BENCH_QUICK")
         base = cls(quick=True, rounds=2, duration=2.0, warmup=1.0, soak=15.0) if quick else cls()
+        durability = env.get("BENCH_DURABILITY", base.durability)
         return cls(
             quick=quick,
             rounds=max(_int(env, "BENCH_ROUNDS", base.rounds), 1),
@@ -75,7 +90,8 @@ class BenchConfig:
             peers=env.get("BENCH_PEERS", base.peers).strip().lower() or "auto",
             profile=_flag(env, "BENCH_PROFILE"),
             load_tool=env.get("BENCH_LOAD", base.load_tool).strip().lower() or "auto",
-            durability=env.get("BENCH_DURABILITY", base.durability),
+            durability=durability,
+            modes=_modes(env, durability),
             log_level=env.get("BENCH_LOG_LEVEL", base.log_level),
             write_results=env.get("BENCH_WRITE_RESULTS", base.write_results).strip().lower(),
             out_dir=Path(env.get("BENCH_OUT", str(base.out_dir))),

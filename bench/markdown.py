@@ -28,7 +28,7 @@ def render(meta: dict[str, Any], s: dict[str, Any], rows: list[tuple[str, str, s
     lines += ["", "## Targets", ""]
     lines += _table(["target", "goal", "measured", "status"], [list(r) for r in rows])
     sections = (
-        _latency, _throughput, _streams, _ttft, _cpu, _cache, _scaling, _soak, _dummy,
+        _latency, _throughput, _streams, _ttft, _cpu, _modes, _cache, _scaling, _soak, _dummy,
         _ttft_instant,
     )  # fmt: skip
     for section in sections:
@@ -99,6 +99,24 @@ def _cpu(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
                 body.append([series, target, name, _f(value, "{:.3f}")])
     header = ["series", "path", "process", "CPU ms/request"]
     return ["## CPU per request (ms), JSON c=32 and streams", "", *_table(header, body)]
+
+
+def _modes(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    main = s["main_mode"]
+    lines = [f"## Durability modes (the targets are judged on {main})", ""]
+    missing = meta.get("modes_missing") or {}
+    note = "n/a: " + "; ".join(f"{mode} {why}" for mode, why in missing.items()) if missing else ""
+    if len(s["modes"]) < 2:  # only the main router's: nothing to compare
+        return [*lines, note or "n/a: no other mode asked for (BENCH_MODES)"]
+    c = meta["stream_concurrency"]
+    header = ["mode", "overhead p50 c=1 (ms)", "RPS c=32"]
+    header += ["CPU ms/request c=32 (whole path, incl. RabbitMQ)", f"streams/s c={c}"]
+    body = [
+        [f"{mode} (main)" if mode == main else mode, _f(v["overhead_p50"]),
+         _f(v["rps_c32"], "{:.0f}"), _f(v["cpu_c32"], "{:.3f}"), _f(v["streams"], "{:.0f}")]
+        for mode, v in s["modes"].items()
+    ]  # fmt: skip
+    return [*lines, *_table(header, body), *(["", note] if note else [])]
 
 
 def _cache(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.load import LoadResult
-from bench.series import DIRECT, LITELLM, ROUTER, Results
+from bench.series import DIRECT, LITELLM, ROUTER, Results, mode_target
 
 
 def med(values: Iterable[float | None]) -> float | None:
@@ -118,6 +118,8 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
     }
     s["cpu"] = _cpu(results, "json_c32")
     s["cpu_streams"] = _cpu(results, "streams")
+    s["main_mode"] = config.durability
+    s["modes"] = _modes(config, results)
     s["scaling"] = {n: med([r.rps for r in runs]) for n, runs in sorted(results.scaling.items())}
     first, last = min(results.scaling, default=None), max(results.scaling, default=None)
     s["scaling_ratio"] = (
@@ -168,6 +170,21 @@ def _cpu(results: Results, series: str) -> dict[str, dict[str, float | None]]:
         per["whole path"] = cpu_per_request(runs, lambda _: True)
         out[t] = per
     return out
+
+
+def _modes(config: BenchConfig, results: Results) -> dict[str, dict[str, float | None]]:
+    """The modes section's figures, per durability mode measured (the main router's first)."""
+    targets = {config.durability: ROUTER} | {m: mode_target(m) for m in config.modes}
+    return {
+        mode: {
+            "overhead_p50": overhead(results, "json_c1", t, lambda r: r.p50_ms),
+            "rps_c32": med([r.rps for r in results.get("json_c32", t)]),
+            "cpu_c32": cpu_per_request(results.get("json_c32", t), lambda _: True),
+            "streams": med([r.rps for r in results.get("streams", t)]),
+        }
+        for mode, t in targets.items()
+        if results.get("json_c1", t)
+    }
 
 
 def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -1,10 +1,11 @@
 """What is measured, against which targets, in which order.
 
 A target is one way to reach the fake backend: `direct` (the client calls the fake itself),
-`router` (api -> dispatcher -> agent -> fake, over RabbitMQ) or `litellm` (the LiteLLM proxy
-in front of the same fake). Each round runs every series once, each series on every target
-back to back; the order of the targets rotates from round to round, so no target always runs
-first (warm caches) or last (a busier machine).
+`router` (api -> dispatcher -> agent -> fake, over RabbitMQ), `litellm` (the LiteLLM proxy
+in front of the same fake) or `router@<mode>` (a router of its own in another durability mode,
+only for the series the modes section shows). Each round runs every series once, each series
+on every target back to back; the order of the targets rotates from round to round, so no
+target always runs first (warm caches) or last (a busier machine).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,16 @@ log = logging.getLogger("bench")
 DIRECT, ROUTER, LITELLM = "direct", "router", "litellm"
 
 
+def mode_target(mode: str) -> str:
+    """The target of the router running in durability `mode` beside the main one."""
+    return f"{ROUTER}@{mode}"
+
+
+def target_mode(name: str) -> str:
+    """The durability mode of a `router@<mode>` target; "" for any other target."""
+    return name.removeprefix(f"{ROUTER}@") if name.startswith(f"{ROUTER}@") else ""
+
+
 @dataclass
 class Target:
     name: str
@@ -38,12 +49,25 @@ class Target:
     key: str = "bench"
 
 
-def build_targets(stack: Stack, beam_pid: int | None, with_litellm: bool) -> dict[str, Target]:
-    def router_pids(model: str) -> dict[str, int]:
-        pids = stack.router_pids(model)
+def router_target(name: str, stack: Stack, beam_pid: int | None) -> Target:
+    """The path through `stack`'s router; its CPU counts RabbitMQ's too."""
+
+    def pids(model: str) -> dict[str, int]:
+        found = stack.router_pids(model)
         if beam_pid is not None:
-            pids["rabbitmq"] = beam_pid
-        return pids
+            found["rabbitmq"] = beam_pid
+        return found
+
+    return Target(name, lambda _: stack.api_url, router_id, pids, stack.client_key)
+
+
+def build_targets(
+    stack: Stack,
+    beam_pid: int | None,
+    with_litellm: bool,
+    siblings: Mapping[str, Stack] | None = None,
+) -> dict[str, Target]:
+    """direct, router, one router@<mode> per sibling (mode -> its stack), litellm."""
 
     def litellm_pids(_: str) -> dict[str, int]:
         assert stack.litellm is not None
@@ -52,8 +76,10 @@ def build_targets(stack: Stack, beam_pid: int | None, with_litellm: bool) -> dic
 
     targets = {
         DIRECT: Target(DIRECT, lambda m: stack.fakes[m], lambda m: m, lambda _: {}),
-        ROUTER: Target(ROUTER, lambda _: stack.api_url, router_id, router_pids, stack.client_key),
+        ROUTER: router_target(ROUTER, stack, beam_pid),
     }
+    for mode, sibling in (siblings or {}).items():
+        targets[mode_target(mode)] = router_target(mode_target(mode), sibling, beam_pid)
     if with_litellm:
         targets[LITELLM] = Target(
             LITELLM, lambda _: stack.litellm_url, router_id, litellm_pids, stack.litellm_key
@@ -68,12 +94,23 @@ class Series:
     model: str  # which fake
     concurrency: int
     same: bool = False  # one identical body (cache hits) instead of unique ones
-    only: tuple[str, ...] | None = None  # targets it runs on (None: all)
+    only: tuple[str, ...] | None = None  # targets it runs on (None: all but the modes')
+    modes: bool = False  # also on the router@<mode> targets (the modes section's series)
+
+    def runs_on(self, target: str) -> bool:
+        if target_mode(target):
+            return self.modes
+        return self.only is None or target in self.only
 
 
 def plan(config: BenchConfig) -> list[Series]:
-    series = [Series(f"json_c{c}", "json", INSTANT_MODEL, c) for c in config.json_concurrency]
-    series.append(Series("streams", "stream", INSTANT_MODEL, config.stream_concurrency))
+    # The durability modes are compared on overhead at c=1, throughput and CPU at c=32 and
+    # streams: what a mode could change. The rest would only lengthen the run.
+    series = [
+        Series(f"json_c{c}", "json", INSTANT_MODEL, c, modes=c in (1, 32))
+        for c in config.json_concurrency
+    ]
+    series.append(Series("streams", "stream", INSTANT_MODEL, config.stream_concurrency, modes=True))
     series.append(Series("ttft", "stream", PACED_MODEL, 1))
     # Diagnostic: time to first token when the backend answers at once. Paced streams leave
     # the cores idle between tokens, and waking a hop from idle costs more than a busy hop;
@@ -162,8 +199,7 @@ class Runner:
             return await _fake_requests(session, self.stack.fakes[model])
 
     def _targets_of(self, series: Series) -> list[str]:
-        names = [n for n in self.targets if series.only is None or n in series.only]
-        return names
+        return [n for n in self.targets if series.runs_on(n)]
 
     # --- cache hits --------------------------------------------------------------------------
     async def cache_works(self) -> tuple[bool, str]:

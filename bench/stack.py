@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -142,11 +142,21 @@ class Stack:
     litellm: Process | None = None
     litellm_url: str = ""
     litellm_key: str = field(default_factory=lambda: f"sk-bench-{secrets.token_hex(24)}")
+    subdir: str = ""  # of the run's log dir: a sibling's logs stay apart from the main ones
     _spawned: int = 0
 
     @property
     def log_dir(self) -> Path:
-        return ROOT / "var" / "bench" / self.run_id
+        return ROOT / "var" / "bench" / self.run_id / self.subdir
+
+    def sibling(self, mode: str) -> Stack:
+        """A stack for a router in another durability mode, in front of these same fakes.
+
+        Its own namespace, client key and logs, the run's agent secret; it starts nothing until
+        `start_router` and stops only what it started (the fakes stay this stack's).
+        """
+        config = replace(self.config, durability=mode)
+        return Stack(config, self.run_id, secret=self.secret, fakes=self.fakes, subdir=mode)
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
         self._spawned += 1  # a restarted agent keeps its name: its log must not overwrite

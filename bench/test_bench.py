@@ -1,17 +1,20 @@
-"""The harness's pure parts (`.venv/bin/pytest bench/test_bench.py`; no sockets, no processes)."""
+"""The harness's pure parts (`.venv/bin/pytest bench/test_bench.py`; no processes, and sockets
+only to a closed port)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
 
+from bench import versions
 from bench.config import BenchConfig
 from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
 from bench.profile import summarise as summarise_profile
 from bench.report import summarise, verdicts
-from bench.series import DIRECT, LITELLM, ROUTER, Results, rotated
+from bench.series import DIRECT, LITELLM, ROUTER, Results, mode_target, plan, rotated
 from bench.stack import litellm_config, router_id
 
 
@@ -38,6 +41,26 @@ def test_quick_config_and_overrides() -> None:
     full = BenchConfig.from_env({})
     assert (full.rounds, full.soak, full.agent_concurrency) == (3, 600.0, 64)
     assert full.should_write_results
+
+
+def test_modes_default_to_the_two_beside_the_main_one_and_an_empty_list_disables_them() -> None:
+    assert BenchConfig.from_env({}).modes == ("transient", "quorum")
+    assert BenchConfig.from_env({"BENCH_DURABILITY": "quorum"}).modes == ("transient", "durable")
+    assert BenchConfig.from_env({"BENCH_MODES": "quorum, durable"}).modes == ("quorum",)
+    assert BenchConfig.from_env({"BENCH_MODES": ""}).modes == ()
+    with pytest.raises(ValueError, match="BENCH_MODES"):
+        BenchConfig.from_env({"BENCH_MODES": "lazy"})
+
+
+def test_only_the_modes_section_series_run_on_the_mode_targets() -> None:
+    series = plan(BenchConfig())
+    on_mode = [s.key for s in series if s.runs_on(mode_target("quorum"))]
+    assert on_mode == ["json_c1", "json_c32", "streams"]
+    on_router = [s.key for s in series if s.runs_on(ROUTER)]
+    assert on_router == [s.key for s in series]  # the main router keeps every series
+    assert [s.key for s in series if s.runs_on(DIRECT)] == [
+        s.key for s in series if not s.key.startswith("dummy")
+    ]
 
 
 def test_litellm_config_names_each_fake_as_the_router_does() -> None:
@@ -126,3 +149,43 @@ def test_the_instant_ttft_diagnostic_is_reported_beside_the_paced_target() -> No
     meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
     text = render(meta, s, verdicts(config, s))
     assert "2.80 ms with the instant backend, 3.00 ms with the paced one" in text
+
+
+def test_the_modes_section_has_a_row_per_mode_or_says_why_not() -> None:
+    config = BenchConfig(json_concurrency=(1, 32), modes=("transient", "quorum"))
+    results = _results()
+    for direct_p50, mode_p50 in ((0.2, 1.7), (0.3, 1.8), (0.2, 1.6)):
+        results.add("json_c1", mode_target("transient"), result(500, mode_p50, 5.0))
+        results.add("json_c1", mode_target("quorum"), result(300, mode_p50 + direct_p50 + 1, 9.0))
+    for _ in range(3):
+        cpu = {"api": 4000.0, "rabbitmq": 4000.0}
+        results.add("json_c32", mode_target("transient"), result(1200, 25, 50, cpu_ms=cpu))
+        results.add("streams", mode_target("transient"), result(150, 200, 300))
+    s = summarise(config, results)
+    assert list(s["modes"]) == ["durable", "transient", "quorum"]
+    assert s["modes"]["transient"]["overhead_p50"] == pytest.approx(1.5)  # 1.5, 1.5, 1.4
+    assert s["modes"]["quorum"]["overhead_p50"] == pytest.approx(2.7)  # 2.7, 2.8, 2.6
+    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
+    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    text = render(meta, s, verdicts(config, s))
+    assert "## Durability modes (the targets are judged on durable)" in text
+    assert "| durable (main) | 2.00 | 1000 | 1.000 | n/a |" in text
+    assert "| transient | 1.50 | 1200 | 0.667 | 150 |" in text
+    assert "| quorum | 2.70 | n/a | n/a | n/a |" in text
+
+    alone = summarise(BenchConfig(json_concurrency=(1, 32)), _results())
+    text = render(meta, alone, verdicts(config, alone))
+    assert "n/a: no other mode asked for (BENCH_MODES)" in text
+    meta["modes_missing"] = {"quorum": "did not start: api exited early"}
+    assert "n/a: quorum did not start: api exited early" in render(meta, alone, [])
+
+
+def test_versions_name_the_cpu_and_say_unknown_rather_than_fail(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU @ 3.0GHz\n")
+    assert versions.cpu_model(cpuinfo) == "Some CPU @ 3.0GHz"
+    assert versions.cpu_model(tmp_path / "missing") == versions.UNKNOWN
+    assert versions.git_commit(tmp_path) == versions.UNKNOWN  # not a repository
+    closed = "127.0.0.1:1"  # nothing listens on port 1
+    assert asyncio.run(versions.rabbitmq_version(f"amqp://guest:guest@{closed}/")) == "?"
+    assert asyncio.run(versions.redis_version(f"redis://{closed}/0")) == "?"
