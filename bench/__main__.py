@@ -254,6 +254,7 @@ def write_report(config: BenchConfig, meta: dict[str, Any], results: Results, ru
         },
         "scaling": {n: [r.to_json() for r in runs] for n, runs in results.scaling.items()},
         "soak": results.soak,
+        "litellm_retakes": results.retakes,
     }
     options = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
     md.with_suffix(".json").write_bytes(orjson.dumps(raw, option=options))

@@ -66,7 +66,22 @@ def _throughput(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
         if LITELLM in t:
             row.append(_ratio(by.get(ROUTER), by.get(LITELLM)))
         body.append(row)
-    return ["## Throughput, JSON (requests/s)", "", *_table(header, body)]
+    return ["## Throughput, JSON (requests/s)", "", *_table(header, body), *_retakes(s)]
+
+
+def _retakes(s: dict[str, Any]) -> list[str]:
+    """Which LiteLLM runs were taken again because a worker sat idle (see series.py)."""
+    if not s.get("retakes"):
+        return []
+    runs = "; ".join(
+        f"{key} round {rnd} ({n}x{', one worker still idle' if idle else ''})"
+        for key, rnd, n, idle in s["retakes"]
+    )
+    return [
+        "",
+        "LiteLLM runs taken again because one of its two workers got every connection (they "
+        f"share one listening socket), so the run measured one worker: {runs}.",
+    ]
 
 
 def _streams(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:

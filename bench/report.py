@@ -119,6 +119,7 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
     s["cpu"] = _cpu(results, "json_c32")
     s["cpu_streams"] = _cpu(results, "streams")
     s["main_mode"] = config.durability
+    s["retakes"] = list(results.retakes)
     s["modes"] = _modes(config, results)
     s["scaling"] = {n: med([r.rps for r in runs]) for n, runs in sorted(results.scaling.items())}
     first, last = min(results.scaling, default=None), max(results.scaling, default=None)

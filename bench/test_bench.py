@@ -14,7 +14,18 @@ from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
 from bench.profile import summarise as summarise_profile
 from bench.report import summarise, verdicts
-from bench.series import DIRECT, LITELLM, ROUTER, Results, mode_target, plan, rotated
+from bench.series import (
+    DIRECT,
+    LITELLM,
+    ROUTER,
+    Results,
+    Runner,
+    Series,
+    idle_worker,
+    mode_target,
+    plan,
+    rotated,
+)
 from bench.stack import litellm_config, router_id
 
 
@@ -189,3 +200,37 @@ def test_versions_name_the_cpu_and_say_unknown_rather_than_fail(tmp_path: Path) 
     closed = "127.0.0.1:1"  # nothing listens on port 1
     assert asyncio.run(versions.rabbitmq_version(f"amqp://guest:guest@{closed}/")) == "?"
     assert asyncio.run(versions.redis_version(f"redis://{closed}/0")) == "?"
+
+
+def _litellm_run(rps: float, *workers: float) -> LoadResult:
+    cpu = {"litellm": 10.0, **{f"litellm-{i}": ms for i, ms in enumerate(workers, start=1)}}
+    return result(rps, 100, 200, cpu_ms=cpu)
+
+
+def test_a_litellm_run_with_an_idle_worker_is_told_apart() -> None:
+    assert idle_worker(_litellm_run(134, 0.0, 9980.0, 10.0))  # every connection on one worker
+    assert not idle_worker(_litellm_run(224, 0.0, 9360.0, 9310.0))
+    assert not idle_worker(result(800, 30, 60, cpu_ms={"api": 1.0, "rabbitmq": 1.0}))
+
+
+def test_litellm_runs_that_left_a_worker_idle_are_taken_again_and_reported() -> None:
+    config = BenchConfig(json_concurrency=(1, 32), load_tool="python")
+    runner = Runner(config, None, {LITELLM: None})  # type: ignore[arg-type, dict-item]
+    takes = iter([_litellm_run(250, 0.0, 9000.0, 8800.0)])
+    calls: list[str] = []
+
+    async def measure(target: object, series: Series, duration: float) -> LoadResult:
+        calls.append(series.key)
+        return next(takes)
+
+    runner.measure = measure  # type: ignore[method-assign, assignment]
+    series = Series("json_c32", "json", "m", 32)
+    results = _results()
+    first = _litellm_run(134, 0.0, 9980.0, 10.0)
+    taken = asyncio.run(runner._with_both_workers(series, 1, first, results))
+    assert taken.rps == pytest.approx(250) and calls == ["json_c32"]
+    assert results.retakes == [("json_c32", 2, 1, False)]
+    summary = summarise(config, results)
+    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
+    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    assert "one worker: json_c32 round 2 (1x)." in render(meta, summary, [])
