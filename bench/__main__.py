@@ -40,6 +40,7 @@ from bench.series import (
 )
 from bench.stack import INSTANT_MODEL, PACED_MODEL, SLOW_MODEL, Stack, StartupError
 from bench.versions import describe
+from shared.settings import BrokerSettings, RedisSettings
 
 log = logging.getLogger("bench")
 
@@ -286,7 +287,8 @@ async def run(config: BenchConfig) -> int:
             return 1
         siblings = await start_siblings(stack, config, stacks, meta)
         meta["setup"] = setup_lines(config, stack, siblings, use_wrk, litellm)
-        meta["setup"].update(await describe(ROOT, broker_url(), redis_url()))
+        redis_url = RedisSettings().redis_url or ""  # the services' own settings and defaults
+        meta["setup"].update(await describe(ROOT, BrokerSettings().rabbitmq_url, redis_url))
         meta["setup"]["command"] = command_line()
         results = await measure(config, stack, litellm, meta, run_id, siblings=siblings)
         meta["setup"]["machine"] += f", {os.getloadavg()[0]:.2f} at end"
@@ -300,17 +302,8 @@ async def run(config: BenchConfig) -> int:
     return 0
 
 
-def broker_url() -> str:
-    """The broker the services use (they read the same variable, with the same default)."""
-    return os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
-
-
-def redis_url() -> str:
-    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
 async def clean_broker(namespace: str) -> None:
-    url = broker_url()
+    url = BrokerSettings().rabbitmq_url  # the services' own setting and default
     try:
         gone = await delete_namespace(url, namespace)
     except Exception as e:  # cleanup must not hide the run's own outcome

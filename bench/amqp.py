@@ -22,6 +22,7 @@ from aiormq import connection as aiormq_connection
 from shared import amqp_writes
 from shared.amqp import Broker, Delivery
 from shared.messages import Envelope
+from shared.settings import BrokerSettings
 from shared.topology import QueueSpec
 
 ENVELOPE = Envelope(
@@ -65,7 +66,7 @@ async def cpu_us_per_message(url: str, messages: int, *, coalesce: bool) -> floa
 
 
 async def main() -> None:
-    url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    url = BrokerSettings().rabbitmq_url  # the services' own setting and default
     messages = int(os.environ.get("AMQP_MESSAGES", "3000"))
     rounds = int(os.environ.get("AMQP_ROUNDS", "5"))
     results: dict[str, list[float]] = {"one write per frame": [], "coalesced writes": []}

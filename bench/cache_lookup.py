@@ -25,10 +25,13 @@ from redis.asyncio import Redis
 
 from services.dispatcher.cache import LockRequest, RedisStore
 from services.dispatcher.cache_key import lock_key
+from shared.settings import RedisSettings
 
 
 async def main() -> None:
-    url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = RedisSettings().redis_url  # the dispatcher's own setting and default
+    if not url:
+        raise SystemExit("bench.cache_lookup: REDIS_URL is empty (the cache is off)")
     lookups = int(os.environ.get("LOOKUPS", "2000"))
     rounds = int(os.environ.get("ROUNDS", "2"))
     prefix = f"bench-lookup:{secrets.token_hex(4)}"
