@@ -27,15 +27,20 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_num(env, name, default))
 
 
+def _mode(variable: str, name: str) -> str:
+    """A durability mode's name, or a ValueError naming the variable (before anything starts,
+    not as a service that refuses its `DURABILITY` halfway through a run)."""
+    valid = [m.value for m in Durability]
+    if name not in valid:
+        raise ValueError(f"{variable}: {name!r} is not one of {valid}")
+    return name
+
+
 def _modes(env: Mapping[str, str], main: str) -> tuple[str, ...]:
     """`BENCH_MODES`: the modes measured beside the main router's (default: the other two)."""
-    valid = [m.value for m in Durability]
     raw = env.get("BENCH_MODES")
-    names = valid if raw is None else raw.replace(",", " ").split()
-    for name in names:
-        if name not in valid:
-            raise ValueError(f"BENCH_MODES: {name!r} is not one of {valid}")
-    return tuple(m for m in dict.fromkeys(names) if m != main)
+    names = [m.value for m in Durability] if raw is None else raw.replace(",", " ").split()
+    return tuple(m for m in dict.fromkeys(_mode("BENCH_MODES", n) for n in names) if m != main)
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,9 @@ class BenchConfig:
         env = os.environ if env is None else env
         quick = _flag(env, "BENCH_QUICK")
         base = cls(quick=True, rounds=2, duration=2.0, warmup=1.0, soak=15.0) if quick else cls()
-        durability = env.get("BENCH_DURABILITY", base.durability)
+        durability = _mode(
+            "BENCH_DURABILITY", env.get("BENCH_DURABILITY", base.durability).strip().lower()
+        )
         return cls(
             quick=quick,
             rounds=max(_int(env, "BENCH_ROUNDS", base.rounds), 1),

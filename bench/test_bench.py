@@ -63,6 +63,14 @@ def test_modes_default_to_the_two_beside_the_main_one_and_an_empty_list_disables
         BenchConfig.from_env({"BENCH_MODES": "lazy"})
 
 
+def test_the_main_mode_is_checked_too_and_the_others_are_measured_beside_it() -> None:
+    config = BenchConfig.from_env({"BENCH_DURABILITY": " Quorum "})
+    assert config.durability == "quorum"
+    assert config.modes == ("transient", "durable")
+    with pytest.raises(ValueError, match="BENCH_DURABILITY: 'lazy' is not one of"):
+        BenchConfig.from_env({"BENCH_DURABILITY": "lazy"})
+
+
 def test_only_the_modes_section_series_run_on_the_mode_targets() -> None:
     series = plan(BenchConfig())
     on_mode = [s.key for s in series if s.runs_on(mode_target("quorum"))]
