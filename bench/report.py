@@ -197,7 +197,8 @@ def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, st
             why = _why_missing(t.key, summary)
             rows.append((t.text, t.goal, why, "n/a"))
             continue
-        measured = f"{value:.2f} {t.unit}" if t.unit != "x" else f"{value:.2f}x"
+        shown = _digits_that_agree(value, t.check)
+        measured = f"{shown} {t.unit}" if t.unit != "x" else f"{shown}x"
         status = "met" if t.check(value) else "missed"
         if t.key == "rss_growth" and config.soak < 600:
             measured += f" (soak {config.soak:.0f} s, not 600: indicative)"
@@ -206,6 +207,16 @@ def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, st
             measured += f" (only {100 * rate:.0f}% were hits)"
         rows.append((t.text, t.goal, measured, status))
     return rows
+
+
+def _digits_that_agree(value: float, check: Callable[[float], bool]) -> str:
+    """Two decimals, or more where rounding would tell the other verdict: 3.996x beside
+    "missed" must not read 4.00x."""
+    for digits in (2, 3, 4):
+        shown = f"{value:.{digits}f}"
+        if check(float(shown)) == check(value):
+            return shown
+    return repr(value)
 
 
 def _why_missing(key: str, summary: dict[str, Any]) -> str:

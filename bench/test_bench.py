@@ -118,6 +118,18 @@ def test_verdicts_say_met_missed_and_why_not_measured() -> None:
     assert rows["Cache-hit overhead p50, c=1"][3] == "n/a"
 
 
+def test_a_measured_value_never_reads_as_the_other_verdict() -> None:
+    config = BenchConfig(json_concurrency=(1, 32))
+    s = summarise(config, _results())
+    rows = {row[0]: row for row in verdicts(config, s)}
+    assert rows["RPS at c=32 vs LiteLLM"][2:] == ("5.00x", "met")  # two decimals as a rule
+    s["values"]["rps_c32_vs_litellm"] = 3.9956  # the run of 2026-11-27 05:06 printed "4.00x"
+    s["values"]["overhead_p50"] = 2.5041
+    rows = {row[0]: row for row in verdicts(config, s)}
+    assert rows["RPS at c=32 vs LiteLLM"][2:] == ("3.996x", "missed")
+    assert rows["Router overhead p50, c=1"][2:] == ("2.504 ms", "missed")
+
+
 def test_results_md_block_is_replaced_and_headings_shifted(tmp_path: Path) -> None:
     page = tmp_path / "RESULTS.md"
     page.write_text(f"# Results\n\nintro\n\n{BEGIN}\nold\n{END}\n")
