@@ -27,19 +27,21 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(_num(env, name, default))
 
 
+MODES = [m.value for m in Durability]
+
+
 def _mode(variable: str, name: str) -> str:
     """A durability mode's name, or a ValueError naming the variable (before anything starts,
     not as a service that refuses its `DURABILITY` halfway through a run)."""
-    valid = [m.value for m in Durability]
-    if name not in valid:
-        raise ValueError(f"{variable}: {name!r} is not one of {valid}")
+    if name not in MODES:
+        raise ValueError(f"{variable}: {name!r} is not one of {MODES}")
     return name
 
 
 def _modes(env: Mapping[str, str], main: str) -> tuple[str, ...]:
     """`BENCH_MODES`: the modes measured beside the main router's (default: the other two)."""
     raw = env.get("BENCH_MODES")
-    names = [m.value for m in Durability] if raw is None else raw.replace(",", " ").split()
+    names = MODES if raw is None else raw.replace(",", " ").split()
     return tuple(m for m in dict.fromkeys(_mode("BENCH_MODES", n) for n in names) if m != main)
 
 
