@@ -31,6 +31,7 @@ from aiormq.abc import DeliveredMessage
 from yarl import URL
 
 from shared import amqp_writes
+from shared.acks import AckBatcher
 from shared.errors import (
     BrokerUnavailableError,
     QueueFullError,
@@ -99,20 +100,27 @@ class Settleable(Protocol):
 
     async def ack(self) -> None: ...
 
+    async def ack_now(self) -> None: ...
+
     async def reject(self, requeue: bool = False) -> None: ...
 
 
 class Received:
-    """A message as aiormq delivered it, settled on its own channel."""
+    """A message as aiormq delivered it, settled on its own channel; acked a moment later,
+    with others (see shared.acks), unless `ack_now`."""
 
-    __slots__ = ("_message", "headers", "redelivered")
+    __slots__ = ("_acks", "_message", "headers", "redelivered")
 
-    def __init__(self, message: DeliveredMessage) -> None:
+    def __init__(self, message: DeliveredMessage, acks: AckBatcher) -> None:
         self._message = message
+        self._acks = acks
         self.headers = message.header.properties.headers
         self.redelivered = message.redelivered
 
     async def ack(self) -> None:
+        self._acks.ack(self._message.channel, self._tag)
+
+    async def ack_now(self) -> None:
         await self._message.channel.basic_ack(self._tag)
 
     async def reject(self, requeue: bool = False) -> None:
@@ -147,6 +155,12 @@ class Delivery:
         if not self.settled:
             self.settled = True
             await self._message.ack()
+
+    async def ack_now(self) -> None:
+        """Ack in the next write, before anything published after it on this channel."""
+        if not self.settled:
+            self.settled = True
+            await self._message.ack_now()
 
     async def reject(self, *, requeue: bool) -> None:
         if not self.settled:
@@ -240,6 +254,7 @@ class Broker:
         self._publish_channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str, bool]] = []  # queue, tag, is intake
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._acks = AckBatcher()
         self._lost_callbacks: list[Callable[[], None]] = []
         self._closing = False
         self._restored = False
@@ -378,7 +393,7 @@ class Broker:
             task = asyncio.current_task()
             if task is not None:
                 self._inflight.add(task)
-            delivery = Delivery(Received(message), settled=no_ack)
+            delivery = Delivery(Received(message, self._acks), settled=no_ack)
             try:
                 recount = redelivery_limit and message.redelivered and not no_ack
                 if recount and await self._recount(
@@ -466,7 +481,7 @@ class Broker:
             expiration_ms=max(1, int(expiration)) if expiration and expiration.isdigit() else None,
         )
         persistent = properties.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
-        await delivery.ack()
+        await delivery.ack_now()
         # Through the requeue exchange (each work queue is bound to it under its own name):
         # an agent's broker user may publish there only with its own queues' names.
         await _publish(
@@ -527,6 +542,7 @@ class Broker:
 
     async def close(self) -> None:
         self._closing = True
+        await self._acks.flush()
         for conn in (self._publish_conn, self._consume_conn):
             if conn is not None:
                 try:
