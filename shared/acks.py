@@ -7,11 +7,11 @@ also runs the broker's side of TCP. `AckBatcher` holds a channel's acks for up t
 seconds and then sends them together, in one write.
 
 Holding an ack longer widens a window that exists anyway: a process that dies after its work
-but before the ack leaves a message the broker delivers again, which replies' attempt ids
-make harmless. `flush()` sends every held ack at once, before a connection is closed on
-purpose. A channel that closed in the meantime took its deliveries with it (the broker
-requeues them), so its held acks are dropped, not sent to a channel that no longer knows
-their tags.
+but before the ack leaves a message the broker delivers again; replies' attempt ids keep the
+client from seeing a second answer. `flush()` sends every held ack at once, before a
+connection is closed on purpose. A channel that closed in the meantime took its deliveries
+with it (the broker requeues them), so its held acks are dropped, not sent to a channel that
+no longer knows their tags.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class AckChannel(Protocol):
 
 
 class AckBatcher:
+    """One process's held acks, per channel; one timer for all of them."""
+
     def __init__(self, *, delay: float = ACK_DELAY) -> None:
         self._delay = delay
         self._held: dict[AckChannel, list[int]] = {}
@@ -75,8 +77,9 @@ class AckBatcher:
 
 async def _send(channel: AckChannel, tags: list[int]) -> None:
     try:
-        # Queued in one turn of the loop, the frames leave in one write (shared.amqp_writes);
-        # only the last one waits for that write.
+        # Queued in one turn of the loop, the frames leave together (shared.amqp_writes; aiormq's
+        # write queue holds ten frames, so a larger batch takes a write per ten); only the last
+        # one waits for its write.
         for tag in tags[:-1]:
             await channel.basic_ack(tag, wait=False)
         await channel.basic_ack(tags[-1])
