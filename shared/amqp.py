@@ -89,8 +89,8 @@ async def _publish(
 
 
 class Settleable(Protocol):
-    """The little of a consumed message that `Delivery` uses (aio-pika's IncomingMessage has
-    it; `Received` gives it to aiormq's DeliveredMessage)."""
+    """The little of a consumed message that `Delivery` uses (`Received` gives it to aiormq's
+    DeliveredMessage; tests give it to fakes)."""
 
     @property
     def redelivered(self) -> bool | None: ...
