@@ -11,6 +11,7 @@ This module knows nothing of aio-pika: `shared.amqp` turns envelopes into AMQP m
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any
@@ -35,6 +36,9 @@ H_INCLUDE_USAGE = "x-include-usage"
 H_TENANT = "x-tenant"
 H_DEADLINE = "x-deadline"
 H_CACHE_KEY = "x-cache-key"
+H_CACHE_KEYS = "x-cache-keys"  # job.completed: one per event, as are the next two
+H_STATUSES = "x-statuses"
+H_LENGTHS = "x-lengths"
 H_CACHE_CONTROL = "x-cache-control"
 H_CACHE_STATUS = "x-cache-status"
 H_ATTEMPT = "x-attempt"
@@ -340,29 +344,51 @@ def encode_rpc_result(request_id: str, body: bytes) -> Envelope:
     )
 
 
-def encode_completed(cache_key: str, body: bytes, *, status: int = 200) -> Envelope:
-    """A finished cacheable job: its whole answer, or (status != 200, empty body) the news
-    that it ended without one, so the dispatchers waiting on it stop waiting."""
-    headers = {**_version(), H_CACHE_KEY: cache_key}
-    if status != 200:
-        headers[H_STATUS] = status
-    return Envelope(type=MessageType.JOB_COMPLETED, body=body, headers=headers)
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A finished cacheable job: its whole answer (status 200), or (another status, empty body)
+    the news that it ended without one, so the dispatchers waiting on it stop waiting."""
+
+    cache_key: str
+    body: bytes = b""
+    status: int = 200
 
 
-def decode_completed(env: Envelope) -> tuple[str, bytes]:
-    """A `job.completed` event, or a whole answer (`reply.final`) the broker copied to the
-    cache writer's queue: (cache key, body)."""
+def encode_completed(events: Sequence[Completed]) -> Envelope:
+    """One `job.completed` message for one or more events: the bodies back to back, and each
+    event's key, status and body length at the same index of three header arrays."""
+    headers = {
+        **_version(),
+        H_CACHE_KEYS: [e.cache_key for e in events],
+        H_STATUSES: [e.status for e in events],
+        H_LENGTHS: [len(e.body) for e in events],
+    }
+    return Envelope(
+        type=MessageType.JOB_COMPLETED, body=b"".join(e.body for e in events), headers=headers
+    )
+
+
+def decode_completed(env: Envelope) -> list[Completed]:
     _check_version(env)
-    cache_key = _header(env, H_CACHE_KEY, str)
-    completed = env.type in (MessageType.JOB_COMPLETED, MessageType.REPLY_FINAL)
-    if not completed or not cache_key:
+    keys = _header(env, H_CACHE_KEYS, list)
+    statuses = _header(env, H_STATUSES, list)
+    lengths = _header(env, H_LENGTHS, list)
+    if env.type != MessageType.JOB_COMPLETED or keys is None or statuses is None or not lengths:
         raise MessageDecodeError("bad job.completed message")
-    return cache_key, env.body
-
-
-def completed_status(env: Envelope) -> int:
-    """The status a `job.completed` reports (200: its body is the whole answer)."""
-    return int(_header(env, H_STATUS, int, 200))
+    if not len(keys) == len(statuses) == len(lengths):
+        raise MessageDecodeError("job.completed: header arrays of different lengths")
+    if not all(type(n) is int and n >= 0 for n in (*statuses, *lengths)):
+        raise MessageDecodeError("job.completed: a status or length is not a whole number")
+    if sum(lengths) != len(env.body):
+        raise MessageDecodeError("job.completed: the lengths do not add up to the body")
+    events, start = [], 0
+    for raw_key, status, length in zip(keys, statuses, lengths, strict=True):
+        key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else raw_key
+        if not isinstance(key, str) or not key:
+            raise MessageDecodeError("job.completed: a cache key is missing")
+        events.append(Completed(key, env.body[start : start + length], status))
+        start += length
+    return events
 
 
 def _version() -> dict[str, Any]:

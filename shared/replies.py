@@ -14,8 +14,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from shared.amqp import Broker
+from shared.completed import CompletedBatcher
 from shared.errors import ReplyQueueGoneError, RouterError, UnroutableError, to_openai_error
-from shared.messages import H_CACHE_KEY, Job, Reply, ReplyKind, encode_completed, encode_reply
+from shared.messages import Completed, Envelope, Job, Reply, ReplyKind, encode_reply
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,9 @@ class ReplyPublisher:
     A reply queue that is gone (its API process died) is logged and skipped: nobody waits.
     Final answers are persistent in durable modes; stream chunks never are. The first reply
     carries the job's cache verdict (`x-cache`). The answer to a job that carries a cache key
-    also reaches the cache writer, so producers need no code of their own for it: a whole
-    answer (a 200 FINAL) is copied to `completed_queue` by the broker in the same publish;
-    anything else goes as a small `job.completed` event to `completed_exchange`.
+    also reaches the cache writer, so producers need no code of their own for it: once the
+    reply is out, a `job.completed` event (the whole answer, or only the status of an answer
+    that is not whole) joins the process's next batch of them (`shared.completed`).
     """
 
     def __init__(
@@ -56,26 +57,27 @@ class ReplyPublisher:
         broker: Broker,
         *,
         persistent: bool,
-        completed_exchange: str | None = None,
-        completed_queue: str | None = None,
+        completed: CompletedBatcher | None = None,
         replies_exchange: str = "",
         unroutable_retries: tuple[float, ...] = UNROUTABLE_RETRIES,
     ) -> None:
         self._broker = broker
         self._unroutable_retries = unroutable_retries
         self._persistent = persistent
-        self._completed_exchange = completed_exchange
-        self._completed_queue = completed_queue
+        self._completed = completed
         self._replies_exchange = replies_exchange
 
     @classmethod
     def for_topology(cls, broker: Broker, topology: Topology) -> ReplyPublisher:
         """Replies through the replies exchange, feeding the cache writer."""
+
+        async def publish_completed(env: Envelope) -> None:
+            await broker.publish(env, "", exchange=topology.completed_exchange, mandatory=False)
+
         return cls(
             broker,
             persistent=topology.is_persistent,
-            completed_exchange=topology.completed_exchange,
-            completed_queue=topology.completed_queue,
+            completed=CompletedBatcher(publish_completed),
             replies_exchange=topology.replies_exchange,
         )
 
@@ -83,13 +85,6 @@ class ReplyPublisher:
         reply = with_cache_header(job, reply)
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
         env = encode_reply(reply)
-        whole = reply.kind is ReplyKind.FINAL and reply.status == 200
-        copied = whole and job.cache_key is not None and self._completed_queue is not None
-        if copied:
-            # One publish instead of two: the broker also delivers the answer to the cache
-            # writer's queue (sender-selected distribution: BCC names it, and is stripped).
-            headers = {**env.headers, H_CACHE_KEY: job.cache_key, "BCC": [self._completed_queue]}
-            env = dataclasses.replace(env, headers=headers)
         for delay in (*self._unroutable_retries, None):
             try:
                 await self._broker.publish(
@@ -102,26 +97,24 @@ class ReplyPublisher:
                 # A reply queue being re-declared (after a deletion) is bound to the replies
                 # exchange a moment after it exists again: unroutable for that moment.
                 await asyncio.sleep(delay)
-        if copied:
-            return
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
-            await self.completed(job, reply)
+            self._add_completed(job.cache_key, reply)
 
-    async def completed(self, job: Job, reply: Reply) -> None:
-        """Publish `job.completed` for a cacheable job's answer (best effort: never raises).
-
-        A 200 FINAL carries the body (the cache writer still checks it is complete); any other
-        answer an empty body and its status, which releases the single-flight lock at once.
-        """
-        if self._completed_exchange is None or job.cache_key is None:
+    def _add_completed(self, cache_key: str, reply: Reply) -> None:
+        """A 200 FINAL carries the body (the cache writer still checks it is complete); any
+        other answer an empty body and its status, which releases the single-flight lock."""
+        if self._completed is None:
             return
-        whole = reply.kind is ReplyKind.FINAL and reply.status == 200
-        status = 200 if whole else (reply.status if reply.status != 200 else 500)
-        env = encode_completed(job.cache_key, reply.body if whole else b"", status=status)
-        try:
-            await self._broker.publish(env, "", exchange=self._completed_exchange, mandatory=False)
-        except RouterError as e:  # the client has its answer; only the cache misses out
-            log.warning("job.completed of %s not published: %s", job.request_id, e)
+        if reply.kind is ReplyKind.FINAL and reply.status == 200:
+            self._completed.add(Completed(cache_key, reply.body))
+        else:
+            status = reply.status if reply.status != 200 else 500
+            self._completed.add(Completed(cache_key, status=status))
+
+    async def flush(self) -> None:
+        """Publish the held `job.completed` events: before the broker connection closes."""
+        if self._completed is not None:
+            await self._completed.flush()
 
     async def final(
         self, job: Job, body: bytes, *, attempt: str, http_headers: dict[str, str] | None = None

@@ -306,9 +306,6 @@ async def declare_topology(
     await queues[topology.returns_queue].bind(dlx, routing_key=topology.returns_queue)
     await queues[topology.dead_queue].bind(dlx, routing_key=topology.dead_queue)
     await queues[topology.completed_queue].bind(exchanges[topology.completed_exchange])
-    # Whole answers reach the cache writer as a BCC copy of the reply itself.
-    completed = queues[topology.completed_queue]
-    await completed.bind(exchanges[topology.replies_exchange], routing_key=completed.name)
     jobs = queues[topology.jobs_queue]
     await jobs.bind(exchanges[topology.requeue_exchange], routing_key=jobs.name)
 

@@ -37,8 +37,6 @@ from shared.replies import Publish, StreamWriter, error_reply, new_attempt
 
 log = logging.getLogger(__name__)
 
-PublishCompleted = Callable[[str, bytes], Awaitable[None]]
-
 
 class StreamEndedError(UpstreamError):
     """The server closed a stream without `data: [DONE]`."""
@@ -58,7 +56,6 @@ class AgentHandler:
         upstream: VllmClient,
         publish: Publish,
         cancellations: Cancellations,
-        publish_completed: PublishCompleted | None = None,
         concurrency: int | None = None,
         coalesce_window: float = 0.005,
         clock: Callable[[], float] = time.time,
@@ -69,7 +66,6 @@ class AgentHandler:
         self.upstream = upstream
         self.publish = publish
         self.cancellations = cancellations
-        self.publish_completed = publish_completed
         self.coalesce_window = coalesce_window
         self.clock = clock
         self.in_flight = 0
@@ -193,8 +189,6 @@ class _Run:
             self.outcome = "failed: upstream answer is not JSON"
             return
         await self.h.publish(job, Reply(ReplyKind.FINAL, job.request_id, self.attempt, body=body))
-        if job.cache_key and self.h.publish_completed is not None:
-            await self.h.publish_completed(job.cache_key, body)
 
     # --- SSE -----------------------------------------------------------------------------------
     async def stream(self) -> None:

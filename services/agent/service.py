@@ -90,6 +90,7 @@ class AgentService:
         )
         self.cancellations = Cancellations()
         self.handler: AgentHandler | None = None
+        self.reply: ReplyPublisher | None = None
         self.registrar: Registrar | None = None
         self.container: VllmContainer | None = None
         self._heartbeats: asyncio.Task[None] | None = None
@@ -187,11 +188,11 @@ class AgentService:
         t = self.topology
         # Answers to jobs that carry a cache key also go out as `job.completed` (cache writes,
         # single-flight release); see shared.replies.ReplyPublisher.
-        reply = ReplyPublisher.for_topology(self.broker, t)
+        self.reply = ReplyPublisher.for_topology(self.broker, t)
         self.handler = AgentHandler(
             models=self.models,
             upstream=self.upstream,
-            publish=reply,
+            publish=self.reply,
             cancellations=self.cancellations,
             concurrency=self.settings.agent_concurrency,
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
@@ -271,6 +272,8 @@ class AgentService:
         await self.broker.drain(self.settings.drain_timeout)
         if self.container is not None:
             await self.container.stop()
+        if self.reply is not None:
+            await self.reply.flush()
         await self.broker.close()
         await self.upstream.aclose()
         await self.router.aclose()

@@ -2,9 +2,10 @@
 
 `JobCache.lookup(job)` runs before a job is routed. A hit is answered from Redis; a miss goes on
 with its cache verdict (`x-cache`) and, when its answer may be stored, the cache key, which asks
-whoever finishes the job to publish a `job.completed` event; `JobCache.on_completed` (fed by the
-`completed` queue, one dispatcher per event) writes the entry. The decisions are the pure
-functions of `cache_key` and `cache_replay`; `RedisStore` is the thin Redis shell.
+whoever finishes the job to publish a `job.completed` event (several travel in one message:
+`shared.completed`); `JobCache.on_completed` (fed by the `completed` queue, one dispatcher per
+message) writes the entries. The decisions are the pure functions of `cache_key` and
+`cache_replay`; `RedisStore` is the thin Redis shell.
 
 Single flight: a deterministic job whose key is not cached takes a lock (`SET NX PX`) before it is
 routed, in the same script call as the lookup. An identical job that finds the lock held waits,
@@ -51,7 +52,7 @@ from services.dispatcher.cache_replay import EntryError, hit_payload, is_storabl
 from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
-from shared.messages import Envelope, Job, completed_status, decode_completed
+from shared.messages import Completed, Envelope, Job, decode_completed
 from shared.reply_trust import ReplyTrust
 
 log = logging.getLogger(__name__)
@@ -426,29 +427,34 @@ class JobCache:
         return entry
 
     async def on_completed(self, env: Envelope, _: Delivery) -> None:
-        """Write a finished job's answer (if complete) and wake its waiters. Acked either way:
-        the client has its answer, and a cache write is worth no retry."""
-        key, body = decode_completed(env)
-        status = completed_status(env)
+        """Write the finished jobs' answers (the complete ones) and wake their waiters. Acked
+        either way: the clients have their answers, and a cache write is worth no retry."""
+        events = decode_completed(env)
         if self.store is None or not self.policy.is_active:
             return
-        model = self.policy.model_of(key)
+        # Submitted together, the writes of one message share a Redis round trip (`Batcher`).
+        await asyncio.gather(*(self._write(e) for e in events if self._may_write(e, env.user_id)))
+
+    def _may_write(self, event: Completed, user_id: str | None) -> bool:
+        model = self.policy.model_of(event.cache_key)
         if model is None:
             log.warning("job.completed for a foreign key dropped")
-            return
-        if not self.trust.may_answer(env.user_id, model):
+            return False
+        if not self.trust.may_answer(user_id, model):
             # An agent's broker user may write entries only for the models it serves.
-            log.warning(
-                "job.completed for model %s from broker user %r dropped", model, env.user_id
-            )
-            return
+            log.warning("job.completed for model %s from broker user %r dropped", model, user_id)
+            return False
+        return True
+
+    async def _write(self, event: Completed) -> None:
+        assert self.store is not None
         if not self.breaker.allows():
             return
         try:
-            if status == 200 and is_storable(body):
-                await self.store.write(key, body, self.policy.ttl)
+            if event.status == 200 and is_storable(event.body):
+                await self.store.write(event.cache_key, event.body, self.policy.ttl)
             else:
-                await self.store.abandon(key)
+                await self.store.abandon(event.cache_key)
         except CacheUnavailableError as e:
             self.breaker.failed()
             log.warning("cache write skipped: %s", e)

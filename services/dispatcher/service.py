@@ -70,6 +70,7 @@ class DispatcherService:
             max_waiters=max(1, settings.dispatcher_prefetch // 2),
         )
         self.providers = ProviderRuntime.from_settings(settings)
+        self.handler: DispatcherHandler | None = None
 
     async def start(self) -> None:
         await self.broker.connect()
@@ -77,7 +78,7 @@ class DispatcherService:
         await declare_topology(
             control_channel, self.topology, passive=not self.settings.declare_topology
         )
-        handler = DispatcherHandler(
+        self.handler = handler = DispatcherHandler(
             topology=self.topology,
             broker=self.broker,
             registry=self.registry,
@@ -145,6 +146,8 @@ class DispatcherService:
         await self.broker.stop_consuming(intake_only=True)
         await self.broker.drain(self.settings.drain_timeout)
         await self.providers.aclose()
+        if self.handler is not None:
+            await self.handler.reply.flush()
         await self.broker.close()
         await self.cache.aclose()
         self.registry.close()

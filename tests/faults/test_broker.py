@@ -228,7 +228,7 @@ async def test_queue_deleted_under_its_consumer(
 
     def consumed_again() -> None:
         # The outage lasts until the consumer is back: answers published before that had no
-        # queue (or, copied to the cache writer, were routed there alone) and are lost.
+        # queue and are lost.
         wait_for(
             lambda: (rabbit.queues().get(names[0]) or (0, 0))[1] >= 1,
             timeout=5,

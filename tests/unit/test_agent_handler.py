@@ -86,7 +86,6 @@ class Rig:
     ) -> None:
         self.log: list[str] = []
         self.replies: list[Reply] = []
-        self.completed: list[tuple[str, bytes]] = []
         self.upstream_bodies: list[dict[str, Any]] = []
         self.now = now
         self.cancellations = Cancellations()
@@ -107,7 +106,6 @@ class Rig:
             upstream=self.upstream,
             publish=self.publish,
             cancellations=self.cancellations,
-            publish_completed=self.publish_completed,
             concurrency=self.concurrency,
             coalesce_window=0.001,
             clock=lambda: self.now,
@@ -121,9 +119,6 @@ class Rig:
     async def publish(self, job: Job, reply: Reply) -> None:
         self.log.append(f"publish {reply.kind.value}")
         self.replies.append(reply)
-
-    async def publish_completed(self, key: str, body: bytes) -> None:
-        self.completed.append((key, body))
 
     async def run(self, job: Job, *, redelivered: bool = False) -> Delivery:
         delivery = Delivery(Message(self.log, redelivered=redelivered))  # type: ignore[arg-type]
@@ -157,13 +152,6 @@ async def test_completion_is_answered_with_the_router_model() -> None:
     assert orjson.loads(reply.body)["model"] == "local_m"
     assert orjson.loads(reply.body)["choices"][0]["message"]["content"] == "Hello"
     assert not delivery.settled  # the consumer acks when the handler returns
-    assert rig.completed == []
-
-
-async def test_cacheable_completion_publishes_the_completed_event() -> None:
-    rig = await Rig(answer(200, COMPLETION)).start()
-    await rig.run(rig.job(cache_key="k1"))
-    assert rig.completed == [("k1", rig.replies[0].body)]
 
 
 async def test_vllm_error_keeps_its_status_in_openai_shape() -> None:

@@ -25,13 +25,14 @@ from services.dispatcher.cache import (
 from services.dispatcher.cache_key import CachePolicy
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
+from shared.completed import CompletedBatcher
 from shared.errors import BrokerUnavailableError
 from shared.messages import (
+    Completed,
     Envelope,
     Job,
     Reply,
     ReplyKind,
-    completed_status,
     decode_completed,
     encode_completed,
 )
@@ -154,7 +155,7 @@ async def complete(
 ) -> None:
     """What the producer and the writer do for a routed job: publish and consume the event."""
     assert proceeded.job.cache_key is not None
-    env = encode_completed(proceeded.job.cache_key, body, status=status)
+    env = encode_completed([Completed(proceeded.job.cache_key, body, status)])
     await cache.on_completed(env, NO_DELIVERY)
 
 
@@ -272,8 +273,22 @@ async def test_a_completed_event_for_a_foreign_key_writes_nothing() -> None:
         "ns:cache:v1:anonymous:m:" + "a" * 64 + ":lock",
         "ns:cache:v1:anonymous:" + "a" * 64,  # no model
     ):
-        await cache.on_completed(encode_completed(key, ANSWER), NO_DELIVERY)
+        await cache.on_completed(encode_completed([Completed(key, ANSWER)]), NO_DELIVERY)
     assert store.entries == {} and store.calls == 0
+
+
+async def test_every_event_of_a_message_is_written_on_its_own_merits() -> None:
+    store = MemoryStore()
+    cache = make_cache(store)
+    good = [f"{POLICY.prefix}:anonymous:m:" + c * 64 for c in "bcd"]
+    events = [
+        Completed(good[0], ANSWER),
+        Completed("other:cache:v1:anonymous:m:" + "a" * 64, ANSWER),  # foreign: dropped alone
+        Completed(good[1], ANSWER[:-1]),  # truncated: not stored
+        Completed(good[2], ANSWER),
+    ]
+    await cache.on_completed(encode_completed(events), NO_DELIVERY)
+    assert set(store.entries) == {good[0], good[2]}
 
 
 async def test_only_a_sender_allowed_to_answer_the_model_writes_its_entry() -> None:
@@ -284,7 +299,7 @@ async def test_only_a_sender_allowed_to_answer_the_model_writes_its_entry() -> N
     keys = {model: f"{POLICY.prefix}:anonymous:{model}:" + "b" * 64 for model in ("local_a", "m")}
 
     async def send(key: str, user: str | None) -> None:
-        env = dataclasses.replace(encode_completed(key, ANSWER), user_id=user)
+        env = dataclasses.replace(encode_completed([Completed(key, ANSWER)]), user_id=user)
         await cache.on_completed(env, NO_DELIVERY)
 
     await send(keys["m"], "gpu-a")  # not its model
@@ -501,7 +516,11 @@ class RecordingBroker:
 
 
 def publisher(broker: RecordingBroker) -> ReplyPublisher:
-    return ReplyPublisher(cast(Broker, broker), persistent=False, completed_exchange="completed")
+    async def publish_completed(env: Envelope) -> None:
+        await broker.publish(env, "", exchange="completed", mandatory=False)
+
+    completed = CompletedBatcher(publish_completed, delay=60.0)  # sent by flush() alone
+    return ReplyPublisher(cast(Broker, broker), persistent=False, completed=completed)
 
 
 async def test_the_first_reply_carries_the_cache_verdict() -> None:
@@ -519,18 +538,20 @@ async def test_a_cacheable_answer_is_published_to_the_completed_exchange() -> No
     reply = publisher(broker)
     cacheable = job(cache_key="k1", cache_status="miss")
     await reply.final(cacheable, ANSWER, attempt="a")
+    assert len(broker.sent) == 1  # the event waits for others
+    await reply.flush()
     (answer, queue, _), (event, _, exchange) = broker.sent
     assert queue == "reply.q" and exchange == "completed"
     assert orjson.loads(answer.headers["x-http-headers"]) == {"x-cache": "miss"}
-    assert decode_completed(event) == ("k1", ANSWER) and completed_status(event) == 200
+    assert decode_completed(event) == [Completed("k1", ANSWER)]
 
 
 async def test_a_cacheable_job_that_fails_says_so_without_a_body() -> None:
     broker = RecordingBroker()
     reply = publisher(broker)
     await reply.error(job(cache_key="k1"), BrokerUnavailableError(), attempt="a")
-    event = broker.sent[-1][0]
-    assert decode_completed(event) == ("k1", b"") and completed_status(event) == 503
+    await reply.flush()
+    assert decode_completed(broker.sent[-1][0]) == [Completed("k1", b"", 503)]
 
 
 async def test_other_jobs_cost_no_extra_message() -> None:
@@ -538,6 +559,7 @@ async def test_other_jobs_cost_no_extra_message() -> None:
     reply = publisher(broker)
     await reply.final(job(), ANSWER, attempt="a")
     await reply.final(job(cache_status="hit"), ANSWER, attempt="a")
+    await reply.flush()
     assert [exchange for _, _, exchange in broker.sent] == ["", ""]
 
 
@@ -545,21 +567,17 @@ async def test_a_failed_completed_publish_does_not_fail_the_reply() -> None:
     broker = RecordingBroker(fail_exchange="completed")
     reply = publisher(broker)
     await reply.final(job(cache_key="k1"), ANSWER, attempt="a")
+    await reply.flush()
     assert len(broker.sent) == 1
 
 
-async def test_a_whole_answer_reaches_the_cache_writer_in_the_same_publish() -> None:
+async def test_the_answers_of_several_jobs_reach_the_cache_writer_in_one_message() -> None:
     broker = RecordingBroker()
-    reply = ReplyPublisher(
-        cast(Broker, broker),
-        persistent=False,
-        completed_exchange="completed",
-        completed_queue="completed.q",
-    )
+    reply = publisher(broker)
     await reply.final(job(cache_key="k1", cache_status="miss"), ANSWER, attempt="a")
-    ((answer, queue, exchange),) = broker.sent  # one publish, copied by the broker
-    assert (queue, exchange) == ("reply.q", "")
-    assert answer.headers["BCC"] == ["completed.q"]
-    assert decode_completed(answer) == ("k1", ANSWER) and completed_status(answer) == 200
     await reply.error(job(cache_key="k2"), BrokerUnavailableError(), attempt="a")
-    assert [exchange for _, _, exchange in broker.sent[1:]] == ["", "completed"]
+    await reply.final(job(), ANSWER, attempt="a")  # not cacheable: no event
+    await reply.flush()
+    assert [exchange for _, _, exchange in broker.sent] == ["", "", "", "completed"]
+    events = decode_completed(broker.sent[-1][0])
+    assert events == [Completed("k1", ANSWER), Completed("k2", b"", 503)]

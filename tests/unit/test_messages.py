@@ -9,6 +9,7 @@ from shared.messages import (
     H_VERSION,
     AgentHeartbeat,
     AgentRegistration,
+    Completed,
     Envelope,
     Job,
     MessageDecodeError,
@@ -108,7 +109,8 @@ def test_registration_refuses_bad_payloads(payload: dict) -> None:
 
 def test_cancel_and_completed_round_trip() -> None:
     assert decode_cancel(encode_cancel("abc_123")) == "abc_123"
-    assert decode_completed(encode_completed("key", b"{}")) == ("key", b"{}")
+    events = [Completed("k1", b"{}"), Completed("k2", b"", 503), Completed("k3", b'{"a":1}')]
+    assert decode_completed(encode_completed(events)) == events
     with pytest.raises(MessageDecodeError):
         decode_cancel(Envelope(type="cancel", body=b"bad id!", headers={H_VERSION: 1}))
 
@@ -116,3 +118,31 @@ def test_cancel_and_completed_round_trip() -> None:
 def test_cancel_refuses_trailing_newline() -> None:
     with pytest.raises(MessageDecodeError):
         decode_cancel(Envelope(type="cancel", body=b"abc\n", headers={H_VERSION: 1}))
+
+
+def _completed(body: bytes = b"{}", **headers: object) -> Envelope:
+    fields = {H_VERSION: 1, "x-cache-keys": ["k1"], "x-statuses": [200], "x-lengths": [2]}
+    return Envelope(type="job.completed", body=body, headers={**fields, **headers})
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        _completed(**{"x-cache-keys": ["k1", "k2"]}),  # arrays of different lengths
+        _completed(**{"x-lengths": [3]}),  # the lengths do not add up to the body
+        _completed(  # nor may one go backwards
+            **{"x-cache-keys": ["k1", "k2"], "x-statuses": [200, 200], "x-lengths": [-2, 4]}
+        ),
+        _completed(**{"x-cache-keys": [""]}),
+        _completed(**{"x-cache-keys": [7]}),
+        _completed(**{"x-statuses": ["200"]}),
+        _completed(**{"x-statuses": [True]}),
+        _completed(**{"x-lengths": []}),
+        _completed(**{"x-cache-keys": "k1"}),
+        _completed(**{H_VERSION: 2}),
+        Envelope(type="reply.final", body=b"{}", headers={H_VERSION: 1, "x-cache-key": "k1"}),
+    ],
+)
+def test_completed_refuses_a_malformed_message(env: Envelope) -> None:
+    with pytest.raises(MessageDecodeError):
+        decode_completed(env)
