@@ -3,7 +3,7 @@
 Only the cache writer reads a `job.completed` (and, through it, the single-flight followers of
 an identical deterministic request). Published one per answer, each event was a message the
 broker routed and a dispatcher read and wrote to Redis on its own: at c=32 the cache's writes
-cost about as much as every other step of a dispatcher's job together (bench/RESULTS.md).
+took 14% of the whole path's CPU per request, and 23% of the dispatcher's (bench/RESULTS.md).
 `CompletedBatcher` holds a process's events for up to `delay` seconds and publishes them as one
 message; a batch that grows past `max_bytes` or `max_events` goes at once.
 
