@@ -5,9 +5,8 @@ one socket read all run before the event loop polls again. Sent one by one, each
 redis-py's whole command path, a send and a wakeup for its reply. `Batcher` lets the first
 call go out at the end of the current turn of the loop with every call queued by then, and
 the calls queued while it is in flight go out together when it is back. A lone call waits for
-nothing but the end of the current turn, or, with a `delay`, for that long: calls nobody is
-waiting on (cache writes) gather a few milliseconds' worth into one round trip. Plain asyncio,
-no Redis: the store decides what one batch is.
+nothing but the end of the current turn. Plain asyncio, no Redis: the store decides what one
+batch is.
 """
 
 from __future__ import annotations
@@ -31,19 +30,12 @@ class Batcher(Generic[T, R]):
     """
 
     def __init__(
-        self,
-        run: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
-        *,
-        max_batch: int = MAX_BATCH,
-        delay: float = 0.0,
+        self, run: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *, max_batch: int = MAX_BATCH
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        if delay < 0:
-            raise ValueError("delay must not be negative")
         self._run = run
         self._max_batch = max_batch
-        self._delay = delay
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._sender: asyncio.Task[None] | None = None
         self.batches = 0  # how many `run` calls so far (for tests and diagnostics)
@@ -60,8 +52,6 @@ class Batcher(Generic[T, R]):
     async def _send(self) -> None:
         batch: list[tuple[T, asyncio.Future[R]]] = []
         try:
-            if self._delay:
-                await asyncio.sleep(self._delay)
             while self._queued:
                 batch = self._queued[: self._max_batch]
                 del self._queued[: self._max_batch]

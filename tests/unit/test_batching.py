@@ -123,23 +123,3 @@ async def test_callers_never_wait_forever_when_the_sender_is_cancelled() -> None
 def test_max_batch_must_allow_a_call() -> None:
     with pytest.raises(ValueError):
         Batcher(Backend().run, max_batch=0)
-
-
-async def test_with_a_delay_calls_made_within_it_share_a_batch_sent_after_it() -> None:
-    backend = Backend()
-    batcher = Batcher(backend.run, delay=0.05)
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    first = asyncio.ensure_future(batcher.submit(1))
-    await asyncio.sleep(0.02)  # a later turn of the loop, still within the delay
-    second = asyncio.ensure_future(batcher.submit(2))
-    await asyncio.sleep(0)
-    assert backend.batches == []
-    assert await asyncio.wait_for(asyncio.gather(first, second), 1) == [2, 4]
-    assert backend.batches == [[1, 2]]
-    assert loop.time() - started >= 0.045
-
-
-def test_a_negative_delay_is_refused() -> None:
-    with pytest.raises(ValueError, match="delay"):
-        Batcher(Backend().run, delay=-0.001)
