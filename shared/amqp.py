@@ -12,9 +12,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import aio_pika
+import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractQueue,
@@ -74,10 +75,17 @@ async def _publish(
 ) -> None:
     """Publish on `channel`'s aiormq channel and wait for the confirm (aio-pika's own
     `Exchange.publish` does the same, after building a Message). Raises aiormq's errors:
-    PublishError (returned), DeliveryError (nacked), ChannelInvalidStateError."""
+    PublishError (returned), DeliveryError (nacked), ChannelInvalidStateError.
+
+    `wait=False`: aiormq otherwise also waits, holding the channel's lock, until its writer
+    has sent the frames, so a channel sends one publish per turn of the event loop and no two
+    share a socket write. The confirm already proves the frames left (a lost connection fails
+    it), and the lock still orders the frames. Letting a turn's publishes leave together gave
+    38% more requests/s at c=32 and a third less RabbitMQ CPU (bench/RESULTS.md)."""
     if channel.is_closed:
         raise ChannelInvalidStateError(f"{channel!r} closed")
-    underlay = await channel.get_underlay_channel()
+    # aiormq's Channel: its abstract type does not declare `wait`.
+    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     await underlay.basic_publish(
         env.body,
         exchange=exchange,
@@ -85,6 +93,7 @@ async def _publish(
         properties=to_properties(env, persistent=persistent, user_id=user_id),
         mandatory=mandatory,
         timeout=timeout,
+        wait=False,
     )
 
 

@@ -81,5 +81,11 @@ class CoalescingFrameGenerator(OneByOneFrameGenerator):
 
 
 def install() -> None:
-    """Make every aiormq connection opened from now on write coalesced."""
+    """Make every aiormq connection opened from now on write coalesced.
+
+    Its write queue also holds up to MAX_BATCH entries instead of aiormq's 10: a publish that
+    finds the queue full waits for the writer while holding its channel's lock, so past ten
+    publishes in one turn of the loop the rest left one per turn, each in a write of its own
+    (4-5% fewer requests/s at c=32, bench/RESULTS.md). The queue stays bounded."""
     aiormq_connection.FrameGenerator = CoalescingFrameGenerator  # type: ignore[misc]
+    aiormq_connection.Connection.FRAME_BUFFER_SIZE = MAX_BATCH

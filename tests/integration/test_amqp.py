@@ -118,3 +118,37 @@ async def test_a_published_envelope_arrives_whole_and_a_failed_one_comes_back_on
     got = next(env for env, _ in seen if env.type == "job")
     assert got == dataclasses.replace(sent, user_id="guest")
     assert [again for env, again in seen if env.type == "fails"] == [False, True]
+
+
+async def test_publishes_made_together_leave_in_one_socket_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forty publishes started in one turn of the event loop share a write, so the broker reads
+    them in one go. By aiormq's defaults each waited, holding the channel's lock, until its
+    frames were written, and a write queue of ten made the eleventh wait for the writer: one
+    publish per turn of the loop, each in a write of its own."""
+    require_services()
+    name = f"{new_namespace()}.together"
+    writes: list[bytes] = []
+    original = asyncio.StreamWriter.write
+
+    def recording(self: asyncio.StreamWriter, data: bytes) -> None:
+        writes.append(bytes(data))
+        original(self, data)
+
+    broker = Broker(URL, name="test-amqp", publish_timeout=5)
+    await broker.connect()
+    try:
+        channel = await broker.channel(prefetch=1)
+        await broker.consume(channel, QueueSpec(name=name, durable=False, auto_delete=True), ignore)
+        monkeypatch.setattr(asyncio.StreamWriter, "write", recording)
+        envs = [Envelope(type="job", body=b"n%d" % i, headers={}) for i in range(40)]
+        await asyncio.gather(*(broker.publish(env, name) for env in envs))
+    finally:
+        monkeypatch.undo()
+        await broker.stop_consuming()
+        await broker.close()
+    basic_publish = b"\x00\x3c\x00\x28"  # class 60 (basic), method 40 (publish)
+    per_write = [w.count(basic_publish) for w in writes if basic_publish in w]
+    assert sum(per_write) == 40
+    assert len(per_write) <= 2, per_write

@@ -25,6 +25,7 @@ def test_installed_in_aiormq() -> None:
     amqp_writes.install()  # idempotent
     assert aiormq_connection.FrameGenerator is CoalescingFrameGenerator
     assert hasattr(amqp_writes.OneByOneFrameGenerator, "__anext__")  # what it replaces is there
+    assert aiormq_connection.Connection.FRAME_BUFFER_SIZE == amqp_writes.MAX_BATCH
 
 
 async def test_queued_frames_leave_as_one_write_in_order() -> None:
