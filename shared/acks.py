@@ -77,9 +77,8 @@ class AckBatcher:
 
 async def _send(channel: AckChannel, tags: list[int]) -> None:
     try:
-        # Queued in one turn of the loop, the frames leave together (shared.amqp_writes; aiormq's
-        # write queue holds ten frames, so a larger batch takes a write per ten); only the last
-        # one waits for its write.
+        # Queued in one turn of the loop, the frames leave together (shared.amqp_writes, whose
+        # write queue holds 256 of them); only the last one waits for its write.
         for tag in tags[:-1]:
             await channel.basic_ack(tag, wait=False)
         await channel.basic_ack(tags[-1])

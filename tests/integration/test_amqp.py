@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
+from shared import amqp_writes
 from shared.amqp import Broker, Delivery
 from shared.messages import Envelope
 from shared.topology import QueueSpec
@@ -140,6 +141,7 @@ async def test_publishes_made_together_leave_in_one_socket_write(
     await broker.connect()
     try:
         channel = await broker.channel(prefetch=1)
+        underlay = await channel.get_underlay_channel()
         await broker.consume(channel, QueueSpec(name=name, durable=False, auto_delete=True), ignore)
         monkeypatch.setattr(asyncio.StreamWriter, "write", recording)
         envs = [Envelope(type="job", body=b"n%d" % i, headers={}) for i in range(40)]
@@ -149,6 +151,9 @@ async def test_publishes_made_together_leave_in_one_socket_write(
         await broker.stop_consuming()
         await broker.close()
     basic_publish = b"\x00\x3c\x00\x28"  # class 60 (basic), method 40 (publish)
+    # And a channel holds more than aiormq's ten incoming frames (three deliveries) before
+    # the connection's reader must wait for it.
+    assert underlay.frames.maxsize == amqp_writes.MAX_BATCH
     per_write = [w.count(basic_publish) for w in writes if basic_publish in w]
     assert sum(per_write) == 40
     assert len(per_write) <= 2, per_write

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 from aiormq import connection as aiormq_connection
 from aiormq.abc import ChannelFrame
@@ -26,6 +27,12 @@ def test_installed_in_aiormq() -> None:
     assert aiormq_connection.FrameGenerator is CoalescingFrameGenerator
     assert hasattr(amqp_writes.OneByOneFrameGenerator, "__anext__")  # what it replaces is there
     assert aiormq_connection.Connection.FRAME_BUFFER_SIZE == amqp_writes.MAX_BATCH
+    opened = aiormq_connection.Connection.channel
+    amqp_writes.install()
+    assert aiormq_connection.Connection.channel is opened  # wrapped once, not again
+    # The wrapper relies on where aiormq puts the size (after self: the third parameter).
+    names = list(inspect.signature(opened.__wrapped__).parameters)  # type: ignore[attr-defined]
+    assert names[1:4] == ["channel_number", "publisher_confirms", "frame_buffer_size"]
 
 
 async def test_queued_frames_leave_as_one_write_in_order() -> None:
