@@ -50,6 +50,7 @@ class Process:
     argv: list[str]
     env: dict[str, str]
     log_path: Path
+    cwd: Path = ROOT  # the tree whose code runs (`python -m services.cli` imports from it)
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
@@ -58,7 +59,7 @@ class Process:
             self.popen = subprocess.Popen(
                 self.argv,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
-                cwd=ROOT,
+                cwd=self.cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -143,6 +144,7 @@ class Stack:
     litellm_url: str = ""
     litellm_key: str = field(default_factory=lambda: f"sk-bench-{secrets.token_hex(24)}")
     subdir: str = ""  # of the run's log dir: a sibling's logs stay apart from the main ones
+    tree: Path = ROOT  # the checkout whose services run (another one for `python -m bench.ab`)
     _spawned: int = 0
 
     @property
@@ -161,7 +163,7 @@ class Stack:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Process:
         self._spawned += 1  # a restarted agent keeps its name: its log must not overwrite
         log = self.log_dir / f"{self._spawned:02d}-{name}.log"
-        process = Process(name, argv, env, log).start()
+        process = Process(name, argv, env, log, cwd=self.tree).start()
         self.processes.append(process)
         return process
 

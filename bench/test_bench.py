@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import versions
+from bench import ab, versions
 from bench.config import BenchConfig
 from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
@@ -254,3 +254,25 @@ def test_litellm_runs_that_left_a_worker_idle_are_taken_again_and_reported() -> 
     meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
     meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
     assert "one worker: json_c32 round 2 (1x)." in render(meta, summary, [])
+
+
+def test_ab_alternates_who_runs_first_each_round() -> None:
+    assert [ab.seat_order(i) for i in range(3)] == [["A", "B"], ["B", "A"], ["A", "B"]]
+
+
+def test_ab_tally_counts_the_rounds_b_won_and_takes_medians_per_process() -> None:
+    tally = ab.Tally()
+    for a_rps, b_rps in ((100, 120), (110, 105), (90, 130)):
+        tally.add("A", result(a_rps, 2.0, 4.0, cpu_ms={"api": a_rps * 10 * 0.5}))
+        tally.add("B", result(b_rps, 1.5, 3.0, cpu_ms={"api": b_rps * 10 * 0.4}))
+    assert tally.b_wins() == 2
+    line = tally.median_line("B")
+    assert "requests/s 120" in line and "p50 1.50 ms" in line
+    assert "CPU 0.400 ms/request" in line and "api 0.400" in line
+    assert "TTFT" not in line  # a JSON series has none
+
+
+def test_ab_refuses_an_unknown_series() -> None:
+    with pytest.raises(SystemExit):
+        ab.parse(["--b", "/tmp/candidate", "--series", "json_c32,nope"])
+    assert ab.parse(["--b", "/tmp/candidate"]).series == "json_c32"
