@@ -25,15 +25,11 @@ from bench import procstat
 from bench.__main__ import clean_broker
 from bench.config import ROOT, BenchConfig
 from bench.load import LoadResult
-from bench.series import Runner, Series, router_target
+from bench.micro import SERIES as MICRO_SERIES
+from bench.series import Runner, router_target
 from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack
 
-SERIES = {
-    "json_c32": Series("json_c32", "json", INSTANT_MODEL, 32),
-    "json_c1": Series("json_c1", "json", INSTANT_MODEL, 1),
-    "streams": Series("streams", "stream", INSTANT_MODEL, 32),
-    "ttft": Series("ttft", "stream", PACED_MODEL, 1),
-}
+SERIES = {series.key: series for series in MICRO_SERIES}  # the same runs as bench.micro
 
 
 def seat_order(round_index: int) -> list[str]:

@@ -172,7 +172,7 @@ class RedisStore:
         self._write_script = redis.register_script(_WRITE)
         self._probes: Batcher[tuple[str, LockRequest | None], Probe] = Batcher(self._probe_many)
         # Writes come in batches already (a `job.completed` message holds a process's events
-        # of 10 ms, shared.completed): submitted together, each message's share one call.
+        # of 10 ms, shared.completed): submitted together, a message's writes share one call.
         self._writes: Batcher[tuple[str, bytes, int], None] = Batcher(self._write_many)
 
     @classmethod
