@@ -169,6 +169,14 @@ class Runner:
         self.stack = stack
         self.targets = targets
         self.use_wrk = config.load_tool == "wrk" or (config.load_tool == "auto" and _has_wrk())
+        if config.load_tool == "auto" and not self.use_wrk:
+            # A fresh machine has no wrk until `make bench` installs it: say so, or a quick
+            # `bench.micro`/`bench.ab` run measures the Python client instead of the router.
+            log.warning(
+                "wrk is not installed (bench/ensure-wrk.sh installs it): JSON load comes"
+                " from the Python generator, which is slower than the router; its figures do"
+                " not compare with wrk's"
+            )
 
     async def measure(
         self, target: Target, series: Series, duration: float, *, clients: int | None = None

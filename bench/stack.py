@@ -148,6 +148,13 @@ class Stack:
     _spawned: int = 0
 
     @property
+    def python(self) -> str:
+        """The interpreter the router's services run on: another checkout's own `.venv` when it
+        has one (so `bench.ab` can compare Python versions and dependencies), else this one."""
+        own = self.tree / ".venv" / "bin" / "python"
+        return str(own) if self.tree != ROOT and own.exists() else sys.executable
+
+    @property
     def log_dir(self) -> Path:
         return ROOT / "var" / "bench" / self.run_id / self.subdir
 
@@ -192,7 +199,7 @@ class Stack:
     async def start_router(self) -> None:
         port = free_port()
         self.api_url = f"http://127.0.0.1:{port}"
-        cli = [sys.executable, "-m", "services.cli"]
+        cli = [self.python, "-m", "services.cli"]
         self.api = self._spawn(
             "api",
             [*cli, "api"],
@@ -224,7 +231,7 @@ class Stack:
             AGENT_BIND="127.0.0.1",
             HEARTBEAT_INTERVAL="2",
         )
-        process = self._spawn(name, [sys.executable, "-m", "services.cli", "agent"], env)
+        process = self._spawn(name, [self.python, "-m", "services.cli", "agent"], env)
         self.agents.setdefault(model, []).append(process)
         await wait_http(f"http://127.0.0.1:{health_port}/ready", process, timeout=60)
         await self.wait_model_listed(router_id(model))

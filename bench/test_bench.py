@@ -4,6 +4,7 @@ only to a closed port)."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from bench.series import (
     plan,
     rotated,
 )
-from bench.stack import litellm_config, router_id
+from bench.stack import Stack, litellm_config, router_id
 
 
 def result(rps: float, p50: float, p99: float, **kw: object) -> LoadResult:
@@ -276,3 +277,13 @@ def test_ab_refuses_an_unknown_series() -> None:
     with pytest.raises(SystemExit):
         ab.parse(["--b", "/tmp/candidate", "--series", "json_c32,nope"])
     assert ab.parse(["--b", "/tmp/candidate"]).series == "json_c32"
+
+
+def test_another_checkout_runs_on_its_own_venv_when_it_has_one(tmp_path: Path) -> None:
+    config = BenchConfig()
+    assert Stack(config, "t").python == sys.executable  # this checkout: this interpreter
+    assert Stack(config, "t", tree=tmp_path).python == sys.executable  # no venv of its own
+    own = tmp_path / ".venv" / "bin" / "python"
+    own.parent.mkdir(parents=True)
+    own.touch()
+    assert Stack(config, "t", tree=tmp_path).python == str(own)
