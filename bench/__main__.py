@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from bench import procstat, profile
+from bench import procstat, profile, wakeup
 from bench.broker import delete_namespace
 from bench.config import PEERS_VENV, ROOT, BenchConfig
 from bench.load import wrk_available, wrk_version
@@ -290,8 +290,12 @@ async def run(config: BenchConfig) -> int:
         redis_url = RedisSettings().redis_url or ""  # the services' own settings and defaults
         meta["setup"].update(await describe(ROOT, BrokerSettings().rabbitmq_url, redis_url))
         meta["setup"]["command"] = command_line()
+        # The host's cost of a wakeup moves the c=1 latencies more than most code changes.
+        start_wakeups = await asyncio.to_thread(wakeup.describe)
         results = await measure(config, stack, litellm, meta, run_id, siblings=siblings)
         meta["setup"]["machine"] += f", {os.getloadavg()[0]:.2f} at end"
+        end_wakeups = await asyncio.to_thread(wakeup.describe)
+        meta["setup"]["wakeups"] = f"{wakeup.WHAT}: at start {start_wakeups}; at end {end_wakeups}"
     finally:
         for each in reversed(stacks):  # the main stack, which runs the fakes, last
             each.stop()

@@ -14,6 +14,7 @@ requests/s.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench import procstat
+from bench import procstat, wakeup
 from bench.__main__ import clean_broker
 from bench.config import ROOT, BenchConfig
 from bench.load import LoadResult
@@ -106,6 +107,7 @@ async def compare(args: argparse.Namespace) -> None:
         for series in wanted:  # warm-up, not counted
             for target in targets.values():
                 await runner.measure(target, series, 2)
+        print(f"wakeups: {await asyncio.to_thread(wakeup.describe)}", flush=True)
         tallies = {series.key: Tally() for series in wanted}
         for index in range(args.rounds):
             for series in wanted:

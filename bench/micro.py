@@ -16,7 +16,7 @@ import time
 
 import uvloop
 
-from bench import procstat, profile
+from bench import procstat, profile, wakeup
 from bench.__main__ import clean_broker
 from bench.config import BenchConfig
 from bench.series import DIRECT, ROUTER, Runner, Series, build_targets
@@ -63,6 +63,7 @@ async def main() -> None:
         chosen = [s for s in SERIES if not wanted or s.key in wanted]
         for series in chosen:  # warm-up
             await runner.measure(targets[ROUTER], series, 1)
+        print(f"wakeups    {await asyncio.to_thread(wakeup.describe)}", flush=True)
         for series in chosen:
             names = [ROUTER] if series.model == DUMMY_MODEL else [DIRECT, ROUTER]
             if series.key in {"json_c32", "streams"}:

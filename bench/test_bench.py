@@ -4,12 +4,13 @@ only to a closed port)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench import ab, versions
+from bench import ab, versions, wakeup
 from bench.config import BenchConfig
 from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
@@ -287,3 +288,18 @@ def test_another_checkout_runs_on_its_own_venv_when_it_has_one(tmp_path: Path) -
     own.parent.mkdir(parents=True)
     own.touch()
     assert Stack(config, "t", tree=tmp_path).python == str(own)
+
+
+def test_wakeup_summary_takes_the_median_and_the_99th_percentile_in_microseconds() -> None:
+    trips = wakeup.summarise([1000 * n for n in range(1, 101)])  # 1..100 us
+    assert (trips.p50_us, trips.p99_us, trips.samples) == (50.5, 100.0, 100)
+    with pytest.raises(ValueError):
+        wakeup.summarise([])
+
+
+def test_wakeup_ping_pong_runs_against_a_real_process_and_restores_affinity() -> None:
+    before = os.sched_getaffinity(0)
+    trips = wakeup.ping_pong(20, warmup=2, cores=wakeup.two_cores())
+    assert trips.samples == 20
+    assert 0 < trips.p50_us <= trips.p99_us
+    assert os.sched_getaffinity(0) == before
