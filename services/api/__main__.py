@@ -9,6 +9,7 @@ from services.api.app import create_app
 from services.api.client_auth import load_entries
 from services.api.settings import ApiSettings
 from shared.logs import configure_logging, secret_values
+from shared.runner import settle_heap
 
 
 def credential_values(settings: ApiSettings) -> list[str]:
@@ -23,8 +24,10 @@ def main() -> None:
     configure_logging(
         settings.log_level, "api", secrets=secret_values(settings, *credential_values(settings))
     )
+    app = create_app(settings)
+    settle_heap()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.api_host,
         port=settings.api_port,
         loop="uvloop",

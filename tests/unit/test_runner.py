@@ -1,0 +1,43 @@
+"""The heap a service settles into once started (shared.runner.settle_heap)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+
+from shared.runner import YOUNG_GENERATION_THRESHOLD, settle_heap
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_what_is_alive_at_start_is_no_longer_scanned_and_young_passes_come_less_often() -> None:
+    _, older, oldest = gc.get_threshold()
+    loaded = object.__new__(type("Loaded", (), {}))  # stands for a module-level object
+    settle_heap()
+    assert gc.get_freeze_count() > 0
+    assert not any(o is loaded for o in gc.get_objects())  # frozen: out of the collector's sight
+    assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, older, oldest)
+
+
+@pytest.mark.usefixtures("restored_gc")
+def test_cycles_made_after_settling_are_still_collected() -> None:
+    class Node:
+        other: object = None
+
+    settle_heap()
+    node = Node()
+    node.other = node  # a cycle: reference counting alone never frees it
+    gone = weakref.ref(node)
+    del node
+    gc.collect()
+    assert gone() is None
