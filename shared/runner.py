@@ -10,23 +10,20 @@ from typing import Any
 
 import uvloop
 
-# Python's collector makes a young-generation pass every 700 container objects allocated and
-# not yet freed. A service with requests in flight holds more than that at any moment, so under
-# load it made dozens of passes a second, and about every 8 s a full one over the 65-78k objects
-# that importing FastAPI, pydantic, aio-pika and redis leaves behind: 25-33 ms each with the
-# event loop stopped (bench/RESULTS.md). Reference counting frees nearly all of a request's
-# objects; the collector is there for cycles, and a pass every 10,000 still finds them soon.
-YOUNG_GENERATION_THRESHOLD = 10_000
+# Python's collector makes a full pass over every object it tracks now and then: about every
+# 8 s under load here, over the 65-78k objects that importing FastAPI, pydantic, aio-pika and
+# redis leaves behind, each pass stopping the event loop for 25-33 ms (bench/RESULTS.md). Those
+# objects live as long as the process; frozen, they are never scanned again, and a full pass
+# covers only the few thousand made since. (Young passes every 10,000 allocations instead of 700
+# saved a few percent of CPU more, but the dispatcher's and the agent's memory then grew by 4-5
+# kB/s under load for as long as it was watched, where with 700 it stays flat.)
 
 
 def settle_heap() -> None:
     """Call once the service's code and configuration are loaded: what is alive then lives as
-    long as the process, so the collector stops scanning it (`gc.freeze`), and young passes
-    come every YOUNG_GENERATION_THRESHOLD allocations instead of 700."""
+    long as the process, so the collector stops scanning it (`gc.freeze`)."""
     gc.collect()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, older, oldest)
 
 
 def run_service(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
