@@ -27,13 +27,13 @@ test-unit: install
 	$(VENV)/bin/pytest tests/unit
 
 lint: install
-	$(VENV)/bin/ruff format --check shared services fakes tests
-	$(VENV)/bin/ruff check shared services fakes tests
+	$(VENV)/bin/ruff format --check shared services fakes tests bench
+	$(VENV)/bin/ruff check shared services fakes tests bench
 	$(VENV)/bin/mypy
 
 format: install
-	$(VENV)/bin/ruff format shared services fakes tests
-	$(VENV)/bin/ruff check --fix shared services fakes tests
+	$(VENV)/bin/ruff format shared services fakes tests bench
+	$(VENV)/bin/ruff check --fix shared services fakes tests bench
 
 ## The benchmark (bench/README.md): router vs the direct path (and LiteLLM, once
 ## `make bench-peers` made bench/.peers). BENCH_QUICK=1 for a ~2-minute smoke run.
