@@ -1,10 +1,11 @@
 """`python -m bench.wakeup`: what waking a process costs on this machine, the host's share of
 every latency at c=1.
 
-One request at c=1 crosses five processes besides the client (api, RabbitMQ, dispatcher, Redis,
-agent, and the backend), and each hop wakes one that was asleep in `epoll_wait`. On a virtual
+One request at c=1 crosses six processes besides the client (api, RabbitMQ, dispatcher, Redis,
+agent and the backend), and each hop wakes one that was asleep in `epoll_wait`. On a virtual
 machine whose idle cores halt, that wakeup costs far more than the work around it, and it moves
-with the host: the same commit measured 2.29 ms of c=1 overhead on one day and 3.44 on another.
+with the host: the router's c=1 overhead measured 2.29 ms on a fast day and 3.33-3.44 ms on
+middling ones.
 This probe measures it without the router: two processes play ping-pong with one byte over
 loopback TCP, each blocked in `recv()` until the other's byte arrives, so every round trip is
 two wakeups and almost no work. The two are pinned to different cores (where there are two):
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+from bench.load import percentile
 
 # The echoing side, run as `python -c`: connect, then send back every byte received.
 _ECHO = """
@@ -49,11 +52,10 @@ class RoundTrips:
 
 
 def summarise(times_ns: list[int]) -> RoundTrips:
-    ordered = sorted(times_ns)
-    if not ordered:
+    if not times_ns:
         raise ValueError("no round trips")
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return RoundTrips(statistics.median(ordered) / 1000, p99 / 1000, len(ordered))
+    us = [t / 1000 for t in times_ns]
+    return RoundTrips(statistics.median(us), percentile(us, 99), len(us))
 
 
 def two_cores() -> tuple[int, int] | None:
