@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,9 +65,19 @@ class Tally:
         if all(c is not None for c in cpu):
             parts.append(f"CPU {statistics.median(c for c in cpu if c is not None):.3f} ms/request")
             for name in runs[0].cpu_ms:
-                per = [r.cpu_ms.get(name, 0.0) / r.requests for r in runs if r.requests]
-                parts.append(f"{name} {statistics.median(per):.3f}")
+                parts.append(f"{name} {_per_request(runs, lambda r, n=name: r.cpu_ms.get(n)):.3f}")
+        if runs[0].wakeups:
+            woken = " ".join(
+                f"{name} {_per_request(runs, lambda r, n=name: r.wakeups.get(n)):.1f}"
+                for name in runs[0].wakeups
+            )
+            parts.append(f"wakeups per request: {woken}")
         return ", ".join(parts)
+
+
+def _per_request(runs: list[LoadResult], count: Callable[[LoadResult], float | None]) -> float:
+    """Median over the runs of a process's count (CPU ms, wakeups) per request."""
+    return statistics.median((count(r) or 0.0) / r.requests for r in runs if r.requests)
 
 
 def brief(result: LoadResult) -> str:

@@ -28,7 +28,8 @@ CACHE_PROMPT = "bench cache probe"
 
 @dataclass
 class LoadResult:
-    """What one run measured. Latencies in ms; `cpu_ms` per process of the path."""
+    """What one run measured. Latencies in ms; per process of the path: `cpu_ms`, and its
+    `wakeups` (sleeps it woke from: voluntary context switches) and `preemptions`."""
 
     requests: int
     errors: int
@@ -39,6 +40,8 @@ class LoadResult:
     ttft_p99_ms: float | None = None
     first_event_p50_ms: float | None = None  # first SSE event of any kind (role-only too)
     cpu_ms: dict[str, float] = field(default_factory=dict)
+    wakeups: dict[str, int] = field(default_factory=dict)
+    preemptions: dict[str, int] = field(default_factory=dict)
 
     @property
     def rps(self) -> float:
@@ -62,6 +65,8 @@ class LoadResult:
             if self.first_event_p50_ms is None
             else round(self.first_event_p50_ms, 3),
             "cpu_ms": {k: round(v, 1) for k, v in self.cpu_ms.items()},
+            "wakeups": dict(self.wakeups),
+            "preemptions": dict(self.preemptions),
         }
 
 

@@ -28,8 +28,8 @@ def render(meta: dict[str, Any], s: dict[str, Any], rows: list[tuple[str, str, s
     lines += ["", "## Targets", ""]
     lines += _table(["target", "goal", "measured", "status"], [list(r) for r in rows])
     sections = (
-        _latency, _throughput, _streams, _ttft, _cpu, _modes, _cache, _scaling, _soak, _dummy,
-        _ttft_instant,
+        _latency, _throughput, _streams, _ttft, _cpu, _c1_path, _modes, _cache, _scaling, _soak,
+        _dummy, _ttft_instant,
     )  # fmt: skip
     for section in sections:
         lines += ["", *section(meta, s)]
@@ -114,6 +114,26 @@ def _cpu(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
                 body.append([series, target, name, _f(value, "{:.3f}")])
     header = ["series", "path", "process", "CPU ms/request"]
     return ["## CPU per request (ms), JSON c=32 and streams", "", *_table(header, body)]
+
+
+def _c1_path(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    title = "## Per request at c=1: CPU and wakeups, by process"
+    if not s.get("c1_path"):
+        return [title, "", "n/a: no per-process figures for JSON c=1"]
+    body = [
+        [target, name, _f(v["cpu_ms"], "{:.3f}"), _f(v["wakeups"], "{:.1f}"),
+         _f(v["preemptions"], "{:.1f}")]
+        for target, per in s["c1_path"].items()
+        for name, v in per.items()
+    ]  # fmt: skip
+    header = ["path", "process", "CPU ms", "wakeups", "preemptions"]
+    note = (
+        "One request in flight: every process on the path sleeps and is woken for its part"
+        " (a *wakeup*: a voluntary context switch, summed over its threads); a *preemption*"
+        " is an involuntary one, the process put off the CPU for another. Compare the CPU"
+        " with the c=32 table above: the difference is the price of running each part alone."
+    )
+    return [title, "", note, "", *_table(header, body)]
 
 
 def _modes(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:

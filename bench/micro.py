@@ -1,9 +1,10 @@
 """`python -m bench.micro`: a one-minute check of the hot path while working on it.
 
 Not the bench: one stack, a few short runs, no LiteLLM, no rounds, no report file. Prints p50,
-requests/s and CPU ms/request (from /proc, the most load-robust figure) for the series that
-the issue's targets are about. `MICRO_SECONDS` (default 5) sets each run's length;
-`MICRO_SERIES` (comma-separated keys) runs only some series;
+requests/s and CPU ms/request (from /proc, the most load-robust figure), and per process its
+wakeups and preemptions per request, for the series that the issue's targets are about.
+`MICRO_SECONDS` (default 5) sets each run's length; `MICRO_SERIES` (comma-separated keys) runs
+only some series;
 `MICRO_PROFILE=1` also records py-spy (`raw` stacks in bench/out/micro-*.txt) during an extra
 run of the first chosen series (c=32 JSON when all run) and prints its summary.
 """
@@ -41,9 +42,16 @@ def line(name: str, target: str, r: object) -> str:
     cpu = r.cpu_per_request()
     per = " ".join(f"{k}={v / r.requests:.3f}" for k, v in r.cpu_ms.items()) if r.requests else ""
     ttft = f" ttft_p50={r.ttft_p50_ms:.2f}" if r.ttft_p50_ms is not None else ""
+    woken = ""
+    if r.requests and r.wakeups:
+        counts = " ".join(
+            f"{k}={r.wakeups[k] / r.requests:.1f}/{r.preemptions.get(k, 0) / r.requests:.1f}"
+            for k in r.wakeups
+        )
+        woken = f" wakeups/preemptions per request [{counts}]"
     return (
         f"{name:10} {target:7} p50={r.p50_ms:6.2f} p99={r.p99_ms:6.2f} rps={r.rps:7.0f}"
-        f" err={r.errors}{ttft} cpu/req={cpu if cpu is None else round(cpu, 3)} [{per}]"
+        f" err={r.errors}{ttft} cpu/req={cpu if cpu is None else round(cpu, 3)} [{per}]{woken}"
     )
 
 

@@ -1,7 +1,9 @@
-"""CPU time and resident memory of processes, read from /proc (Linux only).
+"""CPU time, context switches and resident memory of processes, read from /proc (Linux only).
 
 CPU is `utime + stime` (fields 14 and 15 of /proc/<pid>/stat) in clock ticks, converted to
 milliseconds; a process that has gone away counts as 0 from then on, so a delta never fails.
+Context switches are summed over a process's threads (/proc/<pid>/task/*/status): a voluntary
+one is a sleep (each ends in a wakeup), an involuntary one a preemption.
 """
 
 from __future__ import annotations
@@ -25,6 +27,40 @@ def cpu_ms(pid: int) -> float:
     # The command name (field 2) may hold spaces: split after its closing parenthesis.
     fields = raw[raw.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) * TICK_MS
+
+
+def switches(pid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of `pid`'s live threads so far; (0, 0) if gone."""
+    voluntary = involuntary = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0, 0
+    for task in tasks:
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
+def switches_snapshot(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
+    return {pid: switches(pid) for pid in pids}
+
+
+def switches_delta(before: dict[int, tuple[int, int]]) -> dict[int, tuple[int, int]]:
+    """Context switches each pid of `before` made since; never negative (a thread that ended
+    takes its count with it)."""
+    out = {}
+    for pid, (voluntary, involuntary) in before.items():
+        now_voluntary, now_involuntary = switches(pid)
+        out[pid] = (max(now_voluntary - voluntary, 0), max(now_involuntary - involuntary, 0))
+    return out
 
 
 def rss_mb(pid: int) -> float:

@@ -117,6 +117,7 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
         "cpu_c32": _cpu(results, "dummy_c32").get(ROUTER, {}),
     }
     s["cpu"] = _cpu(results, "json_c32")
+    s["c1_path"] = _c1_path(results)
     s["cpu_streams"] = _cpu(results, "streams")
     s["main_mode"] = config.durability
     s["retakes"] = list(results.retakes)
@@ -171,6 +172,32 @@ def _cpu(results: Results, series: str) -> dict[str, dict[str, float | None]]:
         per["whole path"] = cpu_per_request(runs, lambda _: True)
         out[t] = per
     return out
+
+
+def _c1_path(results: Results) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per request at c=1 (JSON), for router and LiteLLM, per process and for the whole path:
+    CPU ms, wakeups (sleeps ended) and preemptions, each the median over the rounds. One
+    request in flight shares no wakeup with another, so this is what a request costs alone."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for t in (ROUTER, LITELLM):
+        runs = [r for r in results.get("json_c1", t) if r.requests and r.cpu_ms]
+        if not runs:
+            continue
+        names = [*runs[0].cpu_ms, "whole path"]
+        per: dict[str, dict[str, float | None]] = {}
+        for n in names:
+            wanted = (lambda _: True) if n == "whole path" else (lambda x, n=n: x == n)  # type: ignore[misc]
+            per[n] = {
+                "cpu_ms": med([_count(r.cpu_ms, wanted) / r.requests for r in runs]),
+                "wakeups": med([_count(r.wakeups, wanted) / r.requests for r in runs]),
+                "preemptions": med([_count(r.preemptions, wanted) / r.requests for r in runs]),
+            }
+        out[t] = per
+    return out
+
+
+def _count(values: dict[str, float] | dict[str, int], wanted: Callable[[str], bool]) -> float:
+    return float(sum(v for name, v in values.items() if wanted(name)))
 
 
 def _modes(config: BenchConfig, results: Results) -> dict[str, dict[str, float | None]]:

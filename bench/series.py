@@ -185,6 +185,7 @@ class Runner:
         concurrency = clients or series.concurrency
         pids = target.pids(series.model)
         before = procstat.cpu_snapshot(pids.values())
+        switched = procstat.switches_snapshot(pids.values())
         if series.kind == "stream":
             result = await run_streams(url, model, concurrency, duration, key=target.key)
         elif self.use_wrk:
@@ -196,7 +197,10 @@ class Runner:
                 url, model, concurrency, duration, same=series.same, key=target.key
             )
         delta = procstat.cpu_delta(before)
+        switches = procstat.switches_delta(switched)
         result.cpu_ms = {name: delta.get(pid, 0.0) for name, pid in pids.items()}
+        result.wakeups = {name: switches.get(pid, (0, 0))[0] for name, pid in pids.items()}
+        result.preemptions = {name: switches.get(pid, (0, 0))[1] for name, pid in pids.items()}
         return result
 
     async def warm_up(self, series_list: Iterable[Series]) -> None:

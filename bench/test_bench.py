@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import ab, versions, wakeup
+from bench import ab, procstat, versions, wakeup
 from bench.config import BenchConfig
 from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
@@ -272,6 +272,69 @@ def test_ab_tally_counts_the_rounds_b_won_and_takes_medians_per_process() -> Non
     assert "requests/s 120" in line and "p50 1.50 ms" in line
     assert "CPU 0.400 ms/request" in line and "api 0.400" in line
     assert "TTFT" not in line  # a JSON series has none
+
+
+def test_ab_tally_gives_each_process_wakeups_per_request() -> None:
+    tally = ab.Tally()
+    for requests, woken in ((100, 350), (120, 480), (110, 330)):
+        run = result(requests / 10, 2.0, 4.0, cpu_ms={"api": 100.0}, wakeups={"api": woken})
+        tally.add("B", run)
+    assert "wakeups per request: api 3.5" in tally.median_line("B")  # 3.5, 4.0, 3.0
+
+
+def test_context_switches_are_counted_over_every_thread_of_a_process() -> None:
+    import threading
+    import time
+
+    before = procstat.switches_snapshot([os.getpid()])
+    napped, counted = threading.Event(), threading.Event()
+
+    def nap() -> None:
+        for _ in range(5):
+            time.sleep(0.001)  # each sleep is a voluntary switch of this thread
+        napped.set()
+        counted.wait(5)  # alive while counted: an ended thread takes its count with it
+
+    thread = threading.Thread(target=nap)
+    thread.start()
+    assert napped.wait(5)
+    voluntary, _ = procstat.switches_delta(before)[os.getpid()]
+    counted.set()
+    thread.join()
+    assert voluntary >= 5
+    assert procstat.switches(2**22 + 1) == (0, 0)  # no such process
+    assert procstat.switches_delta({2**22 + 1: (3, 4)}) == {2**22 + 1: (0, 0)}
+
+
+def test_the_c1_section_gives_cpu_and_wakeups_per_request_by_process() -> None:
+    config = BenchConfig(json_concurrency=(1, 32))
+    results = _results()
+    for requests, api_woken in ((1000, 2500), (1200, 3600), (1100, 2200)):
+        rps = requests / 10
+        run = result(
+            rps,
+            3.0,
+            6.0,
+            cpu_ms={"api": requests * 1.5, "rabbitmq": requests * 2.0},
+            wakeups={"api": api_woken, "rabbitmq": requests * 20},
+            preemptions={"api": requests, "rabbitmq": 0},
+        )
+        results.add("json_c1", ROUTER, run)
+    s = summarise(config, results)
+    path = s["c1_path"][ROUTER]
+    assert path["api"] == {"cpu_ms": 1.5, "wakeups": 2.5, "preemptions": 1.0}  # 2.5, 3.0, 2.0
+    assert path["whole path"]["cpu_ms"] == pytest.approx(3.5)
+    assert path["whole path"]["wakeups"] == pytest.approx(22.5)  # 22.5, 23.0, 22.0
+    assert LITELLM not in s["c1_path"]  # its c=1 runs carried no per-process figures
+    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
+    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    text = render(meta, s, verdicts(config, s))
+    assert "## Per request at c=1: CPU and wakeups, by process" in text
+    assert "| router | api | 1.500 | 2.5 | 1.0 |" in text
+    assert "| router | whole path | 3.500 | 22.5 | 1.0 |" in text
+
+    alone = summarise(config, _results())
+    assert "n/a: no per-process figures for JSON c=1" in render(meta, alone, [])
 
 
 def test_ab_refuses_an_unknown_series() -> None:
