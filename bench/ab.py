@@ -30,6 +30,7 @@ from bench.load import LoadResult
 from bench.micro import SERIES as MICRO_SERIES
 from bench.series import Runner, router_target
 from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack
+from shared.settings import BrokerSettings
 
 SERIES = {series.key: series for series in MICRO_SERIES}  # the same runs as bench.micro
 
@@ -112,7 +113,7 @@ async def compare(args: argparse.Namespace) -> None:
             await fakes.start_fake(PACED_MODEL, token_rate=config.ttft_token_rate)
         for name in ("B", "A") if args.b_first else ("A", "B"):
             await start_side(config, sides[name], paced)
-        beam = procstat.rabbitmq_pid()
+        beam = procstat.rabbitmq_pid(BrokerSettings().rabbitmq_url)
         targets = {name: router_target(name, stack, beam) for name, stack in sides.items()}
         runner = Runner(config, fakes, targets)
         for series in wanted:  # warm-up, not counted

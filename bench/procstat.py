@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -110,8 +111,48 @@ def cpu_delta(before: dict[int, float]) -> dict[int, float]:
     return {pid: max(cpu_ms(pid) - ms, 0.0) for pid, ms in before.items()}
 
 
-def rabbitmq_pid() -> int | None:
-    """The broker's Erlang VM: `rabbitmqctl status` says its OS pid, else `pgrep beam.smp`."""
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP `port` (IPv4 or IPv6), read from /proc; None if none is
+    found or its sockets cannot be seen (another user's, without root)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            # local address "ADDR:PORT" in hex, state 0A = LISTEN, inode in field 10
+            if (
+                len(fields) > 9
+                and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port
+            ):
+                inodes.add(fields[9])
+    wanted = {f"socket:[{inode}]" for inode in inodes if inode != "0"}
+    if not wanted:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in wanted:
+                    return int(entry.name)
+        except OSError:  # gone, or not ours to look into
+            continue
+    return None
+
+
+def rabbitmq_pid(url: str | None = None) -> int | None:
+    """The broker's Erlang VM: the process listening on `url`'s port when it can be found (so a
+    `RABBITMQ_URL` pointing at another node is measured, not the default one), else the OS pid
+    `rabbitmqctl status` gives, else `pgrep beam.smp` when it finds exactly one."""
+    if url is not None:
+        port = urlsplit(url).port or 5672
+        found = listener_pid(port)
+        if found is not None:
+            return found
     if shutil.which("rabbitmqctl"):
         try:
             out = subprocess.run(

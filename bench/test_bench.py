@@ -306,6 +306,18 @@ def test_context_switches_are_counted_over_every_thread_of_a_process() -> None:
     assert procstat.switches_delta({2**22 + 1: (3, 4)}) == {2**22 + 1: (0, 0)}
 
 
+def test_the_broker_is_found_by_the_port_it_listens_on() -> None:
+    import socket
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert procstat.listener_pid(port) == os.getpid()
+        assert procstat.rabbitmq_pid(f"amqp://guest:guest@127.0.0.1:{port}/") == os.getpid()
+    assert procstat.listener_pid(port) is None  # closed now
+
+
 def test_the_c1_section_gives_cpu_and_wakeups_per_request_by_process() -> None:
     config = BenchConfig(json_concurrency=(1, 32))
     results = _results()
