@@ -4,11 +4,15 @@ For deciding whether a change to the hot path is worth keeping. A second checkou
 candidate (`git worktree add --detach /tmp/candidate <commit>`) runs beside this one: each has
 its own api, dispatcher and agent in a broker namespace of its own, in front of one shared fake
 backend, on the same RabbitMQ and Redis. Runs alternate between the two, A then B in even
-rounds and B then A in odd ones, so neither profits from the machine's drift. The router
-started second has come out ahead by up to 7% (bench/RESULTS.md): run each comparison a second
-time with `--b-first`. Prints every run, then per series the medians of requests/s, p50, TTFT
-and CPU ms per request (whole path and per process), and in how many rounds B did more
-requests/s.
+rounds and B then A in odd ones, so neither profits from the machine's drift.
+
+The router started second has come out ahead by up to 11% (bench/RESULTS.md), more than most
+changes are worth. So by default (`--seating both`) the comparison is made twice: the rounds
+with A's router started first, then both routers stopped and started again with B's first,
+and the same rounds again. Prints every run, then per series the medians of requests/s, p50,
+TTFT and CPU ms and wakeups per request (whole path and per process) over all rounds, and for
+each seating in how many rounds B did more requests/s (had the lower TTFT, in a one-client
+stream series): a change that wins only in one seating has not won.
 """
 
 from __future__ import annotations
@@ -49,9 +53,16 @@ class Tally:
     def add(self, side: str, result: LoadResult) -> None:
         self.runs[side].append(result)
 
-    def b_wins(self) -> int:
-        """Rounds in which B did more requests/s than A."""
-        return sum(b.rps > a.rps for a, b in zip(self.runs["A"], self.runs["B"], strict=False))
+    def b_wins(self, *, by_ttft: bool = False) -> int:
+        """Rounds in which B did more requests/s than A (or, `by_ttft`, had the lower TTFT)."""
+        pairs = zip(self.runs["A"], self.runs["B"], strict=False)
+        if by_ttft:
+            return sum(
+                b.ttft_p50_ms < a.ttft_p50_ms
+                for a, b in pairs
+                if a.ttft_p50_ms is not None and b.ttft_p50_ms is not None
+            )
+        return sum(b.rps > a.rps for a, b in pairs)
 
     def median_line(self, side: str) -> str:
         runs = self.runs[side]
@@ -95,49 +106,92 @@ async def start_side(config: BenchConfig, stack: Stack, with_paced: bool) -> Non
         await stack.start_agent(PACED_MODEL, config.agent_concurrency)
 
 
+# The order in which the two routers start, per seating.
+SEATINGS = {"a-first": (("A", "B"),), "b-first": (("B", "A"),), "both": (("A", "B"), ("B", "A"))}
+
+
+def seating_name(order: tuple[str, ...]) -> str:
+    return f"{order[0]} started first"
+
+
 async def compare(args: argparse.Namespace) -> None:
     config = BenchConfig.from_env()
     wanted = [SERIES[key] for key in args.series.split(",")]
     paced = any(s.model == PACED_MODEL for s in wanted)
     run_id = f"ab-{time.strftime('%Y%m%d-%H%M%S')}"
     fakes = Stack(config, run_id, subdir="fakes")
-    sides = {
-        name: Stack(
-            config, run_id, secret=fakes.secret, fakes=fakes.fakes, subdir=name, tree=tree.resolve()
-        )
-        for name, tree in (("A", args.a), ("B", args.b))
-    }
+    trees = {"A": args.a.resolve(), "B": args.b.resolve()}
+    # series -> seating -> the runs of A and B
+    tallies: dict[str, dict[str, Tally]] = {series.key: {} for series in wanted}
     try:
         await fakes.start_fake(INSTANT_MODEL)
         if paced:
             await fakes.start_fake(PACED_MODEL, token_rate=config.ttft_token_rate)
-        for name in ("B", "A") if args.b_first else ("A", "B"):
-            await start_side(config, sides[name], paced)
-        beam = procstat.rabbitmq_pid(BrokerSettings().rabbitmq_url)
-        targets = {name: router_target(name, stack, beam) for name, stack in sides.items()}
-        runner = Runner(config, fakes, targets)
-        for series in wanted:  # warm-up, not counted
-            for target in targets.values():
-                await runner.measure(target, series, 2)
         print(f"wakeups: {await asyncio.to_thread(wakeup.describe)}", flush=True)
-        tallies = {series.key: Tally() for series in wanted}
-        for index in range(args.rounds):
-            for series in wanted:
-                for name in seat_order(index):
-                    result = await runner.measure(targets[name], series, args.seconds)
-                    tallies[series.key].add(name, result)
-                    print(f"round {index + 1} {series.key:8} {name}  {brief(result)}", flush=True)
+        for order in SEATINGS[args.seating]:
+            print(f"--- {seating_name(order)}", flush=True)
+            sides = {
+                name: Stack(
+                    config,
+                    run_id,
+                    secret=fakes.secret,
+                    fakes=fakes.fakes,
+                    subdir=f"{name}-{order[0]}-first",
+                    tree=trees[name],
+                )
+                for name in order
+            }
+            try:
+                for name in order:
+                    await start_side(config, sides[name], paced)
+                beam = procstat.rabbitmq_pid(BrokerSettings().rabbitmq_url)
+                targets = {name: router_target(name, stack, beam) for name, stack in sides.items()}
+                runner = Runner(config, fakes, targets)
+                for series in wanted:  # warm-up, not counted
+                    for target in targets.values():
+                        await runner.measure(target, series, 2)
+                for index in range(args.rounds):
+                    for series in wanted:
+                        tally = tallies[series.key].setdefault(seating_name(order), Tally())
+                        for name in seat_order(index):
+                            result = await runner.measure(targets[name], series, args.seconds)
+                            tally.add(name, result)
+                            print(
+                                f"round {index + 1} {series.key:8} {name}  {brief(result)}",
+                                flush=True,
+                            )
+            finally:
+                for stack in sides.values():
+                    stack.stop()
+                for stack in sides.values():
+                    await clean_broker(stack.namespace)
         for series in wanted:
-            tally = tallies[series.key]
-            print(f"\n{series.key}: A ({sides['A'].tree}): {tally.median_line('A')}")
-            print(f"{series.key}: B ({sides['B'].tree}): {tally.median_line('B')}")
-            wins = tally.b_wins()
-            print(f"{series.key}: B did more requests/s in {wins} of {args.rounds} rounds")
+            print()
+            by_ttft = series.kind == "stream" and series.concurrency == 1
+            for line in summary_lines(series.key, tallies[series.key], trees, by_ttft=by_ttft):
+                print(line)
     finally:
-        for stack in (*sides.values(), fakes):
-            stack.stop()
-        for stack in sides.values():
-            await clean_broker(stack.namespace)
+        fakes.stop()
+
+
+def summary_lines(
+    key: str, by_seating: dict[str, Tally], trees: dict[str, Path], *, by_ttft: bool = False
+) -> list[str]:
+    """Medians over every round of every seating, then B's wins seating by seating: by
+    requests/s, or by TTFT for a one-client stream series (whose requests/s the stream's length
+    sets)."""
+    merged = Tally()
+    for tally in by_seating.values():
+        for side, runs in tally.runs.items():
+            merged.runs[side].extend(runs)
+    lines = [f"{key}: {side} ({trees[side]}): {merged.median_line(side)}" for side in ("A", "B")]
+    wins = ", ".join(
+        f"{tally.b_wins(by_ttft=by_ttft)} of {len(tally.runs['B'])} rounds with {seating}"
+        for seating, tally in by_seating.items()
+    )
+    what = "had the lower TTFT p50" if by_ttft else "did more requests/s"
+    lines.append(f"{key}: B {what} in {wins}")
+    return lines
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -148,8 +202,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--series", default="json_c32", help=f"comma-separated: {choices}")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each run")
-    parser.add_argument("--b-first", action="store_true", help="start B's router first")
+    parser.add_argument(
+        "--seating",
+        choices=sorted(SEATINGS),
+        default="both",
+        help="which router starts first: both (the rounds once each way), a-first, b-first",
+    )
+    parser.add_argument("--b-first", action="store_true", help="the same as --seating b-first")
     args = parser.parse_args(argv)
+    if args.b_first:
+        args.seating = "b-first"
     unknown = set(args.series.split(",")) - set(SERIES)
     if unknown:
         parser.error(f"unknown series: {', '.join(sorted(unknown))}")

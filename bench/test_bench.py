@@ -349,6 +349,40 @@ def test_the_c1_section_gives_cpu_and_wakeups_per_request_by_process() -> None:
     assert "n/a: no per-process figures for JSON c=1" in render(meta, alone, [])
 
 
+def test_ab_compares_in_both_seatings_unless_told_otherwise() -> None:
+    assert ab.parse(["--b", "/tmp/candidate"]).seating == "both"
+    assert ab.parse(["--b", "/tmp/candidate", "--b-first"]).seating == "b-first"
+    assert ab.parse(["--b", "/tmp/candidate", "--seating", "a-first"]).seating == "a-first"
+    assert ab.SEATINGS["both"] == (("A", "B"), ("B", "A"))
+
+
+def test_ab_summary_takes_medians_over_both_seatings_and_counts_wins_in_each() -> None:
+    first, second = ab.Tally(), ab.Tally()
+    for a_rps, b_rps in ((100, 120), (100, 130)):  # B started second: B wins
+        first.add("A", result(a_rps, 2.0, 4.0))
+        first.add("B", result(b_rps, 2.0, 4.0))
+    for a_rps, b_rps in ((110, 105), (120, 100)):  # A started second: A wins
+        second.add("A", result(a_rps, 2.0, 4.0))
+        second.add("B", result(b_rps, 2.0, 4.0))
+    trees = {"A": Path("/a"), "B": Path("/b")}
+    lines = ab.summary_lines(
+        "json_c32", {"A started first": first, "B started first": second}, trees
+    )
+    assert lines[0].startswith("json_c32: A (/a): requests/s 105,")  # 100, 100, 110, 120
+    assert lines[1].startswith("json_c32: B (/b): requests/s 112,")  # 100, 105, 120, 130
+    assert lines[2] == (
+        "json_c32: B did more requests/s in 2 of 2 rounds with A started first,"
+        " 0 of 2 rounds with B started first"
+    )
+
+    paced = ab.Tally()
+    for a_ttft, b_ttft in ((5.0, 4.0), (5.0, 6.0), (5.0, 4.5)):
+        paced.add("A", result(12, 80.0, 90.0, ttft_p50_ms=a_ttft))
+        paced.add("B", result(12, 80.0, 90.0, ttft_p50_ms=b_ttft))
+    lines = ab.summary_lines("ttft", {"A started first": paced}, trees, by_ttft=True)
+    assert lines[2] == "ttft: B had the lower TTFT p50 in 2 of 3 rounds with A started first"
+
+
 def test_ab_refuses_an_unknown_series() -> None:
     with pytest.raises(SystemExit):
         ab.parse(["--b", "/tmp/candidate", "--series", "json_c32,nope"])
