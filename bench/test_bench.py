@@ -102,6 +102,17 @@ def _results() -> Results:
     return r
 
 
+def _meta() -> dict[str, object]:
+    """What `render` needs of a run besides its summary."""
+    return {
+        "started": "now",
+        "setup": {},
+        "stream_concurrency": 32,
+        "scaling_latency_ms": 50.0,
+        "scaling_ceiling": 40.0,
+    }
+
+
 def test_overhead_is_the_median_of_per_round_differences() -> None:
     s = summarise(BenchConfig(json_concurrency=(1, 32)), _results())
     assert s["router_overhead_p50"] == pytest.approx(2.0)  # rounds: 2.0, 1.7, 8.8
@@ -178,8 +189,7 @@ def test_the_instant_ttft_diagnostic_is_reported_beside_the_paced_target() -> No
     s = summarise(config, results)
     assert s["ttft_instant_overhead"] == pytest.approx(2.8)  # per round: 2.7, 3.0, 2.8
     assert s["router_ttft_overhead"] == pytest.approx(3.0)  # per round: 3.0, 3.4, 2.9
-    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
-    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    meta = _meta()
     text = render(meta, s, verdicts(config, s))
     assert "2.80 ms with the instant backend, 3.00 ms with the paced one" in text
 
@@ -198,8 +208,7 @@ def test_the_modes_section_has_a_row_per_mode_or_says_why_not() -> None:
     assert list(s["modes"]) == ["durable", "transient", "quorum"]
     assert s["modes"]["transient"]["overhead_p50"] == pytest.approx(1.5)  # 1.5, 1.5, 1.4
     assert s["modes"]["quorum"]["overhead_p50"] == pytest.approx(2.7)  # 2.7, 2.8, 2.6
-    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
-    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    meta = _meta()
     text = render(meta, s, verdicts(config, s))
     assert "## Durability modes (the targets are judged on durable)" in text
     assert "| durable (main) | 2.00 | 1000 | 1.000 | n/a |" in text
@@ -253,8 +262,7 @@ def test_litellm_runs_that_left_a_worker_idle_are_taken_again_and_reported() -> 
     assert taken.rps == pytest.approx(250) and calls == ["json_c32"]
     assert results.retakes == [("json_c32", 2, 1, False)]
     summary = summarise(config, results)
-    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
-    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    meta = _meta()
     assert "one worker: json_c32 round 2 (1x)." in render(meta, summary, [])
 
 
@@ -338,8 +346,7 @@ def test_the_c1_section_gives_cpu_and_wakeups_per_request_by_process() -> None:
     assert path["whole path"]["cpu_ms"] == pytest.approx(3.5)
     assert path["whole path"]["wakeups"] == pytest.approx(22.5)  # 22.5, 23.0, 22.0
     assert LITELLM not in s["c1_path"]  # its c=1 runs carried no per-process figures
-    meta = {"started": "now", "setup": {}, "stream_concurrency": 32}
-    meta |= {"scaling_latency_ms": 50.0, "scaling_ceiling": 40.0}
+    meta = _meta()
     text = render(meta, s, verdicts(config, s))
     assert "## Per request at c=1: CPU and wakeups, by process" in text
     assert "| router | api | 1.500 | 2.5 | 1.0 |" in text
