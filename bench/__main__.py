@@ -213,9 +213,7 @@ async def measure(
 ) -> Results:
     """Every series, round after round, then the profile (if asked) and the soak."""
     results = Results()
-    targets = build_targets(
-        stack, procstat.rabbitmq_pid(BrokerSettings().rabbitmq_url), litellm, siblings
-    )
+    targets = build_targets(stack, procstat.rabbitmq_pid(), litellm, siblings)
     await check_targets(targets, meta)
     runner = Runner(config, stack, targets)
     series = plan(config)

@@ -34,7 +34,6 @@ from bench.load import LoadResult
 from bench.micro import SERIES as MICRO_SERIES
 from bench.series import Runner, router_target
 from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack
-from shared.settings import BrokerSettings
 
 SERIES = {series.key: series for series in MICRO_SERIES}  # the same runs as bench.micro
 
@@ -128,6 +127,7 @@ async def compare(args: argparse.Namespace) -> None:
         if paced:
             await fakes.start_fake(PACED_MODEL, token_rate=config.ttft_token_rate)
         print(f"wakeups: {await asyncio.to_thread(wakeup.describe)}", flush=True)
+        beam = procstat.rabbitmq_pid()
         for order in SEATINGS[args.seating]:
             print(f"--- {seating_name(order)}", flush=True)
             sides = {
@@ -144,7 +144,6 @@ async def compare(args: argparse.Namespace) -> None:
             try:
                 for name in order:
                     await start_side(config, sides[name], paced)
-                beam = procstat.rabbitmq_pid(BrokerSettings().rabbitmq_url)
                 targets = {name: router_target(name, stack, beam) for name, stack in sides.items()}
                 runner = Runner(config, fakes, targets)
                 for series in wanted:  # warm-up, not counted

@@ -22,7 +22,6 @@ from bench.__main__ import clean_broker
 from bench.config import BenchConfig
 from bench.series import DIRECT, ROUTER, Runner, Series, build_targets
 from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, Stack
-from shared.settings import BrokerSettings
 
 SERIES = (
     Series("json_c1", "json", INSTANT_MODEL, 1),
@@ -66,7 +65,7 @@ async def main() -> None:
         await stack.start_router()
         await stack.start_agent(INSTANT_MODEL, config.agent_concurrency)
         await stack.start_agent(PACED_MODEL, config.agent_concurrency)
-        targets = build_targets(stack, procstat.rabbitmq_pid(BrokerSettings().rabbitmq_url), False)
+        targets = build_targets(stack, procstat.rabbitmq_pid(), False)
         runner = Runner(config, stack, targets)
         wanted = [k for k in os.environ.get("MICRO_SERIES", "").split(",") if k]
         chosen = [s for s in SERIES if not wanted or s.key in wanted]

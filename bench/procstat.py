@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shared.settings import BrokerSettings
+
 TICK_MS = 1000.0 / os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -145,14 +147,13 @@ def listener_pid(port: int) -> int | None:
 
 
 def rabbitmq_pid(url: str | None = None) -> int | None:
-    """The broker's Erlang VM: the process listening on `url`'s port when it can be found (so a
-    `RABBITMQ_URL` pointing at another node is measured, not the default one), else the OS pid
-    `rabbitmqctl status` gives, else `pgrep beam.smp` when it finds exactly one."""
-    if url is not None:
-        port = urlsplit(url).port or 5672
-        found = listener_pid(port)
-        if found is not None:
-            return found
+    """The broker's Erlang VM: the process listening on the port of `url` (by default the
+    services' own `RABBITMQ_URL`, so a run against another node measures that node), else the
+    OS pid `rabbitmqctl status` gives, else `pgrep beam.smp` when it finds exactly one."""
+    port = urlsplit(url or BrokerSettings().rabbitmq_url).port or 5672
+    found = listener_pid(port)
+    if found is not None:
+        return found
     if shutil.which("rabbitmqctl"):
         try:
             out = subprocess.run(
