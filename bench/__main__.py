@@ -27,6 +27,7 @@ from bench.markdown import fill_results, render
 from bench.report import summarise, verdicts
 from bench.series import (
     DIRECT,
+    FLOOR,
     LITELLM,
     ROUTER,
     Results,
@@ -84,6 +85,10 @@ def setup_lines(
         ),
         "agent scaling": f"AGENT_CONCURRENCY={config.scaling_concurrency} per agent, "
         f"{config.scaling_clients} client connections, agents {config.scaling_agents}",
+        "floor": f"bench/floor.py (api + dispatcher + agent per model, namespace "
+        f"{stack.namespace}.floor), in front of the same fakes, for JSON c=1 and c=32 and TTFT"
+        if stack.floor_url
+        else "not run (it did not start)",
         "LiteLLM": f"{litellm_version()}, 2 workers, logging off, same fake backend"
         if litellm
         else "not run (`make bench-peers` installs it)",
@@ -107,6 +112,11 @@ async def start(stack: Stack, config: BenchConfig, litellm: bool) -> bool:
     await stack.start_agent(PACED_MODEL, config.agent_concurrency)
     await stack.start_agent(SLOW_MODEL, config.scaling_concurrency)
     log.info("router up (namespace %s)", stack.namespace)
+    try:
+        await stack.start_floor([INSTANT_MODEL, PACED_MODEL])
+    except StartupError as e:  # a measuring stick: the run goes on without it
+        log.warning("the floor did not start, going on without it: %s", e)
+        stack.floor_url = ""
     if litellm:
         log.info("waiting for LiteLLM (its start takes a minute or more)")
         try:
@@ -184,19 +194,22 @@ async def profile_runs(
 
 
 async def check_targets(targets: dict[str, Target], meta: dict[str, Any]) -> None:
-    """A JSON answer and a stream through each target; LiteLLM or a mode failing only drops it."""
+    """A JSON answer and a stream through each target; LiteLLM, the floor or a mode failing
+    only drops it."""
     for target in list(targets.values()):
         mode = target_mode(target.name)
         for model in (INSTANT_MODEL,) if mode else (INSTANT_MODEL, PACED_MODEL):
             try:
                 await sanity_check(target, model)
             except Exception as e:
-                if target.name != LITELLM and not mode:
+                if target.name not in (LITELLM, FLOOR) and not mode:
                     raise
                 log.warning("%s fails the sanity check, dropped: %s", target.name, e)
                 targets.pop(target.name, None)
                 if mode:
                     note_missing(meta, mode, "failed the sanity check", e)
+                elif target.name == FLOOR:
+                    meta["setup"]["floor"] = f"dropped: {e}"
                 else:
                     meta["setup"]["LiteLLM"] = f"dropped: {e}"
                 break

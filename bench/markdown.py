@@ -28,8 +28,8 @@ def render(meta: dict[str, Any], s: dict[str, Any], rows: list[tuple[str, str, s
     lines += ["", "## Targets", ""]
     lines += _table(["target", "goal", "measured", "status"], [list(r) for r in rows])
     sections = (
-        _latency, _throughput, _streams, _ttft, _cpu, _c1_path, _modes, _cache, _scaling, _soak,
-        _dummy, _ttft_instant,
+        _latency, _throughput, _streams, _ttft, _cpu, _c1_path, _floor, _modes, _cache, _scaling,
+        _soak, _dummy, _ttft_instant,
     )  # fmt: skip
     for section in sections:
         lines += ["", *section(meta, s)]
@@ -134,6 +134,31 @@ def _c1_path(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
         " with the c=32 table above: the difference is the price of running each part alone."
     )
     return [title, "", note, "", *_table(header, body)]
+
+
+def _floor(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    title = "## The design's floor: the same shape with nothing else in it"
+    if not s.get("floor"):
+        return [title, "", "n/a: the floor was not run"]
+    note = (
+        "`bench/floor.py`: api -> RabbitMQ -> dispatcher -> RabbitMQ -> agent -> backend, the"
+        " answer back over a reply queue, with the router's default durability (durable queues,"
+        " persistent messages, confirms, acks after the next publish) and nothing else: no"
+        " validation, authentication, cache, registry or deadlines. Measured in the same rounds"
+        " as the router; each difference is taken per round, then the median. Overheads and"
+        " differences in ms."
+    )
+    body = [_floor_row(name, v) for name, v in s["floor"].items()]
+    header = ["figure", "floor", "router", "router minus floor"]
+    return [title, "", note, "", *_table(header, body)]
+
+
+def _floor_row(name: str, v: dict[str, float | None]) -> list[str]:
+    if name.startswith("requests/s"):  # throughput: a ratio says more than a difference
+        ratio = _ratio(v["router"], v["floor"])
+        return [name, _f(v["floor"], "{:.0f}"), _f(v["router"], "{:.0f}"), f"router/floor {ratio}"]
+    fmt, diff = ("{:.3f}", "{:+.3f}") if "CPU" in name else ("{:.2f}", "{:+.2f}")
+    return [name, _f(v["floor"], fmt), _f(v["router"], fmt), _f(v["router_minus_floor"], diff)]
 
 
 def _modes(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:

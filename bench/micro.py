@@ -4,7 +4,7 @@ Not the bench: one stack, a few short runs, no LiteLLM, no rounds, no report fil
 requests/s and CPU ms/request (from /proc, the most load-robust figure), and per process its
 wakeups and preemptions per request, for the series that the issue's targets are about.
 `MICRO_SECONDS` (default 5) sets each run's length; `MICRO_SERIES` (comma-separated keys) runs
-only some series;
+only some series; `MICRO_FLOOR=1` also runs the bare shape (`bench/floor.py`) where it applies;
 `MICRO_PROFILE=1` also records py-spy (`raw` stacks in bench/out/micro-*.txt) during an extra
 run of the first chosen series (c=32 JSON when all run) and prints its summary.
 """
@@ -20,15 +20,15 @@ import uvloop
 from bench import procstat, profile, wakeup
 from bench.__main__ import clean_broker
 from bench.config import BenchConfig
-from bench.series import DIRECT, ROUTER, Runner, Series, build_targets
+from bench.series import DIRECT, FLOOR, ROUTER, Runner, Series, build_targets
 from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, Stack
 
 SERIES = (
-    Series("json_c1", "json", INSTANT_MODEL, 1),
-    Series("json_c32", "json", INSTANT_MODEL, 32),
+    Series("json_c1", "json", INSTANT_MODEL, 1, floor=True),
+    Series("json_c32", "json", INSTANT_MODEL, 32, floor=True),
     Series("streams", "stream", INSTANT_MODEL, 32),
-    Series("ttft", "stream", PACED_MODEL, 1),
-    Series("ttft_instant", "stream", INSTANT_MODEL, 1),
+    Series("ttft", "stream", PACED_MODEL, 1, floor=True),
+    Series("ttft_instant", "stream", INSTANT_MODEL, 1, floor=True),
     Series("dummy_c1", "json", DUMMY_MODEL, 1),
     Series("dummy_c32", "json", DUMMY_MODEL, 32),
     Series("cache_c1", "json", INSTANT_MODEL, 1, same=True),
@@ -65,6 +65,8 @@ async def main() -> None:
         await stack.start_router()
         await stack.start_agent(INSTANT_MODEL, config.agent_concurrency)
         await stack.start_agent(PACED_MODEL, config.agent_concurrency)
+        if os.environ.get("MICRO_FLOOR"):
+            await stack.start_floor([INSTANT_MODEL, PACED_MODEL])
         targets = build_targets(stack, procstat.rabbitmq_pid(), False)
         runner = Runner(config, stack, targets)
         wanted = [k for k in os.environ.get("MICRO_SERIES", "").split(",") if k]
@@ -76,6 +78,8 @@ async def main() -> None:
             names = [ROUTER] if series.model == DUMMY_MODEL else [DIRECT, ROUTER]
             if series.key in {"json_c32", "streams"}:
                 names = [ROUTER]
+            if FLOOR in targets and series.floor:
+                names.append(FLOOR)
             for name in names:
                 result = await runner.measure(targets[name], series, seconds)
                 print(line(series.key, name, result), flush=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.load import LoadResult
-from bench.series import DIRECT, LITELLM, ROUTER, Results, mode_target
+from bench.series import DIRECT, FLOOR, LITELLM, ROUTER, Results, mode_target
 
 
 def med(values: Iterable[float | None]) -> float | None:
@@ -26,12 +26,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def overhead(
-    results: Results, series: str, target: str, pick: Callable[[LoadResult], float | None]
+    results: Results,
+    series: str,
+    target: str,
+    pick: Callable[[LoadResult], float | None],
+    base: str = DIRECT,
 ) -> float | None:
-    """Median over rounds of target minus direct, on the figure `pick` reads."""
-    mine, direct = results.get(series, target), results.get(series, DIRECT)
+    """Median over rounds of target minus `base` (direct), on the figure `pick` reads."""
+    mine, theirs = results.get(series, target), results.get(series, base)
     diffs: list[float | None] = []
-    for a, b in zip(mine, direct, strict=False):
+    for a, b in zip(mine, theirs, strict=False):
         x, y = pick(a), pick(b)
         diffs.append(x - y if x is not None and y is not None else None)
     return med(diffs)
@@ -122,6 +126,7 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
     s["main_mode"] = config.durability
     s["retakes"] = list(results.retakes)
     s["modes"] = _modes(config, results)
+    s["floor"] = _floor(results)
     s["scaling"] = {n: med([r.rps for r in runs]) for n, runs in sorted(results.scaling.items())}
     first, last = min(results.scaling, default=None), max(results.scaling, default=None)
     s["scaling_ratio"] = (
@@ -213,6 +218,54 @@ def _modes(config: BenchConfig, results: Results) -> dict[str, dict[str, float |
         for mode, t in targets.items()
         if results.get("json_c1", t)
     }
+
+
+def _floor(results: Results) -> dict[str, dict[str, float | None]]:
+    """The bare shape (`bench/floor.py`) beside the router, measured in the same rounds: per
+    figure, floor and router minus direct, and router minus floor, each per round and then
+    the median (so a slow round moves both sides of a difference together)."""
+    if not results.get("json_c1", FLOOR):
+        return {}
+
+    def p50(r: LoadResult) -> float | None:
+        return r.p50_ms
+
+    def p99(r: LoadResult) -> float | None:
+        return r.p99_ms
+
+    def ttft(r: LoadResult) -> float | None:
+        return r.ttft_p50_ms
+
+    figures = {
+        "overhead p50, JSON c=1": ("json_c1", p50),
+        "overhead p99, JSON c=1": ("json_c1", p99),
+        "TTFT overhead p50, paced": ("ttft", ttft),
+        "TTFT overhead p50, instant": ("ttft_instant", ttft),
+    }
+    out = {
+        name: {
+            "floor": overhead(results, series, FLOOR, pick),
+            "router": overhead(results, series, ROUTER, pick),
+            "router_minus_floor": overhead(results, series, ROUTER, pick, base=FLOOR),
+        }
+        for name, (series, pick) in figures.items()
+        if results.get(series, FLOOR)
+    }
+    c32 = {t: results.get("json_c32", t) for t in (FLOOR, ROUTER)}
+    if c32[FLOOR]:
+        rps = {t: med([r.rps for r in runs]) for t, runs in c32.items()}
+        cpu = {t: cpu_per_request(runs, lambda _: True) for t, runs in c32.items()}
+        out["requests/s, JSON c=32"] = {
+            "floor": rps[FLOOR],
+            "router": rps[ROUTER],
+            "router_minus_floor": None,
+        }
+        out["whole-path CPU ms per request, JSON c=32"] = {
+            "floor": cpu[FLOOR],
+            "router": cpu[ROUTER],
+            "router_minus_floor": None if None in cpu.values() else cpu[ROUTER] - cpu[FLOOR],  # type: ignore[operator]
+        }
+    return out
 
 
 def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -1,11 +1,12 @@
 """What is measured, against which targets, in which order.
 
 A target is one way to reach the fake backend: `direct` (the client calls the fake itself),
-`router` (api -> dispatcher -> agent -> fake, over RabbitMQ), `litellm` (the LiteLLM proxy
-in front of the same fake) or `router@<mode>` (a router of its own in another durability mode,
-only for the series the modes section shows). Each round runs every series once, each series
-on every target back to back; the order of the targets rotates from round to round, so no
-target always runs first (warm caches) or last (a busier machine).
+`router` (api -> dispatcher -> agent -> fake, over RabbitMQ), `floor` (the same shape with
+nothing else in it: `bench/floor.py`, for the series the targets judge by latency), `litellm`
+(the LiteLLM proxy in front of the same fake) or `router@<mode>` (a router of its own in
+another durability mode, only for the series the modes section shows). Each round runs every
+series once, each series on every target back to back; the order of the targets rotates from
+round to round, so no target always runs first (warm caches) or last (a busier machine).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, SLOW_MODEL, Sta
 
 log = logging.getLogger("bench")
 
-DIRECT, ROUTER, LITELLM = "direct", "router", "litellm"
+DIRECT, ROUTER, FLOOR, LITELLM = "direct", "router", "floor", "litellm"
 
 
 def mode_target(mode: str) -> str:
@@ -74,10 +75,18 @@ def build_targets(
         tree = procstat.with_children([stack.litellm.pid])
         return {("litellm" if i == 0 else f"litellm-{i}"): pid for i, pid in enumerate(tree)}
 
+    def floor_pids(model: str) -> dict[str, int]:
+        found = dict(stack.floor_pids[model])
+        if beam_pid is not None:
+            found["rabbitmq"] = beam_pid
+        return found
+
     targets = {
         DIRECT: Target(DIRECT, lambda m: stack.fakes[m], lambda m: m, lambda _: {}),
         ROUTER: router_target(ROUTER, stack, beam_pid),
     }
+    if stack.floor_url:
+        targets[FLOOR] = Target(FLOOR, lambda _: stack.floor_url, lambda m: m, floor_pids)
     for mode, sibling in (siblings or {}).items():
         targets[mode_target(mode)] = router_target(mode_target(mode), sibling, beam_pid)
     if with_litellm:
@@ -96,26 +105,33 @@ class Series:
     same: bool = False  # one identical body (cache hits) instead of unique ones
     only: tuple[str, ...] | None = None  # targets it runs on (None: all but the modes')
     modes: bool = False  # also on the router@<mode> targets (the modes section's series)
+    floor: bool = False  # also on the floor target
 
     def runs_on(self, target: str) -> bool:
         if target_mode(target):
             return self.modes
+        if target == FLOOR:
+            return self.floor
         return self.only is None or target in self.only
 
 
 def plan(config: BenchConfig) -> list[Series]:
     # The durability modes are compared on overhead at c=1, throughput and CPU at c=32 and
     # streams: what a mode could change. The rest would only lengthen the run.
+    # The floor runs the series whose targets are latencies (and c=32, for its CPU): how far the
+    # router is from the bare shape on the same host, in the same rounds.
     series = [
-        Series(f"json_c{c}", "json", INSTANT_MODEL, c, modes=c in (1, 32))
+        Series(f"json_c{c}", "json", INSTANT_MODEL, c, modes=c in (1, 32), floor=c in (1, 32))
         for c in config.json_concurrency
     ]
     series.append(Series("streams", "stream", INSTANT_MODEL, config.stream_concurrency, modes=True))
-    series.append(Series("ttft", "stream", PACED_MODEL, 1))
+    series.append(Series("ttft", "stream", PACED_MODEL, 1, floor=True))
     # Diagnostic: time to first token when the backend answers at once. Paced streams leave
     # the cores idle between tokens, and waking a hop from idle costs more than a busy hop;
     # the difference between the two TTFT overheads is that, not the router's own work.
-    series.append(Series("ttft_instant", "stream", INSTANT_MODEL, 1, only=(DIRECT, ROUTER)))
+    series.append(
+        Series("ttft_instant", "stream", INSTANT_MODEL, 1, only=(DIRECT, ROUTER), floor=True)
+    )
     # Diagnostics: the router's own `dummy` model (api + dispatcher, no agent hop, no backend),
     # to tell the cost of the agent hop from the rest.
     series.append(Series("dummy_c1", "json", DUMMY_MODEL, 1, only=(ROUTER,)))

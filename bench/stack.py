@@ -21,9 +21,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
+import orjson
 
 from bench.config import PEERS_VENV, ROOT, BenchConfig
 from services.api.agent_auth import derive_agent_token
+from shared.settings import BrokerSettings
 
 # The fakes' model names (as the fake serves them) and the router ids agents expose them as.
 DUMMY_MODEL = "dummy"  # answered by the dispatcher itself
@@ -140,6 +142,8 @@ class Stack:
     api: Process | None = None
     dispatcher: Process | None = None
     agents: dict[str, list[Process]] = field(default_factory=dict)  # fake model -> agents
+    floor_url: str = ""  # the bare pipeline of the design's shape (`bench/floor.py`)
+    floor_pids: dict[str, dict[str, int]] = field(default_factory=dict)  # fake model -> pids
     litellm: Process | None = None
     litellm_url: str = ""
     litellm_key: str = field(default_factory=lambda: f"sk-bench-{secrets.token_hex(24)}")
@@ -282,6 +286,26 @@ class Stack:
                 pids[f"agent ({model} #{i})"] = agent.pid
         return pids
 
+    # --- the floor ---------------------------------------------------------------------------
+    async def start_floor(self, models: list[str]) -> None:
+        """The bare pipeline (`bench/floor.py`) in front of the fakes serving `models`, in a
+        namespace under this stack's own (so `clean_broker` removes its queues too)."""
+        port = free_port()
+        self.floor_url = f"http://127.0.0.1:{port}"
+        floor = [sys.executable, "-m", "bench.floor"]
+        common = ["--namespace", f"{self.namespace}.floor"]
+        common += ["--rabbitmq-url", BrokerSettings().rabbitmq_url]
+        api = self._spawn("floor-api", [*floor, "api", *common, "--port", str(port)], {})
+        await wait_http(f"{self.floor_url}/health", api)
+        dispatcher = self._spawn("floor-dispatcher", [*floor, "dispatcher", *common], {})
+        for model in models:
+            argv = [*floor, "agent", *common, "--model", model, "--backend", self.fakes[model]]
+            agent = self._spawn(f"floor-agent-{model}", argv, {})
+            pids = {"api": api.pid, "dispatcher": dispatcher.pid, "agent": agent.pid}
+            self.floor_pids[model] = pids
+        # Nothing to wait on but an answer: the agents' consumers are up once one comes back.
+        await wait_floor(self.floor_url, models, [api, dispatcher])
+
     # --- LiteLLM -------------------------------------------------------------------------------
     def spawn_litellm(self) -> None:
         """Start LiteLLM (after the fakes); it takes a minute to import: see `litellm_ready`."""
@@ -314,6 +338,27 @@ class Stack:
         for process in reversed(self.processes):
             process.stop()
         self.processes.clear()
+
+
+async def wait_floor(url: str, models: list[str], processes: list[Process]) -> None:
+    """Until the floor answers a request for each model (its queues and consumers are up)."""
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for model in models:
+            body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+            while True:
+                dead = [p for p in processes if not p.is_running()]
+                if dead:
+                    raise StartupError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+                try:
+                    async with session.post(f"{url}/v1/chat/completions", data=body) as r:
+                        if r.status == 200:
+                            break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise StartupError(f"the floor never answered for {model}")
+                await asyncio.sleep(0.2)
 
 
 def litellm_config(fakes: dict[str, str]) -> str:

@@ -8,9 +8,12 @@ import os
 import sys
 from pathlib import Path
 
+import aiohttp
+import orjson
 import pytest
 
 from bench import ab, procstat, versions, wakeup
+from bench.__main__ import clean_broker
 from bench.config import BenchConfig
 from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
@@ -18,6 +21,7 @@ from bench.profile import summarise as summarise_profile
 from bench.report import summarise, verdicts
 from bench.series import (
     DIRECT,
+    FLOOR,
     LITELLM,
     ROUTER,
     Results,
@@ -28,7 +32,7 @@ from bench.series import (
     plan,
     rotated,
 )
-from bench.stack import Stack, litellm_config, router_id
+from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack, litellm_config, router_id
 
 
 def result(rps: float, p50: float, p99: float, **kw: object) -> LoadResult:
@@ -419,3 +423,63 @@ def test_wakeup_ping_pong_runs_against_a_real_process_and_restores_affinity() ->
     assert trips.samples == 20
     assert 0 < trips.p50_us <= trips.p99_us
     assert os.sched_getaffinity(0) == before
+
+
+def test_the_floor_runs_only_the_series_the_latency_targets_are_judged_on() -> None:
+    on_floor = [s.key for s in plan(BenchConfig()) if s.runs_on(FLOOR)]
+    assert on_floor == ["json_c1", "json_c32", "ttft", "ttft_instant"]
+
+
+def test_the_floor_section_gives_both_overheads_and_their_difference_per_round() -> None:
+    config = BenchConfig(json_concurrency=(1, 32))
+    results = _results()  # router c=1 p50 per round: 2.2, 2.0, 9.0; direct: 0.2, 0.3, 0.2
+    for p50 in (1.2, 1.7, 6.0):
+        results.add("json_c1", FLOOR, result(400, p50, 2 * p50))
+    results.add("json_c32", FLOOR, result(1100, 30, 60, cpu_ms={"api": 5500, "rabbitmq": 5500}))
+    s = summarise(config, results)
+    c1 = s["floor"]["overhead p50, JSON c=1"]
+    assert c1["floor"] == pytest.approx(1.4)  # per round: 1.0, 1.4, 5.8
+    assert c1["router"] == pytest.approx(2.0)  # 2.0, 1.7, 8.8
+    assert c1["router_minus_floor"] == pytest.approx(1.0)  # 1.0, 0.3, 3.0
+    cpu = s["floor"]["whole-path CPU ms per request, JSON c=32"]
+    assert cpu["floor"] == pytest.approx(1.0) and cpu["router_minus_floor"] == pytest.approx(0.0)
+    text = render(_meta(), s, verdicts(config, s))
+    assert "## The design's floor: the same shape with nothing else in it" in text
+    assert "| overhead p50, JSON c=1 | 1.40 | 2.00 | +1.00 |" in text
+    assert "| requests/s, JSON c=32 | 1100 | 1000 | router/floor 0.91x |" in text
+    assert s["values"]["overhead_p50"] == pytest.approx(2.0)  # the targets stay the router's
+    without = summarise(config, _results())
+    assert "n/a: the floor was not run" in render(_meta(), without, [])
+
+
+def test_the_floor_relays_answers_streams_and_errors_through_the_real_broker() -> None:
+    async def scenario() -> None:
+        stack = Stack(BenchConfig(), "test-floor")
+        try:
+            await stack.start_fake(INSTANT_MODEL)
+            await stack.start_fake(PACED_MODEL, token_rate=500)
+            await stack.start_floor([INSTANT_MODEL, PACED_MODEL])
+            url = f"{stack.floor_url}/v1/chat/completions"
+            messages = [{"role": "user", "content": "hi"}]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                body = orjson.dumps({"model": INSTANT_MODEL, "messages": messages})
+                async with session.post(url, data=body) as r:
+                    answer = orjson.loads(await r.read())
+                    assert r.status == 200
+                    assert answer["choices"][0]["message"]["content"].startswith("Hello")
+                # The paced fake sends its events over time: each read becomes one message.
+                body = orjson.dumps({"model": PACED_MODEL, "messages": messages, "stream": True})
+                async with session.post(url, data=body) as r:
+                    text = (await r.read()).decode()
+                    assert r.status == 200 and r.content_type == "text/event-stream"
+                    assert text.count("data: ") > 3 and text.rstrip().endswith("data: [DONE]")
+                # The backend's error status and body come back as they are.
+                body = orjson.dumps({"model": INSTANT_MODEL, "messages": "not a list"})
+                async with session.post(url, data=body) as r:
+                    assert r.status == 400
+                    assert "error" in orjson.loads(await r.read())
+        finally:
+            stack.stop()
+            await clean_broker(stack.namespace)
+
+    asyncio.run(scenario())
