@@ -13,6 +13,12 @@ uvicorn on uvloop and httptools, aio-pika, aiohttp to the backend. Nothing else:
 validation, no authentication, no cache, no registry, no deadlines, retries or cancellation,
 one message per chunk the backend sends. It is a measuring stick and not a router.
 
+It is written plainly, the way the libraries' documentation shows: aio-pika's `publish` (its
+three frames leave in three socket writes, where the router joins them), an ack per job at
+once (the router holds them for up to 2 ms), one connection per process (the router keeps
+publishing and consuming apart). So it is the design's shape without the router's features,
+not the fastest possible code of that shape: under load the router beats it (bench/RESULTS.md).
+
 The bench starts it (`Stack.start_floor`) in a namespace of its own, like the router's.
 """
 
