@@ -28,6 +28,8 @@ from bench.report import summarise, verdicts
 from bench.series import (
     DIRECT,
     FLOOR,
+    FLOOR_CACHE,
+    FLOORS,
     LITELLM,
     ROUTER,
     Results,
@@ -85,10 +87,9 @@ def setup_lines(
         ),
         "agent scaling": f"AGENT_CONCURRENCY={config.scaling_concurrency} per agent, "
         f"{config.scaling_clients} client connections, agents {config.scaling_agents}",
-        "floor": f"bench/floor.py (api + dispatcher + agent per model, namespace "
-        f"{stack.namespace}.floor), in front of the same fakes, for JSON c=1 and c=32 and TTFT"
-        if stack.floor_url
-        else "not run (it did not start)",
+        "floors": f"bench/floor.py: {', '.join(stack.floors) or 'none started'} (api + "
+        f"dispatcher + agent per model, in namespaces under {stack.namespace}), in front of the "
+        "same fakes, for JSON c=1 and c=32 and both TTFT series",
         "LiteLLM": f"{litellm_version()}, 2 workers, logging off, same fake backend"
         if litellm
         else "not run (`make bench-peers` installs it)",
@@ -112,11 +113,7 @@ async def start(stack: Stack, config: BenchConfig, litellm: bool) -> bool:
     await stack.start_agent(PACED_MODEL, config.agent_concurrency)
     await stack.start_agent(SLOW_MODEL, config.scaling_concurrency)
     log.info("router up (namespace %s)", stack.namespace)
-    try:
-        await stack.start_floor([INSTANT_MODEL, PACED_MODEL])
-    except StartupError as e:  # a measuring stick: the run goes on without it
-        log.warning("the floor did not start, going on without it: %s", e)
-        stack.floor_url = ""
+    await start_floors(stack)
     if litellm:
         log.info("waiting for LiteLLM (its start takes a minute or more)")
         try:
@@ -125,6 +122,20 @@ async def start(stack: Stack, config: BenchConfig, litellm: bool) -> bool:
             log.warning("LiteLLM did not start, going on without it: %s", e)
             return False
     return litellm
+
+
+async def start_floors(stack: Stack) -> None:
+    """The bare pipelines: alone, and with a bare cache when the router's cache is on.
+    Measuring sticks: one that does not start is left out."""
+    redis = RedisSettings()
+    cache_url = redis.redis_url if redis.redis_url and redis.cache_ttl > 0 else None
+    for name, redis_url in ((FLOOR, None), (FLOOR_CACHE, cache_url)):
+        if name == FLOOR_CACHE and redis_url is None:
+            continue
+        try:
+            await stack.start_floor(name, [INSTANT_MODEL, PACED_MODEL], redis_url=redis_url)
+        except StartupError as e:
+            log.warning("%s did not start, going on without it: %s", name, e)
 
 
 def command_line() -> str:
@@ -202,14 +213,14 @@ async def check_targets(targets: dict[str, Target], meta: dict[str, Any]) -> Non
             try:
                 await sanity_check(target, model)
             except Exception as e:
-                if target.name not in (LITELLM, FLOOR) and not mode:
+                if target.name not in (LITELLM, *FLOORS) and not mode:
                     raise
                 log.warning("%s fails the sanity check, dropped: %s", target.name, e)
                 targets.pop(target.name, None)
                 if mode:
                     note_missing(meta, mode, "failed the sanity check", e)
-                elif target.name == FLOOR:
-                    meta["setup"]["floor"] = f"dropped: {e}"
+                elif target.name in FLOORS:
+                    meta["setup"][target.name] = f"dropped: {e}"
                 else:
                     meta["setup"]["LiteLLM"] = f"dropped: {e}"
                 break

@@ -19,6 +19,11 @@ once (the router holds them for up to 2 ms), one connection per process (the rou
 publishing and consuming apart). So it is the design's shape without the router's features,
 not the fastest possible code of that shape: under load the router beats it (bench/RESULTS.md).
 
+`--redis-url` on the dispatcher adds the response cache in its bare shape, for diagnosis
+(`MICRO_FLOOR=cache python -m bench.micro`): a Redis GET of the body's hash before each
+hand-off, and a `completed` message from the agent for each JSON answer, written to Redis by
+the dispatcher (one message and one SET per answer: no batching, single flight or checks).
+
 The bench starts it (`Stack.start_floor`) in a namespace of its own, like the router's.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -36,9 +42,11 @@ import orjson
 import uvicorn
 import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from redis.asyncio import Redis
 
 PREFETCH = 64  # jobs in flight per consumer: above the bench's highest concurrency per agent
 REPLY_EXPIRES_MS = 60_000
+CACHE_TTL = 3600  # seconds, as the router's default
 REPLY_TIMEOUT = 30.0  # seconds a request waits for each reply message (then the client gets 500)
 END = "end"  # the reply message that closes a stream
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -55,6 +63,10 @@ def jobs_queue(namespace: str) -> str:
 
 def agent_queue(namespace: str, model: str) -> str:
     return f"{namespace}.agent.{model}"
+
+
+def completed_queue(namespace: str) -> str:
+    return f"{namespace}.completed"
 
 
 def persistent(body: bytes, **properties: Any) -> aio_pika.Message:
@@ -152,15 +164,31 @@ class FloorApi:
 
 
 # --- dispatcher ---------------------------------------------------------------------------------
-async def run_dispatcher(url: str, namespace: str) -> None:
-    """Every job on to its model's agent queue; acked once that publish is confirmed."""
+async def run_dispatcher(url: str, namespace: str, redis_url: str | None = None) -> None:
+    """Every job on to its model's agent queue; acked once that publish is confirmed.
+
+    With `redis_url`, the response cache reduced to its bare shape: a GET of the body's hash
+    before the hand-off (a JSON hit is answered from it), and a SET from each completed event.
+    """
     channel = await open_channel(url)
     jobs = await channel.declare_queue(jobs_queue(namespace), durable=True)
     declared: set[str] = set()
+    redis = Redis.from_url(redis_url) if redis_url else None
 
     async def on_job(message: AbstractIncomingMessage) -> None:
-        model = str(message.headers["model"])
-        queue = agent_queue(namespace, model)
+        headers = dict(message.headers)
+        if redis is not None:
+            key = f"{namespace}:{hashlib.sha256(message.body).hexdigest()}"
+            cached = await redis.get(key)
+            if cached is not None and not headers.get("stream"):  # no SSE replay here
+                answer = persistent(
+                    cached, correlation_id=message.correlation_id, headers={"status": 200}
+                )
+                await channel.default_exchange.publish(answer, str(message.reply_to))
+                await message.ack()
+                return
+            headers["cache_key"] = key
+        queue = agent_queue(namespace, str(headers["model"]))
         if queue not in declared:
             await channel.declare_queue(queue, durable=True)
             declared.add(queue)
@@ -168,11 +196,18 @@ async def run_dispatcher(url: str, namespace: str) -> None:
             message.body,
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
-            headers=dict(message.headers),
+            headers=headers,
         )
         await channel.default_exchange.publish(job, queue)
         await message.ack()
 
+    async def on_completed(message: AbstractIncomingMessage) -> None:
+        assert redis is not None
+        await redis.set(str(message.headers["cache_key"]), message.body, ex=CACHE_TTL)
+
+    if redis is not None:
+        completed = await channel.declare_queue(completed_queue(namespace), durable=True)
+        await completed.consume(on_completed, no_ack=True)
     await jobs.consume(on_job)
     await asyncio.Future()  # until stopped
 
@@ -182,6 +217,7 @@ async def run_agent(url: str, namespace: str, model: str, backend: str) -> None:
     """Every job of `model` to the backend as it is; the answer (or each chunk read) back."""
     channel = await open_channel(url)
     jobs = await channel.declare_queue(agent_queue(namespace, model), durable=True)
+    await channel.declare_queue(completed_queue(namespace), durable=True)
     session = aiohttp.ClientSession()
     endpoint = f"{backend}/v1/chat/completions"
     headers = {"content-type": "application/json"}
@@ -194,7 +230,12 @@ async def run_agent(url: str, namespace: str, model: str, backend: str) -> None:
     async def on_job(job: AbstractIncomingMessage) -> None:
         async with session.post(endpoint, data=job.body, headers=headers) as r:
             if not job.headers.get("stream"):
-                await reply(job, await r.read(), headers={"status": r.status})
+                answer = await r.read()
+                await reply(job, answer, headers={"status": r.status})
+                key = job.headers.get("cache_key")
+                if key is not None and r.status == 200:  # for the cache writer
+                    event = persistent(answer, headers={"cache_key": key})
+                    await channel.default_exchange.publish(event, completed_queue(namespace))
             else:
                 async for chunk in r.content.iter_any():
                     await reply(job, chunk)
@@ -213,6 +254,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help="api: where to listen")
     parser.add_argument("--model", help="agent: the model it serves (as the backend names it)")
     parser.add_argument("--backend", help="agent: the backend's URL, without /v1")
+    parser.add_argument("--redis-url", help="dispatcher: the bare cache's Redis (none: no cache)")
     args = parser.parse_args()
     if args.role == "api":
         app = FloorApi(args.rabbitmq_url, args.namespace)
@@ -227,7 +269,7 @@ def main() -> None:
             access_log=False,
         )
     elif args.role == "dispatcher":
-        uvloop.run(run_dispatcher(args.rabbitmq_url, args.namespace))
+        uvloop.run(run_dispatcher(args.rabbitmq_url, args.namespace, args.redis_url))
     else:
         if not args.model or not args.backend:
             parser.error("agent needs --model and --backend")

@@ -144,21 +144,24 @@ def _floor(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
         "`bench/floor.py`: api -> RabbitMQ -> dispatcher -> RabbitMQ -> agent -> backend, the"
         " answer back over a reply queue, with the router's default durability (durable queues,"
         " persistent messages, confirms, acks after the next publish) and nothing else: no"
-        " validation, authentication, cache, registry or deadlines. Measured in the same rounds"
-        " as the router; each difference is taken per round, then the median. Overheads and"
-        " differences in ms."
+        " validation, authentication, registry or deadlines. `floor+cache` adds the response"
+        " cache in its bare shape (a Redis GET before each hand-off, a `completed` message and a"
+        " SET after each answer). Measured in the same rounds as the router; each difference is"
+        " taken per round, then the median. Overheads and differences in ms."
     )
-    body = [_floor_row(name, v) for name, v in s["floor"].items()]
-    header = ["figure", "floor", "router", "router minus floor"]
+    floors = s["floor"]["floors"]
+    header = ["figure", *floors, ROUTER, *(f"router minus {f}" for f in floors)]
+    body = [_floor_row(name, floors, v) for name, v in s["floor"]["rows"].items()]
     return [title, "", note, "", *_table(header, body)]
 
 
-def _floor_row(name: str, v: dict[str, float | None]) -> list[str]:
+def _floor_row(name: str, floors: list[str], v: dict[str, float | None]) -> list[str]:
     if name.startswith("requests/s"):  # throughput: a ratio says more than a difference
-        ratio = _ratio(v["router"], v["floor"])
-        return [name, _f(v["floor"], "{:.0f}"), _f(v["router"], "{:.0f}"), f"router/floor {ratio}"]
+        values = [_f(v.get(t), "{:.0f}") for t in (*floors, ROUTER)]
+        return [name, *values, *(f"router/{f} {_f(v.get(f'vs {f}'), '{:.2f}x')}" for f in floors)]
     fmt, diff = ("{:.3f}", "{:+.3f}") if "CPU" in name else ("{:.2f}", "{:+.2f}")
-    return [name, _f(v["floor"], fmt), _f(v["router"], fmt), _f(v["router_minus_floor"], diff)]
+    values = [_f(v.get(t), fmt) for t in (*floors, ROUTER)]
+    return [name, *values, *(_f(v.get(f"vs {f}"), diff) for f in floors)]
 
 
 def _modes(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:

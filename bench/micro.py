@@ -4,7 +4,8 @@ Not the bench: one stack, a few short runs, no LiteLLM, no rounds, no report fil
 requests/s and CPU ms/request (from /proc, the most load-robust figure), and per process its
 wakeups and preemptions per request, for the series that the issue's targets are about.
 `MICRO_SECONDS` (default 5) sets each run's length; `MICRO_SERIES` (comma-separated keys) runs
-only some series; `MICRO_FLOOR=1` also runs the bare shape (`bench/floor.py`) where it applies;
+only some series; `MICRO_FLOOR=1` also runs the bare shape (`bench/floor.py`), alone and
+with a bare cache, where it applies;
 `MICRO_PROFILE=1` also records py-spy (`raw` stacks in bench/out/micro-*.txt) during an extra
 run of the first chosen series (c=32 JSON when all run) and prints its summary.
 """
@@ -18,9 +19,9 @@ import time
 import uvloop
 
 from bench import procstat, profile, wakeup
-from bench.__main__ import clean_broker
+from bench.__main__ import clean_broker, start_floors
 from bench.config import BenchConfig
-from bench.series import DIRECT, FLOOR, ROUTER, Runner, Series, build_targets
+from bench.series import DIRECT, FLOORS, ROUTER, Runner, Series, build_targets
 from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, Stack
 
 SERIES = (
@@ -66,7 +67,7 @@ async def main() -> None:
         await stack.start_agent(INSTANT_MODEL, config.agent_concurrency)
         await stack.start_agent(PACED_MODEL, config.agent_concurrency)
         if os.environ.get("MICRO_FLOOR"):
-            await stack.start_floor([INSTANT_MODEL, PACED_MODEL])
+            await start_floors(stack)
         targets = build_targets(stack, procstat.rabbitmq_pid(), False)
         runner = Runner(config, stack, targets)
         wanted = [k for k in os.environ.get("MICRO_SERIES", "").split(",") if k]
@@ -78,8 +79,8 @@ async def main() -> None:
             names = [ROUTER] if series.model == DUMMY_MODEL else [DIRECT, ROUTER]
             if series.key in {"json_c32", "streams"}:
                 names = [ROUTER]
-            if FLOOR in targets and series.floor:
-                names.append(FLOOR)
+            if series.floor:
+                names += [name for name in FLOORS if name in targets]
             for name in names:
                 result = await runner.measure(targets[name], series, seconds)
                 print(line(series.key, name, result), flush=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.load import LoadResult
-from bench.series import DIRECT, FLOOR, LITELLM, ROUTER, Results, mode_target
+from bench.series import DIRECT, FLOORS, LITELLM, ROUTER, Results, mode_target
 
 
 def med(values: Iterable[float | None]) -> float | None:
@@ -220,11 +220,16 @@ def _modes(config: BenchConfig, results: Results) -> dict[str, dict[str, float |
     }
 
 
-def _floor(results: Results) -> dict[str, dict[str, float | None]]:
-    """The bare shape (`bench/floor.py`) beside the router, measured in the same rounds: per
-    figure, floor and router minus direct, and router minus floor, each per round and then
-    the median (so a slow round moves both sides of a difference together)."""
-    if not results.get("json_c1", FLOOR):
+def _floor(results: Results) -> dict[str, Any]:
+    """The bare pipelines (`bench/floor.py`) beside the router, measured in the same rounds.
+
+    `floors`: the floor targets that ran; `rows`: per figure, each floor's and the router's
+    value, and under `vs <floor>` the router's distance from that floor (a difference, taken
+    per round and then the median, so a slow round moves both sides together; for requests/s,
+    the ratio of the medians).
+    """
+    floors = [f for f in FLOORS if results.get("json_c1", f)]
+    if not floors:
         return {}
 
     def p50(r: LoadResult) -> float | None:
@@ -242,30 +247,33 @@ def _floor(results: Results) -> dict[str, dict[str, float | None]]:
         "TTFT overhead p50, paced": ("ttft", ttft),
         "TTFT overhead p50, instant": ("ttft_instant", ttft),
     }
-    out = {
-        name: {
-            "floor": overhead(results, series, FLOOR, pick),
-            "router": overhead(results, series, ROUTER, pick),
-            "router_minus_floor": overhead(results, series, ROUTER, pick, base=FLOOR),
+    rows: dict[str, dict[str, float | None]] = {}
+    for name, (series, pick) in figures.items():
+        present = [f for f in floors if results.get(series, f)]
+        if present:
+            rows[name] = {
+                **{f: overhead(results, series, f, pick) for f in present},
+                ROUTER: overhead(results, series, ROUTER, pick),
+                **{f"vs {f}": overhead(results, series, ROUTER, pick, base=f) for f in present},
+            }
+    present = [f for f in floors if results.get("json_c32", f)]
+    if present:
+        runs = {t: results.get("json_c32", t) for t in (*present, ROUTER)}
+        rps = {t: med([r.rps for r in each]) for t, each in runs.items()}
+        cpu = {t: cpu_per_request(each, lambda _: True) for t, each in runs.items()}
+        rows["requests/s, JSON c=32"] = {
+            **rps,
+            **{f"vs {f}": ratio(rps[ROUTER], rps[f]) for f in present},
         }
-        for name, (series, pick) in figures.items()
-        if results.get(series, FLOOR)
-    }
-    c32 = {t: results.get("json_c32", t) for t in (FLOOR, ROUTER)}
-    if c32[FLOOR]:
-        rps = {t: med([r.rps for r in runs]) for t, runs in c32.items()}
-        cpu = {t: cpu_per_request(runs, lambda _: True) for t, runs in c32.items()}
-        out["requests/s, JSON c=32"] = {
-            "floor": rps[FLOOR],
-            "router": rps[ROUTER],
-            "router_minus_floor": None,
+        rows["whole-path CPU ms per request, JSON c=32"] = {
+            **cpu,
+            **{f"vs {f}": _minus(cpu[ROUTER], cpu[f]) for f in present},
         }
-        out["whole-path CPU ms per request, JSON c=32"] = {
-            "floor": cpu[FLOOR],
-            "router": cpu[ROUTER],
-            "router_minus_floor": None if None in cpu.values() else cpu[ROUTER] - cpu[FLOOR],  # type: ignore[operator]
-        }
-    return out
+    return {"floors": floors, "rows": rows}
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return a - b if a is not None and b is not None else None
 
 
 def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, str, str, str]]:

@@ -1,8 +1,9 @@
 """What is measured, against which targets, in which order.
 
 A target is one way to reach the fake backend: `direct` (the client calls the fake itself),
-`router` (api -> dispatcher -> agent -> fake, over RabbitMQ), `floor` (the same shape with
-nothing else in it: `bench/floor.py`, for the series the targets judge by latency), `litellm`
+`router` (api -> dispatcher -> agent -> fake, over RabbitMQ), `floor` and `floor+cache` (the
+same shape with nothing else in it, and with a bare cache: `bench/floor.py`, for the series
+the targets judge by latency), `litellm`
 (the LiteLLM proxy in front of the same fake) or `router@<mode>` (a router of its own in
 another durability mode, only for the series the modes section shows). Each round runs every
 series once, each series on every target back to back; the order of the targets rotates from
@@ -24,11 +25,22 @@ import aiohttp
 from bench import procstat
 from bench.config import BenchConfig
 from bench.load import LoadResult, chat_body, headers, run_python_json, run_streams, run_wrk
-from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, SLOW_MODEL, Stack, router_id
+from bench.stack import (
+    DUMMY_MODEL,
+    INSTANT_MODEL,
+    PACED_MODEL,
+    SLOW_MODEL,
+    Floor,
+    Stack,
+    router_id,
+)
 
 log = logging.getLogger("bench")
 
-DIRECT, ROUTER, FLOOR, LITELLM = "direct", "router", "floor", "litellm"
+DIRECT, ROUTER, LITELLM = "direct", "router", "litellm"
+# The bare pipelines (`bench/floor.py`): the design's shape alone, and with its bare cache.
+FLOOR, FLOOR_CACHE = "floor", "floor+cache"
+FLOORS = (FLOOR, FLOOR_CACHE)
 
 
 def mode_target(mode: str) -> str:
@@ -62,6 +74,18 @@ def router_target(name: str, stack: Stack, beam_pid: int | None) -> Target:
     return Target(name, lambda _: stack.api_url, router_id, pids, stack.client_key)
 
 
+def floor_target(name: str, floor: Floor, beam_pid: int | None) -> Target:
+    """A bare pipeline, asked for the fake's own model names; its CPU counts RabbitMQ's too."""
+
+    def pids(model: str) -> dict[str, int]:
+        found = dict(floor.pids[model])
+        if beam_pid is not None:
+            found["rabbitmq"] = beam_pid
+        return found
+
+    return Target(name, lambda _: floor.url, lambda m: m, pids)
+
+
 def build_targets(
     stack: Stack,
     beam_pid: int | None,
@@ -75,18 +99,12 @@ def build_targets(
         tree = procstat.with_children([stack.litellm.pid])
         return {("litellm" if i == 0 else f"litellm-{i}"): pid for i, pid in enumerate(tree)}
 
-    def floor_pids(model: str) -> dict[str, int]:
-        found = dict(stack.floor_pids[model])
-        if beam_pid is not None:
-            found["rabbitmq"] = beam_pid
-        return found
-
     targets = {
         DIRECT: Target(DIRECT, lambda m: stack.fakes[m], lambda m: m, lambda _: {}),
         ROUTER: router_target(ROUTER, stack, beam_pid),
     }
-    if stack.floor_url:
-        targets[FLOOR] = Target(FLOOR, lambda _: stack.floor_url, lambda m: m, floor_pids)
+    for name, floor in stack.floors.items():
+        targets[name] = floor_target(name, floor, beam_pid)
     for mode, sibling in (siblings or {}).items():
         targets[mode_target(mode)] = router_target(mode_target(mode), sibling, beam_pid)
     if with_litellm:
@@ -105,12 +123,12 @@ class Series:
     same: bool = False  # one identical body (cache hits) instead of unique ones
     only: tuple[str, ...] | None = None  # targets it runs on (None: all but the modes')
     modes: bool = False  # also on the router@<mode> targets (the modes section's series)
-    floor: bool = False  # also on the floor target
+    floor: bool = False  # also on the floor targets
 
     def runs_on(self, target: str) -> bool:
         if target_mode(target):
             return self.modes
-        if target == FLOOR:
+        if target in FLOORS:
             return self.floor
         return self.only is None or target in self.only
 

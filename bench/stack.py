@@ -125,6 +125,14 @@ async def wait_http(
     raise StartupError(f"{url} not ready ({last}); {process.name} log:\n{process.tail()}")
 
 
+@dataclass(frozen=True)
+class Floor:
+    """A bare pipeline the bench started: where it listens, and each model's processes."""
+
+    url: str
+    pids: dict[str, dict[str, int]]  # fake model -> api, dispatcher and agent pids
+
+
 @dataclass
 class Stack:
     """Everything one bench run starts; `stop()` ends all of it."""
@@ -142,8 +150,7 @@ class Stack:
     api: Process | None = None
     dispatcher: Process | None = None
     agents: dict[str, list[Process]] = field(default_factory=dict)  # fake model -> agents
-    floor_url: str = ""  # the bare pipeline of the design's shape (`bench/floor.py`)
-    floor_pids: dict[str, dict[str, int]] = field(default_factory=dict)  # fake model -> pids
+    floors: dict[str, Floor] = field(default_factory=dict)  # target name -> bare pipeline
     litellm: Process | None = None
     litellm_url: str = ""
     litellm_key: str = field(default_factory=lambda: f"sk-bench-{secrets.token_hex(24)}")
@@ -287,24 +294,29 @@ class Stack:
         return pids
 
     # --- the floor ---------------------------------------------------------------------------
-    async def start_floor(self, models: list[str]) -> None:
-        """The bare pipeline (`bench/floor.py`) in front of the fakes serving `models`, in a
-        namespace under this stack's own (so `clean_broker` removes its queues too)."""
+    async def start_floor(
+        self, name: str, models: list[str], *, redis_url: str | None = None
+    ) -> None:
+        """A bare pipeline (`bench/floor.py`) in front of the fakes serving `models`, as target
+        `name`, in a namespace under this stack's own (so `clean_broker` removes its queues
+        too); with `redis_url`, its bare cache too. Listed in `floors` once it answers."""
         port = free_port()
-        self.floor_url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
         floor = [sys.executable, "-m", "bench.floor"]
-        common = ["--namespace", f"{self.namespace}.floor"]
+        common = ["--namespace", f"{self.namespace}.{name.replace('+', '-')}"]
         common += ["--rabbitmq-url", BrokerSettings().rabbitmq_url]
-        api = self._spawn("floor-api", [*floor, "api", *common, "--port", str(port)], {})
-        await wait_http(f"{self.floor_url}/health", api)
-        dispatcher = self._spawn("floor-dispatcher", [*floor, "dispatcher", *common], {})
+        api = self._spawn(f"{name}-api", [*floor, "api", *common, "--port", str(port)], {})
+        await wait_http(f"{url}/health", api)
+        cache = ["--redis-url", redis_url] if redis_url else []
+        dispatcher = self._spawn(f"{name}-dispatcher", [*floor, "dispatcher", *common, *cache], {})
+        pids: dict[str, dict[str, int]] = {}
         for model in models:
             argv = [*floor, "agent", *common, "--model", model, "--backend", self.fakes[model]]
-            agent = self._spawn(f"floor-agent-{model}", argv, {})
-            pids = {"api": api.pid, "dispatcher": dispatcher.pid, "agent": agent.pid}
-            self.floor_pids[model] = pids
+            agent = self._spawn(f"{name}-agent-{model}", argv, {})
+            pids[model] = {"api": api.pid, "dispatcher": dispatcher.pid, "agent": agent.pid}
         # Nothing to wait on but an answer: the agents' consumers are up once one comes back.
-        await wait_floor(self.floor_url, models, [api, dispatcher])
+        await wait_floor(url, models, [api, dispatcher])
+        self.floors[name] = Floor(url, pids)
 
     # --- LiteLLM -------------------------------------------------------------------------------
     def spawn_litellm(self) -> None:
@@ -341,7 +353,7 @@ class Stack:
 
 
 async def wait_floor(url: str, models: list[str], processes: list[Process]) -> None:
-    """Until the floor answers a request for each model (its queues and consumers are up)."""
+    """Until a floor answers a request for each model (its queues and consumers are up)."""
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         for model in models:

@@ -22,6 +22,7 @@ from bench.report import summarise, verdicts
 from bench.series import (
     DIRECT,
     FLOOR,
+    FLOOR_CACHE,
     LITELLM,
     ROUTER,
     Results,
@@ -33,6 +34,7 @@ from bench.series import (
     rotated,
 )
 from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack, litellm_config, router_id
+from shared.settings import RedisSettings
 
 
 def result(rps: float, p50: float, p99: float, **kw: object) -> LoadResult:
@@ -425,28 +427,41 @@ def test_wakeup_ping_pong_runs_against_a_real_process_and_restores_affinity() ->
     assert os.sched_getaffinity(0) == before
 
 
-def test_the_floor_runs_only_the_series_the_latency_targets_are_judged_on() -> None:
-    on_floor = [s.key for s in plan(BenchConfig()) if s.runs_on(FLOOR)]
-    assert on_floor == ["json_c1", "json_c32", "ttft", "ttft_instant"]
+def test_the_floors_run_only_the_series_the_latency_targets_are_judged_on() -> None:
+    for floor in (FLOOR, FLOOR_CACHE):
+        on_floor = [s.key for s in plan(BenchConfig()) if s.runs_on(floor)]
+        assert on_floor == ["json_c1", "json_c32", "ttft", "ttft_instant"]
 
 
-def test_the_floor_section_gives_both_overheads_and_their_difference_per_round() -> None:
+def test_the_floor_section_gives_each_floor_and_the_routers_distance_per_round() -> None:
     config = BenchConfig(json_concurrency=(1, 32))
     results = _results()  # router c=1 p50 per round: 2.2, 2.0, 9.0; direct: 0.2, 0.3, 0.2
-    for p50 in (1.2, 1.7, 6.0):
-        results.add("json_c1", FLOOR, result(400, p50, 2 * p50))
+    for bare, cached in ((1.2, 1.8), (1.7, 1.9), (6.0, 8.0)):
+        results.add("json_c1", FLOOR, result(400, bare, 2 * bare))
+        results.add("json_c1", FLOOR_CACHE, result(400, cached, 2 * cached))
     results.add("json_c32", FLOOR, result(1100, 30, 60, cpu_ms={"api": 5500, "rabbitmq": 5500}))
     s = summarise(config, results)
-    c1 = s["floor"]["overhead p50, JSON c=1"]
-    assert c1["floor"] == pytest.approx(1.4)  # per round: 1.0, 1.4, 5.8
-    assert c1["router"] == pytest.approx(2.0)  # 2.0, 1.7, 8.8
-    assert c1["router_minus_floor"] == pytest.approx(1.0)  # 1.0, 0.3, 3.0
-    cpu = s["floor"]["whole-path CPU ms per request, JSON c=32"]
-    assert cpu["floor"] == pytest.approx(1.0) and cpu["router_minus_floor"] == pytest.approx(0.0)
+    assert s["floor"]["floors"] == [FLOOR, FLOOR_CACHE]
+    c1 = s["floor"]["rows"]["overhead p50, JSON c=1"]
+    assert c1[FLOOR] == pytest.approx(1.4)  # per round: 1.0, 1.4, 5.8
+    assert c1[FLOOR_CACHE] == pytest.approx(1.6)  # 1.6, 1.6, 7.8
+    assert c1[ROUTER] == pytest.approx(2.0)  # 2.0, 1.7, 8.8
+    assert c1[f"vs {FLOOR}"] == pytest.approx(1.0)  # 1.0, 0.3, 3.0
+    assert c1[f"vs {FLOOR_CACHE}"] == pytest.approx(0.4)  # 0.4, 0.1, 1.0
+    cpu = s["floor"]["rows"]["whole-path CPU ms per request, JSON c=32"]
+    assert cpu[FLOOR] == pytest.approx(1.0) and cpu[f"vs {FLOOR}"] == pytest.approx(0.0)
+    assert FLOOR_CACHE not in cpu  # it ran no c=32 series here
     text = render(_meta(), s, verdicts(config, s))
     assert "## The design's floor: the same shape with nothing else in it" in text
-    assert "| overhead p50, JSON c=1 | 1.40 | 2.00 | +1.00 |" in text
-    assert "| requests/s, JSON c=32 | 1100 | 1000 | router/floor 0.91x |" in text
+    assert (
+        "| figure | floor | floor+cache | router | router minus floor | router minus floor+cache |"
+        in text
+    )
+    assert "| overhead p50, JSON c=1 | 1.40 | 1.60 | 2.00 | +1.00 | +0.40 |" in text
+    c32 = (
+        "| requests/s, JSON c=32 | 1100 | n/a | 1000 | router/floor 0.91x | router/floor+cache n/a"
+    )
+    assert c32 in text
     assert s["values"]["overhead_p50"] == pytest.approx(2.0)  # the targets stay the router's
     without = summarise(config, _results())
     assert "n/a: the floor was not run" in render(_meta(), without, [])
@@ -458,8 +473,8 @@ def test_the_floor_relays_answers_streams_and_errors_through_the_real_broker() -
         try:
             await stack.start_fake(INSTANT_MODEL)
             await stack.start_fake(PACED_MODEL, token_rate=500)
-            await stack.start_floor([INSTANT_MODEL, PACED_MODEL])
-            url = f"{stack.floor_url}/v1/chat/completions"
+            await stack.start_floor(FLOOR, [INSTANT_MODEL, PACED_MODEL])
+            url = f"{stack.floors[FLOOR].url}/v1/chat/completions"
             messages = [{"role": "user", "content": "hi"}]
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
                 body = orjson.dumps({"model": INSTANT_MODEL, "messages": messages})
@@ -478,6 +493,44 @@ def test_the_floor_relays_answers_streams_and_errors_through_the_real_broker() -
                 async with session.post(url, data=body) as r:
                     assert r.status == 400
                     assert "error" in orjson.loads(await r.read())
+        finally:
+            stack.stop()
+            await clean_broker(stack.namespace)
+
+    asyncio.run(scenario())
+
+
+def test_the_floor_with_its_bare_cache_answers_a_repeat_from_redis() -> None:
+    async def scenario() -> None:
+        stack = Stack(BenchConfig(), "test-floor-cache")
+        try:
+            fake = await stack.start_fake(INSTANT_MODEL)
+            redis_url = RedisSettings().redis_url
+            await stack.start_floor(FLOOR_CACHE, [INSTANT_MODEL], redis_url=redis_url)
+            url = f"{stack.floors[FLOOR_CACHE].url}/v1/chat/completions"
+            body = orjson.dumps(
+                {"model": INSTANT_MODEL, "messages": [{"role": "user", "content": stack.run_id}]}
+            )
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+                async def calls() -> int:
+                    async with session.get(f"{fake}/_fake/stats") as r:
+                        return int((await r.json())["requests"])
+
+                # The entry is written after the answer, from the agent's `completed` message:
+                # repeat until one is answered without the backend (each miss rewrites it).
+                answers: list[bytes] = []
+                for _ in range(50):
+                    before = await calls()
+                    async with session.post(url, data=body) as r:
+                        answer = await r.read()
+                    if await calls() == before:
+                        assert answers and answer in answers
+                        break
+                    answers.append(answer)
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("no repeat was answered from the cache")
         finally:
             stack.stop()
             await clean_broker(stack.namespace)
