@@ -128,10 +128,10 @@ async def start_floors(stack: Stack) -> None:
     """The bare pipelines: alone, and with a bare cache when the router's cache is on.
     Measuring sticks: one that does not start is left out."""
     redis = RedisSettings()
-    cache_url = redis.redis_url if redis.redis_url and redis.cache_ttl > 0 else None
-    for name, redis_url in ((FLOOR, None), (FLOOR_CACHE, cache_url)):
-        if name == FLOOR_CACHE and redis_url is None:
-            continue
+    floors: list[tuple[str, str | None]] = [(FLOOR, None)]
+    if redis.redis_url and redis.cache_ttl > 0:
+        floors.append((FLOOR_CACHE, redis.redis_url))
+    for name, redis_url in floors:
         try:
             await stack.start_floor(name, [INSTANT_MODEL, PACED_MODEL], redis_url=redis_url)
         except StartupError as e:

@@ -3,11 +3,11 @@
 A target is one way to reach the fake backend: `direct` (the client calls the fake itself),
 `router` (api -> dispatcher -> agent -> fake, over RabbitMQ), `floor` and `floor+cache` (the
 same shape with nothing else in it, and with a bare cache: `bench/floor.py`, for the series
-the targets judge by latency), `litellm`
-(the LiteLLM proxy in front of the same fake) or `router@<mode>` (a router of its own in
-another durability mode, only for the series the modes section shows). Each round runs every
-series once, each series on every target back to back; the order of the targets rotates from
-round to round, so no target always runs first (warm caches) or last (a busier machine).
+the targets judge by latency), `litellm` (the LiteLLM proxy in front of the same fake) or
+`router@<mode>` (a router of its own in another durability mode, only for the series the modes
+section shows). Each round runs every series once, each series on every target back to back;
+the order of the targets rotates from round to round, so no target always runs first (warm
+caches) or last (a busier machine).
 """
 
 from __future__ import annotations
@@ -62,28 +62,25 @@ class Target:
     key: str = "bench"
 
 
+def with_broker(pids: dict[str, int], beam_pid: int | None) -> dict[str, int]:
+    """A path's processes plus RabbitMQ's, whose CPU the path's requests cost too."""
+    return pids if beam_pid is None else {**pids, "rabbitmq": beam_pid}
+
+
 def router_target(name: str, stack: Stack, beam_pid: int | None) -> Target:
     """The path through `stack`'s router; its CPU counts RabbitMQ's too."""
 
     def pids(model: str) -> dict[str, int]:
-        found = stack.router_pids(model)
-        if beam_pid is not None:
-            found["rabbitmq"] = beam_pid
-        return found
+        return with_broker(stack.router_pids(model), beam_pid)
 
     return Target(name, lambda _: stack.api_url, router_id, pids, stack.client_key)
 
 
 def floor_target(name: str, floor: Floor, beam_pid: int | None) -> Target:
     """A bare pipeline, asked for the fake's own model names; its CPU counts RabbitMQ's too."""
-
-    def pids(model: str) -> dict[str, int]:
-        found = dict(floor.pids[model])
-        if beam_pid is not None:
-            found["rabbitmq"] = beam_pid
-        return found
-
-    return Target(name, lambda _: floor.url, lambda m: m, pids)
+    return Target(
+        name, lambda _: floor.url, lambda m: m, lambda m: with_broker(floor.pids[m], beam_pid)
+    )
 
 
 def build_targets(

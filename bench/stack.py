@@ -21,9 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
-import orjson
 
 from bench.config import PEERS_VENV, ROOT, BenchConfig
+from bench.load import chat_body
 from services.api.agent_auth import derive_agent_token
 from shared.settings import BrokerSettings
 
@@ -309,13 +309,20 @@ class Stack:
         await wait_http(f"{url}/health", api)
         cache = ["--redis-url", redis_url] if redis_url else []
         dispatcher = self._spawn(f"{name}-dispatcher", [*floor, "dispatcher", *common, *cache], {})
-        pids: dict[str, dict[str, int]] = {}
-        for model in models:
-            argv = [*floor, "agent", *common, "--model", model, "--backend", self.fakes[model]]
-            agent = self._spawn(f"{name}-agent-{model}", argv, {})
-            pids[model] = {"api": api.pid, "dispatcher": dispatcher.pid, "agent": agent.pid}
+        agents = {
+            model: self._spawn(
+                f"{name}-agent-{model}",
+                [*floor, "agent", *common, "--model", model, "--backend", self.fakes[model]],
+                {},
+            )
+            for model in models
+        }
         # Nothing to wait on but an answer: the agents' consumers are up once one comes back.
-        await wait_floor(url, models, [api, dispatcher])
+        await wait_floor(url, models, [api, dispatcher, *agents.values()])
+        pids = {
+            model: {"api": api.pid, "dispatcher": dispatcher.pid, "agent": agent.pid}
+            for model, agent in agents.items()
+        }
         self.floors[name] = Floor(url, pids)
 
     # --- LiteLLM -------------------------------------------------------------------------------
@@ -357,7 +364,7 @@ async def wait_floor(url: str, models: list[str], processes: list[Process]) -> N
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         for model in models:
-            body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+            body = chat_body(model, "floor up?")
             while True:
                 dead = [p for p in processes if not p.is_running()]
                 if dead:
