@@ -6,7 +6,8 @@ wall time and this process's CPU per lookup for:
 - a deterministic miss, one at a time: the probe that also takes the single-flight lock, and,
   for comparison, a probe followed by a separate `SET NX PX` (how it was done before);
 - a probe alone, and 32 probes at once (how they arrive under load), which the store sends as
-  one batch.
+  one batch; each also for sampled jobs (not deterministic, so no single flight), whose probes
+  read only the entry, with MGET instead of the script.
 
 `LOOKUPS` (default 2000) sets how many per row; `ROUNDS` (default 2) repeats the rows in turn.
 Keys live under `bench-lookup:<hex>` and are deleted at the end.
@@ -58,14 +59,22 @@ async def main() -> None:
     async def single() -> None:
         await store.probe(fresh())
 
+    async def sampled() -> None:
+        await store.probe(fresh(), lock_state=False)
+
     async def burst() -> None:
         await asyncio.gather(*(store.probe(fresh()) for _ in range(32)))
+
+    async def sampled_burst() -> None:
+        await asyncio.gather(*(store.probe(fresh(), lock_state=False) for _ in range(32)))
 
     rows: list[tuple[str, Callable[[], Awaitable[None]], int]] = [
         ("miss, probe and lock in one call", merged, 1),
         ("miss, probe then SET NX (before)", separate, 1),
         ("one probe at a time", single, 1),
+        ("one sampled job's probe (MGET)", sampled, 1),
         ("32 probes at once (per probe)", burst, 32),
+        ("32 sampled at once (per probe)", sampled_burst, 32),
     ]
     try:
         await merged()  # loads the script

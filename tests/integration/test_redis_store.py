@@ -107,6 +107,38 @@ async def test_a_probe_asking_for_the_lock_takes_it_only_where_nothing_is_there(
     assert await client.get(lock_key(twice)) == b"r4"
 
 
+async def test_probes_that_need_no_lock_state_read_the_entries_alone(
+    redis: tuple[Redis, Keys], store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, key_named = redis
+    keys = [key_named(f"e{i}") for i in range(3)]
+    await client.set(keys[0], b"entry-0")
+    await client.set(lock_key(keys[1]), "someone")  # held, but no caller asks
+
+    def no_script(**_: object) -> None:
+        raise AssertionError("entry-only probes ran the probe script")
+
+    monkeypatch.setattr(store, "_probe_script", no_script)
+    probes = await asyncio.gather(*(store.probe(key, lock_state=False) for key in keys))
+    assert probes == [Probe(b"entry-0", False), Probe(None, False), Probe(None, False)]
+    assert store._probes.batches == 1
+    assert await client.get(lock_key(keys[1])) == b"someone"
+
+
+async def test_a_batch_with_a_single_flight_probe_reads_locks_only_for_it(
+    redis: tuple[Redis, Keys], store: RedisStore
+) -> None:
+    client, key_named = redis
+    sampled, deterministic = key_named("sampled"), key_named("deterministic")
+    await client.set(lock_key(sampled), "someone")
+    await client.set(lock_key(deterministic), "someone")
+    probes = await asyncio.gather(
+        store.probe(sampled, lock_state=False), store.probe(deterministic)
+    )
+    assert store._probes.batches == 1
+    assert probes == [Probe(None, False), Probe(None, True)]
+
+
 async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
     redis: tuple[Redis, Keys], store: RedisStore
 ) -> None:

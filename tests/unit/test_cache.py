@@ -64,6 +64,7 @@ class MemoryStore:
         self.calls = 0
         self.waits: list[float] = []
         self.down = False
+        self.lock_reads: list[bool] = []  # per probe: whether it asked for the lock's state
         self._changed = asyncio.Condition()
 
     def _use(self) -> None:
@@ -71,9 +72,12 @@ class MemoryStore:
         if self.down:
             raise CacheUnavailableError("redis: ConnectionError")
 
-    async def probe(self, key: str, lock: LockRequest | None = None) -> Probe:
+    async def probe(
+        self, key: str, lock: LockRequest | None = None, *, lock_state: bool = True
+    ) -> Probe:
         self._use()
-        entry, locked = self.entries.get(key), key in self.locks
+        self.lock_reads.append(lock_state)
+        entry, locked = self.entries.get(key), key in self.locks and lock_state
         if lock is not None and entry is None and not locked:
             self.locks[key] = lock.owner
             return Probe(None, False, acquired=True)
@@ -422,6 +426,14 @@ async def test_sampled_requests_do_not_wait_for_each_other() -> None:
     second = await cache.lookup(job("r2"))
     assert isinstance(first, Proceed) and isinstance(second, Proceed)
     assert store.locks == {}
+
+
+async def test_only_single_flight_lookups_read_the_lock() -> None:
+    store = MemoryStore()
+    cache = make_cache(store)
+    await cache.lookup(job("r1"))
+    await cache.lookup(job("r2", body=DETERMINISTIC))
+    assert store.lock_reads == [False, True]
 
 
 async def test_waiting_is_bounded_by_the_wait_and_by_the_number_of_waiters() -> None:
