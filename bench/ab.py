@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,19 +76,24 @@ class Tally:
         if all(c is not None for c in cpu):
             parts.append(f"CPU {statistics.median(c for c in cpu if c is not None):.3f} ms/request")
             for name in runs[0].cpu_ms:
-                parts.append(f"{name} {_per_request(runs, lambda r, n=name: r.cpu_ms.get(n)):.3f}")
+                parts.append(f"{name} {_per_request(runs, [r.cpu_ms for r in runs], name):.3f}")
         if runs[0].wakeups:
             woken = " ".join(
-                f"{name} {_per_request(runs, lambda r, n=name: r.wakeups.get(n)):.1f}"
+                f"{name} {_per_request(runs, [r.wakeups for r in runs], name):.1f}"
                 for name in runs[0].wakeups
             )
             parts.append(f"wakeups per request: {woken}")
         return ", ".join(parts)
 
 
-def _per_request(runs: list[LoadResult], count: Callable[[LoadResult], float | None]) -> float:
-    """Median over the runs of a process's count (CPU ms, wakeups) per request."""
-    return statistics.median((count(r) or 0.0) / r.requests for r in runs if r.requests)
+def _per_request(runs: list[LoadResult], counts: Sequence[Mapping[str, float]], name: str) -> float:
+    """Median over the runs of process `name`'s count (CPU ms, wakeups: each run's table in
+    `counts`) per request."""
+    return statistics.median(
+        table.get(name, 0.0) / r.requests
+        for r, table in zip(runs, counts, strict=True)
+        if r.requests
+    )
 
 
 def brief(result: LoadResult) -> str:

@@ -179,7 +179,8 @@ async def run_dispatcher(url: str, namespace: str, redis_url: str | None = None)
         headers = dict(message.headers)
         if redis is not None:
             key = f"{namespace}:{hashlib.sha256(message.body).hexdigest()}"
-            cached = await redis.get(key)
+            cached = await redis.get(key)  # bytes: the client does not decode
+            assert cached is None or isinstance(cached, bytes)
             if cached is not None and not headers.get("stream"):  # no SSE replay here
                 answer = persistent(
                     cached, correlation_id=message.correlation_id, headers={"status": 200}
