@@ -19,10 +19,11 @@ once (the router holds them for up to 2 ms), one connection per process (the rou
 publishing and consuming apart). So it is the design's shape without the router's features,
 not the fastest possible code of that shape: under load the router beats it (bench/RESULTS.md).
 
-`--redis-url` on the dispatcher adds the response cache in its bare shape, for diagnosis
-(`MICRO_FLOOR=cache python -m bench.micro`): a Redis GET of the body's hash before each
-hand-off, and a `completed` message from the agent for each JSON answer, written to Redis by
-the dispatcher (one message and one SET per answer: no batching, single flight or checks).
+`--redis-url` on the dispatcher adds the response cache in its bare shape (`floor+cache`;
+`MICRO_FLOOR=1 python -m bench.micro` runs it beside the plain floor): a Redis GET of the
+body's hash before each hand-off, and a `completed` message from the agent for each JSON
+answer, written to Redis by the dispatcher (one message and one SET per answer: no batching,
+single flight or checks).
 
 The bench starts it (`Stack.start_floor`) in a namespace of its own, like the router's.
 """

@@ -151,6 +151,11 @@ class LockRequest:
     ttl_ms: int
 
 
+def _entry(found: object) -> bytes | None:
+    """A cache entry as Redis returned it: bytes, or nil for none."""
+    return found if isinstance(found, bytes) else None
+
+
 @dataclass(frozen=True, slots=True)
 class ProbeAsk:
     """One lookup of a batch: the lock to take if nothing is there, and whether the caller
@@ -225,7 +230,7 @@ class RedisStore:
     async def _probe_many(self, asks: Sequence[ProbeAsk]) -> list[Probe]:
         if all(ask.entry_only for ask in asks):
             entries = await self._bounded(self._redis.mget([ask.key for ask in asks]))
-            return [Probe(entry if isinstance(entry, bytes) else None, False) for entry in entries]
+            return [Probe(_entry(entry), False) for entry in entries]
         # The reads in one script: a write landing between them would look like a leader
         # that failed (no entry, no lock) and send a follower upstream.
         keys: list[str] = []
@@ -235,11 +240,7 @@ class RedisStore:
             args += (ask.lock.owner, ask.lock.ttl_ms) if ask.lock is not None else ("", 0)
         found = await self._bounded(self._probe_script(keys=keys, args=args))
         return [
-            Probe(
-                entry if isinstance(entry, bytes) else None,
-                ask.lock_state and bool(locked),
-                bool(taken),
-            )
+            Probe(_entry(entry), ask.lock_state and bool(locked), bool(taken))
             for ask, entry, locked, taken in zip(
                 asks, found[::3], found[1::3], found[2::3], strict=True
             )
