@@ -2,9 +2,10 @@
 
 Starts the API (:8000), a dispatcher, and an agent. With no `VLLM_URL` configured the agent
 fronts the shipped fake vLLM (:8100), so `local_*` models answer out of the box; with no
-`OPENAI_API_KEY` the dispatcher is pointed at the shipped fake OpenAI (:8200). With no agent
-credentials configured, a secret is generated for this run and the agent's token derived from
-it. Processes run under honcho's manager: Ctrl-C stops them all.
+`OPENAI_API_KEY` the dispatcher is pointed at the shipped fake OpenAI (:8200). The agent
+(`AGENT_NAME`, default `dev-agent`) uses `AGENT_TOKEN`, else its own entry in `AGENT_TOKENS`,
+else the token derived from `AGENT_TOKEN_SECRET`; with no agent credentials configured, a
+secret is generated for this run. Processes run under honcho's manager: Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 from honcho.manager import Manager
 
-from services.api.agent_auth import derive_agent_token
+from services.api.agent_auth import derive_agent_token, parse_token_pairs
 
 DEV_AGENT = "dev-agent"
 
@@ -24,17 +25,42 @@ def _cmd(*args: str) -> str:
     return " ".join([sys.executable, "-m", "services.cli", *args])
 
 
+def _agent_token(env: dict[str, str], name: str, notes: dict[str, str]) -> str:
+    """The token the dev agent `name` presents. Where the API has no agent credentials, gives
+    it some in `env` that accept this token. Raises ValueError, saying what to set, when the
+    configured credentials hold no token for `name`."""
+    token = env.get("AGENT_TOKEN", "")
+    tokens = parse_token_pairs(env.get("AGENT_TOKENS", ""))
+    secret = env.get("AGENT_TOKEN_SECRET", "")
+    if not tokens and not secret:
+        if token:
+            env["AGENT_TOKENS"] = f"{name}={token}"
+            return token
+        env["AGENT_TOKEN_SECRET"] = secret = secrets.token_hex(16)
+        notes["agent"] = (
+            f"generated an agent token for `{name}` (AGENT_TOKEN_SECRET, this run only)"
+        )
+    if token:
+        return token
+    if name in tokens:
+        return tokens[name]
+    if secret:
+        return derive_agent_token(secret, name)
+    raise ValueError(
+        f"AGENT_TOKENS has no token for agent `{name}`: add `{name}=<token>` to it, set "
+        "AGENT_NAME to a name it has, or set AGENT_TOKEN"
+    )
+
+
 def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, dict[str, str]]]]:
-    """(shared env, [(name, command, extra env)]) for the dev stack; pure, for tests."""
+    """(shared env, [(name, command, extra env)]) for the dev stack; pure, for tests.
+
+    Raises ValueError on agent credentials it cannot use (see `_agent_token`)."""
     env = dict(environ)
     notes: dict[str, str] = {}
     processes: list[tuple[str, str, dict[str, str]]] = []
-    if not env.get("AGENT_TOKENS") and not env.get("AGENT_TOKEN_SECRET"):
-        env["AGENT_TOKEN_SECRET"] = secrets.token_hex(16)
-        notes["agent"] = (
-            f"generated an agent token for `{DEV_AGENT}` (AGENT_TOKEN_SECRET, this run only)"
-        )
-    agent_token = env.get("AGENT_TOKEN") or derive_agent_token(env["AGENT_TOKEN_SECRET"], DEV_AGENT)
+    agent_name = env.get("AGENT_NAME") or DEV_AGENT
+    agent_token = _agent_token(env, agent_name, notes)
     processes.append(("api", _cmd("api"), {}))
     dispatcher_env: dict[str, str] = {}
     if not env.get("OPENAI_API_KEY"):
@@ -48,7 +74,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
         notes["openai"] = "no OPENAI_API_KEY: gpt-* models go to the fake OpenAI on :8200"
     processes.append(("dispatcher", _cmd("dispatcher"), dispatcher_env))
     agent_env = {
-        "AGENT_NAME": env.get("AGENT_NAME", DEV_AGENT),
+        "AGENT_NAME": agent_name,
         "AGENT_TOKEN": agent_token,
         "ROUTER_URL": env.get("ROUTER_URL", f"http://127.0.0.1:{env.get('API_PORT', '8000')}"),
     }
@@ -65,7 +91,11 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
 
 
 def main(argv: list[str]) -> None:
-    env, processes = plan(dict(os.environ))
+    try:
+        env, processes = plan(dict(os.environ))
+    except ValueError as e:
+        print(f"router dev: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     manager = Manager()
     for name, command, extra in processes:
         manager.add_process(name, command, env={**env, "PYTHONUNBUFFERED": "1", **extra})

@@ -1,0 +1,80 @@
+"""`router dev`'s plan: which processes run, and an agent token the API will accept."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.api.agent_auth import AgentCredentials, derive_agent_token, parse_token_pairs
+from services.devstack import DEV_AGENT, plan
+
+
+def agent_env(environ: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(the shared env, the agent's extra env) of the dev stack planned from `environ`."""
+    env, processes = plan(environ)
+    extras = {name: extra for name, _, extra in processes}
+    return env, extras["agent"]
+
+
+def assert_api_accepts(env: dict[str, str], agent: dict[str, str]) -> None:
+    """The API, configured from the shared env, accepts the agent's name and token."""
+    credentials = AgentCredentials(
+        parse_token_pairs(env.get("AGENT_TOKENS", "")), env.get("AGENT_TOKEN_SECRET", "")
+    )
+    credentials.check(agent["AGENT_NAME"], f"Bearer {agent['AGENT_TOKEN']}")
+
+
+def test_no_agent_credentials_generates_a_secret_for_this_run() -> None:
+    env, agent = agent_env({})
+    assert env["AGENT_TOKEN_SECRET"]
+    assert agent["AGENT_NAME"] == DEV_AGENT
+    assert agent["AGENT_TOKEN"] == derive_agent_token(env["AGENT_TOKEN_SECRET"], DEV_AGENT)
+    assert_api_accepts(env, agent)
+
+
+def test_agent_tokens_alone_gives_the_agent_its_entry() -> None:
+    env, agent = agent_env({"AGENT_TOKENS": "other=xyz, dev-agent=abc"})
+    assert agent["AGENT_TOKEN"] == "abc"
+    assert "AGENT_TOKEN_SECRET" not in env
+    assert_api_accepts(env, agent)
+
+
+def test_agent_tokens_for_a_named_agent() -> None:
+    env, agent = agent_env({"AGENT_TOKENS": "gpu1=abc", "AGENT_NAME": "gpu1"})
+    assert (agent["AGENT_NAME"], agent["AGENT_TOKEN"]) == ("gpu1", "abc")
+    assert_api_accepts(env, agent)
+
+
+def test_a_secret_derives_the_token_of_the_agents_own_name() -> None:
+    env, agent = agent_env({"AGENT_TOKEN_SECRET": "s3cret", "AGENT_NAME": "gpu1"})
+    assert agent["AGENT_TOKEN"] == derive_agent_token("s3cret", "gpu1")
+    assert_api_accepts(env, agent)
+
+
+def test_agent_token_alone_is_accepted_by_the_api() -> None:
+    env, agent = agent_env({"AGENT_TOKEN": "mine"})
+    assert agent["AGENT_TOKEN"] == "mine"
+    assert "AGENT_TOKEN_SECRET" not in env
+    assert_api_accepts(env, agent)
+
+
+def test_agent_tokens_without_the_agents_entry_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="AGENT_TOKENS has no token for agent `dev-agent`"):
+        plan({"AGENT_TOKENS": "gpu1=abc"})
+
+
+def test_malformed_agent_tokens_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="name=token pairs"):
+        plan({"AGENT_TOKENS": "dev-agent"})
+
+
+def test_fakes_stand_in_for_unset_upstreams() -> None:
+    _, processes = plan({})
+    assert [name for name, _, _ in processes] == [
+        "api",
+        "fake-openai",
+        "dispatcher",
+        "fake-vllm",
+        "agent",
+    ]
+    _, processes = plan({"OPENAI_API_KEY": "sk-real", "VLLM_URL": "http://gpu:8000/v1"})
+    assert [name for name, _, _ in processes] == ["api", "dispatcher", "agent"]
