@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
 # Make sure RabbitMQ (5672) and Redis (6379) answer on localhost: use running ones; else start
 # locally installed servers; else, where a Docker engine answers, start just those two from
-# deploy/docker-compose.yml; else say exactly what to install.
+# deploy/docker-compose.yml (`rabbitmq-dev`, a broker with RabbitMQ's default `guest` user and
+# `/` vhost, and `redis`); else say exactly what to install.
 set -u
 cd "$(dirname "$0")/.."
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-wait_for() {  # port, name, seconds
-  for _ in $(seq 1 "$3"); do answers "$1" && return 0; sleep 1; done
-  echo "ensure-services: $2 did not come up on port $1" >&2
+# Docker's port proxy accepts connections before the broker in the container is up: wait for
+# the broker's first frame (connection.start) in answer to the AMQP 0-9-1 protocol header.
+amqp_answers() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'AMQP\0\0\x09\x01' >&3 \
+    && IFS= read -r -n 1 -t 5 -d '' frame <&3) 2>/dev/null
+}
+
+wait_for() {  # probe command, name, port, seconds
+  for _ in $(seq 1 "$4"); do "$1" "$3" && return 0; sleep 1; done
+  echo "ensure-services: $2 did not come up on port $3" >&2
   return 1
 }
 
@@ -24,13 +32,14 @@ start_rabbitmq() {
     echo "ensure-services: starting the local RabbitMQ"
     rabbitmq-server -detached >/dev/null 2>&1 || true
   elif docker info >/dev/null 2>&1; then
-    compose -f deploy/docker-compose.yml up -d rabbitmq
+    # Not the stack's `rabbitmq`: it imports its own users at boot, so it has no `guest`.
+    compose -f deploy/docker-compose.yml --profile dev up -d rabbitmq-dev
   else
     echo "ensure-services: RabbitMQ is not answering on 127.0.0.1:5672 and none is installed." >&2
     echo "  Install it (Debian/Ubuntu: apt-get install rabbitmq-server) or a Docker engine." >&2
     return 1
   fi
-  wait_for 5672 RabbitMQ 90
+  wait_for amqp_answers RabbitMQ 5672 90
 }
 
 start_redis() {
@@ -47,11 +56,11 @@ start_redis() {
     echo "  Install it (Debian/Ubuntu: apt-get install redis-server) or a Docker engine." >&2
     return 1
   fi
-  wait_for 6379 Redis 30
+  wait_for answers Redis 6379 30
 }
 
 status=0
-answers 5672 || start_rabbitmq || status=1
+amqp_answers 5672 || start_rabbitmq || status=1
 answers 6379 || start_redis || status=1
 [ "$status" = 0 ] && echo "ensure-services: RabbitMQ and Redis answer"
 exit "$status"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,9 +12,12 @@ import pytest
 import yaml
 
 from shared.broker_acl import admin_grant, agent_grant, api_grant, dispatcher_grant
+from shared.settings import BrokerSettings
 from shared.topology import Topology
 
-COMPOSE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "docker-compose.yml"
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
+ENSURE_SERVICES = ROOT / "scripts" / "ensure-services.sh"
 
 
 def compose_command() -> list[str] | None:
@@ -76,3 +80,23 @@ def test_compose_services_use_least_privilege_broker_users() -> None:
     }
     reply_users = services["api"]["environment"]["REPLY_USERS"]
     assert reply_users == f"{users['dispatcher']}=*,{users['agent']}={model}"
+
+
+def test_ensure_services_starts_a_broker_the_local_defaults_can_use() -> None:
+    """Without a local RabbitMQ, scripts/ensure-services.sh starts one from the compose file for
+    `make dev` and `make test`, whose default RABBITMQ_URL is `guest` on vhost `/`. RabbitMQ
+    seeds that user and vhost only on a node that imports no definitions at boot, so the
+    service it starts must load none (the stack's own `rabbitmq` loads its users instead)."""
+    assert BrokerSettings().rabbitmq_url == "amqp://guest:guest@127.0.0.1:5672/"
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    started = re.findall(r"\bup -d ([\w-]+)", ENSURE_SERVICES.read_text())
+    brokers = [name for name in started if services[name]["image"].startswith("rabbitmq:")]
+    assert len(brokers) == 1, started
+    broker = services[brokers[0]]
+    assert "127.0.0.1:5672:5672" in broker["ports"]
+    for volume in broker.get("volumes", []):
+        source = volume.split(":", 1)[0]
+        assert "load_definitions" not in (COMPOSE_FILE.parent / source).read_text(), volume
+    assert not any(
+        "DEFAULT_USER" in key or "DEFAULT_VHOST" in key for key in broker.get("environment", {})
+    )
