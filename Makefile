@@ -18,7 +18,8 @@ dev: install
 	scripts/ensure-services.sh
 	$(VENV)/bin/router dev
 
-## The whole suite: unit, integration (real RabbitMQ + Redis), compose checks.
+## The whole suite (pytest's testpaths: tests and bench): unit, integration (real RabbitMQ +
+## Redis), faults (fault injection), e2e (compose, with a Docker engine), bench/test_bench.py.
 test: install
 	scripts/ensure-services.sh
 	$(VENV)/bin/pytest
@@ -36,7 +37,7 @@ format: install
 	$(VENV)/bin/ruff check --fix shared services fakes tests bench
 
 ## The benchmark (bench/README.md): router vs the direct path (and LiteLLM, once
-## `make bench-peers` made bench/.peers). BENCH_QUICK=1 for a ~2-minute smoke run.
+## `make bench-peers` made bench/.peers). BENCH_QUICK=1 for a ~3-minute smoke run.
 bench: install
 	scripts/ensure-services.sh
 	bench/ensure-wrk.sh
