@@ -36,9 +36,10 @@ H_INCLUDE_USAGE = "x-include-usage"
 H_TENANT = "x-tenant"
 H_DEADLINE = "x-deadline"
 H_CACHE_KEY = "x-cache-key"
-H_CACHE_KEYS = "x-cache-keys"  # job.completed: one per event, as are the next two
+H_CACHE_KEYS = "x-cache-keys"  # job.completed: one per event, as are the next three
 H_STATUSES = "x-statuses"
 H_LENGTHS = "x-lengths"
+H_REQUEST_IDS = "x-request-ids"
 H_CACHE_CONTROL = "x-cache-control"
 H_CACHE_STATUS = "x-cache-status"
 H_ATTEMPT = "x-attempt"
@@ -347,21 +348,28 @@ def encode_rpc_result(request_id: str, body: bytes) -> Envelope:
 @dataclass(frozen=True, slots=True)
 class Completed:
     """A finished cacheable job: its whole answer (status 200), or (another status, empty body)
-    the news that it ended without one, so the dispatchers waiting on it stop waiting."""
+    the news that it ended without one, so the dispatchers waiting on it stop waiting.
+
+    `request_id` is the finished job's: the owner its single-flight lock would have, so the
+    writer frees only a lock the job itself holds. None in events from producers that predate
+    it (their writer freed the key's lock whoever held it)."""
 
     cache_key: str
     body: bytes = b""
     status: int = 200
+    request_id: str | None = None
 
 
 def encode_completed(events: Sequence[Completed]) -> Envelope:
     """One `job.completed` message for one or more events: the bodies back to back, and each
-    event's key, status and body length at the same index of three header arrays."""
+    event's key, status, body length and request id ("" for none) at the same index of four
+    header arrays."""
     headers = {
         **_version(),
         H_CACHE_KEYS: [e.cache_key for e in events],
         H_STATUSES: [e.status for e in events],
         H_LENGTHS: [len(e.body) for e in events],
+        H_REQUEST_IDS: [e.request_id or "" for e in events],
     }
     return Envelope(
         type=MessageType.JOB_COMPLETED, body=b"".join(e.body for e in events), headers=headers
@@ -373,22 +381,32 @@ def decode_completed(env: Envelope) -> list[Completed]:
     keys = _header(env, H_CACHE_KEYS, list)
     statuses = _header(env, H_STATUSES, list)
     lengths = _header(env, H_LENGTHS, list)
+    # Absent from the messages of producers that predate it: no request ids.
+    request_ids = _header(env, H_REQUEST_IDS, list, [""] * len(lengths or ()))
     if env.type != MessageType.JOB_COMPLETED or keys is None or statuses is None or not lengths:
         raise MessageDecodeError("bad job.completed message")
-    if not len(keys) == len(statuses) == len(lengths):
+    if not len(keys) == len(statuses) == len(lengths) == len(request_ids):
         raise MessageDecodeError("job.completed: header arrays of different lengths")
     if not all(type(n) is int and n >= 0 for n in (*statuses, *lengths)):
         raise MessageDecodeError("job.completed: a status or length is not a whole number")
     if sum(lengths) != len(env.body):
         raise MessageDecodeError("job.completed: the lengths do not add up to the body")
     events, start = [], 0
-    for raw_key, status, length in zip(keys, statuses, lengths, strict=True):
-        key = raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else raw_key
+    for raw_key, status, length, raw_id in zip(keys, statuses, lengths, request_ids, strict=True):
+        key, request_id = _text(raw_key), _text(raw_id)
         if not isinstance(key, str) or not key:
             raise MessageDecodeError("job.completed: a cache key is missing")
-        events.append(Completed(key, env.body[start : start + length], status))
+        if not isinstance(request_id, str):
+            raise MessageDecodeError("job.completed: a request id is not a string")
+        body = env.body[start : start + length]
+        events.append(Completed(key, body, status, request_id or None))
         start += length
     return events
+
+
+def _text(value: object) -> object:
+    """A string header value as AMQP tables may carry it (bytes), decoded; others as they are."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _version() -> dict[str, Any]:

@@ -98,18 +98,19 @@ class ReplyPublisher:
                 # exchange a moment after it exists again: unroutable for that moment.
                 await asyncio.sleep(delay)
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
-            self._add_completed(job.cache_key, reply)
+            self._add_completed(job.cache_key, job.request_id, reply)
 
-    def _add_completed(self, cache_key: str, reply: Reply) -> None:
+    def _add_completed(self, cache_key: str, request_id: str, reply: Reply) -> None:
         """A 200 FINAL carries the body (the cache writer still checks it is complete); any
-        other answer an empty body and its status, which releases the single-flight lock."""
+        other answer an empty body and its status, which releases the single-flight lock if
+        this job holds it (the request id is the lock's owner)."""
         if self._completed is None:
             return
         if reply.kind is ReplyKind.FINAL and reply.status == 200:
-            self._completed.add(Completed(cache_key, reply.body))
+            self._completed.add(Completed(cache_key, reply.body, request_id=request_id))
         else:
             status = reply.status if reply.status != 200 else 500
-            self._completed.add(Completed(cache_key, status=status))
+            self._completed.add(Completed(cache_key, status=status, request_id=request_id))
 
     async def flush(self) -> None:
         """Publish the held `job.completed` events: before the broker connection closes."""

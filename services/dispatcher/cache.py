@@ -60,9 +60,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BREAKER_COOLDOWN = 1.0
-# Delete the lock only if this owner still holds it, and tell its waiters.
+# Delete the lock only if this owner still holds it, and tell its waiters. Owner "": a
+# `job.completed` event from a producer that predates request ids, which frees the lock
+# whoever holds it (as every event did then).
 _RELEASE = """
-if redis.call("GET", KEYS[1]) == ARGV[1] then
+if ARGV[1] == "" or redis.call("GET", KEYS[1]) == ARGV[1] then
     redis.call("DEL", KEYS[1])
     redis.call("PUBLISH", KEYS[2], ARGV[2])
 end
@@ -96,12 +98,18 @@ for i = 1, #KEYS / 2 do
 end
 return found
 """
-# KEYS: entry, lock, ...; ARGV: the `ok` message, then body, ttl, done channel per entry.
+# KEYS: entry, lock, ...; ARGV: the `ok` message, then body, ttl, done channel, owner per
+# entry. Any finished job may store the entry and wake the key's waiters (the entry is there
+# for them), but it frees the lock only if it holds it: another leader may hold it by now.
+# Owner "": as in `_RELEASE`.
 _WRITE = """
 for i = 1, #KEYS / 2 do
-    local a = 2 + (i - 1) * 3
+    local a = 2 + (i - 1) * 4
     redis.call("SET", KEYS[2 * i - 1], ARGV[a], "EX", ARGV[a + 1])
-    redis.call("DEL", KEYS[2 * i])
+    local owner = ARGV[a + 3]
+    if owner == "" or redis.call("GET", KEYS[2 * i]) == owner then
+        redis.call("DEL", KEYS[2 * i])
+    end
     redis.call("PUBLISH", ARGV[a + 2], ARGV[1])
 end
 return 0
@@ -178,8 +186,8 @@ class CacheStore(Protocol):
     ) -> Probe: ...
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool: ...
     async def wait(self, key: str, timeout: float) -> bytes | None: ...
-    async def write(self, key: str, body: bytes, ttl: int) -> None: ...
-    async def abandon(self, key: str) -> None: ...
+    async def write(self, key: str, body: bytes, ttl: int, owner: str | None) -> None: ...
+    async def abandon(self, key: str, owner: str | None) -> None: ...
     async def release(self, key: str, owner: str) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -193,10 +201,11 @@ class RedisStore:
         # Sent by digest (EVALSHA); loaded again by redis-py if the server lost it.
         self._probe_script = redis.register_script(_PROBE)
         self._write_script = redis.register_script(_WRITE)
+        self._release_script = redis.register_script(_RELEASE)
         self._probes: Batcher[ProbeAsk, Probe] = Batcher(self._probe_many)
         # Writes come in batches already (a `job.completed` message holds a process's events
         # of 10 ms, shared.completed): submitted together, a message's writes share one call.
-        self._writes: Batcher[tuple[str, bytes, int], None] = Batcher(self._write_many)
+        self._writes: Batcher[tuple[str, bytes, int, str], None] = Batcher(self._write_many)
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> RedisStore:
@@ -277,33 +286,32 @@ class RedisStore:
                 async with asyncio.timeout(self._timeout):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def write(self, key: str, body: bytes, ttl: int) -> None:
-        await self._writes.submit((key, body, ttl))
+    async def write(self, key: str, body: bytes, ttl: int, owner: str | None) -> None:
+        """Store the answer of job `owner` and wake the key's waiters; free the lock if `owner`
+        holds it (None: an event from a producer that predates request ids, see `_RELEASE`)."""
+        await self._writes.submit((key, body, ttl, owner or ""))
 
-    async def _write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> list[None]:
+    async def _write_many(self, entries: Sequence[tuple[str, bytes, int, str]]) -> list[None]:
         keys: list[str] = []
         args: list[bytes | str | int] = [OK]
-        for key, body, ttl in entries:
+        for key, body, ttl, owner in entries:
             keys += (key, lock_key(key))
-            args += (body, ttl, done_channel(key))
+            args += (body, ttl, done_channel(key), owner)
         await self._bounded(self._write_script(keys=keys, args=args))
         return [None] * len(entries)
 
-    async def abandon(self, key: str) -> None:
-        async def run() -> None:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(lock_key(key))
-                pipe.publish(done_channel(key), FAIL)
-                await pipe.execute()
-
-        await self._bounded(run())
+    async def abandon(self, key: str, owner: str | None) -> None:
+        """Job `owner` ended without a storable answer: if it holds the lock, free it and tell
+        its waiters to go upstream (None: as in `write`)."""
+        await self._release(key, owner or "")
 
     async def release(self, key: str, owner: str) -> None:
         """Give up the lock `owner` holds (its job was cancelled): its waiters are routed."""
+        await self._release(key, owner)
+
+    async def _release(self, key: str, owner: str) -> None:
         await self._bounded(
-            self._redis.eval(  # type: ignore[no-untyped-call]
-                _RELEASE, 2, lock_key(key), done_channel(key), owner, FAIL
-            )
+            self._release_script(keys=[lock_key(key), done_channel(key)], args=[owner, FAIL])
         )
 
 
@@ -483,9 +491,11 @@ class JobCache:
             return
         try:
             if event.status == 200 and is_storable(event.body):
-                await self.store.write(event.cache_key, event.body, self.policy.ttl)
+                await self.store.write(
+                    event.cache_key, event.body, self.policy.ttl, event.request_id
+                )
             else:
-                await self.store.abandon(event.cache_key)
+                await self.store.abandon(event.cache_key, event.request_id)
         except CacheUnavailableError as e:
             self.breaker.failed()
             log.warning("cache write skipped: %s", e)

@@ -1,20 +1,39 @@
-"""`RedisStore` on the machine's Redis: batched probes and writes answer each request alone.
+"""`RedisStore` on the machine's Redis: batched probes and writes answer each request alone,
+and single-flight locks are freed by their owners only, even when a probe times out.
 
 Keys live under a prefix of their own, removed afterwards. The whole cache through real
-services is tests/integration/test_cache.py; this checks the two batched scripts themselves.
+services is tests/integration/test_cache.py; this checks the store's scripts themselves, and
+`JobCache` on them where the lock's lifecycle depends on both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
+import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 
-from services.dispatcher.cache import OK, CacheUnavailableError, LockRequest, Probe, RedisStore
-from services.dispatcher.cache_key import done_channel, lock_key
+from services.dispatcher.cache import (
+    FAIL,
+    OK,
+    CacheUnavailableError,
+    Hit,
+    JobCache,
+    LockRequest,
+    Probe,
+    Proceed,
+    RedisStore,
+)
+from services.dispatcher.cache_key import CachePolicy, done_channel, lock_key
+from shared.amqp import Delivery
+from shared.cancel import Cancellations
+from shared.messages import Completed, Job, encode_completed
 from tests.conftest import REDIS, require_services
 
 pytestmark = pytest.mark.integration
@@ -150,7 +169,10 @@ async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
     await pubsub.subscribe(*(done_channel(key) for key in keys))
     try:
         await asyncio.gather(
-            *(store.write(key, f"body-{i}".encode(), 30 + i) for i, key in enumerate(keys))
+            *(
+                store.write(key, f"body-{i}".encode(), 30 + i, "leader")
+                for i, key in enumerate(keys)
+            )
         )
         assert store._writes.batches == 1
         for i, key in enumerate(keys):
@@ -175,3 +197,123 @@ async def test_a_probe_against_no_redis_fails_as_unavailable() -> None:
             await asyncio.gather(store.probe("a"), store.probe("b"))
     finally:
         await store.aclose()
+
+
+async def test_a_write_frees_the_lock_only_for_its_owner_but_always_says_ok(
+    redis: tuple[Redis, Keys], store: RedisStore
+) -> None:
+    client, key_named = redis
+    mine, theirs, legacy = (key_named(name) for name in ("mine", "theirs", "legacy"))
+    for key in (mine, theirs, legacy):
+        await client.set(lock_key(key), "leader")
+    pubsub = client.pubsub()
+    await pubsub.subscribe(done_channel(theirs))
+    try:
+        await asyncio.gather(
+            store.write(mine, b"body", 30, "leader"),
+            store.write(theirs, b"body", 30, "no-cache-job"),
+            store.write(legacy, b"body", 30, None),  # a producer that predates request ids
+        )
+        assert [await client.get(key) for key in (mine, theirs, legacy)] == [b"body"] * 3
+        assert not await client.exists(lock_key(mine))
+        assert await client.get(lock_key(theirs)) == b"leader"
+        assert not await client.exists(lock_key(legacy))
+        # The leader's waiters have their entry.
+        assert await next_message(pubsub) == (done_channel(theirs).encode(), OK)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_an_abandon_frees_the_lock_and_tells_the_waiters_only_for_its_owner(
+    redis: tuple[Redis, Keys], store: RedisStore
+) -> None:
+    client, key_named = redis
+    theirs, mine = key_named("theirs"), key_named("mine")
+    for key in (theirs, mine):
+        await client.set(lock_key(key), "leader")
+    pubsub = client.pubsub()
+    await pubsub.subscribe(done_channel(theirs), done_channel(mine))
+    try:
+        await store.abandon(theirs, "no-cache-job")
+        await store.abandon(mine, "leader")
+        assert await client.get(lock_key(theirs)) == b"leader"
+        assert not await client.exists(lock_key(mine))
+        # One subscriber gets messages in the order they were published: `fail` for `mine`
+        # first means nothing was published for `theirs` before it.
+        assert await next_message(pubsub) == (done_channel(mine).encode(), FAIL)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_on_redis_a_failed_job_without_the_lock_leaves_the_leaders_waiters_waiting(
+    redis: tuple[Redis, Keys], store: RedisStore
+) -> None:
+    """A `no-cache` job carries the key but not the lock: its failure must not send the
+    leader's waiters upstream while the leader still runs."""
+    client, keys = redis
+    cache = JobCache(
+        store, CachePolicy(prefix=keys("cache:v1"), ttl=60), cancellations=Cancellations()
+    )
+    leader = await cache.lookup(deterministic_job("A"))
+    assert isinstance(leader, Proceed) and leader.job.cache_key is not None
+    key = leader.job.cache_key
+    keys.made += (key, lock_key(key))
+    follower = asyncio.create_task(cache.lookup(deterministic_job("C")))
+    await eventually(lambda: answer(cache.waiting == 1))
+    fresh = await cache.lookup(deterministic_job("B", cache_control="no-cache"))
+    assert isinstance(fresh, Proceed) and fresh.job.cache_key == key
+    await cache.on_completed(encode_completed([Completed(key, b"", 502, "B")]), NO_DELIVERY)
+    assert await client.get(lock_key(key)) == b"A"
+    await cache.on_completed(encode_completed([Completed(key, ANSWER, 200, "A")]), NO_DELIVERY)
+    assert isinstance(await asyncio.wait_for(follower, 5), Hit)
+    assert not await client.exists(lock_key(key))
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+NO_DELIVERY = cast(Delivery, None)
+ANSWER = orjson.dumps(
+    {
+        "id": "chatcmpl-a",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "42"}, "finish_reason": "stop"}
+        ],
+    }
+)
+
+
+def deterministic_job(request_id: str, cache_control: str | None = None) -> Job:
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 0}
+    return Job(
+        request_id=request_id,
+        model="m",
+        reply_to="reply.q",
+        deadline=time.time() + 60,
+        body=orjson.dumps(body),
+        cache_control=cache_control,
+    )
+
+
+async def answer(value: bool) -> bool:
+    return value
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Let the loop run until `check()` holds (TimeoutError after `timeout`)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.02)
+
+
+async def next_message(pubsub: PubSub) -> tuple[bytes, bytes]:
+    """The next message published to `pubsub`'s channels: (channel, data)."""
+    async with asyncio.timeout(5):
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is not None:
+                return message["channel"], message["data"]

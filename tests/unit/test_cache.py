@@ -56,7 +56,8 @@ NO_DELIVERY = cast(Delivery, None)
 
 
 class MemoryStore:
-    """`CacheStore` in memory; `down` makes every operation fail like a dead Redis."""
+    """`CacheStore` in memory, with `RedisStore`'s lock owners; `down` makes every operation
+    fail like a dead Redis."""
 
     def __init__(self) -> None:
         self.entries: dict[str, bytes] = {}
@@ -100,21 +101,23 @@ class MemoryStore:
                 return None
         return self.entries.get(key)
 
-    async def write(self, key: str, body: bytes, ttl: int) -> None:
+    async def write(self, key: str, body: bytes, ttl: int, owner: str | None) -> None:
         self._use()
         self.entries[key] = body
-        await self.abandon(key)
-
-    async def abandon(self, key: str) -> None:
-        self._use()
-        self.locks.pop(key, None)
+        if owner is None or self.locks.get(key) == owner:
+            self.locks.pop(key, None)
         async with self._changed:
             self._changed.notify_all()
 
-    async def release(self, key: str, owner: str) -> None:
+    async def abandon(self, key: str, owner: str | None) -> None:
         self._use()
-        if self.locks.get(key) == owner:
-            await self.abandon(key)
+        if owner is None or self.locks.get(key) == owner:
+            self.locks.pop(key, None)
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def release(self, key: str, owner: str) -> None:
+        await self.abandon(key, owner)
 
     async def aclose(self) -> None:
         pass
@@ -159,7 +162,8 @@ async def complete(
 ) -> None:
     """What the producer and the writer do for a routed job: publish and consume the event."""
     assert proceeded.job.cache_key is not None
-    env = encode_completed([Completed(proceeded.job.cache_key, body, status)])
+    event = Completed(proceeded.job.cache_key, body, status, proceeded.job.request_id)
+    env = encode_completed([event])
     await cache.on_completed(env, NO_DELIVERY)
 
 
@@ -419,6 +423,35 @@ async def test_followers_are_routed_at_once_when_the_leader_fails() -> None:
     assert result.job.cache_status == "miss" and result.job.cache_key == leader.job.cache_key
 
 
+async def test_a_job_without_the_lock_never_sends_the_leaders_waiters_upstream() -> None:
+    """A `no-cache` job carries the key but not the lock: its failure frees nobody."""
+    store = MemoryStore()
+    cache = make_cache(store)
+    leader = await cache.lookup(job("r1", body=DETERMINISTIC))
+    assert isinstance(leader, Proceed)
+    follower = asyncio.create_task(cache.lookup(job("r2", body=DETERMINISTIC)))
+    fresh = await cache.lookup(job("r3", body=DETERMINISTIC, cache_control="no-cache"))
+    assert isinstance(fresh, Proceed) and fresh.job.cache_key == leader.job.cache_key
+    await complete(cache, fresh, b"", 502)
+    assert store.locks == {leader.job.cache_key: "r1"}
+    await complete(cache, leader)
+    assert isinstance(await asyncio.wait_for(follower, 1), Hit)
+    assert store.locks == {}
+
+
+async def test_an_answer_without_the_lock_is_stored_and_wakes_the_waiters() -> None:
+    store = MemoryStore()
+    cache = make_cache(store)
+    leader = await cache.lookup(job("r1", body=DETERMINISTIC))
+    assert isinstance(leader, Proceed)
+    follower = asyncio.create_task(cache.lookup(job("r2", body=DETERMINISTIC)))
+    fresh = await cache.lookup(job("r3", body=DETERMINISTIC, cache_control="no-cache"))
+    assert isinstance(fresh, Proceed)
+    await complete(cache, fresh)
+    assert isinstance(await asyncio.wait_for(follower, 1), Hit)
+    assert store.locks == {leader.job.cache_key: "r1"}  # the leader frees it when it ends
+
+
 async def test_sampled_requests_do_not_wait_for_each_other() -> None:
     store = MemoryStore()
     cache = make_cache(store)
@@ -555,7 +588,7 @@ async def test_a_cacheable_answer_is_published_to_the_completed_exchange() -> No
     (answer, queue, _), (event, _, exchange) = broker.sent
     assert queue == "reply.q" and exchange == "completed"
     assert orjson.loads(answer.headers["x-http-headers"]) == {"x-cache": "miss"}
-    assert decode_completed(event) == [Completed("k1", ANSWER)]
+    assert decode_completed(event) == [Completed("k1", ANSWER, request_id="r1")]
 
 
 async def test_a_cacheable_job_that_fails_says_so_without_a_body() -> None:
@@ -563,7 +596,7 @@ async def test_a_cacheable_job_that_fails_says_so_without_a_body() -> None:
     reply = publisher(broker)
     await reply.error(job(cache_key="k1"), BrokerUnavailableError(), attempt="a")
     await reply.flush()
-    assert decode_completed(broker.sent[-1][0]) == [Completed("k1", b"", 503)]
+    assert decode_completed(broker.sent[-1][0]) == [Completed("k1", b"", 503, "r1")]
 
 
 async def test_other_jobs_cost_no_extra_message() -> None:
@@ -586,10 +619,10 @@ async def test_a_failed_completed_publish_does_not_fail_the_reply() -> None:
 async def test_the_answers_of_several_jobs_reach_the_cache_writer_in_one_message() -> None:
     broker = RecordingBroker()
     reply = publisher(broker)
-    await reply.final(job(cache_key="k1", cache_status="miss"), ANSWER, attempt="a")
-    await reply.error(job(cache_key="k2"), BrokerUnavailableError(), attempt="a")
-    await reply.final(job(), ANSWER, attempt="a")  # not cacheable: no event
+    await reply.final(job("r1", cache_key="k1", cache_status="miss"), ANSWER, attempt="a")
+    await reply.error(job("r2", cache_key="k2"), BrokerUnavailableError(), attempt="a")
+    await reply.final(job("r3"), ANSWER, attempt="a")  # not cacheable: no event
     await reply.flush()
     assert [exchange for _, _, exchange in broker.sent] == ["", "", "", "completed"]
     events = decode_completed(broker.sent[-1][0])
-    assert events == [Completed("k1", ANSWER), Completed("k2", b"", 503)]
+    assert events == [Completed("k1", ANSWER, request_id="r1"), Completed("k2", b"", 503, "r2")]

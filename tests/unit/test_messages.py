@@ -109,7 +109,11 @@ def test_registration_refuses_bad_payloads(payload: dict) -> None:
 
 def test_cancel_and_completed_round_trip() -> None:
     assert decode_cancel(encode_cancel("abc_123")) == "abc_123"
-    events = [Completed("k1", b"{}"), Completed("k2", b"", 503), Completed("k3", b'{"a":1}')]
+    events = [
+        Completed("k1", b"{}", request_id="r1"),
+        Completed("k2", b"", 503, "r2"),
+        Completed("k3", b'{"a":1}'),  # no request id
+    ]
     assert decode_completed(encode_completed(events)) == events
     with pytest.raises(MessageDecodeError):
         decode_cancel(Envelope(type="cancel", body=b"bad id!", headers={H_VERSION: 1}))
@@ -118,6 +122,14 @@ def test_cancel_and_completed_round_trip() -> None:
 def test_cancel_refuses_trailing_newline() -> None:
     with pytest.raises(MessageDecodeError):
         decode_cancel(Envelope(type="cancel", body=b"abc\n", headers={H_VERSION: 1}))
+
+
+def test_completed_from_a_producer_without_request_ids_still_decodes() -> None:
+    """Events published before `x-request-ids` existed: their writer frees whoever's lock."""
+    assert decode_completed(_completed()) == [Completed("k1", b"{}", 200, None)]
+    assert decode_completed(_completed(**{"x-request-ids": [b"r1"]})) == [
+        Completed("k1", b"{}", 200, "r1")
+    ]
 
 
 def _completed(body: bytes = b"{}", **headers: object) -> Envelope:
@@ -138,6 +150,9 @@ def _completed(body: bytes = b"{}", **headers: object) -> Envelope:
         _completed(**{"x-statuses": ["200"]}),
         _completed(**{"x-statuses": [True]}),
         _completed(**{"x-lengths": []}),
+        _completed(**{"x-request-ids": ["r1", "r2"]}),
+        _completed(**{"x-request-ids": [7]}),
+        _completed(**{"x-request-ids": "r1"}),
         _completed(**{"x-cache-keys": "k1"}),
         _completed(**{H_VERSION: 2}),
         Envelope(type="reply.final", body=b"{}", headers={H_VERSION: 1, "x-cache-key": "k1"}),
