@@ -70,24 +70,46 @@ if ARGV[1] == "" or redis.call("GET", KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# KEYS: lock; ARGV: owner, ttl in ms. Takes a free lock, or one this owner holds already (its
+# job delivered again): the job leads again instead of waiting for itself.
+_ACQUIRE = """
+local holder = redis.call("GET", KEYS[1])
+if holder == ARGV[1] then
+    redis.call("PEXPIRE", KEYS[1], ARGV[2])
+    return 1
+end
+if not holder and redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+    return 1
+end
+return 0
+"""
 # The two operations on every cacheable request, each one call for a whole batch of requests
 # (`Batcher`): redis-py's MULTI/EXEC pipelines cost the dispatcher about twice the CPU of a
 # script, and a call per request costs more than a share of a batch under load. A batch whose
 # jobs neither lead nor follow identical ones (not deterministic: most traffic) only reads the
 # entries, with one MGET: no script for Redis to run, and a flat reply to parse.
 # KEYS: entry, lock, entry, lock, ...; ARGV: owner, ttl in ms per entry (owner "": only look).
-# Returns per entry: the entry (or nil), whether a lock exists, whether this call took it. A
-# deterministic miss takes its single-flight lock in the same call that found no entry: one
-# round trip, and two identical jobs in one batch still get one leader (the script runs in
-# order).
+# Returns per entry: the entry (or nil), whether another owner holds the lock, whether this
+# call took it. A deterministic miss takes its single-flight lock in the same call that found
+# no entry: one round trip, and two identical jobs in one batch still get one leader (the
+# script runs in order). A lock this owner holds already (its job delivered again, after a
+# crash or a requeue) counts as taken, its expiry renewed, as in `_ACQUIRE`.
 _PROBE = """
 local found = {}
 for i = 1, #KEYS / 2 do
     local entry = redis.call("GET", KEYS[2 * i - 1])
-    local locked = redis.call("EXISTS", KEYS[2 * i])
-    local taken = 0
+    local holder = redis.call("GET", KEYS[2 * i])
     local owner = ARGV[2 * i - 1]
-    if not entry and locked == 0 and owner ~= "" then
+    local mine = owner ~= "" and holder == owner
+    local locked = 0
+    if holder and not mine then
+        locked = 1
+    end
+    local taken = 0
+    if not entry and mine then
+        redis.call("PEXPIRE", KEYS[2 * i], ARGV[2 * i])
+        taken = 1
+    elseif not entry and not holder and owner ~= "" then
         if redis.call("SET", KEYS[2 * i], owner, "NX", "PX", ARGV[2 * i]) then
             taken = 1
         end
@@ -146,7 +168,8 @@ class Breaker:
 @dataclass(frozen=True, slots=True)
 class Probe:
     """What a lookup found: the entry, whether another job holds its lock, or that this one
-    took the lock (asked for with a `LockRequest`, taken only when there was neither)."""
+    took the lock (asked for with a `LockRequest`, taken only when there was no entry and no
+    lock but its own)."""
 
     entry: bytes | None
     locked: bool
@@ -200,6 +223,7 @@ class RedisStore:
         self._timeout = timeout
         # Sent by digest (EVALSHA); loaded again by redis-py if the server lost it.
         self._probe_script = redis.register_script(_PROBE)
+        self._acquire_script = redis.register_script(_ACQUIRE)
         self._write_script = redis.register_script(_WRITE)
         self._release_script = redis.register_script(_RELEASE)
         self._probes: Batcher[ProbeAsk, Probe] = Batcher(self._probe_many)
@@ -256,7 +280,10 @@ class RedisStore:
         ]
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
-        return bool(await self._bounded(self._redis.set(lock_key(key), owner, nx=True, px=ttl_ms)))
+        """Take the lock if it is free or `owner` holds it already (renewing its expiry)."""
+        return bool(
+            await self._bounded(self._acquire_script(keys=[lock_key(key)], args=[owner, ttl_ms]))
+        )
 
     async def wait(self, key: str, timeout: float) -> bytes | None:
         """The entry once another job wrote it; None when its lock went away without one

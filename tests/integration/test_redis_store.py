@@ -199,6 +199,44 @@ async def test_a_probe_against_no_redis_fails_as_unavailable() -> None:
         await store.aclose()
 
 
+async def test_a_probe_from_the_locks_own_owner_takes_it_again(
+    redis: tuple[Redis, Keys], store: RedisStore
+) -> None:
+    """The same job delivered again leads again (its expiry renewed) instead of waiting for
+    itself; an unreadable entry found beside its own lock is not someone else's lock."""
+    client, key_named = redis
+    again, unreadable, other = (key_named(name) for name in ("again", "unreadable", "other"))
+    for key in (again, unreadable, other):
+        await client.set(lock_key(key), "r1", px=1_000)
+    await client.set(unreadable, b"not json")
+    probes = await asyncio.gather(
+        store.probe(again, LockRequest("r1", 30_000)),
+        store.probe(unreadable, LockRequest("r1", 30_000)),
+        store.probe(other, LockRequest("r2", 30_000)),
+    )
+    assert probes == [
+        Probe(None, False, acquired=True),
+        Probe(b"not json", False),
+        Probe(None, True),
+    ]
+    assert await client.pttl(lock_key(again)) > 1_000
+    assert await client.get(lock_key(other)) == b"r1"
+
+
+async def test_acquire_takes_a_free_lock_or_its_owners_own(
+    redis: tuple[Redis, Keys], store: RedisStore
+) -> None:
+    client, key_named = redis
+    free, held = key_named("free"), key_named("held")
+    await client.set(lock_key(held), "r1", px=1_000)
+    assert await store.acquire(free, "r2", 30_000)
+    assert await store.acquire(held, "r1", 30_000)
+    assert await client.pttl(lock_key(held)) > 1_000
+    assert not await store.acquire(held, "r2", 30_000)
+    assert await client.get(lock_key(held)) == b"r1"
+    assert await client.get(lock_key(free)) == b"r2"
+
+
 async def test_a_write_frees_the_lock_only_for_its_owner_but_always_says_ok(
     redis: tuple[Redis, Keys], store: RedisStore
 ) -> None:

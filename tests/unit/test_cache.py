@@ -78,11 +78,12 @@ class MemoryStore:
     ) -> Probe:
         self._use()
         self.lock_reads.append(lock_state)
-        entry, locked = self.entries.get(key), key in self.locks and lock_state
-        if lock is not None and entry is None and not locked:
+        entry, holder = self.entries.get(key), self.locks.get(key)
+        mine = lock is not None and holder == lock.owner
+        if lock is not None and entry is None and (holder is None or mine):
             self.locks[key] = lock.owner
             return Probe(None, False, acquired=True)
-        return Probe(entry, locked)
+        return Probe(entry, holder is not None and not mine and lock_state)
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
         self._use()
@@ -421,6 +422,17 @@ async def test_followers_are_routed_at_once_when_the_leader_fails() -> None:
     result = await asyncio.wait_for(follower, 1)
     assert isinstance(result, Proceed)
     assert result.job.cache_status == "miss" and result.job.cache_key == leader.job.cache_key
+
+
+async def test_a_job_delivered_again_leads_again_instead_of_waiting_for_itself() -> None:
+    store = MemoryStore()
+    await make_cache(store).lookup(job("r1", body=DETERMINISTIC))  # then its dispatcher died
+    again = make_cache(store)  # the dispatcher it is delivered to next
+    result = await asyncio.wait_for(again.lookup(job("r1", body=DETERMINISTIC)), 1)
+    assert isinstance(result, Proceed) and result.job.cache_status == "miss"
+    assert store.waits == [] and store.locks == {result.job.cache_key: "r1"}
+    await again.on_cancel("r1")  # it leads there: its cancel frees the lock
+    assert store.locks == {}
 
 
 async def test_a_job_without_the_lock_never_sends_the_leaders_waiters_upstream() -> None:
