@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -230,6 +230,7 @@ class RedisStore:
         # Writes come in batches already (a `job.completed` message holds a process's events
         # of 10 ms, shared.completed): submitted together, a message's writes share one call.
         self._writes: Batcher[tuple[str, bytes, int, str], None] = Batcher(self._write_many)
+        self._freeing: set[asyncio.Task[None]] = set()  # see `_free_when_answered`
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float) -> RedisStore:
@@ -243,6 +244,8 @@ class RedisStore:
         return cls(redis, timeout=timeout)
 
     async def aclose(self) -> None:
+        for task in self._freeing:
+            task.cancel()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
 
@@ -271,13 +274,56 @@ class RedisStore:
         for ask in asks:
             keys += (ask.key, lock_key(ask.key))
             args += (ask.lock.owner, ask.lock.ttl_ms) if ask.lock is not None else ("", 0)
-        found = await self._bounded(self._probe_script(keys=keys, args=args))
+        # Not cancelled when its callers stop waiting: Redis runs a script it was sent either
+        # way, and its answer says which locks it took for callers now bypassing the cache.
+        call = asyncio.ensure_future(self._probe_script(keys=keys, args=args))
+        try:
+            found = await self._bounded(asyncio.shield(call))
+        except CacheUnavailableError:
+            self._free_when_answered(call, asks)
+            raise
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         return [
             Probe(_entry(entry), ask.lock_state and bool(locked), bool(taken))
             for ask, entry, locked, taken in zip(
                 asks, found[::3], found[1::3], found[2::3], strict=True
             )
         ]
+
+    def _free_when_answered(self, call: asyncio.Future[Any], asks: Sequence[ProbeAsk]) -> None:
+        """Free, in the background, the locks a failed probe took: its callers were told to
+        bypass the cache, so no answer of theirs will ever free them."""
+        if all(ask.lock is None for ask in asks):
+            call.cancel()
+            return
+        task = asyncio.create_task(self._free_taken(call, asks))
+        self._freeing.add(task)
+        task.add_done_callback(self._freeing.discard)
+
+    async def _free_taken(self, call: asyncio.Future[Any], asks: Sequence[ProbeAsk]) -> None:
+        asked = [(ask.key, ask.lock) for ask in asks if ask.lock is not None]
+        try:
+            # Past the locks' expiry there is nothing left to free.
+            async with asyncio.timeout(max(lock.ttl_ms for _, lock in asked) / 1000):
+                found = await call
+            taken = [
+                (ask.key, ask.lock)
+                for ask, took in zip(asks, found[2::3], strict=True)
+                if took and ask.lock is not None
+            ]
+        except (RedisError, OSError, TimeoutError):
+            # No answer: the script may have run or not. Freeing a lock its owner does not
+            # hold changes nothing (the release is owner-checked), so free them all.
+            taken = asked
+        for key, lock in taken:
+            try:
+                await self.release(key, lock.owner)
+            except CacheUnavailableError as e:
+                # Redis does not answer: one timeout here, not one per lock; they expire.
+                log.info("locks a failed probe took are left to expire: %s", e)
+                return
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
         """Take the lock if it is free or `owner` holds it already (renewing its expiry)."""

@@ -307,6 +307,42 @@ async def test_on_redis_a_failed_job_without_the_lock_leaves_the_leaders_waiters
     assert not await client.exists(lock_key(key))
 
 
+async def test_a_probe_that_timed_out_frees_the_lock_redis_took_for_it(
+    redis: tuple[Redis, Keys], slow_redis: SlowRedis
+) -> None:
+    """Redis runs a probe whose caller gave up (and bypassed the cache); once its late answer
+    is back, the lock it took is freed instead of stalling identical requests."""
+    client, key_named = redis
+    key = key_named("late")
+    store = RedisStore.from_url(slow_redis.url, timeout=0.1)
+    try:
+        await store.probe(key_named("warm"), LockRequest("warm", 1_000))  # connected, loaded
+        slow_redis.reply_delay = 0.5
+        with pytest.raises(CacheUnavailableError):
+            await store.probe(key, LockRequest("r1", 30_000))
+        assert await client.get(lock_key(key)) == b"r1"  # taken all the same
+        await eventually(lambda: gone(client, lock_key(key)))
+    finally:
+        await store.aclose()
+
+
+async def test_a_probe_that_never_got_an_answer_frees_the_locks_it_asked_for(
+    redis: tuple[Redis, Keys], slow_redis: SlowRedis
+) -> None:
+    client, key_named = redis
+    key = key_named("lost")
+    store = RedisStore.from_url(slow_redis.url, timeout=0.1)
+    try:
+        await store.probe(key_named("warm"), LockRequest("warm", 1_000))
+        slow_redis.swallow_replies()  # of the connection open now; new ones answer
+        with pytest.raises(CacheUnavailableError):
+            await store.probe(key, LockRequest("r1", 30_000))
+        assert await client.get(lock_key(key)) == b"r1"
+        await eventually(lambda: gone(client, lock_key(key)))
+    finally:
+        await store.aclose()
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 NO_DELIVERY = cast(Delivery, None)
@@ -339,6 +375,10 @@ async def answer(value: bool) -> bool:
     return value
 
 
+async def gone(client: Redis, key: str) -> bool:
+    return not await client.exists(key)
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
     """Let the loop run until `check()` holds (TimeoutError after `timeout`)."""
     async with asyncio.timeout(timeout):
@@ -355,3 +395,62 @@ async def next_message(pubsub: PubSub) -> tuple[bytes, bytes]:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
             if message is not None:
                 return message["channel"], message["data"]
+
+
+class SlowRedis:
+    """A TCP proxy to the machine's Redis that can hold back its replies: requests reach Redis
+    at once, so a client that stops waiting leaves behind what Redis did for it."""
+
+    def __init__(self) -> None:
+        self.reply_delay = 0.0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._clients: list[asyncio.StreamWriter] = []
+        self._muted: set[asyncio.StreamWriter] = set()
+        self._upstreams: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in (*self._clients, *self._upstreams):
+            writer.close()
+
+    def swallow_replies(self) -> None:
+        """Replies on the connections open now never reach their client."""
+        self._muted.update(self._clients)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection(*REDIS)
+        self._clients.append(client_w)
+        self._upstreams.append(redis_w)
+        await asyncio.gather(self._pipe(client_r, redis_w), self._pipe(redis_r, client_w, True))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if replies and writer in self._muted:
+                    continue
+                if replies:
+                    await asyncio.sleep(self.reply_delay)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def slow_redis() -> AsyncIterator[SlowRedis]:
+    proxy = SlowRedis()
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
