@@ -119,6 +119,8 @@ class DispatcherHandler:
             job = looked.job
             if self.cancellations.is_cancelled(job.request_id):  # while waiting on the cache
                 log.info("job %s dropped: cancelled by its client", job.request_id)
+                # A cancel heard during the lookup found no lock to release: it was not taken yet.
+                await self.cache.on_cancel(job.request_id)
                 return
         route = choose_route(job.model, self.registry.view(now), self.providers)
         if isinstance(route, AnswerDummy):

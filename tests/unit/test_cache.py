@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import orjson
@@ -23,6 +24,8 @@ from services.dispatcher.cache import (
     Proceed,
 )
 from services.dispatcher.cache_key import CachePolicy
+from services.dispatcher.handler import DispatcherHandler
+from services.dispatcher.registry import AgentTable, Registry, SqliteStore
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
 from shared.completed import CompletedBatcher
@@ -34,10 +37,13 @@ from shared.messages import (
     Reply,
     ReplyKind,
     decode_completed,
+    encode_cancel,
     encode_completed,
+    encode_job,
 )
 from shared.replies import ReplyPublisher
 from shared.reply_trust import ReplyTrust
+from shared.topology import Topology
 
 POLICY = CachePolicy(prefix="ns:cache:v1", ttl=60)
 ANSWER = orjson.dumps(
@@ -548,6 +554,46 @@ async def test_a_lock_past_its_expiry_is_not_even_tried() -> None:
     calls = store.calls
     await cache.on_cancel("r1")
     assert store.calls == calls
+
+
+async def test_a_job_cancelled_during_its_lookup_releases_the_lock_it_took() -> None:
+    """The cancel arrives while the probe is in flight: nothing to release yet then, so the
+    handler releases the lock when it drops the job."""
+    cancellations = Cancellations()
+    broker = RecordingBroker()
+    store = CancelledDuringProbe()
+    handler = DispatcherHandler(
+        topology=Topology(namespace="test"),
+        broker=cast(Broker, broker),
+        registry=Registry(AgentTable(ttl=10), SqliteStore(":memory:")),
+        cancellations=cancellations,
+        ensure_queue=no_queue,
+        cache=make_cache(store, cancellations=cancellations),
+    )
+    store.during_probe = lambda: handler.on_cancel(encode_cancel("r1"), NO_DELIVERY)
+    await handler.on_job(encode_job(job("r1", body=DETERMINISTIC), now=0.0), NO_DELIVERY)
+    assert cancellations.is_cancelled("r1") and broker.sent == []  # dropped
+    assert len(store.lock_reads) == 1 and store.locks == {}
+
+
+class CancelledDuringProbe(MemoryStore):
+    """Runs `during_probe` after the probe took effect and before its answer is back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.during_probe: Callable[[], Awaitable[None]] | None = None
+
+    async def probe(
+        self, key: str, lock: LockRequest | None = None, *, lock_state: bool = True
+    ) -> Probe:
+        found = await super().probe(key, lock, lock_state=lock_state)
+        if self.during_probe is not None:
+            await self.during_probe()
+        return found
+
+
+async def no_queue(_: object) -> None:
+    pass
 
 
 # --- the reply side: x-cache and job.completed -------------------------------------------------
