@@ -559,9 +559,11 @@ class JobCache:
         return True
 
     async def _write(self, event: Completed) -> None:
+        # Not skipped while the lookup breaker is open: the lock this event frees may be
+        # another dispatcher's leader's, with followers waiting on it. Each write is bounded
+        # by the cache timeout, and a dead Redis soon stops the events coming: jobs that
+        # bypass the cache carry no key.
         assert self.store is not None
-        if not self.breaker.allows():
-            return
         try:
             if event.status == 200 and is_storable(event.body):
                 await self.store.write(

@@ -358,6 +358,21 @@ async def test_a_write_to_a_dead_redis_is_dropped_quietly() -> None:
     assert store.entries == {}
 
 
+async def test_the_writer_still_frees_locks_while_lookups_skip_redis() -> None:
+    """The event may be another dispatcher's leader's: its waiters must not wait out the lock
+    because this dispatcher's lookups had a hiccup."""
+    store = MemoryStore()
+    cache = make_cache(store, breaker=Breaker(cooldown=1.0, clock=Clock()))
+    leader = await cache.lookup(job("r1", body=DETERMINISTIC))
+    assert isinstance(leader, Proceed) and leader.job.cache_key is not None
+    store.down = True
+    await cache.lookup(job("r2"))
+    assert not cache.breaker.allows()  # lookups skip Redis for a while now
+    store.down = False
+    await complete(cache, leader)
+    assert store.entries == {leader.job.cache_key: ANSWER} and store.locks == {}
+
+
 def test_the_breaker_opens_for_its_cooldown() -> None:
     clock = Clock()
     breaker = Breaker(cooldown=1.0, clock=clock)
