@@ -8,20 +8,32 @@ message) writes the entries. The decisions are the pure functions of `cache_key`
 `cache_replay`; `RedisStore` is the thin Redis shell.
 
 Single flight: a deterministic job whose key is not cached takes a lock (`SET NX PX`) before it is
-routed, in the same script call as the lookup. An identical job that finds the lock held waits,
-holding its job message unacked, for the writer's `ok` on the key's pub/sub channel, then answers
-from the cache. It stops waiting when the leader ends without a storable answer (`fail`: its
-producer published that too), when the leader's client cancels (the leader's dispatcher, which sees
-the cancel, releases its lock), when the lock expires, after `single_flight_wait` seconds or half
-its own time left, or when its own client cancels; then it is routed like any miss. At most
-`max_waiters` jobs wait at once per dispatcher, so waiting never takes more than part of the jobs
-queue's prefetch: past it, a job is routed at once (one more upstream call rather than a stalled
-jobs queue).
+routed, in the same script call as the lookup. The lock's value is the leader's request id: the
+same job delivered again (its handler failed, or its dispatcher died) finds its own lock and
+leads again, renewing it, instead of waiting for itself. An identical job that finds the lock
+held waits, holding its job message unacked, for the writer's `ok` on the key's pub/sub channel,
+then answers from the cache. It stops waiting when the leader ends without a storable answer
+(`fail`: its producer published that too), when the leader's client cancels (the leader's
+dispatcher, which sees the cancel, releases its lock), when the lock expires, after
+`single_flight_wait` seconds or half its own time left, or when its own client cancels; then it
+is routed like any miss. At most `max_waiters` jobs wait at once per dispatcher, so waiting never
+takes more than part of the jobs queue's prefetch: past it, a job is routed at once (one more
+upstream call rather than a stalled jobs queue).
 
-Fail-open: every Redis operation is bounded by `timeout`; a failure makes the job bypass the
-cache (`x-cache: bypass`) and opens a breaker that skips Redis for `BREAKER_COOLDOWN` seconds,
-so a dead Redis costs at most one timeout per second and not one per request. redis-py
-reconnects on the next command once Redis is back.
+Only its owner frees a lock: `job.completed` events carry the finished job's request id, and the
+writer deletes the lock only if that job holds it (a failed one says `fail` only then). Any
+complete answer is still stored and wakes the key's waiters with `ok`. So a `no-cache` job or a
+leader that outlived its lock, which carry the key but not the lock, never send another leader's
+waiters upstream. A lock is also freed when its job is cancelled, even during its own lookup, and
+when the probe that took it failed on this side (a timeout, the job bypassing the cache): Redis
+runs the script anyway, so the locks its late answer says it took (all it asked for, if no answer
+comes) are released in the background.
+
+Fail-open: every Redis operation is bounded by `timeout`; a failed lookup makes the job bypass the
+cache (`x-cache: bypass`) and opens a breaker that skips lookups for `BREAKER_COOLDOWN` seconds,
+so a dead Redis costs at most one timeout per second and not one per request. Writes are not
+skipped: the locks they free may be other dispatchers' leaders'. redis-py reconnects on the next
+command once Redis is back.
 """
 
 from __future__ import annotations
