@@ -150,6 +150,17 @@ async def test_a_stream_yields_every_event_until_done() -> None:
     assert upstream.requests[0].headers["accept"] == "text/event-stream"
 
 
+async def test_a_stream_whose_data_fields_have_no_space_ends_at_its_done() -> None:
+    """`data:[DONE]` (no space, as the SSE spec allows) ends the stream; it is not relayed
+    and the stream is not cut short."""
+    events = [event.replace(b"data: ", b"data:") for event in EVENTS]
+    upstream = Upstream(sse(*events, b"data:[DONE]\n\n"))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    assert [e async for e in stream.events()] == events
+    await stream.aclose()
+
+
 async def test_a_stream_failing_before_its_first_event_is_retried() -> None:
     upstream = Upstream(
         status(503),

@@ -45,3 +45,22 @@ def test_an_incomplete_event_stays_pending() -> None:
     assert splitter.feed(b'data: {"a":1}\n\ndata: {"b"') == [b'data: {"a":1}\n\n']
     assert splitter.pending == b'data: {"b"'
     assert not splitter.done
+
+
+@pytest.mark.parametrize(
+    "done",
+    [b"data:[DONE]", b"data: [DONE]", b"event: end\ndata:[DONE]", b"data: [DONE] "],
+)
+def test_done_is_read_from_the_data_field_with_or_without_its_space(done: bytes) -> None:
+    """The SSE spec drops one optional space after `data:`; OpenAI-compatible servers may
+    write `data:[DONE]`."""
+    splitter = SseSplitter()
+    assert splitter.feed(b'data:{"a":1}\n\n' + done + b"\n\n") == [b'data:{"a":1}\n\n']
+    assert splitter.done
+
+
+def test_an_event_whose_data_only_mentions_done_is_an_event() -> None:
+    splitter = SseSplitter()
+    events = [b'data: "[DONE]"\n\n', b"data: [DONE]\ndata: more\n\n", b"[DONE]: x\n\n"]
+    assert splitter.feed(b"".join(events)) == events
+    assert not splitter.done

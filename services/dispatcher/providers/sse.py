@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-DONE = b"data: [DONE]"
+DONE = b"[DONE]"
 
 
 class SseSplitter:
     """Feed it bytes as they arrive; it returns every complete event, framed `...\\n\\n`.
 
     Line endings are normalised to `\\n` (the API relays events as they are). Comment-only
-    events (`: keep-alive`) are dropped: the API sends its own pings. `done` turns true at
-    `data: [DONE]`, which is not returned (the API writes its own on the end message).
+    events (`: keep-alive`) are dropped: the API sends its own pings. `done` turns true at the
+    event whose data is `[DONE]` (`data: [DONE]` or `data:[DONE]`), which is not returned (the
+    API writes its own on the end message).
     """
 
     def __init__(self) -> None:
@@ -35,7 +36,7 @@ class SseSplitter:
                 break
             raw = self._buffer[:end]
             self._buffer = self._buffer[end + 2 :]
-            if raw.strip() == DONE:
+            if event_data(raw).strip() == DONE:
                 self.done = True
                 self._buffer = b""
                 break
@@ -48,6 +49,17 @@ class SseSplitter:
     def pending(self) -> bytes:
         """Bytes of an event not yet complete (a stream that ends here was cut)."""
         return self._buffer
+
+
+def event_data(raw: bytes) -> bytes:
+    """The data of one event, as the SSE spec reads it: its `data` fields' values (one space
+    after the colon dropped, if there is one) joined with `\\n`."""
+    values: list[bytes] = []
+    for line in raw.split(b"\n"):
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            values.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(values)
 
 
 def is_comment(raw: bytes) -> bool:
