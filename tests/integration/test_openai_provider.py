@@ -271,6 +271,20 @@ def test_5xx_past_the_retries_is_a_502(fake: Rig, client: openai.OpenAI) -> None
     assert fake.stats()["requests"] == 3
 
 
+def test_a_partial_upstream_error_reaches_the_client_with_all_four_fields(fake: Rig) -> None:
+    fake.script({"status": 400, "body": {"error": {"message": "bad"}}})
+    response = httpx.post(
+        f"{fake.api_url}/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES},
+        headers={"authorization": "Bearer sk-test"},
+        timeout=10,
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}
+    }
+
+
 def test_a_stream_cut_mid_way_is_an_error_not_a_hang(fake: Rig, client: openai.OpenAI) -> None:
     fake.script({"cut_after_chunks": 3})
     started = time.monotonic()

@@ -83,6 +83,32 @@ def test_a_4xx_that_is_not_an_openai_error_gets_one() -> None:
     assert "HTTP 404" in parsed["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("status", "error", "expected"),
+    [
+        (400, {"message": "bad"}, ["bad", "invalid_request_error", None, None]),
+        (429, {"message": "slow"}, ["slow", "rate_limit_error", None, None]),
+        (
+            400,
+            {"message": "m", "type": 7, "param": ["x"], "code": True, "extra": 1},
+            ["m", "invalid_request_error", None, None],
+        ),
+        (422, {"message": "m", "type": "t", "param": "p", "code": 42}, ["m", "t", "p", 42]),
+    ],
+)
+def test_a_relayed_error_has_all_four_fields_of_the_right_type(
+    status: int, error: dict[str, object], expected: list[object]
+) -> None:
+    """An upstream's partial or odd OpenAI error reaches the client whole: its own fields
+    where they have the right type, defaults for the rest, nothing else."""
+    body = orjson.dumps({"error": error, "extra": True})
+    _, relayed, _ = to_openai_error(upstream_error(status, body, {}, provider="openai"))
+    fields = orjson.loads(relayed)
+    assert list(fields) == ["error"]
+    assert list(fields["error"]) == ["message", "type", "param", "code"]
+    assert list(fields["error"].values()) == expected
+
+
 def test_the_key_is_scrubbed_from_relayed_bodies() -> None:
     body = orjson.dumps({"error": {"message": f"Incorrect API key {KEY}", "type": "x"}})
     _, relayed, _ = to_openai_error(upstream_error(403, body, {}, provider="openai", secret=KEY))

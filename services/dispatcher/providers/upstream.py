@@ -64,21 +64,31 @@ def scrub(body: bytes, secret: str) -> bytes:
     return body.replace(secret.encode(), REDACTED)
 
 
-def openai_error_body(body: bytes) -> bytes | None:
-    """`body` as compact JSON if it is an OpenAI error object, else None.
+def openai_error_body(body: bytes, *, default_type: str) -> bytes | None:
+    """`body` rebuilt as a whole OpenAI error object if it is one (an `error` object with a
+    string `message`), else None.
 
-    Compact because an error may end up in a single SSE `data:` line.
+    The upstream's `type`, `param` and `code` are kept where they have the right JSON type
+    (`code` may be a number, as some compatible servers send it); the others get defaults
+    (`default_type`, null), so a client always sees all four fields. Compact because an
+    error may end up in a single SSE `data:` line.
     """
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("error"), dict):
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str):
         return None
-    message = data["error"].get("message")
-    if not isinstance(message, str):
-        return None
-    return orjson.dumps(data)
+    type_ = error.get("type")
+    param = error.get("param")
+    code = error.get("code")
+    return error_body(
+        error["message"],
+        type_ if isinstance(type_, str) else default_type,
+        param=param if isinstance(param, str) else None,
+        code=code if isinstance(code, str | int) and not isinstance(code, bool) else None,
+    )
 
 
 def error_message(body: bytes) -> str:
@@ -93,8 +103,8 @@ def upstream_error(
     """The error a client gets for an upstream's non-2xx answer that is not retried (again).
 
     - 401: the router's own credential is wrong; the client sees a 502 naming no key.
-    - other 4xx: relayed with status, OpenAI body and rate-limit headers; `x-should-retry:
-      false` where the same request cannot succeed.
+    - other 4xx: relayed with status, OpenAI error (every field there) and rate-limit
+      headers; `x-should-retry: false` where the same request cannot succeed.
     - 504 and 408: 504; other 5xx: 502.
     """
     relayed = relay_headers(headers)
@@ -110,10 +120,10 @@ def upstream_error(
         return UpstreamError(f"The provider `{provider}` failed (HTTP {status}).")
     if status in _FINAL_STATUSES:
         relayed.setdefault(H_SHOULD_RETRY, "false")
-    clean = openai_error_body(scrub(body, secret))
+    type_ = "rate_limit_error" if status == 429 else "invalid_request_error"
+    clean = openai_error_body(scrub(body, secret), default_type=type_)
     if clean is None:
         message = f"The provider `{provider}` refused the request (HTTP {status})."
-        type_ = "rate_limit_error" if status == 429 else "invalid_request_error"
         clean = error_body(message, type_, code=str(status))
     return UpstreamHTTPError(status, clean, message=error_message(clean), headers=relayed)
 
