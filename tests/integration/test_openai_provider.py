@@ -263,11 +263,15 @@ def test_two_500s_then_a_200_is_a_200(fake: Rig, client: openai.OpenAI, stream: 
     assert fake.stats()["requests"] == 3
 
 
-def test_5xx_past_the_retries_is_a_502(fake: Rig, client: openai.OpenAI) -> None:
-    fake.script({"status": 500}, {"status": 503}, {"status": 500})
+@pytest.mark.parametrize("stream", [False, True])
+def test_5xx_past_the_retries_is_a_502_with_the_upstreams_retry_after(
+    fake: Rig, client: openai.OpenAI, stream: bool
+) -> None:
+    fake.script({"status": 500}, {"status": 503}, {"status": 503, "headers": {"retry-after": "1"}})
     with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=stream)
     assert info.value.status_code == 502
+    assert info.value.response.headers["retry-after"] == "1"
     assert fake.stats()["requests"] == 3
 
 

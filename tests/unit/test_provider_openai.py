@@ -107,12 +107,13 @@ async def test_two_500s_then_a_200_is_answered_after_backoff() -> None:
     assert len(upstream.requests) == 3 and slept == [0.05, 0.1]
 
 
-async def test_5xx_past_the_retries_is_a_502() -> None:
-    upstream = Upstream(status(500), status(500), status(503))
+async def test_5xx_past_the_retries_is_a_502_with_the_last_retry_after() -> None:
+    upstream = Upstream(status(500), status(500), status(503, headers={"retry-after": "4"}))
     p, _ = provider(upstream)
     with pytest.raises(UpstreamError) as info:
         await p.complete(request())
     assert info.value.status == 502 and len(upstream.requests) == 3
+    assert info.value.headers == {"retry-after": "4"}
 
 
 async def test_timeouts_past_the_retries_are_a_504() -> None:

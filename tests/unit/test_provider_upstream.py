@@ -136,6 +136,18 @@ def test_5xx_are_retryable_then_502_or_504(status: int, kind: type, client_statu
     assert info.value.retry_after == 2.0
 
 
+@pytest.mark.parametrize(("status", "client_status"), [(503, 502), (500, 502), (504, 504)])
+def test_5xx_keep_the_upstreams_retry_hints_for_the_client(status: int, client_status: int) -> None:
+    """Once retries are spent, the client waits as long as the upstream asked (and gets no
+    rate-limit or other upstream headers with the router's own error)."""
+    error = upstream_error(status, b"{}", RATE_HEADERS, provider="openai")
+    status_sent, body, headers = to_openai_error(error)
+    assert status_sent == client_status
+    assert headers == {"retry-after": "7", "retry-after-ms": "7000"}
+    assert orjson.loads(body)["error"]["type"] in ("server_error", "timeout_error")
+    assert upstream_error(503, b"{}", {}, provider="openai").headers == {}
+
+
 def test_2xx_answers_are_relayed_as_they_are() -> None:
     response = check_response(200, b'{"id":"x"}', {"x-ratelimit-limit-requests": "5"}, provider="o")
     assert response.body == b'{"id":"x"}' and response.status == 200

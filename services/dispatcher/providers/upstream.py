@@ -34,7 +34,8 @@ from shared.errors import (
 
 H_SHOULD_RETRY = "x-should-retry"
 H_UPSTREAM_REQUEST_ID = "x-upstream-request-id"
-_RELAYED = frozenset({"retry-after", "retry-after-ms", H_SHOULD_RETRY})
+_RETRY_HINTS = frozenset({"retry-after", "retry-after-ms"})
+_RELAYED = _RETRY_HINTS | {H_SHOULD_RETRY}
 _RELAYED_PREFIXES = ("x-ratelimit-",)
 # Client errors that the same request will meet again: the SDKs must not retry them.
 _FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
@@ -105,7 +106,9 @@ def upstream_error(
     - 401: the router's own credential is wrong; the client sees a 502 naming no key.
     - other 4xx: relayed with status, OpenAI error (every field there) and rate-limit
       headers; `x-should-retry: false` where the same request cannot succeed.
-    - 504 and 408: 504; other 5xx: 502.
+    - 504 and 408: 504; anything else (other 5xx, a 3xx: no redirect is followed): 502.
+      Both keep the upstream's `retry-after` and `retry-after-ms`, so a client waits as
+      long as the upstream asked.
     """
     relayed = relay_headers(headers)
     if status == 401:
@@ -114,10 +117,15 @@ def upstream_error(
             code="upstream_auth_failed",
             headers={H_SHOULD_RETRY: "false"},
         )
+    retry_hints = {k: v for k, v in relayed.items() if k in _RETRY_HINTS}
     if status in (408, 504):
-        return GatewayTimeoutError(f"The provider `{provider}` did not answer in time.")
+        return GatewayTimeoutError(
+            f"The provider `{provider}` did not answer in time.", headers=retry_hints
+        )
     if status >= 500 or status < 400:
-        return UpstreamError(f"The provider `{provider}` failed (HTTP {status}).")
+        return UpstreamError(
+            f"The provider `{provider}` failed (HTTP {status}).", headers=retry_hints
+        )
     if status in _FINAL_STATUSES:
         relayed.setdefault(H_SHOULD_RETRY, "false")
     type_ = "rate_limit_error" if status == 429 else "invalid_request_error"
@@ -133,8 +141,9 @@ def raise_for_status(
 ) -> None:
     """Nothing for a 2xx; else raises.
 
-    RetryableFailure for 5xx and 408 (its `error` is what the client gets once retries are
-    spent, honouring the upstream's retry-after), the `upstream_error` for other statuses.
+    RetryableFailure for 5xx and 408: the upstream's retry-after sets the wait before the
+    next try, and its `error` (the `upstream_error`, which relays that retry-after) is what
+    the client gets once retries are spent. The `upstream_error` for other statuses.
     """
     if 200 <= status < 300:
         return
