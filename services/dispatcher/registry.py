@@ -8,6 +8,7 @@ the last heartbeat, never by a clock of the agent's.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,12 +30,28 @@ class AgentRecord:
 
 
 class AgentTable:
-    def __init__(self, ttl: float, *, started_at: float | None = None) -> None:
-        """`started_at` (this dispatcher's start) opens a warm-up of one TTL in `view()`."""
+    """Agents by name and the last heartbeat of each model, judged against one TTL.
+
+    A model nobody announced is unknown (404), except during a warm-up: for one TTL after
+    this dispatcher starts hearing registrations and heartbeats (again), and while it hears
+    none, its agents may simply not have been heard yet (`view().warming_up`: 503).
+    """
+
+    def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self.started_at = started_at
+        self._warm_until = -math.inf  # not listening yet: no warm-up
         self._agents: dict[str, AgentRecord] = {}
         self._model_last_seen: dict[str, float] = {}
+
+    def start_listening(self, now: float) -> None:
+        """Registrations and heartbeats reach this table from `now` on: warm up for one TTL,
+        within which every live agent heartbeats."""
+        self._warm_until = now + self.ttl
+
+    def stop_listening(self) -> None:
+        """Registrations and heartbeats may no longer reach this table: warm up until it
+        listens again, and one TTL after."""
+        self._warm_until = math.inf
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -93,7 +110,7 @@ class AgentTable:
     def view(self, now: float) -> AgentView:
         cutoff = now - self.ttl
         live = frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
-        warming_up = self.started_at is not None and now - self.started_at < self.ttl
+        warming_up = now < self._warm_until
         return AgentView(live=live, known=frozenset(self._model_last_seen), warming_up=warming_up)
 
     def is_model_live(self, model: str, now: float) -> bool:

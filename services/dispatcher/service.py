@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustChannel
 
 from services.dispatcher.cache import cache_for
 from services.dispatcher.handler import DispatcherHandler
@@ -59,8 +59,7 @@ class DispatcherService:
             requeue_exchange=self.topology.requeue_exchange,
         )
         self.registry = Registry(
-            AgentTable(settings.heartbeat_ttl, started_at=time.time()),
-            SqliteStore(settings.registry_path),
+            AgentTable(settings.heartbeat_ttl), SqliteStore(settings.registry_path)
         )
         self.cancellations = Cancellations()
         # Single-flight waiters hold jobs unacked: never more than half the prefetch.
@@ -100,6 +99,7 @@ class DispatcherService:
         )
         await control.bind(exchanges[t.control_exchange])
         await self.broker.consume(control_channel, control, handler.on_control, intake=False)
+        self._warm_up_while_listening(control_channel)
         cancel = await declare_queue(
             control_channel, t.private_queue_spec("cancel", self.process_id)
         )
@@ -133,6 +133,17 @@ class DispatcherService:
             t.mode.value,
             len(self.registry.table),
         )
+
+    def _warm_up_while_listening(self, control_channel: AbstractChannel) -> None:
+        """Warm the registry up from now, when its control consumer consumes, and again each
+        time the channel comes back after a loss: the control queue is exclusive, so whatever
+        agents announced while this dispatcher was cut off never reaches it (however long the
+        outage, and even if none of its agents expired meanwhile)."""
+        assert isinstance(control_channel, AbstractRobustChannel)  # the Broker's are robust
+        table = self.registry.table
+        table.start_listening(time.time())
+        control_channel.close_callbacks.add(lambda *_: table.stop_listening())
+        control_channel.reopen_callbacks.add(lambda *_: table.start_listening(time.time()))
 
     def status(self) -> dict[str, object]:
         return {

@@ -72,8 +72,23 @@ def test_quotes_in_fields_are_stored_as_data(tmp_path: Path) -> None:
     registry.close()
 
 
-def test_a_new_dispatcher_warms_up_for_one_ttl() -> None:
-    table = AgentTable(ttl=10, started_at=100)
+def test_a_dispatcher_warms_up_for_one_ttl_from_when_it_starts_listening() -> None:
+    table = AgentTable(ttl=10)
+    assert not table.view(0).warming_up  # a table nobody feeds: no warm-up
+    table.start_listening(100)
     assert table.view(105).warming_up
     assert not table.view(111).warming_up
-    assert not AgentTable(ttl=10).view(0).warming_up
+
+
+def test_a_dispatcher_cut_off_warms_up_until_one_ttl_after_it_listens_again() -> None:
+    """However long the outage, and though its agents are still known: what was announced
+    meanwhile never reached this table."""
+    table = AgentTable(ttl=10)
+    table.register(REG, now=100)
+    table.start_listening(100)
+    table.stop_listening()
+    assert table.view(10_000).warming_up
+    table.start_listening(10_000)
+    assert table.view(10_009).warming_up
+    assert not table.view(10_011).warming_up
+    assert table.view(10_011).known == {"local_a", "local_b"}
