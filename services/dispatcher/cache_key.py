@@ -71,13 +71,10 @@ class CachePolicy:
     def is_active(self) -> bool:
         return self.enabled and self.ttl > 0
 
-    def owns(self, key: str) -> bool:
-        """True for an entry key this policy could have made (a `job.completed` is checked
-        with it before anything is written to Redis)."""
-        return _entry_key_re(self.prefix).fullmatch(key) is not None
-
     def model_of(self, key: str) -> str | None:
-        """The model tag of an entry key this policy could have made, else None."""
+        """The model tag of an entry key this policy could have made, else None (a lock key,
+        a done channel, another prefix's key): the cache writer checks every `job.completed`
+        with it before anything is written to Redis."""
         match = _entry_key_re(self.prefix).fullmatch(key)
         return match["model"] if match else None
 

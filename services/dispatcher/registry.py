@@ -104,18 +104,11 @@ class AgentTable:
         self.put(record)
         return record
 
-    def is_live(self, record: AgentRecord, now: float) -> bool:
-        return now - record.last_heartbeat <= self.ttl
-
     def view(self, now: float) -> AgentView:
         cutoff = now - self.ttl
         live = frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
         warming_up = now < self._warm_until
         return AgentView(live=live, known=frozenset(self._model_last_seen), warming_up=warming_up)
-
-    def is_model_live(self, model: str, now: float) -> bool:
-        seen = self._model_last_seen.get(model)
-        return seen is not None and now - seen <= self.ttl
 
     def _reindex(self) -> None:
         last_seen: dict[str, float] = {}

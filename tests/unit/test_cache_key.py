@@ -90,19 +90,19 @@ def test_odd_tenant_names_are_hashed_into_their_own_scope(tenant: str) -> None:
     scope = tenant_scope(tenant)
     assert scope.startswith("_h") and len(scope) == 34
     assert scope != "_shared"
-    assert POLICY.owns(key(BASE, tenant))
+    assert POLICY.model_of(key(BASE, tenant)) == "m"
 
 
-def test_policy_owns_only_entry_keys_it_could_make() -> None:
+def test_policy_reads_a_model_only_from_entry_keys_it_could_make() -> None:
+    """What the cache writer checks each `job.completed` key with before writing to Redis."""
     entry = key(BASE)
-    assert POLICY.owns(entry)
-    assert POLICY.owns(
-        key(BASE, policy=CachePolicy(prefix=POLICY.prefix, ttl=1, shared_namespace=True))
-    )
-    assert not POLICY.owns(lock_key(entry))
-    assert not POLICY.owns(done_channel(entry))
-    assert not POLICY.owns("other:cache:v1:t1:" + "0" * 64)
-    assert not POLICY.owns("router:cache:v1:t1:xyz")
+    assert POLICY.model_of(entry) == "m"
+    shared = CachePolicy(prefix=POLICY.prefix, ttl=1, shared_namespace=True)
+    assert POLICY.model_of(key(BASE, policy=shared)) == "m"
+    assert POLICY.model_of(lock_key(entry)) is None
+    assert POLICY.model_of(done_channel(entry)) is None
+    assert POLICY.model_of("other:cache:v1:t1:m:" + "0" * 64) is None
+    assert POLICY.model_of("router:cache:v1:t1:m:xyz") is None
 
 
 @pytest.mark.parametrize(

@@ -150,7 +150,7 @@ def test_5xx_keep_the_upstreams_retry_hints_for_the_client(status: int, client_s
 
 def test_2xx_answers_are_relayed_as_they_are() -> None:
     response = check_response(200, b'{"id":"x"}', {"x-ratelimit-limit-requests": "5"}, provider="o")
-    assert response.body == b'{"id":"x"}' and response.status == 200
+    assert response.body == b'{"id":"x"}'
     assert response.headers == {"x-ratelimit-limit-requests": "5"}
     with pytest.raises(UpstreamError):
         check_response(200, b"<html>", {}, provider="o")

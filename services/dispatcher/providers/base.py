@@ -32,7 +32,6 @@ class ProviderResponse:
     """A whole (non-streamed) answer: the upstream's body and the headers worth relaying."""
 
     body: bytes
-    status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
 
 
