@@ -2,8 +2,9 @@
 
 `container_spec()` is the whole container, as plain data (unit-tested exactly).
 `VllmContainer` is its lifecycle over a docker SDK client passed in (`docker.from_env()` in
-production, a stand-in in tests): remove a leftover of the same name, run, wait for the
-server's health within a bound, stop and remove. The SDK blocks, so each call runs in a thread.
+production, a stand-in in tests): remove a leftover of the same name, create and start, wait
+for the server's health within a bound, stop and remove. The SDK blocks, so each call runs in a
+thread.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ContainerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ContainerSpec:
-    """Everything `client.containers.run()` is given."""
+    """Everything `client.containers.create()` is given."""
 
     image: str
     name: str
@@ -45,12 +46,12 @@ class ContainerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     ipc_mode: str = "host"  # PyTorch shares tensors between processes through /dev/shm
 
-    def run_kwargs(self) -> dict[str, Any]:
+    def create_kwargs(self) -> dict[str, Any]:
         return {
             "image": self.image,
             "command": list(self.command),
             "name": self.name,
-            "detach": True,
+            "detach": True,  # what `run(detach=True)` gives `create()`: no attached streams
             "ports": dict(self.ports),
             "volumes": dict(self.volumes),
             "environment": dict(self.environment),
@@ -113,6 +114,7 @@ def container_spec(
 class Container(Protocol):
     status: str
 
+    def start(self) -> None: ...
     def reload(self) -> None: ...
     def stop(self, *, timeout: int) -> None: ...
     def remove(self, *, force: bool = ...) -> None: ...
@@ -120,13 +122,20 @@ class Container(Protocol):
 
 
 class Containers(Protocol):
-    def run(self, **kwargs: Any) -> Container: ...
+    def create(self, **kwargs: Any) -> Container: ...
     def get(self, name: str) -> Container: ...
+
+
+class Images(Protocol):
+    def pull(self, repository: str) -> object: ...
 
 
 class DockerClient(Protocol):
     @property
     def containers(self) -> Containers: ...
+
+    @property
+    def images(self) -> Images: ...
 
 
 Probe = Callable[[], Awaitable[bool]]
@@ -140,25 +149,79 @@ class VllmContainer:
         probe: Probe,
         *,
         poll_interval: float = 2.0,
+        settle_timeout: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self.spec = spec
         self._probe = probe
         self._poll_interval = poll_interval
+        self._settle_timeout = settle_timeout
         self._clock = clock
         self.container: Container | None = None
 
     async def start(self) -> None:
-        """Run the container (replacing a leftover of the same name). Raises ContainerError."""
+        """Create and start the container, replacing a leftover. Raises ContainerError.
+
+        Two steps, not docker-py's `run()`, so the container is known as soon as it exists: one
+        whose start fails (no GPU driver, port in use) or is cancelled (SIGTERM while pulling or
+        starting) is removed, instead of outliving the agent.
+        """
         await self._remove_leftover()
         try:
-            self.container = await asyncio.to_thread(
-                self._client.containers.run, **self.spec.run_kwargs()
-            )
-        except docker.errors.DockerException as e:
-            raise ContainerError(f"cannot start {self.spec.image}: {e}") from e
+            await self._create()
+            assert self.container is not None
+            await self._settled(self.container.start)
+        except BaseException as e:
+            await self._remove_created()
+            if isinstance(e, docker.errors.DockerException):
+                raise ContainerError(f"cannot start {self.spec.image}: {e}") from e
+            raise
         log.info("started container %s (%s)", self.spec.name, self.spec.image)
+
+    async def _create(self) -> None:
+        """Create the container (`self.container`), pulling its image first if it is missing."""
+        try:
+            await self._settled(self._create_in_thread)
+        except docker.errors.ImageNotFound:
+            log.info("pulling %s", self.spec.image)
+            # Not settled: a pull left running after a cancel creates no container.
+            await asyncio.to_thread(self._client.images.pull, self.spec.image)
+            await self._settled(self._create_in_thread)
+
+    def _create_in_thread(self) -> None:
+        # Remembered here, in the worker thread: a cancelled start() learns of it even though
+        # it no longer awaits the result.
+        self.container = self._client.containers.create(**self.spec.create_kwargs())
+
+    async def _settled(self, call: Callable[[], None]) -> None:
+        """`call()` in a thread. A thread cannot be cancelled: on cancel, wait for it (up to
+        `settle_timeout`) before the cancel goes on, so that what it did is known and undone."""
+        work = asyncio.ensure_future(asyncio.to_thread(call))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            _, pending = await asyncio.wait({work}, timeout=self._settle_timeout)
+            if pending:
+                log.error(
+                    "docker still busy after %.0fs: container %s may be left behind "
+                    "(the next start removes it)",
+                    self._settle_timeout,
+                    self.spec.name,
+                )
+            raise
+
+    async def _remove_created(self) -> None:
+        container, self.container = self.container, None
+        if container is None:
+            return
+        try:
+            await asyncio.to_thread(container.remove, force=True)
+            log.info("removed container %s, which did not start", self.spec.name)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException:
+            log.error("could not remove container %s", self.spec.name, exc_info=True)
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the probe says healthy; raises ContainerError if the container exits or

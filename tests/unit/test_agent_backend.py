@@ -159,7 +159,7 @@ def test_docker_spec_from_settings() -> None:
         vllm_gpus="1",
         hf_cache_dir="/models/hf",
     )
-    kwargs = docker_spec(settings, ["model-q4", "model-q4"]).run_kwargs()
+    kwargs = docker_spec(settings, ["model-q4", "model-q4"]).create_kwargs()
     assert kwargs["name"] == "router-vllm-gpu7"
     assert kwargs["command"][-2:] == ["--served-model-name", "model-q4"]
     assert kwargs["volumes"] == {"/models/hf": {"bind": "/root/.cache/huggingface", "mode": "rw"}}

@@ -1,8 +1,11 @@
 """The vllm-docker backend: the container spec exactly, and its lifecycle over a stand-in for
-the docker SDK client (`containers.run/get`, `container.reload/stop/remove/logs`)."""
+the docker SDK client (`containers.create/get`, `images.pull`,
+`container.start/reload/stop/remove/logs`)."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import docker.errors
@@ -24,7 +27,7 @@ SPEC_ARGS: dict[str, Any] = {
 
 def test_container_spec_exactly() -> None:
     spec = container_spec(**SPEC_ARGS, hf_token="hf_x", extra_args="--max-model-len 8192")
-    assert spec.run_kwargs() == {
+    assert spec.create_kwargs() == {
         "image": "vllm/vllm-openai:v0.6.3",
         "command": [
             "--model",
@@ -53,7 +56,7 @@ def test_container_spec_exactly() -> None:
 
 def test_container_spec_without_token_or_served_names() -> None:
     spec = container_spec(**{**SPEC_ARGS, "served_names": []}, name="custom")
-    kwargs = spec.run_kwargs()
+    kwargs = spec.create_kwargs()
     assert kwargs["environment"] == {}
     assert "--served-model-name" not in kwargs["command"]
     assert kwargs["name"] == "custom"
@@ -77,12 +80,21 @@ def test_gpu_request(gpus: str, expected: DeviceRequest) -> None:
 
 
 class StandInContainer:
-    def __init__(self, statuses: list[str]) -> None:
+    def __init__(self, statuses: list[str], labels: dict[str, str] | None = None) -> None:
         self.statuses = statuses
+        self.labels = {"router.agent": "gpu1"} if labels is None else labels
         self.status = "created"
+        self.started = False
         self.stopped_with: int | None = None
         self.removed = False
         self.missing = False
+        self.start_error: Exception | None = None
+        self.remove_error: Exception | None = None
+
+    def start(self) -> None:
+        if self.start_error is not None:
+            raise self.start_error
+        self.started = True
 
     def reload(self) -> None:
         if self.statuses:
@@ -95,6 +107,8 @@ class StandInContainer:
         self.status = "exited"
 
     def remove(self, *, force: bool = False) -> None:
+        if self.remove_error is not None:
+            raise self.remove_error
         self.removed = True
 
     def logs(self, *, tail: int) -> bytes:
@@ -105,10 +119,13 @@ class StandInContainers:
     def __init__(self, container: StandInContainer, leftover: StandInContainer | None) -> None:
         self.container = container
         self.leftover = leftover
-        self.run_kwargs: dict[str, Any] | None = None
+        self.create_kwargs: dict[str, Any] | None = None
+        self.image_missing = False
 
-    def run(self, **kwargs: Any) -> StandInContainer:
-        self.run_kwargs = kwargs
+    def create(self, **kwargs: Any) -> StandInContainer:
+        if self.image_missing:
+            raise docker.errors.ImageNotFound(f"no such image: {kwargs['image']}")
+        self.create_kwargs = kwargs
         return self.container
 
     def get(self, name: str) -> StandInContainer:
@@ -117,9 +134,20 @@ class StandInContainers:
         return self.leftover
 
 
+class StandInImages:
+    def __init__(self, containers: StandInContainers) -> None:
+        self.containers = containers
+        self.pulled: list[str] = []
+
+    def pull(self, repository: str) -> None:
+        self.pulled.append(repository)
+        self.containers.image_missing = False
+
+
 class StandInClient:
     def __init__(self, container: StandInContainer, leftover: StandInContainer | None = None):
         self.containers = StandInContainers(container, leftover)
+        self.images = StandInImages(self.containers)
 
 
 class Probe:
@@ -147,7 +175,8 @@ async def test_start_replaces_a_leftover_and_waits_for_health() -> None:
     vllm, client = lifecycle(container, probe, leftover)
     await vllm.start()
     assert leftover.removed
-    assert client.containers.run_kwargs == container_spec(**SPEC_ARGS).run_kwargs()
+    assert client.containers.create_kwargs == container_spec(**SPEC_ARGS).create_kwargs()
+    assert container.started
     await vllm.wait_ready(timeout=5)
     assert probe.calls == 4
 
@@ -187,9 +216,9 @@ async def test_stop_tolerates_a_container_already_gone() -> None:
     assert not container.removed
 
 
-async def test_run_failure_is_a_container_error() -> None:
+async def test_create_failure_is_a_container_error() -> None:
     class Failing(StandInContainers):
-        def run(self, **kwargs: Any) -> StandInContainer:
+        def create(self, **kwargs: Any) -> StandInContainer:
             raise docker.errors.APIError("could not select device driver")
 
     client = StandInClient(StandInContainer([]))
@@ -197,3 +226,86 @@ async def test_run_failure_is_a_container_error() -> None:
     vllm = VllmContainer(client, container_spec(**SPEC_ARGS), Probe(0))
     with pytest.raises(ContainerError, match="device driver"):
         await vllm.start()
+
+
+async def test_a_missing_image_is_pulled_then_created() -> None:
+    container = StandInContainer([])
+    vllm, client = lifecycle(container, Probe(0))
+    client.containers.image_missing = True
+    await vllm.start()
+    assert client.images.pulled == ["vllm/vllm-openai:v0.6.3"]
+    assert container.started and vllm.container is container
+
+
+async def test_a_container_that_fails_to_start_is_removed() -> None:
+    container = StandInContainer([])
+    container.start_error = docker.errors.APIError("could not select device driver")
+    vllm, _ = lifecycle(container, Probe(0))
+    with pytest.raises(ContainerError, match="device driver"):
+        await vllm.start()
+    assert container.removed and vllm.container is None
+
+
+class Blocking:
+    """A docker call that blocks its worker thread until released, as a pull, a create or a
+    start does for seconds to minutes."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self) -> None:
+        self.entered.set()
+        assert self.release.wait(5), "never released"
+        self.finished.set()
+
+    async def cancel_inside(self, task: asyncio.Task[None]) -> None:
+        """Cancel `task` while the call is blocked, then let the call finish."""
+        assert await asyncio.to_thread(self.entered.wait, 5), "the call never started"
+        task.cancel()
+        for _ in range(20):  # the task takes the cancel, and goes as far as it can, while
+            await asyncio.sleep(0)  # the thread is still blocked
+        self.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.to_thread(self.finished.wait, 5)
+
+
+async def test_cancelled_while_creating_removes_the_container_the_thread_created() -> None:
+    container = StandInContainer([])
+    vllm, client = lifecycle(container, Probe(0))
+    blocking = Blocking()
+    create = client.containers.create
+
+    def slow_create(**kwargs: Any) -> StandInContainer:
+        blocking()
+        return create(**kwargs)
+
+    client.containers.create = slow_create  # type: ignore[method-assign]
+    await blocking.cancel_inside(asyncio.create_task(vllm.start()))
+    assert container.removed and not container.started
+    assert vllm.container is None
+    await vllm.stop()  # what the agent's stop() does next: nothing left to stop
+
+
+async def test_cancelled_while_starting_removes_the_container() -> None:
+    container = StandInContainer([])
+    vllm, _ = lifecycle(container, Probe(0))
+    blocking = Blocking()
+    container.start = blocking  # type: ignore[method-assign]
+    await blocking.cancel_inside(asyncio.create_task(vllm.start()))
+    assert container.removed and vllm.container is None
+
+
+async def test_cancelled_while_pulling_creates_nothing() -> None:
+    container = StandInContainer([])
+    vllm, client = lifecycle(container, Probe(0))
+    client.containers.image_missing = True
+    blocking = Blocking()
+    client.images.pull = lambda repository: blocking()  # type: ignore[method-assign]
+    await blocking.cancel_inside(asyncio.create_task(vllm.start()))
+    client.containers.image_missing = False
+    for _ in range(10):
+        await asyncio.sleep(0)  # a create that wrongly followed the pull would run now
+    assert client.containers.create_kwargs is None and vllm.container is None
