@@ -10,7 +10,6 @@ thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shlex
 import time
@@ -245,7 +244,8 @@ class VllmContainer:
             await asyncio.sleep(self._poll_interval)
 
     async def stop(self, timeout: int = 30) -> None:
-        """Stop and remove the container; a container already gone is fine."""
+        """Stop and remove the container; a container already gone is fine, and one that cannot
+        be removed is logged, not raised."""
         container, self.container = self.container, None
         if container is None:
             return
@@ -255,8 +255,15 @@ class VllmContainer:
             return
         except docker.errors.DockerException:
             log.warning("stopping %s failed; removing it by force", self.spec.name, exc_info=True)
-        with contextlib.suppress(docker.errors.NotFound):
+        try:
             await asyncio.to_thread(container.remove, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.DockerException:
+            # Stopping must go on (the agent still has to close its connections); a container
+            # left behind is removed as a leftover by the next start.
+            log.error("could not remove container %s", self.spec.name, exc_info=True)
+            return
         log.info("stopped and removed container %s", self.spec.name)
 
     async def _remove_leftover(self) -> None:

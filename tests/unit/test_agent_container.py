@@ -5,6 +5,7 @@ the docker SDK client (`containers.create/get`, `images.pull`,
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -309,3 +310,16 @@ async def test_cancelled_while_pulling_creates_nothing() -> None:
     for _ in range(10):
         await asyncio.sleep(0)  # a create that wrongly followed the pull would run now
     assert client.containers.create_kwargs is None and vllm.container is None
+
+
+async def test_stop_logs_a_container_that_cannot_be_removed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    container = StandInContainer([])
+    vllm, _ = lifecycle(container, Probe(0))
+    await vllm.start()
+    container.remove_error = docker.errors.APIError("409 Conflict: removal already in progress")
+    with caplog.at_level(logging.ERROR):
+        await vllm.stop()
+    assert "could not remove container router-vllm-gpu1" in caplog.text
+    assert vllm.container is None
