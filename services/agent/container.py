@@ -2,9 +2,9 @@
 
 `container_spec()` is the whole container, as plain data (unit-tested exactly).
 `VllmContainer` is its lifecycle over a docker SDK client passed in (`docker.from_env()` in
-production, a stand-in in tests): remove a leftover of the same name, create and start, wait
-for the server's health within a bound, stop and remove. The SDK blocks, so each call runs in a
-thread.
+production, a stand-in in tests): remove a leftover of ours of the same name, create and start,
+wait for the server's health within a bound, stop and remove. The SDK blocks, so each call runs
+in a thread.
 """
 
 from __future__ import annotations
@@ -113,6 +113,9 @@ def container_spec(
 class Container(Protocol):
     status: str
 
+    @property
+    def labels(self) -> dict[str, str]: ...
+
     def start(self) -> None: ...
     def reload(self) -> None: ...
     def stop(self, *, timeout: int) -> None: ...
@@ -160,7 +163,7 @@ class VllmContainer:
         self.container: Container | None = None
 
     async def start(self) -> None:
-        """Create and start the container, replacing a leftover. Raises ContainerError.
+        """Create and start the container, replacing a leftover of ours. Raises ContainerError.
 
         Two steps, not docker-py's `run()`, so the container is known as soon as it exists: one
         whose start fails (no GPU driver, port in use) or is cancelled (SIGTERM while pulling or
@@ -267,8 +270,16 @@ class VllmContainer:
         log.info("stopped and removed container %s", self.spec.name)
 
     async def _remove_leftover(self) -> None:
+        """Remove a container of this name left by an earlier run, but only if its label says
+        it is this agent's: VLLM_CONTAINER_NAME may name a container that is not ours."""
         try:
             leftover = await asyncio.to_thread(self._client.containers.get, self.spec.name)
+            owner = leftover.labels.get(AGENT_LABEL)
+            if owner != self.spec.labels.get(AGENT_LABEL):
+                raise ContainerError(
+                    f"a container named {self.spec.name} exists and is not this agent's "
+                    f"(label {AGENT_LABEL}={owner!r}); remove it or set VLLM_CONTAINER_NAME"
+                )
             log.warning("removing leftover container %s", self.spec.name)
             await asyncio.to_thread(leftover.remove, force=True)
         except docker.errors.NotFound:

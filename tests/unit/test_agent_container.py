@@ -323,3 +323,16 @@ async def test_stop_logs_a_container_that_cannot_be_removed(
         await vllm.stop()
     assert "could not remove container router-vllm-gpu1" in caplog.text
     assert vllm.container is None
+
+
+async def test_a_leftover_that_is_not_ours_is_left_alone() -> None:
+    stranger = StandInContainer([], labels={"com.example.app": "db"})
+    vllm, client = lifecycle(StandInContainer([]), Probe(0), stranger)
+    with pytest.raises(ContainerError, match="router-vllm-gpu1 exists and is not this agent's"):
+        await vllm.start()
+    assert not stranger.removed and client.containers.create_kwargs is None
+    other_agent = StandInContainer([], labels={"router.agent": "gpu2"})
+    vllm, _ = lifecycle(StandInContainer([]), Probe(0), other_agent)
+    with pytest.raises(ContainerError, match="'gpu2'"):
+        await vllm.start()
+    assert not other_agent.removed
