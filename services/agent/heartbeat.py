@@ -27,6 +27,12 @@ class RegistrationRefusedError(Exception):
     """The API refused the agent's token or payload (a 4xx); retrying may not help."""
 
 
+def _reason(error: Exception) -> str:
+    if isinstance(error, (httpx.HTTPError, RegistrationRefusedError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"  # unexpected: its type says what went wrong
+
+
 class Registrar:
     def __init__(
         self,
@@ -71,8 +77,8 @@ class Registrar:
                         ", ".join(self.registration.models),
                     )
                     return
-                except (httpx.HTTPError, RegistrationRefusedError) as e:
-                    log.warning("registration failed (%s); retrying in %.1fs", e, delay)
+                except Exception as e:  # any failure, not only httpx's: the loop must go on
+                    log.warning("registration failed (%s); retrying in %.1fs", _reason(e), delay)
             await asyncio.sleep(delay)
             delay = next_backoff(delay, cap=self._max_backoff)
 
@@ -91,15 +97,18 @@ class Registrar:
             await self.heartbeat()
 
     async def heartbeat(self) -> bool:
-        message = AgentHeartbeat(
-            name=self.registration.name,
-            models=self.registration.models,
-            load=self._load(),
-        )
+        """One heartbeat; False (logged) if it failed, for any reason: the transport lets some
+        of aiohttp's errors through (a malformed reply), and a loop they ended would let the
+        agent drop out of the registry while it still looks ready."""
         try:
+            message = AgentHeartbeat(
+                name=self.registration.name,
+                models=self.registration.models,
+                load=self._load(),
+            )
             await self._post("/heartbeat", message.model_dump_json().encode())
-        except (httpx.HTTPError, RegistrationRefusedError) as e:
-            log.warning("heartbeat failed: %s", e)
+        except Exception as e:
+            log.warning("heartbeat failed: %s", _reason(e))
             return False
         self.heartbeats_sent += 1
         return True

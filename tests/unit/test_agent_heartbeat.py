@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import aiohttp
 import httpx
 import orjson
 
@@ -15,8 +16,10 @@ REG = AgentRegistration(name="gpu1", endpoint="http://gpu1:5000", models=["local
 
 
 class Api:
-    def __init__(self, statuses: list[int]) -> None:
-        self.statuses = statuses  # answers to give, in order; 200 once they run out
+    def __init__(self, statuses: list[int | Exception]) -> None:
+        # Answers to give, in order (an exception is raised, as a transport would); 200 once
+        # they run out.
+        self.statuses = statuses
         self.seen: list[tuple[str, str | None, dict[str, object]]] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
@@ -24,6 +27,8 @@ class Api:
             (request.url.path, request.headers.get("authorization"), orjson.loads(request.content))
         )
         status = self.statuses.pop(0) if self.statuses else 200
+        if isinstance(status, Exception):
+            raise status
         return httpx.Response(status, json={"status": "ok"})
 
     def paths(self) -> list[str]:
@@ -98,6 +103,34 @@ async def test_a_refused_heartbeat_is_reported_not_raised() -> None:
     r = registrar(api, [True])
     assert await r.heartbeat() is False
     assert await r.heartbeat() is True
+
+
+def malformed_reply() -> Exception:
+    """An aiohttp error the httpx-over-aiohttp transport does not turn into an httpx one."""
+    return aiohttp.ClientPayloadError("Response payload is not completed")
+
+
+async def test_registration_retries_after_any_error() -> None:
+    api = Api([malformed_reply(), RuntimeError("surprise")])
+    r = registrar(api, [True])
+    await asyncio.wait_for(r.register(), 1)
+    assert r.registered.is_set()
+    assert api.paths() == ["/register"] * 3
+
+
+async def test_heartbeats_go_on_after_any_error() -> None:
+    api = Api([200, malformed_reply()])  # registration, then the first heartbeat fails
+    r = registrar(api, [True])
+    task = asyncio.create_task(r.run())
+    try:
+        await until(lambda: r.heartbeats_sent >= 2)
+        assert not task.done()
+    finally:
+        task.cancel()
+    assert api.paths()[:3] == ["/register", "/heartbeat", "/heartbeat"]
+    assert await r.heartbeat() is True
+    api.statuses = [malformed_reply()]
+    assert await r.heartbeat() is False
 
 
 async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
