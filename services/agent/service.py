@@ -259,6 +259,18 @@ class AgentService:
         if self.cancellations.cancel(request_id, time.time()):
             log.info("job %s cancelled by its client: upstream call aborted", request_id)
 
+    # --- running -------------------------------------------------------------------------------
+    async def serve(self, stopping: asyncio.Future[Any]) -> None:
+        """Run until `stopping` is done. Raises if the heartbeats end first: they end only by a
+        bug, and an agent that no longer heartbeats drops out of the registry while it looks
+        ready, so it had better exit (non-zero) and be restarted."""
+        assert self._heartbeats is not None, "start() first"
+        await asyncio.wait({stopping, self._heartbeats}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.done():
+            return
+        cause = None if self._heartbeats.cancelled() else self._heartbeats.exception()
+        raise RuntimeError(f"heartbeats ended ({cause!r})") from cause
+
     # --- stop ----------------------------------------------------------------------------------
     async def stop(self) -> None:
         """Stop intake, drain, stop heartbeats and the container, close everything."""
@@ -291,7 +303,7 @@ async def run(settings: AgentSettings, stop: asyncio.Event) -> None:
             if starting.exception() is not None:
                 log.error("agent %s failed to start: %s", settings.agent_name, starting.exception())
             starting.result()  # a failed start raises here
-            await stop.wait()
+            await service.serve(stopping)
     finally:
         log.info("agent %s stopping", settings.agent_name)
         for task in (starting, stopping):
