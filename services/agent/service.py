@@ -4,7 +4,7 @@ Start: (vllm-docker: run the container and wait for its health), learn the model
 the broker, declare the topology, bind a private queue to the cancel fanout, consume each
 model's queue with prefetch = AGENT_CONCURRENCY, then register and heartbeat. Stop (SIGTERM):
 cancel the consumers (heartbeats stop with them), let in-flight jobs finish within
-DRAIN_TIMEOUT, stop the container, close.
+DRAIN_TIMEOUT, stop the container, close; each step even if one before it failed.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -273,24 +274,41 @@ class AgentService:
 
     # --- stop ----------------------------------------------------------------------------------
     async def stop(self) -> None:
-        """Stop intake, drain, stop heartbeats and the container, close everything."""
-        await self.broker.stop_consuming(intake_only=True)
+        """Stop intake, drain, stop heartbeats and the container, close everything.
+
+        Every step runs, in this order, even if one before it failed (it is logged): a dead
+        heartbeat task or a container that cannot be removed must not leave the container
+        running, replies unsent or the broker connections open.
+        """
+        await _step("stopping intake", self.broker.stop_consuming(intake_only=True))
         # No heartbeats while draining: the registry lets this agent go after the TTL, so
         # dispatchers answer 503 at once instead of queueing jobs nobody will take.
-        if self._heartbeats is not None:
-            self._heartbeats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeats
-        await self.broker.drain(self.settings.drain_timeout)
+        await _step("stopping heartbeats", self._stop_heartbeats())
+        await _step("draining", self.broker.drain(self.settings.drain_timeout))
         if self.container is not None:
-            await self.container.stop()
+            await _step("stopping the container", self.container.stop())
         if self.reply is not None:
-            await self.reply.flush()
-        await self.broker.close()
-        await self.upstream.aclose()
-        await self.router.aclose()
+            await _step("flushing replies", self.reply.flush())
+        await _step("closing the broker", self.broker.close())
+        await _step("closing the upstream client", self.upstream.aclose())
+        await _step("closing the router client", self.router.aclose())
         if self._web is not None:
-            await self._web.cleanup()
+            await _step("stopping the health server", self._web.cleanup())
+
+    async def _stop_heartbeats(self) -> None:
+        """Cancel the heartbeat task; raises what it died of, if it died."""
+        if self._heartbeats is None:
+            return
+        self._heartbeats.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._heartbeats
+
+
+async def _step(what: str, work: Awaitable[object]) -> None:
+    try:
+        await work
+    except Exception:
+        log.exception("%s failed; stopping goes on", what)
 
 
 async def run(settings: AgentSettings, stop: asyncio.Event) -> None:

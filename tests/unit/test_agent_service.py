@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,3 +42,41 @@ async def test_serving_ends_quietly_when_told_to_stop() -> None:
     finally:
         service._heartbeats.cancel()
         await service.router.aclose()
+
+
+class Steps:
+    """Records the parts of stopping that ran, in order; `failing` ones raise."""
+
+    def __init__(self, *failing: str) -> None:
+        self.ran: list[str] = []
+        self.failing = failing
+
+    def step(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            self.ran.append(name)
+            if name in self.failing:
+                raise RuntimeError(f"{name} broke")
+
+        return run
+
+
+async def test_stop_runs_every_step_even_when_one_fails(caplog: pytest.LogCaptureFixture) -> None:
+    service = AgentService(AgentSettings(agent_models="local_m=m"))
+    steps = Steps("container.stop")
+    service._heartbeats = asyncio.create_task(heartbeats_that_die())
+    await asyncio.sleep(0)
+    service.container = SimpleNamespace(stop=steps.step("container.stop"))  # type: ignore[assignment]
+    service.reply = SimpleNamespace(flush=steps.step("reply.flush"))  # type: ignore[assignment]
+    close = service.broker.close
+
+    async def close_broker() -> None:
+        steps.ran.append("broker.close")
+        await close()
+
+    service.broker.close = close_broker  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        await asyncio.wait_for(service.stop(), 5)
+    assert steps.ran == ["container.stop", "reply.flush", "broker.close"]
+    assert "stopping heartbeats failed" in caplog.text
+    assert "stopping the container failed" in caplog.text
+    assert service.router.is_closed
