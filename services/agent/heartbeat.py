@@ -2,8 +2,9 @@
 
 `POST {ROUTER_URL}/register` once the queue consumers are attached (retried with backoff until
 the API accepts it), then `POST /heartbeat` with the models and the current load every
-interval, but only while the consumers are attached: an agent that cannot take jobs must drop
-out of the registry after the TTL instead of attracting them.
+interval, but only while the consumers are attached: every one of them live on the broker, not
+merely started (`AgentService.is_attached`). An agent that cannot take jobs must drop out of
+the registry after the TTL instead of attracting them.
 """
 
 from __future__ import annotations

@@ -100,11 +100,13 @@ class AgentService:
 
     # --- readiness -----------------------------------------------------------------------------
     def is_attached(self) -> bool:
-        """Connected, and consuming every model queue (plus the cancel queue)."""
+        """Consuming every model queue (plus the cancel queue), each consumer live on the
+        broker: `Broker.is_consuming` is False while any consumer is gone from its channel (the
+        broker cancels the consumers of a deleted queue), not only while disconnected."""
         expected = len(self.models.router_ids) + 1
         return (
             bool(self.models)
-            and self.broker.is_connected
+            and self.broker.is_consuming
             and (self.broker.consumer_count >= expected)
         )
 

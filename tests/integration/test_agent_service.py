@@ -1,5 +1,5 @@
 """An agent in-process on the real RabbitMQ, in front of an in-process fake vLLM and a stand-in
-for the API's /register and /heartbeat: what its lifecycle relies on."""
+for the API's /register and /heartbeat: what its readiness and its lifecycle rely on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aiohttp import web
 from fakes import FakeConfig, running
 from fakes import vllm as fake_vllm
 from services.agent.heartbeat import Registrar
-from services.agent.service import run
+from services.agent.service import AgentService, run
 from services.agent.settings import AgentSettings
 from shared.settings import Durability
 from tests.conftest import require_services
@@ -48,6 +48,27 @@ async def settings() -> AsyncIterator[AgentSettings]:
             heartbeat_interval=0.05,
             drain_timeout=1,
         )
+
+
+async def test_an_agent_whose_consumer_the_broker_dropped_is_not_attached(
+    settings: AgentSettings,
+) -> None:
+    """The consumer is still in the agent's list, but gone from its channel (as after the
+    broker cancelled it for a deleted queue): no heartbeats, not ready."""
+    service = AgentService(settings)
+    try:
+        await service.start()
+        assert service.is_attached()
+        queue, tag, _ = service.broker._consumers[-1]  # the model queue's consumer
+        assert queue.name.endswith(".agent.local_m")
+        # Straight on the aiormq channel, so aio-pika does not know and does not consume again.
+        underlay = await queue.channel.get_underlay_channel()
+        await underlay.basic_cancel(tag)
+        assert not service.is_attached()
+        assert not service.is_ready()
+        assert service.status()["consuming"] is False
+    finally:
+        await service.stop()
 
 
 async def test_an_agent_whose_heartbeats_end_stops_with_an_error(
