@@ -2,7 +2,9 @@
 
 Only `data:` fields matter to the router: an event's data lines are joined with `\\n` and the
 event ends at a blank line. Comments (`: ping`), `event:`, `id:` and `retry:` fields are
-ignored. Lines may end in `\\n`, `\\r\\n` or `\\r`, and may be split across network reads.
+ignored, and so is an event whose data is empty (`data:` alone): it carries nothing to relay,
+and a client's SDK would fail to parse it. Lines may end in `\\n`, `\\r\\n` or `\\r`, and may be
+split across network reads.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ class SseDecoder:
             raise ValueError("an SSE line is larger than the limit")
         for line in lines:
             if not line:
-                if self._data:
-                    events.append(b"\n".join(self._data))
-                    self._data.clear()
-                    self._size = 0
+                data = b"\n".join(self._data)
+                if data:
+                    events.append(data)
+                self._data.clear()
+                self._size = 0
                 continue
             field, sep, value = line.partition(b":")
             if field != b"data" or not sep:

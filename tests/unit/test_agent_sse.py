@@ -56,3 +56,10 @@ def test_event_size_is_bounded() -> None:
     decoder = SseDecoder(max_event_bytes=10)
     with pytest.raises(ValueError):
         decoder.feed(b"data: 123456\ndata: 123456\n")
+
+
+@pytest.mark.parametrize("empty", [b"data:\n\n", b"data: \n\n", b"data:\r\n\r\n"])
+def test_an_event_with_empty_data_is_skipped(empty: bytes) -> None:
+    stream = b'data: {"a":1}\n\n' + empty + b"data: [DONE]\n\n"
+    assert decode_all([stream]) == [b'{"a":1}', b"[DONE]"]
+    assert decode_all([stream[i : i + 1] for i in range(len(stream))]) == [b'{"a":1}', b"[DONE]"]
