@@ -4,7 +4,7 @@ Only `data:` fields matter to the router: an event's data lines are joined with 
 event ends at a blank line. Comments (`: ping`), `event:`, `id:` and `retry:` fields are
 ignored, and so is an event whose data is empty (`data:` alone): it carries nothing to relay,
 and a client's SDK would fail to parse it. Lines may end in `\\n`, `\\r\\n` or `\\r`, and may be
-split across network reads.
+split across network reads; an event comes out of the read that completes it.
 """
 
 from __future__ import annotations
@@ -15,21 +15,22 @@ class SseDecoder:
 
     def __init__(self, max_event_bytes: int = 16 * 1024 * 1024) -> None:
         self._pending = b""
+        self._after_cr = False  # the last read ended in `\r`: a `\n` next is its second half
         self._data: list[bytes] = []
         self._size = 0
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Raises ValueError when one event grows past `max_event_bytes`."""
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # a `\r\n` split across reads: its `\r` already ended the line
+            self._after_cr = False
+        if chunk:
+            self._after_cr = chunk.endswith(b"\r")
         text = self._pending + chunk
         events: list[bytes] = []
         lines = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        if text.endswith(b"\r"):
-            # A `\r` at the end may be the first half of `\r\n`: keep the line for later.
-            lines = lines[:-1]
-            self._pending = lines.pop() + b"\r" if lines else b"\r"
-        else:
-            self._pending = lines.pop()
+        self._pending = lines.pop()
         if len(self._pending) > self._max:
             raise ValueError("an SSE line is larger than the limit")
         for line in lines:

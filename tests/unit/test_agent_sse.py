@@ -58,6 +58,28 @@ def test_event_size_is_bounded() -> None:
         decoder.feed(b"data: 123456\ndata: 123456\n")
 
 
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_an_event_comes_out_of_the_read_that_completes_it(newline: bytes) -> None:
+    decoder = SseDecoder()
+    first = b'data: {"a":1}' + newline * 2
+    second = b"data: 2" + newline * 2
+    assert decoder.feed(first) == [b'{"a":1}']
+    assert decoder.feed(second) == [b"2"]
+    assert decoder.close() == []
+
+
+def test_a_crlf_split_across_reads_is_one_line_ending() -> None:
+    decoder = SseDecoder()
+    # `\r` | `\n`: the `\n` is not a blank line, so both data lines make one event.
+    assert decoder.feed(b"data: 1\r") == []
+    assert decoder.feed(b"\n") == []
+    assert decoder.feed(b"") == []
+    assert decoder.feed(b"data: 2\r") == []
+    assert decoder.feed(b"\n\r") == [b"1\n2"]  # the blank line's `\r` ends the event
+    assert decoder.feed(b"\n") == []
+    assert decoder.feed(b"data: 3\r\n\r\n") == [b"3"]
+
+
 @pytest.mark.parametrize("empty", [b"data:\n\n", b"data: \n\n", b"data:\r\n\r\n"])
 def test_an_event_with_empty_data_is_skipped(empty: bytes) -> None:
     stream = b'data: {"a":1}\n\n' + empty + b"data: [DONE]\n\n"
