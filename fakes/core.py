@@ -58,6 +58,7 @@ class ErrorKind(Enum):
     MISSING_MODEL = "missing_model"
     UNKNOWN_MODEL = "unknown_model"
     INVALID_PARAM = "invalid_param"
+    STREAM_OPTIONS_WITHOUT_STREAM = "stream_options_without_stream"
 
 
 class ApiError(Exception):
@@ -230,8 +231,15 @@ def parse_body(raw: bytes) -> JsonObj:
     return body
 
 
-def parse_chat_request(body: JsonObj, models: list[str], *, model_required: bool) -> ChatRequest:
-    """Validate what the fake needs; `model_required=False` defaults to the first model."""
+def parse_chat_request(
+    body: JsonObj, models: list[str], *, model_required: bool, strict_stream_options: bool
+) -> ChatRequest:
+    """Validate what the fake needs; `model_required=False` defaults to the first model.
+
+    Without `stream`, `strict_stream_options` refuses any `stream_options` but null (OpenAI);
+    otherwise only a truthy one is refused, so `{}` passes (vLLM tests
+    `data.get("stream_options") and not data.get("stream")`).
+    """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(ErrorKind.MISSING_MESSAGES, "Missing required parameter: 'messages'.")
@@ -246,9 +254,10 @@ def parse_chat_request(body: JsonObj, models: list[str], *, model_required: bool
         )
     stream = body.get("stream") is True
     options = body.get("stream_options")
-    if options is not None and not stream:
+    given = options is not None if strict_stream_options else bool(options)
+    if given and not stream:
         raise ApiError(
-            ErrorKind.INVALID_PARAM,
+            ErrorKind.STREAM_OPTIONS_WITHOUT_STREAM,
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
             "stream_options",
         )

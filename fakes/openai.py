@@ -85,6 +85,7 @@ class OpenAIFlavour:
 
     name = "fake-openai"
     model_required = True
+    strict_stream_options = True  # any `stream_options` but null needs `stream`
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config

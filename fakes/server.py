@@ -125,7 +125,12 @@ class _ChatExchange:
 
     async def _generate(self, body: JsonObj) -> web.StreamResponse:
         config, flavour = self.state.config, self.flavour
-        chat = parse_chat_request(body, config.models, model_required=flavour.model_required)
+        chat = parse_chat_request(
+            body,
+            config.models,
+            model_required=flavour.model_required,
+            strict_stream_options=flavour.strict_stream_options,
+        )
         pacing = pacing_for(config, self.request.headers)
         self.completion_id = flavour.completion_id(self.request)
         completion = plan_completion(

@@ -48,6 +48,7 @@ class VllmFlavour:
 
     name = "fake-vllm"
     model_required = False  # vLLM serves its (first) model when "model" is absent
+    strict_stream_options = False  # vLLM accepts `stream_options: {}` without `stream`
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config
@@ -77,6 +78,9 @@ class VllmFlavour:
             # FastAPI request validation, re-wrapped by vLLM's exception handler
             # with the status phrase as the type.
             return _error(400, _validation_message(error), HTTPStatus.BAD_REQUEST.phrase, None)
+        if kind is ErrorKind.STREAM_OPTIONS_WITHOUT_STREAM:
+            message = "Stream options can only be defined when `stream=True`."
+            return _error(400, message, "BadRequestError", "stream_options")
         return _error(400, error.message, "BadRequestError", error.param)
 
     def status_error(self, status: int, model: str | None) -> Reply:

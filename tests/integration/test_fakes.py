@@ -513,6 +513,30 @@ async def test_malformed_json_and_missing_messages_are_400(fake: Fake) -> None:
         await fake.client.chat.completions.create(model=fake.model, messages=[])
 
 
+async def test_stream_options_without_stream(fake: Fake) -> None:
+    """OpenAI refuses any `stream_options` without `stream`; vLLM only a truthy one."""
+    body = {"model": fake.model, "messages": MESSAGES, "stream_options": {}}
+    status, _, raw = await fake.raw_chat(body)
+    assert status == (200 if fake.flavour == "vllm" else 400), raw
+    status, _, raw = await fake.raw_chat({**body, "stream_options": {"include_usage": True}})
+    assert status == 400
+    error = json.loads(raw)["error"]
+    if fake.flavour == "openai":
+        assert error == {
+            "message": "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "type": "invalid_request_error",
+            "param": "stream_options",
+            "code": "invalid_value",
+        }
+    else:
+        assert error == {
+            "message": "Stream options can only be defined when `stream=True`.",
+            "type": "BadRequestError",
+            "param": "stream_options",
+            "code": 400,
+        }
+
+
 async def test_openai_requires_the_bearer_key(openai_fake: Fake) -> None:
     bad = sdk_client(openai_fake.url, "sk-wrong-key-000000000")
     try:

@@ -46,7 +46,9 @@ def through_the_router(content: str, *, stream: bool) -> str:
     plan_request(job.body, stream=stream, tenant="t", cache_control=None, policy=POLICY)
     # agent -> fake vLLM
     upstream = orjson.loads(with_model(job.body, SERVED_MODEL))
-    chat = parse_chat_request(upstream, [SERVED_MODEL], model_required=False)
+    chat = parse_chat_request(
+        upstream, [SERVED_MODEL], model_required=False, strict_stream_options=False
+    )
     completion = plan_completion(
         chat,
         FAKE._config,
