@@ -146,6 +146,7 @@ class _ChatExchange:
             await asyncio.sleep(pacing.latency)
         if not chat.stream and self.step.cut_after_chunks is not None:
             await self._drop_connection()
+            self.state.stats.record_cut()
             return web.Response(status=200)  # never reaches the client
         if chat.stream:
             return await self._stream(completion, pacing.token_rate)

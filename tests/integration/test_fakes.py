@@ -330,6 +330,8 @@ async def test_json_cut_closes_without_response(fake: Fake) -> None:
     await fake.control.script({"cut_after_chunks": 0})
     with pytest.raises(openai.APIConnectionError):
         await fake.client.chat.completions.create(model=fake.model, messages=MESSAGES)
+    stats = await fake.control.stats()
+    assert (stats["cut"], stats["completed"], stats["aborted"]) == (1, 0, 0)
 
 
 async def test_delay_step_slows_the_first_byte(fake: Fake) -> None:
