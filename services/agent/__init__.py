@@ -8,7 +8,7 @@ HEARTBEAT_INTERVAL while they stay attached. Modules:
 
   models.py     model-name mapping (the rule is below)          bodies.py   body rewriting,
   sse.py        incremental SSE parsing                                      error normalising
-  backend.py    the server's HTTP API (httpx on aiohttp)        handler.py  one job: acks, replies
+  backend.py    the server's HTTP API (raw aiohttp)             handler.py  one job: acks, replies
   heartbeat.py  /register and /heartbeat                        container.py vllm-docker backend
   service.py    lifecycle (its /health and /ready: shared/health.py)
 
@@ -23,7 +23,8 @@ chunk carries the router id the client asked for.
 
 Acks. A non-streaming job is acked once its reply is confirmed; a streaming job once its first
 chunk message is confirmed. A job that cannot reach the server before any output is requeued
-once (another agent tries it), then answered 502. Jobs already cancelled or past their deadline
-are acked and dropped; a cancel that arrives mid-call aborts the HTTP call (closing the
-connection is what stops vLLM generating) and drops the job without a reply.
+once (the broker hands it to any consumer of its queue, maybe this agent again), then answered
+502. Jobs already cancelled or past their deadline are acked and dropped; a cancel that arrives
+mid-call aborts the HTTP call (closing the connection is what stops vLLM generating) and drops
+the job without a reply.
 """

@@ -2,9 +2,9 @@
 
 Acks (see `shared.amqp.Delivery`): a non-streaming job is acked when its reply is confirmed (the
 consumer acks when `on_job` returns); a streaming job as soon as its first chunk message is
-confirmed. A job that fails to reach the server before any output is requeued once, so another
-agent tries it; the second failure is answered 502. Cancelled and expired jobs are acked and
-dropped without a reply: nobody waits for them.
+confirmed. A job that fails to reach the server before any output is requeued once (the broker
+hands it to any consumer of its queue, maybe this agent again); the second failure is answered
+502. Cancelled and expired jobs are acked and dropped without a reply: nobody waits for them.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class _Run:
         await self.h.publish(self.job, error_reply(self.job, exc, attempt=self.attempt))
 
     async def _unavailable(self, exc: UpstreamError) -> None:
-        """Before any output: requeue once for another agent, then answer 502."""
+        """Before any output: requeue once (any agent of the model may take it), then 502."""
         if not self.delivery.redelivered:
             await self.delivery.reject(requeue=True)
             self.outcome = f"requeued: {exc.message}"
