@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from tests.integration.test_compose import COMPOSE_FILE, compose_command
+from tests.support.procs import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,19 +37,35 @@ def compose_stack() -> Iterator[str]:
             "no Docker engine answers here (`docker info` fails): the compose stack cannot run"
         )
     base = [*command, "-f", str(COMPOSE_FILE), "-p", "router-e2e"]
-    subprocess.run([*base, "up", "-d", "--build"], check=True, timeout=900)
+    # Ports of their own: `make test` has just made sure a RabbitMQ and a Redis hold the
+    # defaults (5672, 6379), and a `make dev` may hold 8000.
+    ports = {
+        name: str(free_port())
+        for name in (
+            "API_HOST_PORT",
+            "RABBITMQ_HOST_PORT",
+            "RABBITMQ_MANAGEMENT_HOST_PORT",
+            "REDIS_HOST_PORT",
+        )
+    }
+    env = {**os.environ, **ports}
+    url = f"http://127.0.0.1:{ports['API_HOST_PORT']}"
+    subprocess.run([*base, "up", "-d", "--build"], check=True, timeout=900, env=env)
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get("http://127.0.0.1:8000/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+        while not _ready(url):
+            assert time.monotonic() < deadline, "the compose stack was not ready within 180 s"
             time.sleep(2)
-        yield "http://127.0.0.1:8000"
+        yield url
     finally:
-        subprocess.run([*base, "down", "-v"], check=False, timeout=300)
+        subprocess.run([*base, "down", "-v"], check=False, timeout=300, env=env)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.mark.timeout(1200)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from shared.broker_acl import admin_grant, agent_grant, api_grant, dispatcher_grant
-from shared.settings import BrokerSettings
+from shared.settings import BrokerSettings, Durability
 from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,30 +33,59 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def test_compose_file_is_valid() -> None:
+def compose_config(**env: str) -> dict[str, Any]:
+    """The compose file as `docker compose config` resolves it with `env` set."""
     command = compose_command()
     if command is None:
         pytest.skip(
             "neither `docker compose` nor `docker-compose` is installed (.ci/run installs it)"
         )
     result = subprocess.run(
-        [*command, "-f", str(COMPOSE_FILE), "config"], capture_output=True, text=True, check=False
+        [*command, "-f", str(COMPOSE_FILE), "config"],
+        capture_output=True,
+        text=True,
+        check=False,
+        # The file's own defaults, unless the test sets them: not this shell's DURABILITY.
+        env={**{k: v for k, v in os.environ.items() if k != "DURABILITY"}, **env},
     )
     assert result.returncode == 0, result.stderr
-    config = yaml.safe_load(result.stdout)
-    services = config["services"]
+    config: dict[str, Any] = yaml.safe_load(result.stdout)
+    return config
+
+
+ROUTER_SERVICES = ("topology", "api", "dispatcher", "agent")
+
+
+def test_compose_file_is_valid() -> None:
+    services = compose_config()["services"]
     assert {"rabbitmq", "redis", "api", "dispatcher", "agent"} <= set(services)
     assert "healthcheck" in services["rabbitmq"]
     assert services["api"]["build"]["dockerfile"].endswith("Dockerfile")
-    assert services["dispatcher-quorum"]["environment"]["DURABILITY"] == "quorum"
 
 
-def test_compose_services_use_least_privilege_broker_users() -> None:
+@pytest.mark.parametrize("mode", [Durability.DURABLE, Durability.QUORUM])
+def test_one_variable_switches_the_whole_stack_between_durable_and_quorum(
+    mode: Durability,
+) -> None:
+    """`DURABILITY=quorum docker compose up` is the cluster set-up: every service, the topology
+    and the broker users' grants must switch together, or the quorum half gets no jobs (or no
+    permission). Unset, the stack is durable."""
+    services = compose_config(**({} if mode is Durability.DURABLE else {"DURABILITY": mode}))[
+        "services"
+    ]
+    for name in ROUTER_SERVICES:
+        assert services[name]["environment"]["DURABILITY"] == mode.value, name
+    mounted = [str(v) for v in services["rabbitmq"]["volumes"] if "router-definitions" in str(v)]
+    assert len(mounted) == 1 and f"definitions-{mode.value}.json" in mounted[0], mounted
+
+
+@pytest.mark.parametrize("mode", [Durability.DURABLE, Durability.QUORUM])
+def test_compose_services_use_least_privilege_broker_users(mode: Durability) -> None:
     """Each service has its own broker user in vhost `router`, and the committed definitions
-    grant exactly what `router broker-acl` computes for them today (no drift)."""
+    grant exactly what `router broker-acl` computes for them today (no drift), in each mode."""
     services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     users = {}
-    for name in ("topology", "api", "dispatcher", "agent"):
+    for name in ROUTER_SERVICES:
         url = services[name]["environment"]["RABBITMQ_URL"]
         users[name] = url.split("//", 1)[1].split(":", 1)[0]
         assert url.endswith("@rabbitmq:5672/router")
@@ -63,8 +94,10 @@ def test_compose_services_use_least_privilege_broker_users() -> None:
         assert services[name]["depends_on"]["topology"]["condition"] == (
             "service_completed_successfully"
         )
-    definitions = json.loads((COMPOSE_FILE.parent / "rabbitmq" / "definitions.json").read_text())
-    t = Topology(namespace="router")
+    definitions = json.loads(
+        (COMPOSE_FILE.parent / "rabbitmq" / f"definitions-{mode.value}.json").read_text()
+    )
+    t = Topology(namespace="router", mode=mode)
     model = services["topology"]["command"][-1]
     expected = [
         admin_grant(users["topology"]),
