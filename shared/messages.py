@@ -206,7 +206,8 @@ class Reply:
     CHUNK one or more SSE events, already framed (`data: {...}\\n\\n`), so the API writes them
     as they are; END closes a stream. `attempt` names one try at the job (the API keeps the
     first attempt it sees); `seq` numbers a stream's CHUNK and END messages from 0.
-    `http_headers` are response headers to relay (retry-after, x-ratelimit-*, x-cache).
+    `http_headers` are response headers to relay (retry-after, x-ratelimit-*, x-cache); the API
+    passes on only those `shared.http_headers` names.
     """
 
     kind: ReplyKind
@@ -245,6 +246,8 @@ def decode_reply(env: Envelope) -> Reply:
         http_headers = orjson.loads(raw_headers) if raw_headers else {}
     except orjson.JSONDecodeError as e:
         raise MessageDecodeError("reply http headers are not JSON") from e
+    if not isinstance(http_headers, dict):
+        raise MessageDecodeError("reply http headers are not a JSON object")
     return Reply(
         kind=kind,
         request_id=env.correlation_id,

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from shared.amqp import Broker
 from shared.completed import CompletedBatcher
 from shared.errors import ReplyQueueGoneError, RouterError, UnroutableError, to_openai_error
+from shared.http_headers import CACHE as CACHE_HEADER
 from shared.messages import Completed, Envelope, Job, Reply, ReplyKind, encode_reply
 from shared.topology import Topology
 
@@ -28,7 +29,6 @@ def new_attempt() -> str:
     return uuid.uuid4().hex[:12]
 
 
-CACHE_HEADER = "x-cache"
 # Seconds between tries of a reply that found no queue, before the queue counts as gone (~2 s).
 UNROUTABLE_RETRIES = (0.05, 0.15, 0.3, 0.5, 1.0)
 

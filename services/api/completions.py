@@ -29,6 +29,7 @@ from shared.errors import (
     RouterError,
     UpstreamError,
 )
+from shared.http_headers import relayable
 from shared.messages import Job, Reply, ReplyKind
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,15 @@ def watch_disconnect(receive: Receive, call: PendingCall) -> asyncio.Task[None]:
 
 
 def reply_headers(reply: Reply, request_id: str) -> dict[str, str]:
-    return {**reply.http_headers, "x-request-id": request_id}
+    """The headers a reply may relay (`shared.http_headers`), and the router's request id."""
+    return {**relayable(reply.http_headers), "x-request-id": request_id}
+
+
+def reply_status(reply: Reply) -> int:
+    """A final answer is a 200; an error keeps its status if it is an error status, else 502."""
+    if reply.kind is ReplyKind.FINAL:
+        return 200
+    return reply.status if 400 <= reply.status <= 599 else 502
 
 
 class CompletionsEndpoint:
@@ -149,7 +158,7 @@ class CompletionsEndpoint:
             raise UpstreamError("The backend streamed an answer to a non-streaming request.")
         return Response(
             reply.body,
-            status_code=reply.status,
+            status_code=reply_status(reply),
             media_type=JSON,
             headers=reply_headers(reply, call.request_id),
         )
@@ -179,13 +188,14 @@ class CompletionsEndpoint:
             # An answer before any output keeps its own status and body.
             return Response(
                 first.body,
-                status_code=first.status,
+                status_code=reply_status(first),
                 media_type=JSON,
                 headers=reply_headers(first, call.request_id),
             )
-        headers = {"x-request-id": call.request_id}
-        if first is not None:
-            headers.update(first.http_headers)
+        if first is None:
+            headers = {"x-request-id": call.request_id}
+        else:
+            headers = reply_headers(first, call.request_id)
 
         async def finish(completed: bool) -> None:
             watcher.cancel()

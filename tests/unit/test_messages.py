@@ -83,6 +83,14 @@ def test_reply_round_trip() -> None:
     assert decode_reply(encode_reply(reply)) == reply
 
 
+@pytest.mark.parametrize("raw", ["not json", "[1]", '"retry-after"', "3", "null"])
+def test_reply_http_headers_must_be_a_json_object(raw: str) -> None:
+    headers = {H_VERSION: 1, "x-http-headers": raw}
+    env = Envelope(type="reply.final", headers=headers, correlation_id="a")
+    with pytest.raises(MessageDecodeError):
+        decode_reply(env)
+
+
 def test_control_round_trip() -> None:
     for message in (
         AgentRegistration(name="gpu1", endpoint="http://h:5000", models=["local_a"]),

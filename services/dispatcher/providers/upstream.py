@@ -31,12 +31,10 @@ from shared.errors import (
     UpstreamHTTPError,
     error_body,
 )
+from shared.http_headers import RETRY_HINTS, is_upstream_relayed
+from shared.http_headers import SHOULD_RETRY as H_SHOULD_RETRY
+from shared.http_headers import UPSTREAM_REQUEST_ID as H_UPSTREAM_REQUEST_ID
 
-H_SHOULD_RETRY = "x-should-retry"
-H_UPSTREAM_REQUEST_ID = "x-upstream-request-id"
-_RETRY_HINTS = frozenset({"retry-after", "retry-after-ms"})
-_RELAYED = _RETRY_HINTS | {H_SHOULD_RETRY}
-_RELAYED_PREFIXES = ("x-ratelimit-",)
 # Client errors that the same request will meet again: the SDKs must not retry them.
 _FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
 REDACTED = b"[redacted]"
@@ -51,7 +49,7 @@ def relay_headers(headers: Mapping[str, str]) -> dict[str, str]:
     selected: dict[str, str] = {}
     for name, value in headers.items():
         key = name.lower()
-        if key in _RELAYED or key.startswith(_RELAYED_PREFIXES):
+        if is_upstream_relayed(key):
             selected[key] = value
         elif key == "x-request-id":
             selected[H_UPSTREAM_REQUEST_ID] = value
@@ -117,7 +115,7 @@ def upstream_error(
             code="upstream_auth_failed",
             headers={H_SHOULD_RETRY: "false"},
         )
-    retry_hints = {k: v for k, v in relayed.items() if k in _RETRY_HINTS}
+    retry_hints = {k: v for k, v in relayed.items() if k in RETRY_HINTS}
     if status in (408, 504):
         return GatewayTimeoutError(
             f"The provider `{provider}` did not answer in time.", headers=retry_hints
