@@ -155,6 +155,7 @@ class CompletionsEndpoint:
             self.bus.cancel_soon(call.request_id)
             raise GatewayTimeoutError("The model did not answer in time.") from e
         if reply.kind not in (ReplyKind.FINAL, ReplyKind.ERROR):
+            self.bus.cancel_soon(call.request_id)  # else the backend streams on for nobody
             raise UpstreamError("The backend streamed an answer to a non-streaming request.")
         return Response(
             reply.body,
@@ -184,8 +185,12 @@ class CompletionsEndpoint:
                 self.bus.cancel_soon(call.request_id)
                 raise GatewayTimeoutError("No output from the model in time.") from e
             first = None  # commit to 200 now and ping until the first chunk
-        if first is not None and first.kind in (ReplyKind.ERROR, ReplyKind.FINAL):
-            # An answer before any output keeps its own status and body.
+        if first is not None and first.kind is ReplyKind.FINAL:
+            # As after the commit (SseRelay): a stream is never answered with a non-stream.
+            self.bus.cancel_soon(call.request_id)
+            raise UpstreamError("The backend answered a stream with a non-stream.")
+        if first is not None and first.kind is ReplyKind.ERROR:
+            # An error before any output keeps its own status and body.
             return Response(
                 first.body,
                 status_code=reply_status(first),

@@ -181,3 +181,23 @@ def test_relayable_keeps_relayed_names_lower_cased_with_text_values() -> None:
     assert relayable({"X-RateLimit-Limit-Tokens": "10", "x-ratelimit-reset": 5}) == {
         "x-ratelimit-limit-tokens": "10"
     }
+
+
+@pytest.mark.parametrize(
+    ("stream", "replies"),
+    [
+        (True, [reply(ReplyKind.FINAL, COMPLETION)]),
+        (False, [reply(ReplyKind.CHUNK, CHUNK), reply(ReplyKind.END, seq=1)]),
+        (False, [reply(ReplyKind.END)]),
+    ],
+)
+async def test_an_answer_of_the_wrong_shape_is_502_and_cancels_the_job(
+    backend: tuple[Backend, httpx.AsyncClient], stream: bool, replies: list[MakeReply]
+) -> None:
+    scripted, client = backend
+    scripted.replies = replies
+    response = await chat(client, stream=stream)
+    assert response.status_code == 502
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]["code"] == "upstream_error"
+    assert scripted.cancelled == [response.headers["x-request-id"]]
