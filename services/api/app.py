@@ -12,7 +12,7 @@ import orjson
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from services.api.agent_auth import AgentCredentials, parse_token_pairs
@@ -32,6 +32,7 @@ from services.api.openapi import (
     status_schema,
 )
 from services.api.settings import ApiSettings
+from services.api.sse import ClientGoneError
 from shared.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
@@ -236,10 +237,17 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(_: Request, exc: Exception) -> Response:
         return error_response(InvalidRequestError("Invalid request parameters."))
 
+    async def on_client_gone(request: Request, _: Exception) -> Response:
+        # Not a server error: nobody reads this answer, and uvicorn need not hear of it.
+        log.info("client left before the answer on %s", request.url.path)
+        return Response(status_code=499)
+
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         return unexpected_response(exc, request.url.path)
 
     app.add_exception_handler(RouterError, on_router_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ClientGoneError, on_client_gone)
+    app.add_exception_handler(ClientDisconnect, on_client_gone)
     app.add_exception_handler(Exception, on_unexpected)

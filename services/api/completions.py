@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -38,17 +38,21 @@ JSON = "application/json"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` (chunked bodies too)."""
+    """The whole body, refused with 413 as soon as it passes `limit` (chunked bodies too);
+    ClientGoneError if the client disconnects before sending all of it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
     parts: list[bytes] = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
+            parts.append(part)
+    except ClientDisconnect as e:  # mid-upload: nobody is left to answer
+        raise ClientGoneError() from e
     return b"".join(parts)
 
 
@@ -96,6 +100,9 @@ class CompletionsEndpoint:
         request_id = uuid.uuid4().hex
         try:
             return await self._complete(request, request_id, tenant, check_model)
+        except ClientGoneError:
+            log.info("client left before the answer to %s", request_id)
+            return Response(status_code=499)
         except RouterError as e:
             e.headers["x-request-id"] = request_id  # every answer names its request
             raise
@@ -139,9 +146,8 @@ class CompletionsEndpoint:
                 return response
             return await self._json(call, started)
         except ClientGoneError:
-            log.info("client left before the answer to %s", request_id)
             self.bus.cancel_soon(request_id)
-            return Response(status_code=499)
+            raise
         finally:
             if not handed_to_stream:
                 watcher.cancel()

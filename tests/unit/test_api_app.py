@@ -1,0 +1,66 @@
+"""The API application's answers that no endpoint writes: clients that leave while uploading,
+and HTTP errors raised by the framework itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from starlette.types import Message
+
+from services.api.app import create_app
+from services.api.settings import ApiSettings
+
+NO_BROKER = "amqp://u:p@127.0.0.1:1/"
+
+
+async def call_asgi(
+    path: str, messages: list[Message], headers: list[tuple[bytes, bytes]]
+) -> list[Message]:
+    """Run one POST through the app as a server would; what the app sent back."""
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, agent_token_secret="s" * 32))
+    pending = list(messages)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        # A server answers every read after the client left with another disconnect.
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *headers],
+        "server": ("api", 80),
+        "client": ("client", 1234),
+    }
+    async with asyncio.timeout(10):
+        await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/register", "/heartbeat"])
+async def test_a_client_that_leaves_mid_upload_is_499_not_a_server_error(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    upload = [
+        {"type": "http.request", "body": b'{"name": "ag', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent = await call_asgi(path, upload, [(b"authorization", b"Bearer some-agent-token")])
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
+    assert any("client left" in r.getMessage() for r in caplog.records)
