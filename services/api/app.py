@@ -224,13 +224,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
+        headers = dict(exc.headers or {})  # a 405's `Allow`
         mapped: RouterError
         if exc.status_code == 405:
-            mapped = MethodNotAllowedError("Method not allowed for this route.")
+            mapped = MethodNotAllowedError("Method not allowed for this route.", headers=headers)
         elif exc.status_code == 404:
-            mapped = NotFoundError("Unknown route.")
+            mapped = NotFoundError("Unknown route.", headers=headers)
         else:
-            mapped = RouterError(str(exc.detail))
+            kind = InvalidRequestError if exc.status_code < 500 else RouterError
+            mapped = kind(str(exc.detail), headers=headers)
             mapped.status = exc.status_code
         return error_response(mapped)
 

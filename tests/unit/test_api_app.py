@@ -7,7 +7,9 @@ import asyncio
 import logging
 from typing import Any
 
+import httpx
 import pytest
+from starlette.exceptions import HTTPException
 from starlette.types import Message
 
 from services.api.app import create_app
@@ -64,3 +66,35 @@ async def test_a_client_that_leaves_mid_upload_is_499_not_a_server_error(
     assert sent[0]["status"] == 499
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
     assert any("client left" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_405_names_the_allowed_methods() -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.get("/v1/chat/completions")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("status", "type_"),
+    [(400, "invalid_request_error"), (418, "invalid_request_error"), (503, "server_error")],
+)
+async def test_other_http_errors_keep_their_status_type_and_headers(
+    status: int, type_: str
+) -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+
+    @app.get("/raises")
+    async def raises() -> None:
+        raise HTTPException(status, detail="Said the framework.", headers={"x-why": "because"})
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.get("/raises")
+    assert response.status_code == status
+    assert response.headers["x-why"] == "because"
+    error = response.json()["error"]
+    assert (error["type"], error["message"]) == (type_, "Said the framework.")
