@@ -11,6 +11,7 @@ limits, and fields that would redirect outbound traffic (see `services.api.guard
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,11 @@ Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 SEED_BOUND = 2**63 - 1024
 SCHEMA_REF = "#/components/schemas/{model}"
 EXTRA_BODY_SCHEMA = "ExtraBody"
+# As OpenAI: `stream_options` (unless null) only with `"stream": true`; the document says so too.
+STREAM_OPTIONS_NEED_STREAM = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+}
 
 
 def _json_integer(value: Any) -> Any:
@@ -180,6 +186,11 @@ class ChatRequestParser:
             request = self._adapter.validate_python(data)
         except ValidationError as e:
             raise invalid_request(e) from e
+        if request.stream_options is not None and not request.stream:
+            raise InvalidRequestError(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return ChatRequestView(
             model=request.model,
@@ -194,6 +205,7 @@ class ChatRequestParser:
         components: dict[str, Any] = schema.pop("$defs", {})
         ref = SCHEMA_REF.format(model=EXTRA_BODY_SCHEMA)
         schema["properties"].update(openapi_properties(ref))
+        schema.update(copy.deepcopy(STREAM_OPTIONS_NEED_STREAM))
         components[EXTRA_BODY_SCHEMA] = extra_body_schema(ref)
         return schema, components
 

@@ -110,6 +110,7 @@ def _assert_openai_error(response: httpx.Response, status: int, param: str | Non
         ({"model": "dummy", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"model": "dummy", "messages": [{"content": "x"}]}, "messages[0].role"),
         ({"model": "dummy", "messages": MESSAGES, "stream": "yes"}, "stream"),
+        ({"model": "dummy", "messages": MESSAGES, "stream_options": {}}, "stream_options"),
     ],
 )
 def test_schema_violations_name_the_param(api_url: str, body: dict, param: str) -> None:

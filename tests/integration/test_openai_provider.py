@@ -219,16 +219,16 @@ def test_streamed_tool_calls(fake: Rig, client: openai.OpenAI) -> None:
 def test_a_400_reaches_the_sdk_with_the_upstreams_message(
     fake: Rig, client: openai.OpenAI, stream: bool
 ) -> None:
-    # The API lets this through; the fake (like OpenAI) refuses it.
-    kwargs: Any = {"stream_options": {"include_usage": True}}
+    # The API lets a tool without a name through; the fake (like OpenAI) refuses it.
+    kwargs: Any = {"tools": [{"type": "function", "function": {}}]}
     if stream:
         fake.script({"status": 400})
         kwargs = {"stream": True}
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, **kwargs)
     if not stream:
-        assert "only allowed when 'stream' is enabled" in info.value.message
-        assert info.value.param == "stream_options"
+        assert "Each tool needs a function with a name." in info.value.message
+        assert info.value.param == "tools"
     assert info.value.response.headers["x-should-retry"] == "false"
     assert fake.stats()["requests"] == 1
 
