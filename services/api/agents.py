@@ -48,6 +48,6 @@ class AgentEndpoints:
         try:
             message = model.model_validate(payload)
         except ValidationError as e:
-            raise invalid_request(e) from e
+            raise invalid_request(e, model) from e
         self.credentials.check(message.name, authorization)
         return message

@@ -12,8 +12,10 @@ limits, and fields that would redirect outbound traffic (see `services.api.guard
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import (
@@ -132,28 +134,96 @@ def param_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-# OpenAI's codes for the bounds it enforces; everything else is `invalid_value`.
+# OpenAI's codes for the bounds it enforces; every `*_type` error is `invalid_type`, anything
+# else `invalid_value`.
 _CODES = {
     "too_long": "array_above_max_length",
     "too_short": "empty_array",
     "less_than_equal": "integer_above_max_value",
     "greater_than_equal": "integer_below_min_value",
-    "int_type": "invalid_type",
-    "float_type": "invalid_type",
+}
+# What a `*_type` error expected, in JSON's words rather than pydantic's (which name classes).
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
 }
 
 
-def invalid_request(error: ValidationError) -> InvalidRequestError:
-    """The first violation as OpenAI would word it, naming the param."""
-    first = error.errors(include_url=False)[0]
-    param = param_path(first["loc"]) or None
-    if first["type"] == "missing":
+def invalid_request(error: ValidationError, model: type[BaseModel]) -> InvalidRequestError:
+    """The first violation of `model` as OpenAI would word it, naming the param (a JSON path
+    without pydantic's union tags)."""
+    fields = field_names(model)
+    errors = [(_without_union_tags(e["loc"], fields), e) for e in error.errors(include_url=False)]
+    first_loc = errors[0][0]
+    # A union's members fail together; the deepest failure is the telling one (`[1]` for a
+    # string-or-array is an array with a bad item, not a wrong string).
+    related = [(loc, e) for loc, e in errors if loc[: len(first_loc)] == first_loc]
+    loc, reported = max(related, key=lambda pair: len(pair[0]))
+    param = param_path(loc) or None
+    kind = reported["type"]
+    if kind == "missing":
         message = f"Missing required parameter: '{param}'."
+    elif kind.endswith("_type"):
+        expected = dict.fromkeys(
+            _EXPECTED.get(e["type"], "another type")
+            for at, e in related
+            if at == loc and e["type"].endswith("_type")
+        )
+        message = (
+            f"Invalid type for '{param}': expected {' or '.join(expected)}, "
+            f"but got {json_kind(reported['input'])} instead."
+        )
     else:
-        message = f"Invalid value for '{param}': {first['msg']}."
-    return InvalidRequestError(
-        message, param=param, code=_CODES.get(first["type"], "invalid_value")
-    )
+        message = f"Invalid value for '{param}': {reported['msg']}."
+    code = "invalid_type" if kind.endswith("_type") else _CODES.get(kind, "invalid_value")
+    return InvalidRequestError(message, param=param, code=code)
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, as OpenAI names it in its messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a decimal number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+@functools.cache
+def field_names(model: type[BaseModel]) -> frozenset[str]:
+    """The field names of `model` and of every model nested in it."""
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        names.add(info.alias or name)
+        for nested in _models_in(info.annotation):
+            names |= field_names(nested)
+    return frozenset(names)
+
+
+def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
+    """The models an annotation refers to (`list[ChatMessage] | None` -> ChatMessage)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        yield annotation
+    for arg in get_args(annotation):
+        yield from _models_in(arg)
+
+
+def _without_union_tags(
+    loc: tuple[int | str, ...], fields: frozenset[str]
+) -> tuple[int | str, ...]:
+    """`loc` without the union members pydantic names in it: ('messages', 0, 'content', 'str')
+    -> ('messages', 0, 'content'). A name that is no field of the model is such a tag."""
+    return tuple(part for part in loc if isinstance(part, int) or part in fields)
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -176,7 +246,8 @@ class ChatRequestParser:
 
     def __init__(self, limits: EdgeLimits | None = None) -> None:
         self.limits = limits or EdgeLimits()
-        self._adapter: TypeAdapter[ChatCompletionRequest] = TypeAdapter(request_model(self.limits))
+        self._model = request_model(self.limits)
+        self._adapter: TypeAdapter[ChatCompletionRequest] = TypeAdapter(self._model)
 
     def parse(self, body: bytes) -> ChatRequestView:
         """Parse and validate; raises InvalidRequestError naming the param on any violation."""
@@ -185,7 +256,7 @@ class ChatRequestParser:
         try:
             request = self._adapter.validate_python(data)
         except ValidationError as e:
-            raise invalid_request(e) from e
+            raise invalid_request(e, self._model) from e
         if request.stream_options is not None and not request.stream:
             raise InvalidRequestError(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",

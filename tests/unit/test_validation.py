@@ -5,9 +5,16 @@ from __future__ import annotations
 import jsonschema_rs
 import orjson
 import pytest
+from pydantic import ValidationError
 
-from services.api.validation import ChatRequestParser, param_path, parse_chat_request
+from services.api.validation import (
+    ChatRequestParser,
+    invalid_request,
+    param_path,
+    parse_chat_request,
+)
 from shared.errors import InvalidRequestError
+from shared.messages import AgentHeartbeat
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -92,3 +99,99 @@ def test_the_document_states_the_stream_options_rule(fields: dict, valid: bool) 
     document = {**schema, "components": {"schemas": components}}  # where its $refs point
     body = {"model": "m", "messages": MESSAGES, **fields}
     assert jsonschema_rs.validator_for(document).is_valid(body) is valid
+
+
+def user(**fields: object) -> list[dict[str, object]]:
+    return [{"role": "user", **fields}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code", "message"),
+    [
+        (
+            {"messages": user(content=5)},
+            "messages[0].content",
+            "invalid_type",
+            "Invalid type for 'messages[0].content': expected a string or an array, "
+            "but got an integer instead.",
+        ),
+        (
+            {"messages": user(content=[1])},
+            "messages[0].content[0]",
+            "invalid_type",
+            "Invalid type for 'messages[0].content[0]': expected an object, "
+            "but got an integer instead.",
+        ),
+        (
+            {"messages": ["hi"]},
+            "messages[0]",
+            "invalid_type",
+            "Invalid type for 'messages[0]': expected an object, but got a string instead.",
+        ),
+        (
+            {"messages": "hi"},
+            "messages",
+            "invalid_type",
+            "Invalid type for 'messages': expected an array, but got a string instead.",
+        ),
+        (
+            {"model": 5},
+            "model",
+            "invalid_type",
+            "Invalid type for 'model': expected a string, but got an integer instead.",
+        ),
+        (
+            {"stream": "yes"},
+            "stream",
+            "invalid_type",
+            "Invalid type for 'stream': expected a boolean, but got a string instead.",
+        ),
+        (
+            {"n": "2"},
+            "n",
+            "invalid_type",
+            "Invalid type for 'n': expected an integer, but got a string instead.",
+        ),
+        (
+            {"temperature": True},
+            "temperature",
+            "invalid_type",
+            "Invalid type for 'temperature': expected a number, but got a boolean instead.",
+        ),
+        (
+            {"stream": True, "stream_options": "x"},
+            "stream_options",
+            "invalid_type",
+            "Invalid type for 'stream_options': expected an object, but got a string instead.",
+        ),
+        (
+            {"stream": True, "stream_options": {"include_usage": 1}},
+            "stream_options.include_usage",
+            "invalid_type",
+            "Invalid type for 'stream_options.include_usage': expected a boolean, "
+            "but got an integer instead.",
+        ),
+        (
+            {"messages": user(content="x", name=None, tool_call_id=3), "n": 0},
+            "n",
+            "integer_below_min_value",
+            "Invalid value for 'n': Input should be greater than or equal to 1.",
+        ),
+    ],
+)
+def test_violations_name_the_param_in_jsons_words(
+    fields: dict, param: str, code: str, message: str
+) -> None:
+    body = {"model": "m", "messages": MESSAGES, **fields}
+    with pytest.raises(InvalidRequestError) as info:
+        ChatRequestParser().parse(orjson.dumps(body))
+    error = info.value
+    assert (error.param, error.code, error.message) == (param, code, message)
+
+
+def test_agent_payloads_are_worded_the_same_way() -> None:
+    with pytest.raises(ValidationError) as info:
+        AgentHeartbeat.model_validate({"name": "a", "load": True})
+    error = invalid_request(info.value, AgentHeartbeat)
+    assert (error.param, error.code) == ("load", "invalid_type")
+    assert error.message == "Invalid type for 'load': expected a number, but got a boolean instead."
