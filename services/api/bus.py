@@ -38,6 +38,12 @@ from shared.topology import Topology, declare_queue, declare_topology
 
 log = logging.getLogger(__name__)
 
+RECONNECT_INTERVAL = 1.0  # seconds between attempts, as the robust connections reconnect
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.message if isinstance(exc, RouterError) else f"{type(exc).__name__}: {exc}"
+
 
 class ApiBus:
     def __init__(self, settings: ApiSettings, topology: Topology) -> None:
@@ -64,26 +70,32 @@ class ApiBus:
         """Connect now if the broker answers, else keep trying in the background."""
         try:
             await self._connect()
-        except RouterError as e:
-            log.warning("broker not usable at start (%s); retrying in the background", e.message)
+        except Exception as e:
+            log.warning("broker not usable at start (%s); retrying in the background", _describe(e))
             self._connector = asyncio.create_task(self._keep_connecting())
 
     async def _keep_connecting(self) -> None:
+        """Try again every second until connected, whatever failed; `stop()` cancels it."""
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(RECONNECT_INTERVAL)
             try:
                 await self._connect()
-                log.info("connected to the broker")
-                return
             except RouterError:
+                continue  # the broker is still down: said once, at start
+            except Exception as e:  # aiormq or aio-pika failing mid-declare, bind or consume
+                log.warning("broker attach failed (%s); retrying", _describe(e))
                 continue
+            log.info("connected to the broker")
+            return
 
     async def _connect(self) -> None:
-        await self._broker.connect()
+        """Open the connections and attach the reply queue; on any failure close them all, so
+        the next attempt opens fresh ones and none is left reconnecting on its own."""
         try:
+            await self._broker.connect()
             await self._attach()
-        except RouterError:
-            await self._broker.close()  # the next attempt opens fresh connections
+        except Exception:
+            await self._broker.close()
             raise
 
     async def _attach(self) -> None:
