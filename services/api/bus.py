@@ -58,7 +58,6 @@ class ApiBus:
             publish_timeout=settings.publish_timeout,
             declare_shared=settings.declare_topology,
         )
-        self._connected = asyncio.Event()
         if not topology.is_persistent:
             # Transient mode: a broker that drops the connection may have lost every queued
             # job and reply, so nobody waits out a deadline for an answer that cannot come.
@@ -107,7 +106,6 @@ class ApiBus:
         await queue.bind(self.topology.replies_exchange, routing_key=queue.name)
         # Auto-ack: a reply is consumed once; the API is its only reader.
         await self._broker.consume(channel, queue, self._on_reply, no_ack=True)
-        self._connected.set()
 
     def _fail_waiting(self) -> None:
         log.warning("broker connection lost in transient mode: failing waiting requests")
@@ -117,7 +115,8 @@ class ApiBus:
 
     @property
     def is_ready(self) -> bool:
-        return self._connected.is_set() and self._broker.is_consuming
+        """Connected and consuming replies now (not merely once): what `/ready` reports."""
+        return self._broker.is_consuming
 
     async def stop(self) -> None:
         if self._connector is not None:
@@ -133,7 +132,8 @@ class ApiBus:
         self.replies.dispatch(decode_reply(env), env.user_id)
 
     def _require_connection(self) -> None:
-        if not self._connected.is_set():
+        """Fail fast while the broker is away, rather than publish into a dead connection."""
+        if not self.is_ready:
             raise BrokerUnavailableError()
 
     async def submit(self, job: Job) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiormq
@@ -13,6 +13,7 @@ import pytest
 
 from services.api.bus import ApiBus
 from services.api.settings import ApiSettings
+from shared.errors import BrokerUnavailableError
 from shared.messages import AgentHeartbeat
 from shared.topology import topology_for
 from tests.conftest import RABBITMQ, require_services
@@ -82,3 +83,46 @@ async def test_a_broker_error_while_attaching_is_retried_on_fresh_connections(
     await wait_until(lambda: bus.is_ready, "ready")
     assert attempts == 3
     assert len(abandoned) == 4 and all(conn.is_closed for conn in abandoned)
+
+
+Use = Callable[[ApiBus], Awaitable[object]]
+USES: dict[str, Use] = {
+    "announce": lambda bus: bus.announce(HEARTBEAT),
+    "ask_models": lambda bus: bus.ask_models(1.0),
+}
+
+
+@pytest.mark.parametrize("use", USES)
+async def test_after_losing_the_broker_publishes_fail_fast_until_it_is_back(
+    proxy: FaultProxy, use: str
+) -> None:
+    bus = bus_on(proxy.port)
+    try:
+        await bus.start()
+        await wait_until(lambda: bus.is_ready, "ready")
+        publish = bus._broker.publish
+        attempted: list[str] = []
+
+        async def recorded(*args: Any, **kwargs: Any) -> None:
+            attempted.append(args[0].type)
+            await publish(*args, **kwargs)
+
+        bus._broker.publish = recorded  # type: ignore[method-assign]
+        proxy.refuse = True  # the robust connections' reconnects fail too
+        proxy.reset_all()
+        await wait_until(lambda: not bus.is_ready, "disconnected")
+
+        async with asyncio.timeout(10):  # publishing into the dead connection could hang
+            with pytest.raises(BrokerUnavailableError):
+                await USES[use](bus)
+            await bus.cancel("req-1")  # logged, never raised
+        assert attempted == []  # refused without touching the dead connection
+
+        proxy.heal()
+        await wait_until(lambda: bus.is_ready, "ready again")
+        if use == "announce":
+            await bus.announce(HEARTBEAT)
+            assert attempted == ["agent.heartbeat"]
+    finally:
+        proxy.heal()  # stopping consumers waits for a broker that is back
+        await bus.stop()
