@@ -1,8 +1,10 @@
 """`POST /v1/chat/completions`: validate at the edge, publish a job, wait for its reply.
 
-The status line is committed only when the first reply arrives, so errors that come first keep
-their status and OpenAI body. A client that goes away makes the API broadcast a cancel, so
-whoever holds the job stops spending tokens on it.
+The status line waits for the first reply, so errors that come first keep their status and
+OpenAI body; only a stream with no reply after STREAM_KEEPALIVE_AFTER commits to 200 without one
+(and pings), after which any failure, a deadline too, is an error event in the stream. A client
+that goes away makes the API broadcast a cancel, so whoever holds the job stops spending tokens
+on it.
 """
 
 from __future__ import annotations

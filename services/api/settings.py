@@ -13,10 +13,16 @@ class ApiSettings(BrokerSettings):
     )
     api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
     request_timeout: float = Field(
-        120.0, gt=0, description="Total seconds a chat completion may take before 504."
+        120.0,
+        gt=0,
+        description="Total seconds a chat completion may take: then 504, or an error event in "
+        "a stream already committed to 200.",
     )
     ttft_timeout: float = Field(
-        60.0, gt=0, description="Seconds to wait for a stream's first chunk before 504."
+        60.0,
+        gt=0,
+        description="Seconds to wait for a stream's first chunk: then 504, or an error event "
+        "once the stream committed to 200 (after STREAM_KEEPALIVE_AFTER).",
     )
     stream_idle_timeout: float = Field(
         30.0, gt=0, description="Seconds a started stream may stay silent before it is ended."

@@ -4,6 +4,8 @@ client. The bus publishes nothing here: a scripted backend answers each job at o
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import orjson
@@ -59,12 +61,18 @@ class Backend:
         bus.cancel_soon = self.cancelled.append
 
 
-@pytest.fixture
-async def backend() -> AsyncIterator[tuple[Backend, httpx.AsyncClient]]:
-    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+@asynccontextmanager
+async def scripted(**settings: Any) -> AsyncIterator[tuple[Backend, httpx.AsyncClient]]:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, **settings))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         yield Backend(app), client
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[tuple[Backend, httpx.AsyncClient]]:
+    async with scripted() as pair:
+        yield pair
 
 
 async def chat(client: httpx.AsyncClient, *, stream: bool) -> httpx.Response:
@@ -201,3 +209,23 @@ async def test_an_answer_of_the_wrong_shape_is_502_and_cancels_the_job(
     assert response.headers["content-type"] == "application/json"
     assert response.json()["error"]["code"] == "upstream_error"
     assert scripted.cancelled == [response.headers["x-request-id"]]
+
+
+async def test_a_stream_committed_early_ends_a_missing_first_chunk_with_an_error_event() -> None:
+    """Past STREAM_KEEPALIVE_AFTER the status is 200 already: TTFT_TIMEOUT is no 504 then."""
+    async with scripted(stream_keepalive_after=0.05, ttft_timeout=0.5) as (scripted_, client):
+        response = await chat(client, stream=True)  # the backend never answers
+    assert response.status_code == 200
+    assert response.content.startswith(b": ping\n\n")
+    last = response.content.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"data: ") and b"[DONE]" not in response.content
+    assert orjson.loads(last.removeprefix(b"data: "))["error"]["code"] == "timeout"
+    assert scripted_.cancelled == [response.headers["x-request-id"]]
+
+
+async def test_a_stream_not_yet_committed_answers_a_missing_first_chunk_with_504() -> None:
+    async with scripted(stream_keepalive_after=30, ttft_timeout=0.1) as (scripted_, client):
+        response = await chat(client, stream=True)
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert scripted_.cancelled == [response.headers["x-request-id"]]
