@@ -46,7 +46,6 @@ H_ATTEMPT = "x-attempt"
 H_SEQ = "x-seq"
 H_STATUS = "x-status"
 H_HTTP_HEADERS = "x-http-headers"
-H_ROUTE = "x-route"
 H_DELIVERIES = "x-router-deliveries"  # deliveries counted where the queue type cannot
 
 

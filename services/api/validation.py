@@ -279,11 +279,3 @@ class ChatRequestParser:
         schema.update(copy.deepcopy(STREAM_OPTIONS_NEED_STREAM))
         components[EXTRA_BODY_SCHEMA] = extra_body_schema(ref)
         return schema, components
-
-
-_default_parser = ChatRequestParser()
-
-
-def parse_chat_request(body: bytes) -> ChatRequestView:
-    """Parse and validate with the default limits (see `ChatRequestParser.parse`)."""
-    return _default_parser.parse(body)

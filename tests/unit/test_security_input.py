@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.api.guards import REDIRECT_FIELDS, refuse_redirects
-from services.api.validation import ChatRequestParser, EdgeLimits, parse_chat_request
+from services.api.validation import ChatRequestParser, EdgeLimits
 from services.dispatcher.registry import AgentRecord, SqliteStore
 from shared.errors import InvalidRequestError
 from shared.messages import AgentHeartbeat, AgentRegistration
@@ -59,7 +59,7 @@ def test_paired_surrogates_and_odd_unicode_pass_untouched() -> None:
         b'{"model": "dummy", "messages": [{"role": "user", "content": "\\ud83d\\ude00 \xf0\x9f\x98'
         b'\x80 \\u0000 \xe2\x80\xae"}]}'
     )
-    assert parse_chat_request(raw).body is raw
+    assert ChatRequestParser().parse(raw).body is raw
 
 
 # --- limits ------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_too_many_messages() -> None:
 
 
 def test_the_default_message_limit_is_2048() -> None:
-    parse_chat_request(orjson.dumps({"model": "dummy", "messages": MESSAGES * 2048}))
+    ChatRequestParser().parse(orjson.dumps({"model": "dummy", "messages": MESSAGES * 2048}))
     refused(orjson.dumps({"model": "dummy", "messages": MESSAGES * 2049}))
 
 
@@ -157,7 +157,7 @@ def test_deeply_nested_extra_body_is_refused() -> None:
 )
 def test_lookalikes_elsewhere_pass_through(fields: dict[str, Any]) -> None:
     raw = body(**fields)
-    assert parse_chat_request(raw).body is raw
+    assert ChatRequestParser().parse(raw).body is raw
     refuse_redirects(orjson.loads(raw))
 
 
@@ -252,7 +252,7 @@ def test_registry_source_builds_no_sql_from_values() -> None:
 
 @pytest.mark.parametrize("seed", [b"9223372036854774784", b"-9223372036854774784", b"0"])
 def test_every_seed_the_schema_allows_is_accepted(seed: bytes) -> None:
-    parse_chat_request(body_with("seed", seed.decode()))
+    ChatRequestParser().parse(body_with("seed", seed.decode()))
 
 
 @pytest.mark.parametrize("field", ["n", "max_tokens", "max_completion_tokens", "seed"])
@@ -273,7 +273,7 @@ def test_numbers_are_strict(field: str, value: str) -> None:
     [("temperature", "1"), ("top_p", "0.5"), ("n", "2"), ("n", "2.0"), ("seed", "-3.0")],
 )
 def test_plain_numbers_pass(field: str, value: str) -> None:
-    parse_chat_request(body_with(field, value))
+    ChatRequestParser().parse(body_with(field, value))
 
 
 def body_with(field: str, value: str) -> bytes:

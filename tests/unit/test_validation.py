@@ -11,7 +11,6 @@ from services.api.validation import (
     ChatRequestParser,
     invalid_request,
     param_path,
-    parse_chat_request,
 )
 from shared.errors import InvalidRequestError
 from shared.messages import AgentHeartbeat
@@ -21,7 +20,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 def test_valid_body_keeps_its_raw_bytes() -> None:
     body = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x_new":{"a":1}}'
-    view = parse_chat_request(body)
+    view = ChatRequestParser().parse(body)
     assert view.body is body
     assert (view.model, view.stream, view.include_usage) == ("m", False, False)
 
@@ -35,7 +34,7 @@ def test_stream_options() -> None:
             "stream_options": {"include_usage": True},
         }
     )
-    view = parse_chat_request(body)
+    view = ChatRequestParser().parse(body)
     assert view.stream and view.include_usage
 
 
@@ -53,13 +52,13 @@ def test_param_path(loc: tuple, path: str) -> None:
 )
 def test_lone_surrogates_and_bad_utf8_are_400(body: bytes) -> None:
     with pytest.raises(InvalidRequestError):
-        parse_chat_request(body)
+        ChatRequestParser().parse(body)
 
 
 def test_n_and_max_tokens_limits_name_the_param() -> None:
     body = orjson.dumps({"model": "m", "messages": [{"role": "user"}], "n": 0})
     with pytest.raises(InvalidRequestError) as info:
-        parse_chat_request(body)
+        ChatRequestParser().parse(body)
     assert info.value.param == "n"
 
 
