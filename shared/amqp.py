@@ -191,6 +191,9 @@ def envelope_of(message: DeliveredMessage) -> Envelope:
 
 
 _RAW = "_router_raw_delivery"
+# How long stopping waits for the broker to confirm consumer cancels: while it is away a robust
+# channel would wait for its return, and a stopping process must end.
+STOP_TIMEOUT = 2.0
 
 
 def _deliver_raw() -> None:
@@ -528,16 +531,19 @@ class Broker:
         With `intake_only`, consumers registered with `intake=False` (cancels, control) keep
         running, so a draining service still hears that a client left.
         """
-        kept: list[tuple[AbstractQueue, str, bool]] = []
-        for queue, tag, intake in self._consumers:
-            if intake_only and not intake:
-                kept.append((queue, tag, intake))
-                continue
-            try:
-                await queue.cancel(tag)
-            except Exception:  # the channel may already be gone; intake is stopped either way
-                log.debug("cancel of consumer %s failed", tag, exc_info=True)
+        kept = [c for c in self._consumers if intake_only and not c[2]]
+        stopped = [c for c in self._consumers if c not in kept]
         self._consumers = kept
+        # All at once, under one deadline: a robust channel's cancel waits for a broker that
+        # is away, and a stopping process must end. A robust queue forgets the consumer before
+        # it asks the broker, so one given up on here is not restored when the broker returns.
+        results = await asyncio.gather(
+            *(asyncio.wait_for(queue.cancel(tag), STOP_TIMEOUT) for queue, tag, _ in stopped),
+            return_exceptions=True,
+        )
+        for (_, tag, _), result in zip(stopped, results, strict=True):
+            if isinstance(result, BaseException):  # the channel may be gone; intake stops anyway
+                log.debug("cancel of consumer %s failed: %r", tag, result)
 
     async def drain(self, timeout: float) -> None:
         """Wait for in-flight handlers to finish, then cancel those still running."""

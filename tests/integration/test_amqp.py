@@ -11,10 +11,11 @@ import aio_pika
 import pytest
 
 from shared import amqp_writes
-from shared.amqp import Broker, Delivery
+from shared.amqp import STOP_TIMEOUT, Broker, Delivery
 from shared.messages import Envelope
 from shared.topology import QueueSpec
-from tests.conftest import require_services
+from tests.conftest import RABBITMQ, require_services
+from tests.faults.harness.proxy import FaultProxy
 from tests.support.procs import new_namespace
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -157,3 +158,34 @@ async def test_publishes_made_together_leave_in_one_socket_write(
     per_write = [w.count(basic_publish) for w in writes if basic_publish in w]
     assert sum(per_write) == 40
     assert len(per_write) <= 2, per_write
+
+
+async def test_stopping_while_the_broker_is_away_ends_within_its_deadline() -> None:
+    """A SIGTERM during a broker outage must still end the process: cancelling a consumer on a
+    robust channel waits for the channel to come back, so stopping bounds that wait (once for
+    all consumers, not once each)."""
+    require_services()
+    proxy = FaultProxy(RABBITMQ[1]).start()
+    name = f"{new_namespace()}.away"
+    broker = Broker(
+        f"amqp://guest:guest@127.0.0.1:{proxy.port}/", name="test-amqp", publish_timeout=5
+    )
+    try:
+        await broker.connect()
+        for _ in range(3):
+            channel = await broker.channel(prefetch=10)
+            await broker.consume(channel, QueueSpec(name=name, durable=False), ignore)
+        proxy.refuse = True  # reconnects fail too
+        proxy.reset_all()
+        deadline = time.monotonic() + 15
+        while broker.is_connected:
+            assert time.monotonic() < deadline, "the broker never looked away"
+            await asyncio.sleep(0.05)
+        async with asyncio.timeout(STOP_TIMEOUT + 5):
+            await broker.stop_consuming()
+            await broker.close()
+        assert broker._consumers == []
+    finally:
+        proxy.heal()
+        proxy.close()
+        await broker.close()
