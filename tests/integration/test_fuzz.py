@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,7 +41,7 @@ from schemathesis.specs.openapi.checks import ignored_auth
 
 from services.api.agent_auth import derive_agent_token
 from tests.conftest import require_services
-from tests.support.procs import Stack, free_port, running_stack, wait_for, wait_http
+from tests.support.procs import LOG_DIR, Stack, free_port, running_stack, wait_for, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -52,7 +51,6 @@ CLIENT_KEY = "sk-fuzz-0123456789abcdef"
 AGENT_SECRET = "fuzz-agent-secret-0123456789"
 ECHO_TOKEN = "tok-echo-0123456789"
 FUZZ_ENV = {"LOG_LEVEL": "WARNING", "REQUEST_TIMEOUT": "10", "TTFT_TIMEOUT": "10"}
-SUMMARY: dict[str, dict[str, Any]] = {}
 # What counts as rejecting a negative case: schemathesis's own list, less 5xx (never an answer
 # here), plus 413. To break `maxItems` it can grow `messages` past MAX_BODY_BYTES (4 MiB), and
 # such a body is refused by its size before it is parsed, with the 413 every body route documents.
@@ -62,6 +60,19 @@ REJECTED = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422"
 def fuzz_config(**settings: Any) -> SchemathesisConfig:
     checks = {"checks": {"negative_data_rejection": {"expected-statuses": REJECTED}}}
     return SchemathesisConfig.from_dict({**settings, **checks})
+
+
+@pytest.fixture(scope="module")
+def fuzz_summary() -> Iterator[dict[str, dict[str, Any]]]:
+    """The case counts of each operation fuzzed here, left where a human can read them once the
+    module is done (var/test-logs/fuzz-summary.json)."""
+    summary: dict[str, dict[str, Any]] = {}
+    yield summary
+    if summary:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        (LOG_DIR / "fuzz-summary.json").write_bytes(
+            orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +114,16 @@ class AgentToken:
 
 
 def fuzz(
-    schema: schemathesis.BaseSchema, path: str, method: str, base_url: str, credential: str
+    schema: schemathesis.BaseSchema,
+    path: str,
+    method: str,
+    base_url: str,
+    credential: str,
+    *,
+    recorded: dict[str, dict[str, Any]],
 ) -> None:
-    """Run the cases of one operation (half each mode) and assert on every answer.
+    """Run the cases of one operation (half each mode), assert on every answer and that each
+    mode sent some, and record the counts in `recorded`.
 
     Negative cases of an operation with a body carry `credential`, so that they break the body
     rather than mostly the key; keys are tested by schemathesis's auth check, which probes every
@@ -133,8 +151,10 @@ def fuzz(
         )
         for mode in modes
     }
-    SUMMARY[f"{method} {path}"] = summary
+    recorded[f"{method} {path}"] = summary
     print(f"\nfuzz {method} {path}: {summary}")
+    sent = {mode: counts["cases"] for mode, counts in summary.items()}
+    assert sent and all(sent.values()), f"{method} {path}: cases sent {sent}"
 
 
 def fuzz_mode(
@@ -192,17 +212,22 @@ V1_OPERATIONS = [
 
 
 @pytest.mark.parametrize(("path", "method"), V1_OPERATIONS)
-def test_fuzz_client_routes(v1_api: str, path: str, method: str) -> None:
+def test_fuzz_client_routes(
+    v1_api: str, fuzz_summary: dict[str, dict[str, Any]], path: str, method: str
+) -> None:
     config = fuzz_config(auth={"openapi": {"clientKey": {"bearer": CLIENT_KEY}}})
     schema = schemathesis.openapi.from_dict(document(v1_api), config=config)
-    fuzz(schema, path, method, v1_api, CLIENT_KEY)
+    fuzz(schema, path, method, v1_api, CLIENT_KEY, recorded=fuzz_summary)
 
 
 @pytest.mark.parametrize(("path", "method"), [("/register", "POST"), ("/heartbeat", "POST")])
-def test_fuzz_agent_routes(agent_api: str, path: str, method: str) -> None:
+def test_fuzz_agent_routes(
+    agent_api: str, fuzz_summary: dict[str, dict[str, Any]], path: str, method: str
+) -> None:
     schema = schemathesis.openapi.from_dict(document(agent_api), config=fuzz_config())
     schema.auth(refresh_interval=None)(AgentToken)
-    fuzz(schema, path, method, agent_api, derive_agent_token(AGENT_SECRET, "fuzz-agent"))
+    token = derive_agent_token(AGENT_SECRET, "fuzz-agent")
+    fuzz(schema, path, method, agent_api, token, recorded=fuzz_summary)
 
 
 def test_document_covers_every_route(v1_api: str) -> None:
@@ -357,11 +382,3 @@ def test_ten_thousand_unicode_contents_round_trip_as_content_parts(echo_stack: s
         check()
     print(f"\ncontent parts round trips: {sent} in {time.monotonic() - started:.1f}s")
     assert sent >= PARTS_EXAMPLES
-
-
-def test_fuzz_summary_recorded(tmp_path: Path) -> None:
-    """Leaves the case counts of this run where a human can read them (var/test-logs)."""
-    if SUMMARY:
-        out = Path(__file__).resolve().parents[2] / "var" / "test-logs" / "fuzz-summary.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(orjson.dumps(SUMMARY, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
