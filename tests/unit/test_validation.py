@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from services.api.validation import (
     ChatRequestParser,
+    EdgeLimits,
     invalid_request,
     param_path,
 )
@@ -55,11 +56,21 @@ def test_lone_surrogates_and_bad_utf8_are_400(body: bytes) -> None:
         ChatRequestParser().parse(body)
 
 
-def test_n_and_max_tokens_limits_name_the_param() -> None:
-    body = orjson.dumps({"model": "m", "messages": [{"role": "user"}], "n": 0})
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("n", 0, "integer_below_min_value"),
+        ("n", 129, "integer_above_max_value"),
+        ("max_tokens", 0, "integer_below_min_value"),
+        ("max_tokens", EdgeLimits().max_tokens + 1, "integer_above_max_value"),
+        ("max_completion_tokens", EdgeLimits().max_tokens + 1, "integer_above_max_value"),
+    ],
+)
+def test_n_and_max_tokens_limits_name_the_param(field: str, value: int, code: str) -> None:
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user"}], field: value})
     with pytest.raises(InvalidRequestError) as info:
         ChatRequestParser().parse(body)
-    assert info.value.param == "n"
+    assert (info.value.status, info.value.param, info.value.code) == (400, field, code)
 
 
 STREAM_OPTIONS = {"include_usage": True}
