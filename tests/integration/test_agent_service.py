@@ -1,13 +1,14 @@
-"""An agent in-process on the real RabbitMQ, in front of an in-process fake vLLM and a stand-in
-for the API's /register and /heartbeat: what its readiness and its lifecycle rely on."""
+"""An agent in-process on the real RabbitMQ, in front of an in-process fake vLLM, registering
+with the real API (a process): what its readiness and its lifecycle rely on."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
+import aio_pika
 import pytest
-from aiohttp import web
 
 from fakes import FakeConfig, running
 from fakes import vllm as fake_vllm
@@ -15,39 +16,47 @@ from services.agent.heartbeat import Registrar
 from services.agent.service import AgentService, run
 from services.agent.settings import AgentSettings
 from shared.settings import Durability
+from shared.topology import Topology
 from tests.conftest import require_services
-from tests.support.procs import new_namespace
+from tests.support.procs import running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-async def accept(_: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+TOKEN = "tok-t1"
 
 
 @pytest.fixture
 async def settings() -> AsyncIterator[AgentSettings]:
-    """Settings for one agent in a broker namespace of its own, with its fake vLLM and API."""
+    """Settings for one agent in a broker namespace of its own, with its fake vLLM and the real
+    API of that namespace, which knows the agent's token."""
     require_services()
-    api = web.Application()
-    api.add_routes([web.post("/register", accept), web.post("/heartbeat", accept)])
     vllm = fake_vllm.create_app(FakeConfig(models=["m"]))
-    async with running(vllm) as vllm_url, running(api) as api_url:
-        yield AgentSettings(
-            rabbitmq_url=URL,
-            broker_namespace=new_namespace(),
-            durability=Durability.TRANSIENT,
-            agent_name="t1",
-            agent_models="local_m=m",
-            vllm_url=vllm_url,
-            router_url=api_url,
-            agent_bind="127.0.0.1",
-            agent_port=0,
-            heartbeat_interval=0.05,
-            drain_timeout=1,
-        )
+    env = {"DURABILITY": Durability.TRANSIENT.value, "AGENT_TOKENS": f"t1={TOKEN}"}
+    with running_stack(env) as stack:
+        api_url = stack.start_api()
+        async with running(vllm) as vllm_url:
+            yield AgentSettings(
+                rabbitmq_url=URL,
+                broker_namespace=stack.namespace,
+                durability=Durability.TRANSIENT,
+                agent_name="t1",
+                agent_token=TOKEN,
+                agent_models="local_m=m",
+                vllm_url=vllm_url,
+                router_url=api_url,
+                agent_bind="127.0.0.1",
+                agent_port=0,
+                heartbeat_interval=0.05,
+                drain_timeout=1,
+            )
+
+
+async def until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout}s"
+        await asyncio.sleep(0.05)
 
 
 async def test_an_agent_whose_consumer_the_broker_dropped_is_not_attached(
@@ -58,7 +67,14 @@ async def test_an_agent_whose_consumer_the_broker_dropped_is_not_attached(
     service = AgentService(settings)
     try:
         await service.start()
-        assert service.is_attached()
+        registrar = service.registrar
+        assert registrar is not None
+        # Registered and heartbeating through the real API, so readiness is the consumers' alone.
+        await until(
+            lambda: service.is_ready() and registrar.heartbeats_sent > 0,
+            timeout=10,
+            what="registered and heartbeating",
+        )
         queue, tag, _ = service.broker._consumers[-1]  # the model queue's consumer
         assert queue.name.endswith(".agent.local_m")
         # Straight on the aiormq channel, so aio-pika does not know and does not consume again.
@@ -74,10 +90,31 @@ async def test_an_agent_whose_consumer_the_broker_dropped_is_not_attached(
 async def test_an_agent_whose_heartbeats_end_stops_with_an_error(
     settings: AgentSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def dies(_: Registrar) -> None:
+    """`run()` raises, and the agent stops consuming, once its heartbeats end after a real
+    registration. Only a bug ends them: the loop outlives any Exception and a refused
+    registration is retried (services/agent/heartbeat.py), so a patched loop stands in for that
+    bug; the rest (broker, API, registration, stopping) is real. `serve()` alone is unit-tested
+    in tests/unit/test_agent_service.py."""
+    registered_when_it_died: list[bool] = []
+
+    async def dies(registrar: Registrar) -> None:
+        registered_when_it_died.append(registrar.registered.is_set())
         raise RuntimeError("heartbeat loop died")
 
     monkeypatch.setattr(Registrar, "heartbeat_forever", dies)
     stop = asyncio.Event()  # never set: only the dead heartbeats can end the run
     with pytest.raises(RuntimeError, match="heartbeats ended"):
         await asyncio.wait_for(run(settings, stop), 20)
+    assert registered_when_it_died == [True]  # the real API accepted the registration
+    assert await consumers_of(settings, "local_m") == 0
+
+
+async def consumers_of(settings: AgentSettings, model: str) -> int:
+    topology = Topology(namespace=settings.broker_namespace, mode=settings.durability)
+    connection = await aio_pika.connect(URL)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(topology.agent_queue(model), passive=True)
+        return int(queue.declaration_result.consumer_count or 0)
+    finally:
+        await connection.close()
