@@ -13,8 +13,13 @@ was accepted (status line and first byte), its terminal outcome and its latency.
   transport    the API itself dropped or refused the connection
 
 `assert_ledger()` is the contract every case checks: 0 accepted requests lost (no hang, no
-transport failure once accepted), 0 duplicates delivered, every request ending in `ok`, `error`
-or `error_event` within its deadline plus 2 s.
+transport failure once accepted), every request ending in `ok`, `error` or `error_event` within
+its deadline plus 2 s, and no duplicate reply delivered as far as a client can tell. One HTTP
+request gets one response, so a duplicate can only show inside it: a stream with a second role
+or finish chunk (`bad`), or an `ok` answer whose text is not its model's answer in `answers`
+(`dummy` and the fakes give every request the same one), as a repeated, lost or reordered
+content chunk or a mixed-up JSON body makes it. Requests given the same answer look alike, so
+a whole reply delivered to the wrong request would go unseen.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import itertools
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -297,7 +302,9 @@ class LoadGenerator:
         return self.ledger
 
 
-def _problem(entry: Entry, allowed: set[int], ok_after: float | None, twice: bool) -> str:
+def _problem(
+    entry: Entry, allowed: set[int], ok_after: float | None, answers: Mapping[str, str]
+) -> str:
     if entry.outcome not in TERMINAL:
         return "not ended well"
     if entry.latency is not None and entry.latency > entry.timeout + GRACE:
@@ -306,8 +313,9 @@ def _problem(entry: Entry, allowed: set[int], ok_after: float | None, twice: boo
         return "unexpected status"
     if ok_after is not None and entry.sent >= ok_after and entry.outcome != "ok":
         return "not served after recovery"
-    if twice:
-        return "request id answered twice"
+    answer = answers.get(entry.model)
+    if entry.outcome == "ok" and answer is not None and entry.text != answer:
+        return f"answered {entry.text[:120]!r}, not {answer[:120]!r}"
     return ""
 
 
@@ -317,16 +325,17 @@ def failures(
     allowed_errors: Iterable[int] = (502, 503, 504),
     ok_after: float | None = None,
     min_requests: int = 1,
+    answers: Mapping[str, str] | None = None,
 ) -> list[Entry]:
-    return [e for e, _ in _judge(ledger, set(allowed_errors), ok_after)]
+    return [e for e, _ in _judge(ledger, set(allowed_errors), ok_after, answers or {})]
 
 
-def _judge(ledger: Ledger, allowed: set[int], ok_after: float | None) -> list[tuple[Entry, str]]:
-    ids = Counter(e.request_id for e in ledger.entries if e.request_id)
+def _judge(
+    ledger: Ledger, allowed: set[int], ok_after: float | None, answers: Mapping[str, str]
+) -> list[tuple[Entry, str]]:
     judged = []
     for entry in ledger.entries:
-        twice = bool(entry.request_id) and ids[entry.request_id] > 1
-        problem = _problem(entry, allowed, ok_after, twice)
+        problem = _problem(entry, allowed, ok_after, answers)
         if problem:
             judged.append((entry, problem))
     return judged
@@ -338,14 +347,15 @@ def assert_ledger(
     allowed_errors: Iterable[int] = (502, 503, 504),
     ok_after: float | None = None,
     min_requests: int = 1,
+    answers: Mapping[str, str] | None = None,
 ) -> None:
     """Every request ended in ok, an OpenAI error with an allowed status, or an error event,
-    within its deadline plus GRACE; no duplicates; and, from `ok_after` (monotonic) on, every
-    request sent was answered ok."""
+    within its deadline plus GRACE; every ok answer of a model in `answers` (choice 0's text)
+    was exactly that model's answer; and, from `ok_after` (monotonic) on, every request sent
+    was answered ok."""
     assert len(ledger.entries) >= min_requests, f"only {len(ledger.entries)} requests sent"
-    problems = [
-        f"{why}: {e.describe()}" for e, why in _judge(ledger, set(allowed_errors), ok_after)
-    ]
+    judged = _judge(ledger, set(allowed_errors), ok_after, answers or {})
+    problems = [f"{why}: {e.describe()}" for e, why in judged]
     assert not problems, (
         f"{len(problems)} of {len(ledger.entries)} requests broke the contract "
         f"({ledger.summary()}):\n" + "\n".join(problems[:25])

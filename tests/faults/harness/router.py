@@ -18,6 +18,9 @@ from typing import Any
 
 import httpx
 
+from fakes.cli import build_parser, config_from_args
+from fakes.core import reply_tokens
+from services.dispatcher.dummy import PLACEHOLDER
 from tests.faults.harness.load import Ledger, assert_ledger, failures
 from tests.faults.harness.nodes import RabbitNode, RedisNode
 from tests.faults.harness.proxy import FaultProxy
@@ -27,6 +30,14 @@ MODEL = "tiny"  # what the fake vLLM serves
 LOCAL = f"local_{MODEL}"  # what clients ask the router for
 AGENT_NAMES = ("a1", "a2", "a3")
 AGENT_TOKENS = ",".join(f"{name}=tok-{name}" for name in AGENT_NAMES)
+OPENAI_MODELS = "gpt-4o-mini,gpt-4o"  # what the fake OpenAI serves
+
+
+def fake_answer(args: list[str], *, models: str = MODEL) -> str | None:
+    """The text a fake started with these flags answers every request (None with --echo)."""
+    parser = build_parser("fake", port=0, models=models, api_key="sk-fake")
+    config = config_from_args(parser.parse_args(args))
+    return None if config.echo else "".join(reply_tokens(config))
 
 
 @dataclass
@@ -54,6 +65,7 @@ class ModuleService(Service):
 class Fake:
     service: Service
     url: str
+    answer: str | None = None  # what it answers every request; None when that varies
 
     def stats(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.url}/_fake/stats", timeout=5).json())
@@ -83,6 +95,7 @@ class FaultRouter:
     apis: list[str] = field(default_factory=list)
     proxies: list[FaultProxy] = field(default_factory=list)
     fakes: list[Fake] = field(default_factory=list)
+    openai_fakes: list[Fake] = field(default_factory=list)
 
     @property
     def api(self) -> str:
@@ -126,22 +139,24 @@ class FaultRouter:
 
     def fake(self, *args: str) -> Fake:
         port = free_port()
-        service = self.stack.start(
-            "fake-vllm", ["fake-vllm", "--port", str(port), "--models", MODEL, *args]
-        )
+        flags = ["--port", str(port), "--models", MODEL, *args]
+        service = self.stack.start("fake-vllm", ["fake-vllm", *flags])
         url = f"http://127.0.0.1:{port}"
         wait_http(f"{url}/health", service=service)
-        fake = Fake(service, url)
+        fake = Fake(service, url, fake_answer(flags))
         self.fakes.append(fake)
         return fake
 
     def fake_openai(self, *args: str) -> Fake:
         """A fake OpenAI (key `sk-fake`, models gpt-4o-mini and gpt-4o)."""
         port = free_port()
-        service = self.stack.start("fake-openai", ["fake-openai", "--port", str(port), *args])
+        flags = ["--port", str(port), *args]
+        service = self.stack.start("fake-openai", ["fake-openai", *flags])
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _answers(f"{url}/_fake/stats"), timeout=20, message="fake-openai down")
-        return Fake(service, url)
+        fake = Fake(service, url, fake_answer(flags, models=OPENAI_MODELS))
+        self.openai_fakes.append(fake)
+        return fake
 
     def agent(self, name: str, upstream: str, *, ready: bool = True, **extra: str) -> Agent:
         """An agent serving `local_tiny` from the server at `upstream` (a base URL)."""
@@ -199,8 +214,20 @@ class FaultRouter:
                     lines.append(f"[{service.name} {service.pid}] {line[:300]}")
         return "\n".join(lines[:limit]) or "(no log line names them)"
 
+    def answers(self) -> dict[str, str]:
+        """Each model's one answer, as far as this router's fakes give one: `dummy`'s, and a
+        model's served by fakes that all answer the same fixed text (others go unchecked)."""
+        answers = {"dummy": PLACEHOLDER}
+        for models, fakes in ([LOCAL], self.fakes), (OPENAI_MODELS.split(","), self.openai_fakes):
+            texts = {fake.answer for fake in fakes}
+            if len(texts) == 1 and (text := texts.pop()) is not None:
+                answers.update(dict.fromkeys(models, text))
+        return answers
+
     def check(self, ledger: Ledger, **expectations: Any) -> None:
-        """`assert_ledger`, with the processes' log lines about the failed requests."""
+        """`assert_ledger`, with the processes' log lines about the failed requests; every
+        model's `answers()` are checked unless the case passes its own `answers`."""
+        expectations.setdefault("answers", self.answers())
         try:
             assert_ledger(ledger, **expectations)
         except AssertionError as e:
