@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import httpx
@@ -21,6 +22,8 @@ from tests.faults.harness.router import LOCAL, FaultRouter
 
 RouterFactory = Callable[..., FaultRouter]
 SAME = "the same question, every time"
+# Fail-open with bounded added latency, as docs/reliability.md promises: behavioural bounds
+# (a breaker skips Redis after one CACHE_TIMEOUT_MS), not speed targets.
 ADDED_P50 = 0.25  # s: what a Redis fault may add to the median request
 WORST = 2.0  # s: no request may take longer than this while Redis is away
 
@@ -70,10 +73,12 @@ async def test_redis_fault_is_a_cache_bypass(
         await wait_for_hit(http, within=10)
         before = await measure(http, 3.0)
         if fault == "kill":
-            redis_node.kill()
+            redis_node.kill()  # returns once the process is gone
         else:
             redis_node.pause()
+        faulted = time.monotonic()
         during = await measure(http, 4.0)
+        recovering = time.monotonic()
         if fault == "kill":
             await asyncio.to_thread(redis_node.start)
         else:
@@ -89,4 +94,13 @@ async def test_redis_fault_is_a_cache_bypass(
     assert worse - base <= ADDED_P50, f"Redis {fault}: p50 {base:.3f}s -> {worse:.3f}s"
     assert slowest <= WORST, f"Redis {fault}: a request took {slowest:.2f}s"
     assert any(e.cache == "hit" for e in before.entries), before.summary()
-    assert not any(e.cache == "hit" for e in during.entries), "a hit from a dead Redis?"
+    # Only a request sent after the fault and ended before the recovery met Redis away for
+    # certain (`measure` ends every request it sent, so here that is all of them).
+    outage = [
+        e
+        for e in during.entries
+        if e.sent >= faulted and e.finished is not None and e.finished <= recovering
+    ]
+    assert outage, during.summary()
+    labels = Counter(e.cache for e in outage)
+    assert labels == {"bypass": len(outage)}, f"Redis {fault}: x-cache {dict(labels)}"
