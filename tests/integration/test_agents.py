@@ -125,9 +125,9 @@ def test_silent_agent_leaves_the_model_list_and_requests_fail_fast(router: Route
         stopped = time.monotonic()
         wait_for(lambda: "local_m" not in router.models(), timeout=TTL + 3, interval=0.2)
         assert time.monotonic() - stopped >= TTL - 1.0  # not before the TTL (minus one interval)
-        started = time.monotonic()
         response = router.chat("local_m")
-        assert time.monotonic() - started < 1.0
+        # Refused by the dispatcher at once: a job queued for the frozen agent would end in
+        # `no_agent_available` (its queue TTL) or a 504 (the deadline) instead.
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "no_live_agent"
     finally:
@@ -198,9 +198,9 @@ def test_client_leaving_a_stream_aborts_the_upstream_call(router: Router) -> Non
             if i == 3:
                 break
         stream.close()
-        left = time.time()
-    wait_for(lambda: fake.stats()["aborted"] >= 1, timeout=2, message="upstream never aborted")
-    assert fake.stats()["aborted_at"][-1] - left < 1.0
+    # 400 tokens at 20 a second take 20 s: aborted well before then, and never completed, the
+    # call was cut by the client's leaving.
+    wait_for(lambda: fake.stats()["aborted"] >= 1, timeout=10, message="upstream never aborted")
     assert fake.stats()["completed"] == 0
 
 
@@ -222,7 +222,9 @@ def test_agent_killed_mid_stream_ends_the_stream_with_an_error(router: Router) -
                     agent.service.kill()
                     killed = time.monotonic()
         ended = time.monotonic() - killed
-    assert ended < 3 + 1.5, ended  # STREAM_IDLE_TIMEOUT=3 on the API
+    # A behavioural bound: a stream gone silent ends within the API's STREAM_IDLE_TIMEOUT (3 s
+    # here), plus 2 s for a loaded machine; only time tells it from the 20 s deadline's error.
+    assert ended < 3 + 2, ended
     assert received < 100
 
 

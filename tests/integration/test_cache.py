@@ -338,7 +338,10 @@ def test_followers_of_a_failed_leader_are_routed_at_once(cache: CacheStack) -> N
     elapsed = time.monotonic() - started
     assert sorted(r.status_code for r in responses)[:3] == [200] * 3
     assert max(r.status_code for r in responses) >= 500
-    # Without the leader's failure event they would wait out the lock (10 s here).
+    # A behavioural bound (README, "Single flight": a failed leader's followers are routed at
+    # once) that only time shows: without the failure event they would be routed just the same,
+    # after waiting out the lock (10 s here: half their time left). The leader fails after 1 s;
+    # 5 s leaves 4 s for a loaded machine.
     assert elapsed < 5.0, elapsed
 
 
@@ -355,8 +358,11 @@ def test_a_retry_does_not_wait_for_the_call_its_client_gave_up(cache: CacheStack
     started = time.monotonic()
     retry = cache.chat(body)
     assert retry.status_code == 200 and retry.headers["x-cache"] == "miss"
-    # The cancelled leader's dispatcher released its lock: no waiting it out (10 s here).
-    assert time.monotonic() - started < 4.0
+    # A behavioural bound (README, "Single flight": a client's retry never waits for the call it
+    # gave up on) that only time shows: with the lock kept, the retry would be answered just the
+    # same, after waiting it out (10 s here: half its time left). Its own call is instant, so
+    # 5 s leaves a loaded machine ample room.
+    assert time.monotonic() - started < 5.0
 
 
 # --- fail-open ---------------------------------------------------------------------------------
@@ -375,7 +381,9 @@ def test_requests_bypass_a_stopped_redis_and_hits_resume_when_it_returns(
             response = cache.chat({**body, "stream": stream})
             assert response.status_code == 200, response.text
             assert response.headers["x-cache"] == "bypass"
-            assert time.monotonic() - started < 2.0
+            # Fail-open with bounded added latency (README, "Redis down or slow"): at most one
+            # CACHE_TIMEOUT_MS (1 s here), plus 2 s for a loaded machine.
+            assert time.monotonic() - started < 1.0 + 2.0
     finally:
         cache.redis.start()
     # The restarted Redis is empty: the next answer is stored again, then served from it.

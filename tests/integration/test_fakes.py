@@ -355,7 +355,7 @@ async def test_script_rejects_bad_steps_and_reset_clears(fake: Fake) -> None:
 # --- aborts and pacing ------------------------------------------------------------
 
 
-async def test_abort_of_slow_stream_recorded_within_a_second(fake: Fake) -> None:
+async def test_abort_of_slow_stream_is_recorded(fake: Fake) -> None:
     stream = await fake.client.chat.completions.create(
         model=fake.model,
         messages=MESSAGES,
@@ -366,11 +366,10 @@ async def test_abort_of_slow_stream_recorded_within_a_second(fake: Fake) -> None
     second = await stream.__anext__()
     assert second.id == first.id
     await stream.close()
-    left_at = time.time()
-    stats = await fake.control.wait_for(lambda st: st["aborted"] > 0)
+    # 100 tokens at 10 a second take 10 s: seen aborted before then, it was the client's leaving.
+    stats = await fake.control.wait_for(lambda st: st["aborted"] > 0, timeout=5)
     assert stats["aborted"] == 1
     assert stats["aborted_ids"] == [first.id]
-    assert 0 <= stats["aborted_at"][0] - left_at < 1.0
     assert stats["in_flight"] == 0 and stats["completed"] == 0
 
 
@@ -380,12 +379,12 @@ async def test_abort_while_waiting_for_first_byte(fake: Fake) -> None:
             model=fake.model,
             messages=MESSAGES,
             timeout=0.2,
-            extra_headers={"x-fake-latency": "3"},
+            extra_headers={"x-fake-latency": "30"},
         )
-    left_at = time.time()
-    stats = await fake.control.wait_for(lambda st: st["aborted"] > 0)
+    # The first byte is 30 s away: an abort seen before then was noticed while waiting for it.
+    stats = await fake.control.wait_for(lambda st: st["aborted"] > 0, timeout=10)
     assert stats["aborted"] == 1
-    assert stats["aborted_at"][0] - left_at < 1.0
+    assert stats["in_flight"] == 0 and stats["completed"] == 0
 
 
 async def test_header_overrides_pace_one_request(fake: Fake) -> None:
@@ -399,7 +398,7 @@ async def test_header_overrides_pace_one_request(fake: Fake) -> None:
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     elapsed = time.monotonic() - start
     assert text == "Hello world The quick brown"
-    assert 0.3 <= elapsed < 2.0  # 0.1 s latency + 4 gaps of 50 ms
+    assert elapsed >= 0.3  # paced: 0.1 s latency + 4 gaps of 50 ms (the defaults send at once)
     status, _, body = await fake.raw_chat(
         {"model": fake.model, "messages": MESSAGES}, {"x-fake-tokens": "nope"}
     )

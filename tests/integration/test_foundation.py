@@ -158,11 +158,10 @@ def test_unknown_route_is_404(api_url: str) -> None:
     _assert_openai_error(httpx.get(f"{api_url}/v1/nothing-here"), 404)
 
 
-def test_unknown_model_is_an_immediate_404(client: openai.OpenAI) -> None:
-    started = time.monotonic()
+def test_unknown_model_is_a_404_not_a_wait_for_the_deadline(client: openai.OpenAI) -> None:
+    # The dispatcher refuses it at once: a job left waiting would end 504 at its deadline.
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
-    assert time.monotonic() - started < 2
     assert info.value.code == "model_not_found"
 
 

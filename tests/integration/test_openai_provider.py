@@ -7,7 +7,6 @@ the dispatcher logs at DEBUG, so the last test can prove the key never leaks.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -291,13 +290,13 @@ def test_a_partial_upstream_error_reaches_the_client_with_all_four_fields(fake: 
 
 def test_a_stream_cut_mid_way_is_an_error_not_a_hang(fake: Rig, client: openai.OpenAI) -> None:
     fake.script({"cut_after_chunks": 3})
-    started = time.monotonic()
     got: list[str] = []
     stream = client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+    # The provider's "interrupted" error event: a hang would end otherwise (the API's "stopped
+    # sending output in time", or the SDK's timeout), so no clock is needed to tell them apart.
     with pytest.raises(openai.APIError, match="interrupted"):
         for chunk in stream:
             got.append(chunk.choices[0].delta.content or "")
-    assert time.monotonic() - started < 5
     assert "".join(got) == "Hello world"  # role chunk, "Hello", " world", then the cut
     assert fake.stats()["requests"] == 1  # output had started: too late to retry
 
@@ -334,12 +333,9 @@ def test_slow_provider_streams_do_not_delay_dummy(fake: Rig) -> None:
             message="the slow streams did not all reach the upstream",
         )
         with sdk_client(fake.api_url) as c:
-            started = time.monotonic()
             answer = c.chat.completions.create(model="dummy", messages=MESSAGES)
-            elapsed = time.monotonic() - started
         assert answer.choices[0].message.content == "Hello world"
-        assert elapsed < 0.5, f"dummy took {elapsed:.2f}s behind the provider streams"
-        assert fake.stats()["in_flight"] == count  # they were still running meanwhile
+        assert fake.stats()["in_flight"] == count  # answered while they were all still running
     finally:
         for thread in threads:
             thread.join(15)

@@ -7,7 +7,6 @@ side is a recording publisher and a stand-in for the incoming message under a re
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -191,10 +190,8 @@ async def test_upstream_call_is_bounded_by_the_deadline() -> None:
         return web.Response(body=COMPLETION)
 
     rig = await Rig(slow).start()
-    started = time.monotonic()
     await rig.run(rig.job(remaining=0.1))
-    assert time.monotonic() - started < 1
-    [reply] = rig.replies
+    [reply] = rig.replies  # the 10 s call ran out of time: an answer would be a 200
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 504)
 
 
