@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from services.dispatcher.cache_key import CachePolicy, cache_key
-from tests.conftest import require_services
+from tests.conftest import require_services, skip_or_fail
 from tests.integration.conftest import STACK_ENV, sdk_client
 from tests.support.procs import (
     LOG_DIR,
@@ -137,7 +137,7 @@ def question(**extra: Any) -> dict[str, Any]:
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheStack]:
     require_services()
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+        skip_or_fail("redis-server is not installed: the cache tests run their own")
     server = RedisServer(free_port())
     server.start()
     env = {

@@ -16,6 +16,7 @@ import yaml
 from shared.broker_acl import admin_grant, agent_grant, api_grant, dispatcher_grant
 from shared.settings import BrokerSettings, Durability
 from shared.topology import Topology
+from tests.conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "deploy" / "docker-compose.yml"
@@ -37,9 +38,7 @@ def compose_config(**env: str) -> dict[str, Any]:
     """The compose file as `docker compose config` resolves it with `env` set."""
     command = compose_command()
     if command is None:
-        pytest.skip(
-            "neither `docker compose` nor `docker-compose` is installed (.ci/run installs it)"
-        )
+        skip_or_fail("neither `docker compose` nor `docker-compose` is installed")
     result = subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "config"],
         capture_output=True,

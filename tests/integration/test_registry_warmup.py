@@ -19,7 +19,7 @@ import pytest
 
 from services.dispatcher.service import DispatcherService
 from services.dispatcher.settings import DispatcherSettings
-from tests.conftest import require_services
+from tests.conftest import require_services, skip_or_fail
 from tests.support.procs import new_namespace
 
 pytestmark = pytest.mark.integration
@@ -49,7 +49,7 @@ def close_connection(name: str) -> None:
 async def service(tmp_path: Path) -> AsyncIterator[DispatcherService]:
     require_services()
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl not installed: cannot close a connection from the broker")
+        skip_or_fail("rabbitmqctl not installed: cannot close a connection from the broker")
     settings = DispatcherSettings(
         broker_namespace=new_namespace(),
         durability="transient",

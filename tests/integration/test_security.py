@@ -9,7 +9,6 @@ success and error paths, then searched for those canaries.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -27,7 +26,7 @@ import orjson
 import pytest
 import redis
 
-from tests.conftest import require_services
+from tests.conftest import require_services, skip_or_fail
 from tests.integration.conftest import STACK_ENV, sdk_client
 from tests.support.procs import Service, Stack, free_port, running_stack, wait_for, wait_http
 
@@ -232,12 +231,6 @@ class Canaries:
         kinds = ("client", "agent", "agentsecret", "openai", "rabbit", "redis")
         kinds += ("rabbitwrong", "rediswrong")  # refused passwords, for the failure paths
         return {kind: self.value(kind) for kind in kinds}
-
-
-def skip_or_fail(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must allow it")
-    pytest.skip(reason)
 
 
 def rabbitmqctl(*args: str) -> None:
