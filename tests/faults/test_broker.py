@@ -3,9 +3,10 @@ and a queue deleted under its consumer.
 
 Every case runs a load of JSON and streaming requests (the `dummy` model and `local_tiny`
 through an agent and a fake vLLM), breaks the suite's own RabbitMQ node, brings it back, and
-then checks the ledger: no accepted request lost, no duplicate, every request ended in a 200,
-a complete stream or an OpenAI error within its deadline plus 2 s, and full service again
-within 15 s of the broker's return.
+then checks the ledger: no accepted request lost, no duplicate a client can see (a second role
+or finish chunk, an answer's text not its model's), every request ended in a 200, a complete
+stream or an OpenAI error within its deadline plus 2 s, and full service again within 15 s of
+the broker's return.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Each request gets a ledger entry keyed by our own sequence number: when it was sent, when it
 was accepted (status line and first byte), its terminal outcome and its latency. Outcomes:
 
-  ok           200 with a chat.completion, or a stream that ended `data: [DONE]` with exactly
-               one role chunk and one finish chunk per choice (a duplicated stream has two)
+  ok           200 with a chat.completion, or a stream that ended `data: [DONE]` with a finish
+               chunk and at most one role and one finish chunk per choice (a duplicated
+               stream has two)
   error        a non-200 whose body is an OpenAI error object
   error_event  a 200 stream that ended with `data: {"error": {...}}` and no [DONE]
   bad          anything else: a non-OpenAI error body, a stream cut without an error event,
