@@ -456,15 +456,24 @@ async def test_a_job_delivered_again_leads_again_instead_of_waiting_for_itself()
     assert store.locks == {}
 
 
-async def test_a_job_without_the_lock_never_sends_the_leaders_waiters_upstream() -> None:
-    """A `no-cache` job carries the key but not the lock: its failure frees nobody."""
-    store = MemoryStore()
-    cache = make_cache(store)
+async def leader_follower_and_fresh(
+    cache: JobCache,
+) -> tuple[Proceed, asyncio.Task[Hit | Proceed], Proceed]:
+    """A leader holding the lock, a follower waiting on it, and a `no-cache` job (r3) that
+    carries the same key but not the lock."""
     leader = await cache.lookup(job("r1", body=DETERMINISTIC))
     assert isinstance(leader, Proceed)
     follower = asyncio.create_task(cache.lookup(job("r2", body=DETERMINISTIC)))
     fresh = await cache.lookup(job("r3", body=DETERMINISTIC, cache_control="no-cache"))
     assert isinstance(fresh, Proceed) and fresh.job.cache_key == leader.job.cache_key
+    return leader, follower, fresh
+
+
+async def test_a_job_without_the_lock_never_sends_the_leaders_waiters_upstream() -> None:
+    """A `no-cache` job carries the key but not the lock: its failure frees nobody."""
+    store = MemoryStore()
+    cache = make_cache(store)
+    leader, follower, fresh = await leader_follower_and_fresh(cache)
     await complete(cache, fresh, b"", 502)
     assert store.locks == {leader.job.cache_key: "r1"}
     await complete(cache, leader)
@@ -475,11 +484,7 @@ async def test_a_job_without_the_lock_never_sends_the_leaders_waiters_upstream()
 async def test_an_answer_without_the_lock_is_stored_and_wakes_the_waiters() -> None:
     store = MemoryStore()
     cache = make_cache(store)
-    leader = await cache.lookup(job("r1", body=DETERMINISTIC))
-    assert isinstance(leader, Proceed)
-    follower = asyncio.create_task(cache.lookup(job("r2", body=DETERMINISTIC)))
-    fresh = await cache.lookup(job("r3", body=DETERMINISTIC, cache_control="no-cache"))
-    assert isinstance(fresh, Proceed)
+    leader, follower, fresh = await leader_follower_and_fresh(cache)
     await complete(cache, fresh)
     assert isinstance(await asyncio.wait_for(follower, 1), Hit)
     assert store.locks == {leader.job.cache_key: "r1"}  # the leader frees it when it ends
