@@ -215,15 +215,21 @@ class VllmContainer:
 
     async def _remove_created(self) -> None:
         container, self.container = self.container, None
-        if container is None:
-            return
+        if container is not None and await self._force_remove(container):
+            log.info("removed container %s, which did not start", self.spec.name)
+
+    async def _force_remove(self, container: Container) -> bool:
+        """Remove `container` by force; True once it is gone (already gone counts). A failure
+        is logged, not raised: the agent must go on stopping, and the next start removes a
+        container left behind as a leftover."""
         try:
             await asyncio.to_thread(container.remove, force=True)
-            log.info("removed container %s, which did not start", self.spec.name)
         except docker.errors.NotFound:
-            return
+            pass
         except docker.errors.DockerException:
             log.error("could not remove container %s", self.spec.name, exc_info=True)
+            return False
+        return True
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until the probe says healthy; raises ContainerError if the container exits or
@@ -258,16 +264,8 @@ class VllmContainer:
             return
         except docker.errors.DockerException:
             log.warning("stopping %s failed; removing it by force", self.spec.name, exc_info=True)
-        try:
-            await asyncio.to_thread(container.remove, force=True)
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.DockerException:
-            # Stopping must go on (the agent still has to close its connections); a container
-            # left behind is removed as a leftover by the next start.
-            log.error("could not remove container %s", self.spec.name, exc_info=True)
-            return
-        log.info("stopped and removed container %s", self.spec.name)
+        if await self._force_remove(container):
+            log.info("stopped and removed container %s", self.spec.name)
 
     async def _remove_leftover(self) -> None:
         """Remove a container of this name left by an earlier run, but only if its label says

@@ -388,13 +388,11 @@ class RedisStore:
     async def abandon(self, key: str, owner: str | None) -> None:
         """Job `owner` ended without a storable answer: if it holds the lock, free it and tell
         its waiters to go upstream (None: as in `write`)."""
-        await self._release(key, owner or "")
+        await self.release(key, owner or "")
 
     async def release(self, key: str, owner: str) -> None:
-        """Give up the lock `owner` holds (its job was cancelled): its waiters are routed."""
-        await self._release(key, owner)
-
-    async def _release(self, key: str, owner: str) -> None:
+        """Give up the lock `owner` holds (its job was cancelled, or ended without an answer):
+        its waiters are routed. Owner "": whoever holds it (see `_RELEASE`)."""
         await self._bounded(
             self._release_script(keys=[lock_key(key), done_channel(key)], args=[owner, FAIL])
         )
