@@ -20,9 +20,12 @@ dev: install
 
 ## The whole suite (pytest's testpaths: tests and bench): unit, integration (real RabbitMQ +
 ## Redis), faults (fault injection), e2e (compose, with a Docker engine), bench/test_bench.py.
+## Two pytest-xdist workers: the suite mostly waits on processes and deadlines, so two halve it
+## on two cores; each module, and the whole fault suite, stays on one worker.
+TEST_WORKERS ?= 2
 test: install
 	scripts/ensure-services.sh
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit: install
 	$(VENV)/bin/pytest tests/unit

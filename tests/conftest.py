@@ -39,3 +39,15 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI must provide it (see .ci/run)")
     pytest.skip(reason)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (make test) a module's tests stay on one worker, so
+    module fixtures (a fuzz run's summary, a provider fake) are set up once; the fault suite is
+    one group, as it shares one RabbitMQ node and Redis that its cases stop and pause."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        path = item.path.as_posix()
+        group = "faults" if "/tests/faults/" in path else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
