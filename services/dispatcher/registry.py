@@ -63,8 +63,19 @@ class AgentTable:
         return list(self._agents.values())
 
     def put(self, record: AgentRecord) -> None:
+        previous = self._agents.get(record.name)
         self._agents[record.name] = record
-        self._reindex()
+        if previous is None or (
+            previous.models == record.models and record.last_heartbeat >= previous.last_heartbeat
+        ):
+            # The common case, a heartbeat: each of its models' last sighting can only move
+            # forward, so bump them instead of rescanning every agent on every heartbeat.
+            seen = self._model_last_seen
+            for model in record.models:
+                seen[model] = max(seen.get(model, -math.inf), record.last_heartbeat)
+        else:
+            # A changed snapshot (or an older record): a model may have lost its last agent.
+            self._reindex()
 
     def register(self, message: AgentRegistration, now: float) -> AgentRecord:
         record = AgentRecord(

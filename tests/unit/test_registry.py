@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from services.dispatcher.registry import AgentTable, Registry, SqliteStore
 from shared.messages import AgentHeartbeat, AgentRegistration
 
@@ -91,3 +94,42 @@ def test_a_dispatcher_cut_off_warms_up_until_one_ttl_after_it_listens_again() ->
     assert table.view(10_009).warming_up
     assert not table.view(10_011).warming_up
     assert table.view(10_011).known == {"local_a", "local_b"}
+
+
+def test_a_model_dropped_by_its_last_agent_is_no_longer_live() -> None:
+    table = AgentTable(ttl=10)
+    table.register(REG, now=100)
+    table.heartbeat(AgentHeartbeat(name="gpu1", models=["local_a"]), now=101)
+    assert table.view(102).live == {"local_a"}
+    assert table.view(102).known == {"local_a"}
+
+
+# Agents, models and times small enough that agents overlap on models and records go back in
+# time (a record loaded from the file, a registration after a later heartbeat).
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["gpu1", "gpu2", "gpu3"]),
+        st.none() | st.lists(st.sampled_from(["local_a", "local_b", "local_c"]), max_size=3),
+        st.booleans(),
+        st.integers(0, 40),
+    ),
+    max_size=30,
+)
+
+
+@given(_OPS, st.integers(0, 60))
+def test_the_liveness_index_matches_a_scan_of_every_agent(
+    ops: list[tuple[str, list[str] | None, bool, int]], at: int
+) -> None:
+    """Heartbeats update the per-model index in place; after any sequence it must say what a
+    scan of every agent's record says."""
+    table = AgentTable(ttl=10)
+    for name, models, is_registration, now in ops:
+        if is_registration:
+            table.register(AgentRegistration(name=name, models=models or ["local_a"]), now=now)
+        else:
+            table.heartbeat(AgentHeartbeat(name=name, models=models), now=now)
+    records = table.records()
+    view = table.view(at)
+    assert view.known == {m for r in records for m in r.models}
+    assert view.live == {m for r in records for m in r.models if r.last_heartbeat >= at - 10}
