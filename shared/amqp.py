@@ -566,6 +566,8 @@ class Broker:
                     log.debug("closing connection failed", exc_info=True)
         self._publish_conn = self._consume_conn = None
         self._publish_channel = None
+        # Their channels closed with the connections; a start after this consumes afresh.
+        self._consumers = []
 
 
 async def _settle_quietly(delivery: Delivery, *, requeue: bool, ack: bool = False) -> None:

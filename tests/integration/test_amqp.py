@@ -45,6 +45,22 @@ async def consuming() -> AsyncIterator[tuple[Broker, str]]:
             await (await connection.channel()).queue_delete(name)
 
 
+async def test_a_broker_closed_and_connected_again_consumes_only_what_it_consumes_now(
+    consuming: tuple[Broker, str],
+) -> None:
+    """A service whose start failed closes its broker and starts again on it (the dispatcher
+    does, until its topology exists): the closed connection's consumers must not count, or it
+    never reports ready."""
+    broker, name = consuming
+    await broker.close()
+    assert not broker.is_consuming
+    await broker.connect()
+    channel = await broker.channel(prefetch=10)
+    await broker.consume(channel, QueueSpec(name=name, durable=True), ignore)
+    assert broker.consumer_count == 1
+    assert broker.is_consuming
+
+
 async def test_a_consumer_gone_from_its_channel_is_not_consuming(
     consuming: tuple[Broker, str],
 ) -> None:
