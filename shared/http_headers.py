@@ -8,6 +8,7 @@ answer, `shared.replies` the cache verdict); the API relays only these from any 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TypeGuard
 
@@ -20,11 +21,16 @@ UPSTREAM_RELAYED = RETRY_HINTS | {SHOULD_RETRY}
 UPSTREAM_RELAYED_PREFIXES = ("x-ratelimit-",)
 # What the router adds: the upstream's `x-request-id` under its own name, the cache verdict.
 ROUTER_ADDED = frozenset({UPSTREAM_REQUEST_ID, CACHE})
+# A header name is an RFC 9110 token; a prefix match alone would pass `x-ratelimit-a b`, which
+# the HTTP server refuses once the response has begun.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
 def is_upstream_relayed(name: str) -> bool:
     """Whether an upstream's header (lower-cased `name`) is passed on to the client."""
-    return name in UPSTREAM_RELAYED or name.startswith(UPSTREAM_RELAYED_PREFIXES)
+    if name in UPSTREAM_RELAYED:
+        return True
+    return name.startswith(UPSTREAM_RELAYED_PREFIXES) and _TOKEN.fullmatch(name) is not None
 
 
 def relayable(headers: Mapping[str, object]) -> dict[str, str]:

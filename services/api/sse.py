@@ -8,6 +8,7 @@ failure (a deadline, a lost chunk, an upstream error) ends the stream with a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,6 +29,9 @@ SSE_HEADERS = {
     "cache-control": "no-cache",
     "x-accel-buffering": "no",
 }
+# How long past the request's deadline a write to the client may still wait: enough to send
+# the deadline's own error event to a client that reads.
+SEND_GRACE = 1.0
 
 
 def error_event(exc: BaseException) -> bytes:
@@ -85,15 +89,30 @@ class SseRelay(Response):
         self._completed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         try:
+            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+            await self._send(send, start)
             async for piece in self._events():
-                await send({"type": "http.response.body", "body": piece, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._send(
+                    send, {"type": "http.response.body", "body": piece, "more_body": True}
+                )
+            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            log.warning(
+                "client of stream %s stopped reading; dropped at its deadline",
+                self._call.request_id,
+            )
         except (OSError, ClientGoneError):
             log.info("client left stream %s", self._call.request_id)
         finally:
             await self._on_finish(self._completed)
+
+    async def _send(self, send: Send, message: dict[str, object]) -> None:
+        """A client that stops reading fills its TCP window, and the server's send then waits
+        where no deadline of `_events` sees it, while replies pile up: past the request's
+        deadline the stream is dropped."""
+        async with asyncio.timeout(max(self._limits.deadline - time.monotonic(), 0) + SEND_GRACE):
+            await send(message)
 
     async def _events(self) -> AsyncIterator[bytes]:
         reply = self._first

@@ -191,6 +191,20 @@ def test_relayable_keeps_relayed_names_lower_cased_with_text_values() -> None:
     }
 
 
+def test_relayable_drops_names_an_http_server_cannot_write() -> None:
+    """The prefix alone is not enough: the server refuses these once the stream has begun."""
+    names = [
+        "x-ratelimit-a b",
+        "x-ratelimit-a:b",
+        "x-ratelimit-\u00e9",
+        "x-ratelimit-a\r",
+    ]
+    assert relayable(dict.fromkeys(names, "1")) == {}
+    assert relayable({"x-ratelimit-remaining_requests": "1"}) == {
+        "x-ratelimit-remaining_requests": "1"
+    }
+
+
 @pytest.mark.parametrize(
     ("stream", "replies"),
     [
