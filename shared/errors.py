@@ -73,6 +73,12 @@ class MethodNotAllowedError(RouterError):
     code = "method_not_allowed"
 
 
+class RequestTimeoutError(RouterError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLargeError(RouterError):
     status = 413
     type = "invalid_request_error"

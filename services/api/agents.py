@@ -18,6 +18,7 @@ from shared.errors import AuthenticationError
 from shared.messages import AgentHeartbeat, AgentRegistration
 
 MAX_CONTROL_BODY = 64 * 1024
+CONTROL_BODY_TIMEOUT = 10.0  # seconds for a registration or heartbeat body to arrive
 OK = b'{"status":"ok"}'
 
 
@@ -44,7 +45,9 @@ class AgentEndpoints:
         authorization = request.headers.get("authorization")
         if bearer_token(authorization) is None:  # 401 before anything else is looked at
             raise AuthenticationError("Missing agent token: send `Authorization: Bearer <token>`.")
-        payload = parse_json_object(await read_body(request, MAX_CONTROL_BODY))
+        payload = parse_json_object(
+            await read_body(request, MAX_CONTROL_BODY, CONTROL_BODY_TIMEOUT)
+        )
         try:
             message = model.model_validate(payload)
         except ValidationError as e:

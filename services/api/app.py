@@ -126,7 +126,7 @@ def create_app(settings: ApiSettings) -> RouterApp:
                     "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
                 },
             },
-            **error_responses(400, 401, 403, 404, 413, 429, 500, 502, 503, 504),
+            **error_responses(400, 401, 403, 404, 408, 413, 429, 500, 502, 503, 504),
         },
     )
     async def chat_completions(request: Request, client: CurrentClient) -> Response:
@@ -166,7 +166,7 @@ def create_app(settings: ApiSettings) -> RouterApp:
     @app.post(
         "/register",
         summary="Register an agent",
-        responses={200: agent_ok, **error_responses(400, 401, 403, 413, 503)},
+        responses={200: agent_ok, **error_responses(400, 401, 403, 408, 413, 503)},
     )
     async def register(request: Request) -> Response:
         return await agents.register(request)
@@ -174,7 +174,7 @@ def create_app(settings: ApiSettings) -> RouterApp:
     @app.post(
         "/heartbeat",
         summary="Agent heartbeat",
-        responses={200: agent_ok, **error_responses(400, 401, 403, 413, 503)},
+        responses={200: agent_ok, **error_responses(400, 401, 403, 408, 413, 503)},
     )
     async def heartbeat(request: Request) -> Response:
         return await agents.heartbeat(request)

@@ -28,6 +28,7 @@ from shared.errors import (
     GatewayTimeoutError,
     InternalError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     RouterError,
     UpstreamError,
 )
@@ -39,22 +40,26 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` (chunked bodies too);
-    ClientGoneError if the client disconnects before sending all of it."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` (chunked bodies too), and
+    with 408 if it has not all arrived within `timeout` seconds (a stalled upload would hold
+    its connection and buffer for ever); ClientGoneError if the client disconnects first."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
     parts: list[bytes] = []
     size = 0
     try:
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
-            parts.append(part)
+        async with asyncio.timeout(timeout):
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    raise PayloadTooLargeError(f"The request body is larger than {limit} bytes.")
+                parts.append(part)
     except ClientDisconnect as e:  # mid-upload: nobody is left to answer
         raise ClientGoneError() from e
+    except TimeoutError as e:
+        raise RequestTimeoutError(f"The request body did not arrive within {timeout:g} s.") from e
     return b"".join(parts)
 
 
@@ -120,7 +125,7 @@ class CompletionsEndpoint:
         tenant: str,
         check_model: Callable[[str], None] | None,
     ) -> Response:
-        body = await read_body(request, self.settings.max_body_bytes)
+        body = await read_body(request, self.settings.max_body_bytes, self.settings.request_timeout)
         view = self.parser.parse(body)
         if check_model is not None:
             check_model(view.model)

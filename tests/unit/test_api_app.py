@@ -8,10 +8,12 @@ import logging
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from starlette.exceptions import HTTPException
 from starlette.types import Message
 
+from services.api import agents
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 
@@ -19,16 +21,29 @@ NO_BROKER = "amqp://u:p@127.0.0.1:1/"
 
 
 async def call_asgi(
-    path: str, messages: list[Message], headers: list[tuple[bytes, bytes]]
+    path: str,
+    messages: list[Message],
+    headers: list[tuple[bytes, bytes]],
+    *,
+    stalled: bool = False,
+    request_timeout: float = 120.0,
 ) -> list[Message]:
-    """Run one POST through the app as a server would; what the app sent back."""
-    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, agent_token_secret="s" * 32))
+    """Run one POST through the app as a server would; what the app sent back. After
+    `messages` the client has left, or with `stalled` it is there but sends nothing more."""
+    settings = ApiSettings(
+        rabbitmq_url=NO_BROKER, agent_token_secret="s" * 32, request_timeout=request_timeout
+    )
+    app = create_app(settings)
     pending = list(messages)
     sent: list[Message] = []
 
     async def receive() -> Message:
+        if pending:
+            return pending.pop(0)
+        if stalled:
+            await asyncio.Event().wait()
         # A server answers every read after the client left with another disconnect.
-        return pending.pop(0) if pending else {"type": "http.disconnect"}
+        return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         sent.append(message)
@@ -66,6 +81,26 @@ async def test_a_client_that_leaves_mid_upload_is_499_not_a_server_error(
     assert sent[0]["status"] == 499
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.exc_info]
     assert any("client left" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/register"])
+async def test_a_stalled_upload_is_408_at_its_deadline(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stops sending mid-body would otherwise hold its connection for ever."""
+    monkeypatch.setattr(agents, "CONTROL_BODY_TIMEOUT", 0.2)
+    upload = [{"type": "http.request", "body": b'{"name": "ag', "more_body": True}]
+    auth = [(b"authorization", b"Bearer some-agent-token")]
+    sent = await call_asgi(path, upload, auth, stalled=True, request_timeout=0.2)
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 408
+    error = orjson.loads(sent[1]["body"])["error"]
+    assert error == {
+        "message": "The request body did not arrive within 0.2 s.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "request_timeout",
+    }
 
 
 async def test_a_405_names_the_allowed_methods() -> None:
