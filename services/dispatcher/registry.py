@@ -8,6 +8,7 @@ the last heartbeat, never by a clock of the agent's.
 
 from __future__ import annotations
 
+import logging
 import math
 import sqlite3
 from dataclasses import dataclass, replace
@@ -17,6 +18,8 @@ import orjson
 
 from services.dispatcher.routing import AgentView
 from shared.messages import AgentHeartbeat, AgentRegistration
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,15 @@ class AgentTable:
         self.put(record)
         return record
 
+    def forget_silent_since(self, cutoff: float) -> list[str]:
+        """Drop the agents not heard from since `cutoff`; their names."""
+        gone = [name for name, r in self._agents.items() if r.last_heartbeat < cutoff]
+        for name in gone:
+            del self._agents[name]
+        if gone:
+            self._reindex()
+        return gone
+
     def view(self, now: float) -> AgentView:
         cutoff = now - self.ttl
         live = frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
@@ -168,6 +180,9 @@ class SqliteStore:
             ),
         )
 
+    def delete(self, names: list[str]) -> None:
+        self._db.executemany("DELETE FROM agents WHERE name = ?", [(name,) for name in names])
+
     def load_all(self) -> list[AgentRecord]:
         rows = self._db.execute(
             "SELECT name, endpoint, models, registered_at, last_heartbeat, load FROM agents"
@@ -189,15 +204,28 @@ class SqliteStore:
 
 
 class Registry:
-    """The table, persisted: every change is written through to SQLite."""
+    """The table, persisted: every change is written through to SQLite.
 
-    def __init__(self, table: AgentTable, store: SqliteStore) -> None:
+    An agent silent for `forget_after` seconds is dropped from both: agents that come and go
+    under new names (one per pod, say) would otherwise pile up for ever, and a retired model
+    would answer 503 "retry shortly" for ever instead of 404. Checked at most every
+    `SWEEP_EVERY` seconds, on the next heartbeat or job.
+    """
+
+    SWEEP_EVERY = 60.0
+
+    def __init__(
+        self, table: AgentTable, store: SqliteStore, forget_after: float = math.inf
+    ) -> None:
         self.table = table
         self.store = store
+        self.forget_after = forget_after
+        self._next_sweep = -math.inf
         for record in store.load_all():
             table.put(record)
 
     def record(self, message: AgentRegistration | AgentHeartbeat, now: float) -> AgentRecord:
+        self._sweep(now)
         if isinstance(message, AgentRegistration):
             record = self.table.register(message, now)
         else:
@@ -206,7 +234,17 @@ class Registry:
         return record
 
     def view(self, now: float) -> AgentView:
+        self._sweep(now)
         return self.table.view(now)
+
+    def _sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + min(self.SWEEP_EVERY, self.forget_after)
+        gone = self.table.forget_silent_since(now - self.forget_after)
+        if gone:
+            self.store.delete(gone)
+            log.info("forgot %d agent(s) silent for %gs: %s", len(gone), self.forget_after, gone)
 
     def close(self) -> None:
         self.store.close()

@@ -59,7 +59,9 @@ class DispatcherService:
             requeue_exchange=self.topology.requeue_exchange,
         )
         self.registry = Registry(
-            AgentTable(settings.heartbeat_ttl), SqliteStore(settings.registry_path)
+            AgentTable(settings.heartbeat_ttl),
+            SqliteStore(settings.registry_path),
+            forget_after=settings.agent_forget_after,
         )
         self.cancellations = Cancellations()
         # Single-flight waiters hold jobs unacked: never more than half the prefetch.

@@ -18,6 +18,12 @@ class DispatcherSettings(BrokerSettings, RedisSettings):
     heartbeat_ttl: float = Field(
         15.0, gt=0, description="Seconds after its last heartbeat that an agent counts as dead."
     )
+    agent_forget_after: float = Field(
+        86_400.0,
+        gt=0,
+        description="Seconds after its last heartbeat that a dead agent is dropped from the "
+        "registry: its models then answer 404 instead of 503.",
+    )
     stream_coalesce_ms: float = Field(
         5.0, ge=0, description="Window in ms over which stream chunks are sent as one message."
     )

@@ -74,6 +74,36 @@ def test_quotes_in_fields_are_stored_as_data(tmp_path: Path) -> None:
     registry.close()
 
 
+def test_an_agent_silent_past_forget_after_is_dropped_from_table_and_file(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "r.sqlite3")
+    registry = Registry(AgentTable(ttl=10), SqliteStore(path), forget_after=100)
+    registry.record(REG, now=0)  # local_a, local_b
+    registry.record(AgentRegistration(name="gpu2", models=["local_a"]), now=0)
+    registry.record(AgentHeartbeat(name="gpu2"), now=60)
+    assert registry.view(99).known == {"local_a", "local_b"}  # dead, not yet forgotten: 503
+
+    view = registry.view(101 + Registry.SWEEP_EVERY)  # gpu1 silent > 100 s; gpu2 too by now
+    assert view.known == set()
+    registry.record(AgentHeartbeat(name="gpu2", models=["local_a"]), now=170)  # back again
+    assert registry.view(171).live == {"local_a"}
+    registry.close()
+
+    reopened = Registry(AgentTable(ttl=10), SqliteStore(path), forget_after=100)
+    assert [r.name for r in reopened.table.records()] == ["gpu2"]
+    reopened.close()
+
+
+def test_forgetting_keeps_a_model_that_a_live_agent_serves(tmp_path: Path) -> None:
+    registry = Registry(AgentTable(ttl=10), SqliteStore(str(tmp_path / "r")), forget_after=100)
+    registry.record(REG, now=0)
+    registry.record(AgentRegistration(name="gpu2", models=["local_a"]), now=150)
+    view = registry.view(155)
+    assert (view.known, view.live) == ({"local_a"}, {"local_a"})
+    registry.close()
+
+
 def test_a_dispatcher_warms_up_for_one_ttl_from_when_it_starts_listening() -> None:
     table = AgentTable(ttl=10)
     assert not table.view(0).warming_up  # a table nobody feeds: no warm-up
