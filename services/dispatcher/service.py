@@ -22,7 +22,7 @@ from services.dispatcher.settings import DispatcherSettings
 from shared import health
 from shared.amqp import Broker
 from shared.cancel import Cancellations
-from shared.errors import RouterError
+from shared.errors import BrokerUnavailableError, RouterError
 from shared.topology import QueueSpec, declare_queue, declare_topology, topology_for
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,28 @@ class QueueDeclarer:
     them, and a job for a queue that does not exist is unroutable, which answers 503.
     """
 
-    def __init__(self, channel: AbstractChannel, *, enabled: bool = True) -> None:
+    def __init__(
+        self, channel: AbstractChannel, *, enabled: bool = True, timeout: float = 5.0
+    ) -> None:
         self._channel = channel
         self._enabled = enabled
+        self._timeout = timeout
         self._declared: set[str] = set()
 
     async def __call__(self, spec: QueueSpec) -> None:
-        if self._enabled and spec.name not in self._declared:
-            await declare_queue(self._channel, spec)
-            self._declared.add(spec.name)
+        if not self._enabled or spec.name in self._declared:
+            return
+        # On a job's path: a broker that stops answering must fail the job's handling within
+        # the publish timeout, as a publish does (it is requeued once), not hold its delivery
+        # until the connection is judged dead minutes later.
+        try:
+            async with asyncio.timeout(self._timeout):
+                await declare_queue(self._channel, spec)
+        except TimeoutError as e:
+            raise BrokerUnavailableError(
+                f"The broker did not declare {spec.name} within {self._timeout:g} s."
+            ) from e
+        self._declared.add(spec.name)
 
 
 class DispatcherService:
@@ -84,7 +97,11 @@ class DispatcherService:
             broker=self.broker,
             registry=self.registry,
             cancellations=self.cancellations,
-            ensure_queue=QueueDeclarer(control_channel, enabled=self.settings.declare_topology),
+            ensure_queue=QueueDeclarer(
+                control_channel,
+                enabled=self.settings.declare_topology,
+                timeout=self.settings.publish_timeout,
+            ),
             providers=self.providers.rules,
             provider_models=self.providers.models,
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
