@@ -84,9 +84,16 @@ class Registrar:
             delay = next_backoff(delay, cap=self._max_backoff)
 
     async def heartbeat_forever(self) -> None:
+        """Heartbeats start `interval` apart, however long each takes: timed from the end of
+        the last, one slow answer (up to the 5 s timeout) would stretch a gap past the TTL."""
+        loop = asyncio.get_running_loop()
         paused = False
+        next_at = loop.time() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += self.interval
+            if next_at < loop.time():  # the loop slept long past its time: no catching up
+                next_at = loop.time() + self.interval
             if not self._is_attached():
                 if not paused:
                     log.warning("queue consumers detached: heartbeats paused")

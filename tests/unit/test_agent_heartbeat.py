@@ -133,6 +133,37 @@ async def test_heartbeats_go_on_after_any_error() -> None:
     assert await r.heartbeat() is False
 
 
+async def test_a_slow_heartbeat_does_not_push_the_next_one_back() -> None:
+    """Heartbeats start one interval apart: timed from the end of a slow one, the gap between
+    two that arrive would be the interval plus its time (past the TTL with the defaults)."""
+    loop = asyncio.get_running_loop()
+    starts: list[float] = []
+
+    async def slow_first(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/heartbeat":
+            starts.append(loop.time())
+            if len(starts) == 1:
+                await asyncio.sleep(0.45)
+        return httpx.Response(200, json={"status": "ok"})
+
+    r = Registrar(
+        httpx.AsyncClient(transport=httpx.MockTransport(slow_first)),
+        router_url="http://api:8000",
+        token="tok1",
+        registration=REG,
+        interval=0.5,
+        is_attached=lambda: True,
+        load=lambda: 0.0,
+    )
+    task = asyncio.create_task(r.heartbeat_forever())
+    try:
+        await until(lambda: len(starts) >= 2, timeout=5)
+    finally:
+        task.cancel()
+    # 0.5 s apart, not 0.95 (the margin is for a busy machine's scheduling).
+    assert starts[1] - starts[0] < 0.8
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
     """Let the loop run until `predicate()` holds (TimeoutError after `timeout`)."""
     async with asyncio.timeout(timeout):
