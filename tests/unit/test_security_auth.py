@@ -152,7 +152,7 @@ def test_agent_tokens_must_not_be_client_keys() -> None:
 def test_only_digests_are_kept() -> None:
     held = keys()
     assert ALICE not in repr(vars(held))
-    assert all(len(digest) == 32 for digest, _ in held._keys)
+    assert all(len(digest) == 32 for digest in held._keys)
 
 
 def test_model_list_is_cut_to_the_key() -> None:
