@@ -5,6 +5,7 @@ No broker, HTTP or database here: `choose_route` is unit-tested as a table.
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 
 from shared.errors import ModelNotFoundError, RouterError, ServiceUnavailableError
@@ -39,10 +40,11 @@ Route = AnswerDummy | ToAgent | ToProvider | Refuse
 
 @dataclass(frozen=True, slots=True)
 class AgentView:
-    """What the registry says about local models at one moment."""
+    """What the registry says about local models at one moment (read it at once: the
+    registry may hand out live views of its own index, not copies)."""
 
-    live: frozenset[str]
-    known: frozenset[str]
+    live: Set[str]
+    known: Set[str]
     # True for one heartbeat TTL after the dispatcher started: an unknown model may belong to
     # an agent whose next heartbeat has not arrived yet, so it is not a 404 yet.
     warming_up: bool = False
