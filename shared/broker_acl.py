@@ -71,7 +71,7 @@ def api_grant(user: str, t: Topology) -> Grant:
         "api",
         Permission(
             configure=_names(reply),
-            write=_names(r"amq\.default", rf"{p}\.cancel", rf"{p}\.control", reply),
+            write=_names(r"amq\.default", rf"{p}\.cancels", rf"{p}\.control", reply),
             read=_names(rf"{p}\.replies", reply),
         ),
     )
@@ -95,7 +95,7 @@ def dispatcher_grant(user: str, t: Topology) -> Grant:
             read=_names(
                 rf"{p}\.(jobs|rpc|returns|completed)",
                 rf"{p}\.provider\..+",
-                rf"{p}\.(control|cancel)",
+                rf"{p}\.(control|cancels)",
                 private,
             ),
         ),
@@ -117,7 +117,7 @@ def agent_grant(user: str, t: Topology, models: list[str]) -> Grant:
         Permission(
             configure=_names(cancel),
             write=_names(rf"{p}\.replies", rf"{p}\.completed", rf"{p}\.requeue", cancel),
-            read=_names(own_queues, rf"{p}\.cancel", cancel),
+            read=_names(own_queues, rf"{p}\.cancels", cancel),
         ),
         # The requeue exchange routes by queue name: only its own queues' names.
         topic=TopicPermission(t.requeue_exchange, write=_names(own_queues), read=NOTHING),

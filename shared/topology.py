@@ -22,6 +22,15 @@ SCHEMA_VERSION = "v1"
 
 # A model name becomes part of a queue name: keep it to a safe charset and length.
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+# Dispatchers hear every cancel; an agent binds the routing keys of its own models.
+EVERY_CANCEL = "#"
+
+
+def cancel_routing_key(model: str) -> str:
+    """A cancel's routing key on the cancel exchange: the request's model. The names agents
+    serve (MODEL_NAME_RE) hold no topic wildcard, so an agent binds its models' keys as they
+    are; a name too long for a routing key (255 bytes) reaches the dispatchers alone."""
+    return model if len(model.encode()) <= 255 else ""
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,10 @@ class Topology:
 
     @property
     def cancel_exchange(self) -> str:
-        """Fanout: request ids whose client went away, to every dispatcher and agent."""
-        return f"{self.prefix}.cancel"
+        """Topic: request ids whose client went away, routed by the request's model. Agents
+        bind their own models, dispatchers everything (`#`): a fanout cost the broker a copy
+        per agent of the whole fleet for every cancel."""
+        return f"{self.prefix}.cancels"
 
     @property
     def completed_exchange(self) -> str:
@@ -122,7 +133,7 @@ class Topology:
         return f"{self.prefix}.reply.{process_id}"
 
     def private_queue(self, purpose: str, process_id: str) -> str:
-        """A process's own queue bound to a fanout (control, cancel)."""
+        """A process's own queue bound to the control fanout or the cancel exchange."""
         return f"{self.prefix}.{purpose}.{process_id}"
 
     # --- queue specs -----------------------------------------------------------------------
@@ -262,7 +273,7 @@ async def declare_exchanges(
     durable = topology.is_persistent
     kinds = {
         topology.control_exchange: ExchangeType.FANOUT,
-        topology.cancel_exchange: ExchangeType.FANOUT,
+        topology.cancel_exchange: ExchangeType.TOPIC,
         topology.completed_exchange: ExchangeType.FANOUT,
         topology.replies_exchange: ExchangeType.DIRECT,
         topology.requeue_exchange: ExchangeType.TOPIC,

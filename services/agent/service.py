@@ -40,7 +40,7 @@ from shared.cancel import Cancellations
 from shared.errors import BrokerEntityMissingError, BrokerUnavailableError
 from shared.messages import AgentRegistration, Envelope, decode_cancel
 from shared.replies import ReplyPublisher
-from shared.topology import declare_queue, declare_topology, topology_for
+from shared.topology import cancel_routing_key, declare_queue, declare_topology, topology_for
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,8 @@ class AgentService:
         if self.settings.declare_topology:
             await declare_topology(control, t)
         cancel = await declare_queue(control, t.private_queue_spec("cancel", self.process_id))
-        await cancel.bind(t.cancel_exchange)
+        for model in self.models.router_ids:  # cancels of requests for its models only
+            await cancel.bind(t.cancel_exchange, routing_key=cancel_routing_key(model))
         await self.broker.consume(control, cancel, self._on_cancel, intake=False)
         for model in self.models.router_ids:
             await self._consume_model(model)

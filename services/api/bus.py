@@ -34,7 +34,7 @@ from shared.messages import (
     encode_rpc_models,
 )
 from shared.reply_trust import ReplyTrust
-from shared.topology import Topology, declare_queue, declare_topology
+from shared.topology import Topology, cancel_routing_key, declare_queue, declare_topology
 
 log = logging.getLogger(__name__)
 
@@ -153,19 +153,20 @@ class ApiBus:
         except UnroutableError as e:  # the jobs queue was deleted under us
             raise ServiceUnavailableError("The job queue is missing; retry shortly.") from e
 
-    def cancel_soon(self, request_id: str) -> None:
+    def cancel_soon(self, request_id: str, model: str) -> None:
         """`cancel()` in the background (the caller is answering or gone already)."""
-        task = asyncio.create_task(self.cancel(request_id))
+        task = asyncio.create_task(self.cancel(request_id, model))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def cancel(self, request_id: str) -> None:
-        """Tell every dispatcher and agent that nobody waits for this request any more."""
+    async def cancel(self, request_id: str, model: str) -> None:
+        """Tell every dispatcher, and the agents serving `model`, that nobody waits for this
+        request any more."""
         try:
             self._require_connection()
             await self._broker.publish(
                 encode_cancel(request_id),
-                "",
+                cancel_routing_key(model),
                 exchange=self.topology.cancel_exchange,
                 mandatory=False,
             )

@@ -23,7 +23,13 @@ from shared import health
 from shared.amqp import Broker
 from shared.cancel import Cancellations
 from shared.errors import BrokerUnavailableError, RouterError
-from shared.topology import QueueSpec, declare_queue, declare_topology, topology_for
+from shared.topology import (
+    EVERY_CANCEL,
+    QueueSpec,
+    declare_queue,
+    declare_topology,
+    topology_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +128,7 @@ class DispatcherService:
         cancel = await declare_queue(
             control_channel, t.private_queue_spec("cancel", self.process_id)
         )
-        await cancel.bind(exchanges[t.cancel_exchange])
+        await cancel.bind(exchanges[t.cancel_exchange], routing_key=EVERY_CANCEL)
         await self.broker.consume(control_channel, cancel, handler.on_cancel, intake=False)
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
         await self.broker.consume(control_channel, t.returns_queue_spec(), handler.on_returned)

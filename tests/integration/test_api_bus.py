@@ -115,7 +115,7 @@ async def test_after_losing_the_broker_publishes_fail_fast_until_it_is_back(
         async with asyncio.timeout(10):  # publishing into the dead connection could hang
             with pytest.raises(BrokerUnavailableError):
                 await USES[use](bus)
-            await bus.cancel("req-1")  # logged, never raised
+            await bus.cancel("req-1", "local_a")  # logged, never raised
         assert attempted == []  # refused without touching the dead connection
 
         proxy.heal()

@@ -53,12 +53,12 @@ class Backend:
             for make in self.replies:
                 bus.replies.dispatch(make(job.request_id))
 
-        async def cancel(request_id: str) -> None:
+        async def cancel(request_id: str, model: str) -> None:
             self.cancelled.append(request_id)
 
         bus.submit = submit
         bus.cancel = cancel
-        bus.cancel_soon = self.cancelled.append
+        bus.cancel_soon = lambda request_id, model: self.cancelled.append(request_id)
 
 
 @asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.settings import Durability
-from shared.topology import Topology
+from shared.topology import EVERY_CANCEL, MODEL_NAME_RE, Topology, cancel_routing_key
 
 
 def test_names_carry_schema_version_and_mode() -> None:
@@ -51,3 +51,11 @@ def test_durable_reply_queue_expires_when_unused() -> None:
 def test_unsafe_model_names_never_become_queue_names(model: str) -> None:
     with pytest.raises(ValueError):
         Topology().agent_queue_spec(model)
+
+
+def test_a_cancel_is_routed_by_its_model_and_every_dispatcher_hears_all() -> None:
+    assert cancel_routing_key("local_llama-3.1-8b") == "local_llama-3.1-8b"
+    assert cancel_routing_key("x" * 256) == ""  # too long for a key: dispatchers only
+    assert EVERY_CANCEL == "#"  # matches every key, the empty one included
+    # An agent binds its models' names as they are: none may be a topic wildcard.
+    assert not MODEL_NAME_RE.fullmatch("local.*") and not MODEL_NAME_RE.fullmatch("local.#")
