@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 
-from services.api.rpc import ReplyRouter
+from services.api.rpc import PendingCall, ReplyRouter
 from services.api.settings import ApiSettings
 from shared.amqp import Broker, Delivery
 from shared.errors import (
@@ -153,20 +153,21 @@ class ApiBus:
         except UnroutableError as e:  # the jobs queue was deleted under us
             raise ServiceUnavailableError("The job queue is missing; retry shortly.") from e
 
-    def cancel_soon(self, request_id: str, model: str) -> None:
+    def cancel_soon(self, call: PendingCall) -> None:
         """`cancel()` in the background (the caller is answering or gone already)."""
-        task = asyncio.create_task(self.cancel(request_id, model))
+        task = asyncio.create_task(self.cancel(call))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def cancel(self, request_id: str, model: str) -> None:
-        """Tell every dispatcher, and the agents serving `model`, that nobody waits for this
-        request any more."""
+    async def cancel(self, call: PendingCall) -> None:
+        """Tell every dispatcher, and the agents serving the call's model, that nobody waits
+        for this request any more."""
+        request_id = call.request_id
         try:
             self._require_connection()
             await self._broker.publish(
                 encode_cancel(request_id),
-                cancel_routing_key(model),
+                cancel_routing_key(call.model),
                 exchange=self.topology.cancel_exchange,
                 mandatory=False,
             )

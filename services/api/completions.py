@@ -153,7 +153,7 @@ class CompletionsEndpoint:
                 return response
             return await self._json(call, started)
         except ClientGoneError:
-            self.bus.cancel_soon(request_id, view.model)
+            self.bus.cancel_soon(call)
             raise
         finally:
             if not handed_to_stream:
@@ -165,12 +165,10 @@ class CompletionsEndpoint:
         try:
             reply = await call.next(remaining)
         except TimeoutError as e:
-            self.bus.cancel_soon(call.request_id, call.model)
+            self.bus.cancel_soon(call)
             raise GatewayTimeoutError("The model did not answer in time.") from e
         if reply.kind not in (ReplyKind.FINAL, ReplyKind.ERROR):
-            self.bus.cancel_soon(
-                call.request_id, call.model
-            )  # else the backend streams on for nobody
+            self.bus.cancel_soon(call)  # else the backend streams on for nobody
             raise UpstreamError("The backend streamed an answer to a non-streaming request.")
         return Response(
             reply.body,
@@ -197,12 +195,12 @@ class CompletionsEndpoint:
             first = await call.next(settings.stream_keepalive_after if commits_early else ttft_left)
         except TimeoutError as e:
             if not commits_early:
-                self.bus.cancel_soon(call.request_id, call.model)
+                self.bus.cancel_soon(call)
                 raise GatewayTimeoutError("No output from the model in time.") from e
             first = None  # commit to 200 now and ping until the first chunk
         if first is not None and first.kind is ReplyKind.FINAL:
             # As after the commit (SseRelay): a stream is never answered with a non-stream.
-            self.bus.cancel_soon(call.request_id, call.model)
+            self.bus.cancel_soon(call)
             raise UpstreamError("The backend answered a stream with a non-stream.")
         if first is not None and first.kind is ReplyKind.ERROR:
             # An error before any output keeps its own status and body.
@@ -221,7 +219,7 @@ class CompletionsEndpoint:
             watcher.cancel()
             self.bus.replies.close(call.request_id)
             if not completed:
-                await self.bus.cancel(call.request_id, call.model)
+                await self.bus.cancel(call)
 
         return SseRelay(
             call,

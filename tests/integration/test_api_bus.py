@@ -12,6 +12,7 @@ import aiormq
 import pytest
 
 from services.api.bus import ApiBus
+from services.api.rpc import PendingCall
 from services.api.settings import ApiSettings
 from shared.errors import BrokerUnavailableError
 from shared.messages import AgentHeartbeat
@@ -115,7 +116,7 @@ async def test_after_losing_the_broker_publishes_fail_fast_until_it_is_back(
         async with asyncio.timeout(10):  # publishing into the dead connection could hang
             with pytest.raises(BrokerUnavailableError):
                 await USES[use](bus)
-            await bus.cancel("req-1", "local_a")  # logged, never raised
+            await bus.cancel(PendingCall("req-1", "local_a"))  # logged, never raised
         assert attempted == []  # refused without touching the dead connection
 
         proxy.heal()

@@ -13,6 +13,7 @@ import pytest
 
 from services.api.app import create_app
 from services.api.fastpath import RouterApp
+from services.api.rpc import PendingCall
 from services.api.settings import ApiSettings
 from shared.http_headers import relayable
 from shared.messages import Job, Reply, ReplyKind
@@ -53,12 +54,12 @@ class Backend:
             for make in self.replies:
                 bus.replies.dispatch(make(job.request_id))
 
-        async def cancel(request_id: str, model: str) -> None:
-            self.cancelled.append(request_id)
+        async def cancel(call: PendingCall) -> None:
+            self.cancelled.append(call.request_id)
 
         bus.submit = submit
         bus.cancel = cancel
-        bus.cancel_soon = lambda request_id, model: self.cancelled.append(request_id)
+        bus.cancel_soon = lambda call: self.cancelled.append(call.request_id)
 
 
 @asynccontextmanager
