@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import cast
 
 import orjson
@@ -165,9 +166,7 @@ async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
     keys = [key_named(f"w{i}") for i in range(4)]
     for key in keys:
         await client.set(lock_key(key), "leader")
-    pubsub = client.pubsub()
-    await pubsub.subscribe(*(done_channel(key) for key in keys))
-    try:
+    async with subscribed(client, *(done_channel(key) for key in keys)) as pubsub:
         await asyncio.gather(
             *(
                 store.write(key, f"body-{i}".encode(), 30 + i, "leader")
@@ -179,15 +178,8 @@ async def test_writes_in_one_burst_store_each_entry_free_its_lock_and_say_ok(
             assert await client.get(key) == f"body-{i}".encode()
             assert 0 < await client.ttl(key) <= 30 + i
             assert not await client.exists(lock_key(key))
-        told: dict[bytes, bytes] = {}
-        async with asyncio.timeout(5):
-            while len(told) < len(keys):
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
-                if message is not None:
-                    told[message["channel"]] = message["data"]
+        told = dict([await next_message(pubsub) for _ in keys])
         assert told == {done_channel(key).encode(): OK for key in keys}
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_a_probe_against_no_redis_fails_as_unavailable() -> None:
@@ -244,9 +236,7 @@ async def test_a_write_frees_the_lock_only_for_its_owner_but_always_says_ok(
     mine, theirs, legacy = (key_named(name) for name in ("mine", "theirs", "legacy"))
     for key in (mine, theirs, legacy):
         await client.set(lock_key(key), "leader")
-    pubsub = client.pubsub()
-    await pubsub.subscribe(done_channel(theirs))
-    try:
+    async with subscribed(client, done_channel(theirs)) as pubsub:
         await asyncio.gather(
             store.write(mine, b"body", 30, "leader"),
             store.write(theirs, b"body", 30, "no-cache-job"),
@@ -258,8 +248,6 @@ async def test_a_write_frees_the_lock_only_for_its_owner_but_always_says_ok(
         assert not await client.exists(lock_key(legacy))
         # The leader's waiters have their entry.
         assert await next_message(pubsub) == (done_channel(theirs).encode(), OK)
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_an_abandon_frees_the_lock_and_tells_the_waiters_only_for_its_owner(
@@ -269,9 +257,7 @@ async def test_an_abandon_frees_the_lock_and_tells_the_waiters_only_for_its_owne
     theirs, mine = key_named("theirs"), key_named("mine")
     for key in (theirs, mine):
         await client.set(lock_key(key), "leader")
-    pubsub = client.pubsub()
-    await pubsub.subscribe(done_channel(theirs), done_channel(mine))
-    try:
+    async with subscribed(client, done_channel(theirs), done_channel(mine)) as pubsub:
         await store.abandon(theirs, "no-cache-job")
         await store.abandon(mine, "leader")
         assert await client.get(lock_key(theirs)) == b"leader"
@@ -279,8 +265,6 @@ async def test_an_abandon_frees_the_lock_and_tells_the_waiters_only_for_its_owne
         # One subscriber gets messages in the order they were published: `fail` for `mine`
         # first means nothing was published for `theirs` before it.
         assert await next_message(pubsub) == (done_channel(mine).encode(), FAIL)
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def test_on_redis_a_failed_job_without_the_lock_leaves_the_leaders_waiters_waiting(
@@ -386,6 +370,17 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
             if await check():
                 return
             await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def subscribed(client: Redis, *channels: str) -> AsyncIterator[PubSub]:
+    """A pub/sub connection listening on `channels`, closed after the block."""
+    pubsub = client.pubsub()
+    await pubsub.subscribe(*channels)
+    try:
+        yield pubsub
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def next_message(pubsub: PubSub) -> tuple[bytes, bytes]:
