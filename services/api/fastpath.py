@@ -10,6 +10,10 @@ Behaviour is the FastAPI route's: the client key is checked before the body is r
 leave as OpenAI error objects (`error_response()`, which the app's exception handlers use
 too), and a bug answers 500 naming only a request id. OpenTelemetry instrumentation
 configured through FastAPI does not see this route.
+
+Every answer names a request id in `x-request-id`, as OpenAI's do (its SDKs expose it as
+`request_id`, and support asks for it): the hot route sets its own; every other route gets one
+on its way out (`with_request_id`).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from services.api.client_auth import ClientKeys
 from services.api.completions import CompletionsEndpoint
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 JSON = "application/json"
+REQUEST_ID = b"x-request-id"
 
 
 def error_response(exc: BaseException, request_id: str = "") -> Response:
@@ -39,6 +44,20 @@ def error_response(exc: BaseException, request_id: str = "") -> Response:
     if request_id:
         headers["x-request-id"] = request_id
     return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
+def with_request_id(send: Send) -> Send:
+    """`send`, adding a fresh `x-request-id` to a response that has none."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(name.lower() == REQUEST_ID for name, _ in headers):
+                headers.append((REQUEST_ID, uuid.uuid4().hex.encode()))
+                message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
 
 
 def unexpected_response(exc: BaseException, path: str) -> Response:
@@ -63,7 +82,8 @@ class ChatRoute:
             client = self.client_keys.authenticate(request.headers.get("authorization"))
             response = await self.completions(request, client.id, client.check_model)
         except RouterError as e:
-            response = error_response(e)
+            # The endpoint names its requests; an error before it (a bad key) gets an id here.
+            response = error_response(e, e.headers.get("x-request-id") or uuid.uuid4().hex)
         except Exception as e:
             response = unexpected_response(e, CHAT_PATH)
         await response(scope, receive, send)
@@ -84,4 +104,6 @@ class RouterApp(FastAPI):
             scope["app"] = self
             await self.fast_route(scope, receive, send)
             return
+        if scope["type"] == "http":
+            send = with_request_id(send)
         await super().__call__(scope, receive, send)

@@ -62,3 +62,31 @@ async def test_the_route_is_still_in_the_openapi_document(http: httpx.AsyncClien
     document = (await http.get("/openapi.json")).json()
     operation = document["paths"]["/v1/chat/completions"]["post"]
     assert "requestBody" in operation and "400" in operation["responses"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/health"),
+        ("GET", "/v1/chat/completions"),  # 405
+        ("GET", "/no/such/route"),  # 404
+        ("GET", "/openapi.json"),
+    ],
+)
+async def test_every_answer_names_a_request_id(
+    http: httpx.AsyncClient, method: str, path: str
+) -> None:
+    first = await http.request(method, path)
+    second = await http.request(method, path)
+    assert len(first.headers.get_list("x-request-id")) == 1
+    assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+async def test_a_refused_key_names_a_request_id() -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, client_keys="alice:sk-alice-0123456789"))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        chat = await client.post("/v1/chat/completions", json={"model": "dummy"})
+        models = await client.get("/v1/models")
+    assert chat.status_code == models.status_code == 401
+    assert chat.headers["x-request-id"] and models.headers["x-request-id"]
