@@ -69,6 +69,16 @@ class AgentHandler:
         self.coalesce_window = coalesce_window
         self.clock = clock
         self.in_flight = 0
+        self.hand_back_reason: str | None = None
+
+    def stop_starting(self, reason: str) -> None:
+        """Hand jobs that have not reached the server yet back to their queue (`reason` is
+        their logged outcome), so another agent takes them: this one is stopping, say, and a
+        job that waited for a slot must not start a call the drain would then cut off."""
+        self.hand_back_reason = reason
+
+    def start_again(self) -> None:
+        self.hand_back_reason = None
 
     def slot(self, model: str) -> AbstractAsyncContextManager[Any]:
         """At most `concurrency` upstream calls per model.
@@ -144,13 +154,25 @@ class _Run:
         self.outcome = "answered"
 
     async def go(self) -> None:
+        if await self._handed_back():
+            return
         async with self.h.slot(self.job.model):
+            if await self._handed_back():  # told to stop starting jobs while it waited
+                return
             # The deadline bounds the upstream call; it may have passed while waiting.
             self.remaining = self.job.remaining(self.h.clock())
             if self.remaining <= 0:
                 self.outcome = "dropped: deadline passed while waiting for a slot"
                 return
             await (self.stream() if self.job.stream else self.complete())
+
+    async def _handed_back(self) -> bool:
+        reason = self.h.hand_back_reason
+        if reason is None:
+            return False
+        await self.delivery.reject(requeue=True)
+        self.outcome = f"requeued: {reason}"
+        return True
 
     async def _error(self, exc: BaseException) -> None:
         await self.h.publish(self.job, error_reply(self.job, exc, attempt=self.attempt))

@@ -3,8 +3,9 @@
 Start: (vllm-docker: run the container and wait for its health), learn the models, connect to
 the broker, declare the topology, bind a private queue to the cancel fanout, consume each
 model's queue with prefetch = AGENT_CONCURRENCY, then register and heartbeat. Stop (SIGTERM):
-cancel the consumers (heartbeats stop with them), let in-flight jobs finish within
-DRAIN_TIMEOUT, stop the container, close; each step even if one before it failed.
+hand jobs that have not started back to their queue, cancel the consumers (heartbeats stop
+with them), let in-flight jobs finish within DRAIN_TIMEOUT, stop the container, close; each
+step even if one before it failed.
 """
 
 from __future__ import annotations
@@ -283,6 +284,8 @@ class AgentService:
         heartbeat task or a container that cannot be removed must not leave the container
         running, replies unsent or the broker connections open.
         """
+        if self.handler is not None:  # jobs still waiting for a slot go back to their queue
+            self.handler.stop_starting("agent stopping")
         await _step("stopping intake", self.broker.stop_consuming(intake_only=True))
         # No heartbeats while draining: the registry lets this agent go after the TTL, so
         # dispatchers answer 503 at once instead of queueing jobs nobody will take.

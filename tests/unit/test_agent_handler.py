@@ -348,6 +348,42 @@ async def test_streams_acked_early_still_respect_the_concurrency() -> None:
     assert rig.log.count("ack") == 2
 
 
+async def test_a_stopping_agent_hands_back_a_job_that_waited_for_a_slot() -> None:
+    calls: list[asyncio.Event] = []
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        release = asyncio.Event()
+        calls.append(release)
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(chunk("Hello"))
+        await release.wait()
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    rig = await Rig(held, concurrency=1).start()
+    first = asyncio.create_task(rig.run(rig.job(stream=True)))
+    await until(lambda: "ack" in rig.log)
+    second = asyncio.create_task(rig.run(rig.job(stream=True, request_id="req2")))
+    await asyncio.sleep(0.05)  # waiting for the slot the first stream holds
+    rig.handler.stop_starting("agent stopping")
+    calls[0].set()
+    await asyncio.wait_for(first, 1)
+    second_delivery = await asyncio.wait_for(second, 1)
+    assert rig.replies[-1].kind is ReplyKind.END  # the running stream finished
+    assert rig.log.count("ack") == 1 and rig.log[-1] == "reject(requeue=True)"
+    assert second_delivery.settled
+    assert len(calls) == 1  # the second job never reached the server
+    assert {r.request_id for r in rig.replies} == {"req1"}
+
+
+async def test_a_stopping_agent_hands_back_new_jobs_without_a_call() -> None:
+    rig = await Rig(sse(SSE)).start()
+    rig.handler.stop_starting("agent stopping")
+    await rig.run(rig.job(stream=True))
+    assert rig.log == ["reject(requeue=True)"] and rig.upstream_bodies == []
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
     """Let the loop run until `predicate()` holds (TimeoutError after `timeout`)."""
     async with asyncio.timeout(timeout):
