@@ -21,7 +21,7 @@ from services.agent.backend import UpstreamBrokenError, UpstreamUnavailableError
 from services.agent.bodies import BodyError, UpstreamFailure, normalise_error, stream_event
 from services.agent.bodies import with_model as rewrite_model
 from services.agent.models import ModelMap
-from services.agent.sse import SseDecoder
+from services.agent.sse import SseDecoder, SseEventTooLargeError
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.errors import (
@@ -59,6 +59,7 @@ class AgentHandler:
         concurrency: int | None = None,
         coalesce_window: float = 0.005,
         clock: Callable[[], float] = time.time,
+        max_event_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.models = models
         self.concurrency = concurrency
@@ -68,6 +69,7 @@ class AgentHandler:
         self.cancellations = cancellations
         self.coalesce_window = coalesce_window
         self.clock = clock
+        self.max_event_bytes = max_event_bytes  # of one upstream SSE event
         self.in_flight = 0
         self.hand_back_reason: str | None = None
 
@@ -223,12 +225,8 @@ class _Run:
                 await self._relay(writer)
         except UpstreamUnavailableError as e:
             await self._unavailable(e)
-        except (UpstreamBrokenError, StreamEndedError, BodyError) as e:
-            error = (
-                e
-                if isinstance(e, StreamEndedError)
-                else UpstreamError("The inference server's stream broke off.")
-            )
+        except (UpstreamBrokenError, StreamEndedError, BodyError, SseEventTooLargeError) as e:
+            error = _broken_stream_error(e)
             if writer.started:
                 await writer.fail(error)
                 self.outcome = f"failed mid-stream: {type(e).__name__}"
@@ -252,7 +250,7 @@ class _Run:
                 await self.h.publish(job, failure_reply(job, failure, attempt=self.attempt))
                 self.outcome = f"upstream error {failure.status}"
                 return
-            decoder = SseDecoder()
+            decoder = SseDecoder(self.h.max_event_bytes)
             async for raw in response.chunks():
                 if await self._on_events(decoder.feed(raw), writer):
                     return
@@ -297,6 +295,14 @@ class _Run:
         if first:
             # The client has its first bytes: from here on the job is this agent's to finish.
             await self.delivery.ack()
+
+
+def _broken_stream_error(exc: Exception) -> UpstreamError:
+    if isinstance(exc, StreamEndedError):
+        return exc
+    if isinstance(exc, SseEventTooLargeError):
+        return UpstreamError("The inference server sent a stream event larger than the limit.")
+    return UpstreamError("The inference server's stream broke off.")
 
 
 async def _quietly(work: Awaitable[None]) -> None:

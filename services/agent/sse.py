@@ -10,6 +10,10 @@ split across network reads; an event comes out of the read that completes it.
 from __future__ import annotations
 
 
+class SseEventTooLargeError(ValueError):
+    """One line or event of the stream grew past the decoder's `max_event_bytes`."""
+
+
 class SseDecoder:
     """Feed raw bytes, get the `data` payload of every event completed so far."""
 
@@ -21,7 +25,7 @@ class SseDecoder:
         self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        """Raises ValueError when one event grows past `max_event_bytes`."""
+        """Raises SseEventTooLargeError when one event grows past `max_event_bytes`."""
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # a `\r\n` split across reads: its `\r` already ended the line
             self._after_cr = False
@@ -32,7 +36,7 @@ class SseDecoder:
         lines = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
         self._pending = lines.pop()
         if len(self._pending) > self._max:
-            raise ValueError("an SSE line is larger than the limit")
+            raise SseEventTooLargeError("an SSE line is larger than the limit")
         for line in lines:
             if not line:
                 data = b"\n".join(self._data)
@@ -48,7 +52,7 @@ class SseDecoder:
                 value = value[1:]
             self._size += len(value)
             if self._size > self._max:
-                raise ValueError("an SSE event is larger than the limit")
+                raise SseEventTooLargeError("an SSE event is larger than the limit")
             self._data.append(value)
         return events
 

@@ -281,6 +281,38 @@ async def test_error_event_mid_stream_ends_it() -> None:
     assert b"never" not in rig.stream_body()
 
 
+def huge_event(size: int) -> bytes:
+    return b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * size + b'"}}]}\n\n'
+
+
+async def test_event_over_the_limit_after_output_ends_with_an_error_event() -> None:
+    async def hello_then_huge(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(chunk("Hello"))
+        await until(lambda: "ack" in rig.log)  # the client has its first bytes
+        await response.write(huge_event(2000) + b"data: [DONE]\n\n")
+        return response
+
+    rig = await Rig(hello_then_huge).start()
+    rig.handler.max_event_bytes = 1000
+    await rig.run(rig.job(stream=True))
+    assert rig.replies[0].kind is ReplyKind.CHUNK
+    last = rig.replies[-1]
+    assert (last.kind, last.status) == (ReplyKind.ERROR, 502)
+    assert "larger than the limit" in orjson.loads(last.body)["error"]["message"]
+
+
+async def test_event_over_the_limit_before_output_requeues_once_then_answers_502() -> None:
+    rig = await Rig(sse(huge_event(2000), b"data: [DONE]\n\n")).start()
+    rig.handler.max_event_bytes = 1000
+    await rig.run(rig.job(stream=True))
+    assert rig.log == ["reject(requeue=True)"] and rig.replies == []
+    await rig.run(rig.job(stream=True), redelivered=True)
+    [reply] = rig.replies
+    assert (reply.kind, reply.status) == (ReplyKind.ERROR, 502)
+
+
 async def test_cancel_mid_stream_closes_the_upstream_call_without_a_reply() -> None:
     closed = asyncio.Event()
     rig = await Rig(sse(chunk("Hello"), hang=closed)).start()

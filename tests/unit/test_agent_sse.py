@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.agent.sse import SseDecoder
+from services.agent.sse import SseDecoder, SseEventTooLargeError
 
 STREAM = (
     b'data: {"a":1}\n\n'
@@ -51,10 +51,10 @@ def test_last_event_without_blank_line() -> None:
 
 def test_event_size_is_bounded() -> None:
     decoder = SseDecoder(max_event_bytes=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(SseEventTooLargeError):
         decoder.feed(b"data: " + b"x" * 20)
     decoder = SseDecoder(max_event_bytes=10)
-    with pytest.raises(ValueError):
+    with pytest.raises(SseEventTooLargeError):
         decoder.feed(b"data: 123456\ndata: 123456\n")
 
 
