@@ -2,7 +2,10 @@
 
 Start: (vllm-docker: run the container and wait for its health), learn the models, connect to
 the broker, declare the topology, bind a private queue to the cancel fanout, consume each
-model's queue with prefetch = AGENT_CONCURRENCY, then register and heartbeat. Stop (SIGTERM):
+model's queue with prefetch = AGENT_CONCURRENCY, then register and heartbeat. While the
+server's /health fails (checked every HEARTBEAT_INTERVAL, see services/agent/watchdog.py),
+stop consuming the models' queues, which pauses the heartbeats; consume again once it answers.
+Stop (SIGTERM):
 hand jobs that have not started back to their queue, cancel the consumers (heartbeats stop
 with them), let in-flight jobs finish within DRAIN_TIMEOUT, stop the container, close; each
 step even if one before it failed.
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aio_pika.abc import AbstractChannel
 from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
 
@@ -35,6 +39,7 @@ from services.agent.handler import AgentHandler
 from services.agent.heartbeat import Registrar, next_backoff
 from services.agent.models import ModelMap, discovered_models, parse_agent_models
 from services.agent.settings import AgentSettings, Backend
+from services.agent.watchdog import UpstreamHealth
 from shared import health
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
@@ -96,6 +101,9 @@ class AgentService:
         self.registrar: Registrar | None = None
         self.container: VllmContainer | None = None
         self._heartbeats: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._model_channels: dict[str, AbstractChannel] = {}
+        self._taking_jobs = False  # consuming the models' queues (not while the server is down)
         self._web: web.AppRunner | None = None
         self.port = settings.agent_port
 
@@ -103,7 +111,8 @@ class AgentService:
     def is_attached(self) -> bool:
         """Consuming every model queue (plus the cancel queue), each consumer live on the
         broker: `Broker.is_consuming` is False while any consumer is gone from its channel (the
-        broker cancels the consumers of a deleted queue), not only while disconnected."""
+        broker cancels the consumers of a deleted queue), not only while disconnected. The
+        model queues are not consumed while the inference server is down."""
         expected = len(self.models.router_ids) + 1
         return (
             bool(self.models)
@@ -141,6 +150,7 @@ class AgentService:
         await self._connect()
         await self._consume()
         self._start_heartbeats()
+        self._watchdog = asyncio.create_task(self._watch_upstream())
 
     async def _start_container(self) -> None:
         import docker  # only this backend needs an engine
@@ -208,8 +218,7 @@ class AgentService:
         for model in self.models.router_ids:  # cancels of requests for its models only
             await cancel.bind(t.cancel_exchange, routing_key=cancel_routing_key(model))
         await self.broker.consume(control, cancel, self._on_cancel, intake=False)
-        for model in self.models.router_ids:
-            await self._consume_model(model)
+        await self._consume_models()
         log.info(
             "agent %s consuming %s (prefetch %d each, %s mode) for %s",
             self.settings.agent_name,
@@ -219,13 +228,22 @@ class AgentService:
             self.upstream.root,
         )
 
+    async def _consume_models(self) -> None:
+        for model in self.models.router_ids:
+            await self._consume_model(model)
+        self._taking_jobs = True
+
     async def _consume_model(self, model: str) -> None:
         """Consume one model's queue; under least privilege wait until it has been declared
-        (`router topology --agent-model ...`), since this agent's broker user may not."""
+        (`router topology --agent-model ...`), since this agent's broker user may not. Consuming
+        again (the server is back) reuses the model's channel."""
         assert self.handler is not None
         delay = 0.5
         while True:
-            channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
+            channel = self._model_channels.get(model)
+            if channel is None or channel.is_closed:
+                channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
+                self._model_channels[model] = channel
             try:
                 await self.broker.consume(
                     channel,
@@ -234,7 +252,7 @@ class AgentService:
                     redelivery_limit=self.topology.redelivery_limit,
                 )
                 return
-            except BrokerEntityMissingError as e:
+            except BrokerEntityMissingError as e:  # the channel closed with it
                 log.warning(
                     "%s; declare it with `router topology --agent-model %s` (retrying)", e, model
                 )
@@ -264,6 +282,46 @@ class AgentService:
         if self.cancellations.cancel(request_id, time.time()):
             log.info("job %s cancelled by its client: upstream call aborted", request_id)
 
+    # --- the inference server's health ----------------------------------------------------------
+    async def _watch_upstream(self) -> None:
+        """Check the server's /health every HEARTBEAT_INTERVAL; consume the models' queues only
+        while it counts as healthy. Runs until cancelled: a failed step is logged and the
+        next check tries again."""
+        health = UpstreamHealth()
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                healthy = health.record(await self.upstream.is_healthy())
+                if healthy != self._taking_jobs:
+                    await (self._take_jobs_again() if healthy else self._stop_taking_jobs(health))
+            except Exception:
+                log.exception("following the inference server's health failed; retrying")
+
+    async def _stop_taking_jobs(self, health: UpstreamHealth) -> None:
+        """Its queue consumers go, so heartbeats pause (`is_attached`) and the registry lets
+        this agent go after the TTL; the jobs it holds that have not started go back to their
+        queue for a healthy agent (cancelling a consumer leaves its unacked jobs here)."""
+        log.warning(
+            "inference server at %s failed %d health checks in a row: "
+            "no more jobs taken until it answers again",
+            self.upstream.root,
+            health.failures,
+        )
+        self._taking_jobs = False
+        assert self.handler is not None
+        self.handler.stop_starting("inference server down")
+        await self.broker.stop_consuming(intake_only=True)
+
+    async def _take_jobs_again(self) -> None:
+        log.info("inference server at %s healthy again: taking jobs", self.upstream.root)
+        assert self.handler is not None
+        self.handler.start_again()
+        try:
+            await self._consume_models()
+        except Exception:  # consuming some models only: start over at the next check
+            await self.broker.stop_consuming(intake_only=True)
+            raise
+
     # --- running -------------------------------------------------------------------------------
     async def serve(self, stopping: asyncio.Future[Any]) -> None:
         """Run until `stopping` is done. Raises if the heartbeats end first: they end only by a
@@ -284,6 +342,7 @@ class AgentService:
         heartbeat task or a container that cannot be removed must not leave the container
         running, replies unsent or the broker connections open.
         """
+        await _step("stopping the health checks", _cancelled(self._watchdog))
         if self.handler is not None:  # jobs still waiting for a slot go back to their queue
             self.handler.stop_starting("agent stopping")
         await _step("stopping intake", self.broker.stop_consuming(intake_only=True))
@@ -303,11 +362,15 @@ class AgentService:
 
     async def _stop_heartbeats(self) -> None:
         """Cancel the heartbeat task; raises what it died of, if it died."""
-        if self._heartbeats is None:
-            return
-        self._heartbeats.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._heartbeats
+        await _cancelled(self._heartbeats)
+
+
+async def _cancelled(task: asyncio.Task[None] | None) -> None:
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _step(what: str, work: Awaitable[object]) -> None:

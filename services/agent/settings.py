@@ -46,7 +46,12 @@ class AgentSettings(BrokerSettings):
         8, ge=1, le=4096, description="Jobs taken at once from each model's queue (prefetch)."
     )
     heartbeat_interval: float = Field(
-        5.0, gt=0, description="Seconds between heartbeats to the API."
+        5.0,
+        gt=0,
+        description=(
+            "Seconds between heartbeats to the API, and between checks of the inference "
+            "server's /health (two failed in a row: no jobs taken until one passes)."
+        ),
     )
     agent_host: str = Field(
         "", description="Host name put in the registered endpoint (default: this host's name)."

@@ -8,10 +8,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import aio_pika
+import httpx
 import pytest
 
 from fakes import FakeConfig, running
 from fakes import vllm as fake_vllm
+from fakes.server import serve
 from services.agent.heartbeat import Registrar
 from services.agent.service import AgentService, run
 from services.agent.settings import AgentSettings
@@ -107,6 +109,47 @@ async def test_an_agent_whose_heartbeats_end_stops_with_an_error(
         await asyncio.wait_for(run(settings, stop), 20)
     assert registered_when_it_died == [True]  # the real API accepted the registration
     assert await consumers_of(settings, "local_m") == 0
+
+
+async def test_an_agent_takes_no_jobs_while_its_server_is_down(settings: AgentSettings) -> None:
+    """Its server gone, the agent stops consuming its model's queue (healthy agents of the
+    model take the jobs), its heartbeats pause and /ready says 503; all resume once the server
+    answers again. The checks run every HEARTBEAT_INTERVAL (0.05 s here)."""
+    runner, port = await serve(fake_vllm.create_app(FakeConfig(models=["m"])))
+    service = AgentService(settings.model_copy(update={"vllm_url": f"http://127.0.0.1:{port}"}))
+    try:
+        await service.start()
+        registrar = service.registrar
+        assert registrar is not None
+        await until(
+            lambda: service.is_ready() and registrar.heartbeats_sent > 0,
+            timeout=10,
+            what="registered and heartbeating",
+        )
+        assert await consumers_of(settings, "local_m") == 1
+
+        await runner.cleanup()  # the inference server dies
+        await until(lambda: not service.is_attached(), timeout=5, what="detached")
+        assert await consumers_of(settings, "local_m") == 0
+        assert await ready_status(service) == 503
+        sent = registrar.heartbeats_sent
+        await asyncio.sleep(0.3)
+        assert registrar.heartbeats_sent == sent  # paused: the registry lets the agent go
+
+        runner, _ = await serve(fake_vllm.create_app(FakeConfig(models=["m"])), port=port)
+        await until(service.is_attached, timeout=5, what="attached again")
+        assert await consumers_of(settings, "local_m") == 1
+        await until(lambda: registrar.heartbeats_sent > sent, timeout=5, what="heartbeating again")
+        assert await ready_status(service) == 200
+    finally:
+        await service.stop()
+        await runner.cleanup()
+
+
+async def ready_status(service: AgentService) -> int:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{service.port}/ready")
+        return response.status_code
 
 
 async def consumers_of(settings: AgentSettings, model: str) -> int:
