@@ -116,6 +116,15 @@ async def test_5xx_past_the_retries_is_a_502_with_the_last_retry_after() -> None
     assert info.value.headers == {"retry-after": "4"}
 
 
+async def test_a_retry_after_longer_than_the_backoff_cap_is_relayed_at_once() -> None:
+    upstream = Upstream(status(503, headers={"retry-after": "30"}), status(200, ANSWER))
+    p, slept = provider(upstream)
+    with pytest.raises(UpstreamError) as info:
+        await p.complete(request())
+    assert len(upstream.requests) == 1 and slept == []
+    assert info.value.status == 502 and info.value.headers["retry-after"] == "30"
+
+
 async def test_timeouts_past_the_retries_are_a_504() -> None:
     upstream = Upstream(fail(httpx.ReadTimeout("slow")), fail(httpx.ReadTimeout("slow")))
     p, _ = provider(upstream, max_retries=1)

@@ -33,6 +33,13 @@ def test_upstream_retry_after_is_honoured_up_to_the_cap() -> None:
     assert POLICY.delay(2, 0.0, retry_after=0.1) == 1.0  # never shorter than the backoff
 
 
+def test_no_retry_when_the_upstream_asks_for_a_longer_wait_than_the_cap() -> None:
+    """The client gets the upstream's `retry-after` at once instead of a retry that comes too
+    early to help."""
+    assert next_delay(POLICY, 0, remaining=100, jitter=0, retry_after=4.0) == 4.0
+    assert next_delay(POLICY, 0, remaining=100, jitter=0, retry_after=4.5) is None
+
+
 def test_retries_are_bounded_in_number() -> None:
     assert [next_delay(POLICY, r, remaining=100, jitter=0) for r in range(5)] == [
         0.25,
@@ -146,3 +153,11 @@ async def test_the_deadline_stops_retries() -> None:
         # Room for one 0.25 s wait and a try; not for the 0.5 s one after.
         await run(script, deadline=script.now + 0.8)
     assert script.calls == 2
+
+
+async def test_a_retry_after_past_the_cap_is_answered_at_once() -> None:
+    failure = RetryableFailure(UpstreamError("HTTP 503"), retry_after=30.0)
+    script = Script(failure, "ok")
+    with pytest.raises(UpstreamError):
+        await run(script)
+    assert script.calls == 1 and script.slept == []

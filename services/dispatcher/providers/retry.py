@@ -2,6 +2,8 @@
 
 Only failures a retry can fix are retried (5xx, 408, connection errors, timeouts), a bounded
 number of times, with jittered exponential backoff, and never past the request's deadline.
+An upstream that asks for a longer wait than the backoff allows is not retried: its client
+gets the `retry-after` and waits itself.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ class RetryPolicy:
         """Seconds before retry number `retry` (0-based); `jitter` is uniform in [0, 1).
 
         "Equal jitter": half the exponential step is fixed, half random, so concurrent
-        callers spread out yet none retries at once. An upstream `retry-after` is honoured
-        up to `backoff_max`.
+        callers spread out yet none retries at once. An upstream `retry-after` is waited out
+        up to `backoff_max` (`next_delay` does not retry when it asks for more).
         """
         step = min(self.backoff_max, self.backoff_base * 2.0**retry)
         wait = step / 2 + jitter * step / 2
@@ -55,10 +57,14 @@ def next_delay(
 ) -> float | None:
     """The wait before retry number `retry`, or None when no retry is allowed.
 
-    None once `max_retries` are spent, or when the wait plus a minimal attempt would not fit in
-    the `remaining` seconds before the deadline.
+    None once `max_retries` are spent, when the upstream's `retry_after` is longer than
+    `backoff_max` (the client gets it relayed and waits itself, rather than for a retry too
+    early to help), or when the wait plus a minimal attempt would not fit in the `remaining`
+    seconds before the deadline.
     """
     if retry >= policy.max_retries:
+        return None
+    if retry_after is not None and retry_after > policy.backoff_max:
         return None
     wait = policy.delay(retry, jitter, retry_after)
     if wait + MIN_ATTEMPT_TIME > remaining:
