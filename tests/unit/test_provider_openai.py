@@ -113,7 +113,15 @@ async def test_5xx_past_the_retries_is_a_502_with_the_last_retry_after() -> None
     with pytest.raises(UpstreamError) as info:
         await p.complete(request())
     assert info.value.status == 502 and len(upstream.requests) == 3
-    assert info.value.headers == {"retry-after": "4"}
+    assert info.value.headers == {"retry-after": "4", "x-should-retry": "false"}
+
+
+async def test_a_5xx_with_retries_off_is_a_502_the_client_may_retry() -> None:
+    upstream = Upstream(status(500))
+    p, _ = provider(upstream, max_retries=0)
+    with pytest.raises(UpstreamError) as info:
+        await p.complete(request())
+    assert len(upstream.requests) == 1 and "x-should-retry" not in info.value.headers
 
 
 async def test_a_retry_after_longer_than_the_backoff_cap_is_relayed_at_once() -> None:

@@ -137,6 +137,15 @@ async def test_exhausted_retries_raise_the_last_error_chained() -> None:
         await run(script)
     assert script.calls == 4  # one try and max_retries=3 retries
     assert info.value.__cause__ is cause
+    assert info.value.headers == {"x-should-retry": "false"}  # the client's SDK: no more tries
+
+
+async def test_an_error_not_retried_leaves_the_client_free_to_retry() -> None:
+    failure = RetryableFailure(UpstreamError("HTTP 503", headers={"retry-after": "1"}))
+    script = Script(failure, "ok")
+    with pytest.raises(UpstreamError) as info:
+        await run(script, deadline=script.now + 0.5)  # no time left for a retry
+    assert script.calls == 1 and info.value.headers == {"retry-after": "1"}
 
 
 async def test_a_non_retryable_error_is_raised_at_once() -> None:
@@ -149,15 +158,16 @@ async def test_a_non_retryable_error_is_raised_at_once() -> None:
 async def test_the_deadline_stops_retries() -> None:
     failure = RetryableFailure(UpstreamError("HTTP 503"))
     script = Script(failure, failure, "ok")
-    with pytest.raises(UpstreamError):
+    with pytest.raises(UpstreamError) as info:
         # Room for one 0.25 s wait and a try; not for the 0.5 s one after.
         await run(script, deadline=script.now + 0.8)
-    assert script.calls == 2
+    assert script.calls == 2 and info.value.headers == {"x-should-retry": "false"}
 
 
 async def test_a_retry_after_past_the_cap_is_answered_at_once() -> None:
     failure = RetryableFailure(UpstreamError("HTTP 503"), retry_after=30.0)
     script = Script(failure, "ok")
-    with pytest.raises(UpstreamError):
+    with pytest.raises(UpstreamError) as info:
         await run(script)
     assert script.calls == 1 and script.slept == []
+    assert "x-should-retry" not in info.value.headers

@@ -6,16 +6,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
 from services.dispatcher.providers.base import ProviderRequest, ProviderResponse
 from services.dispatcher.providers.catalog import ModelCatalog
+from services.dispatcher.providers.openai import OpenAIProvider
+from services.dispatcher.providers.retry import RetryPolicy
 from services.dispatcher.providers.worker import ProviderWorker
 from services.dispatcher.routing import ProviderRule
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.errors import UpstreamError, UpstreamHTTPError
+from shared.http_headers import relayable
 from shared.messages import Envelope, Job, Reply, ReplyKind, decode_reply, encode_job
 from shared.replies import ReplyPublisher
 
@@ -162,6 +166,31 @@ async def test_upstream_errors_become_error_replies() -> None:
     assert reply.body == relayed.body and reply.http_headers == {"retry-after": "2"}
 
 
+async def test_a_failure_after_the_routers_retries_tells_the_client_not_to_retry() -> None:
+    """The OpenAI provider's retries, then the reply the API relays: `x-should-retry: false`."""
+    calls: list[httpx.Request] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(500, content=b"{}")
+
+    async def no_wait(_: float) -> None:
+        pass
+
+    provider = OpenAIProvider(
+        httpx.AsyncClient(transport=httpx.MockTransport(upstream)),
+        api_key="sk-unit",
+        policy=RetryPolicy(max_retries=2),
+        clock=lambda: NOW,
+        sleep=no_wait,
+    )
+    rig = Rig(provider)  # type: ignore[arg-type]
+    await rig.run(job())
+    [reply] = rig.replies
+    assert reply.status == 502 and len(calls) == 3
+    assert relayable(reply.http_headers) == {"x-should-retry": "false"}
+
+
 async def test_an_unexpected_failure_is_a_500_naming_only_the_request() -> None:
     rig = Rig(Provider(RuntimeError("secret detail")))
     await rig.run(job())
@@ -209,7 +238,7 @@ async def test_cancelled_or_expired_jobs_are_dropped_without_a_call(cancelled: b
 
 async def test_a_cancel_during_the_call_aborts_it_and_answers_nothing() -> None:
     provider = Provider(ProviderResponse(body=b"{}"), hang=True)
-    rig = Rig(provider)
+    rig = Rig(provider)  # type: ignore[arg-type]
     running = asyncio.create_task(rig.run(job()))
     await provider.started.wait()
     assert rig.cancellations.cancel("req1", NOW)

@@ -18,6 +18,7 @@ from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 from shared.errors import RouterError
+from shared.http_headers import SHOULD_RETRY
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,10 @@ async def call_with_retries(
 ) -> T:
     """Run `attempt` until it succeeds, raises a non-retryable error, or retries run out.
 
-    Raises the last failure's `error` (a RouterError), chained to what caused it.
+    Raises the last failure's `error` (a RouterError), chained to what caused it. If it was
+    retried, the error says `x-should-retry: false`: the OpenAI SDKs would otherwise repeat the
+    whole series (3 tries each for 2 SDK retries: 9 upstream calls). Without a retry (none
+    allowed, no time left, a long `retry-after`) the client may still retry on its own.
     """
     retry = 0
     while True:
@@ -142,6 +146,8 @@ async def call_with_retries(
                 retry_after=failure.retry_after,
             )
             if wait is None:
+                if retry > 0:
+                    failure.error.headers[SHOULD_RETRY] = "false"
                 raise failure.error from failure.__cause__
             retry += 1
             log.info("%s: %s; retry %d in %.2fs", label, failure.error.message, retry, wait)
