@@ -136,14 +136,20 @@ def test_5xx_are_retryable_then_502_or_504(status: int, kind: type, client_statu
     assert info.value.retry_after == 2.0
 
 
-@pytest.mark.parametrize(("status", "client_status"), [(503, 502), (500, 502), (504, 504)])
-def test_5xx_keep_the_upstreams_retry_hints_for_the_client(status: int, client_status: int) -> None:
-    """Once retries are spent, the client waits as long as the upstream asked (and gets no
-    rate-limit or other upstream headers with the router's own error)."""
+@pytest.mark.parametrize(
+    ("status", "client_status"), [(503, 502), (500, 502), (504, 504), (408, 504), (302, 502)]
+)
+def test_5xx_keep_the_upstreams_relayed_headers_for_the_client(
+    status: int, client_status: int
+) -> None:
+    """Once retries are spent, the client waits as long as the upstream asked, and has its
+    rate limits and its request id (to quote to its support), as with a 4xx or a 2xx."""
     error = upstream_error(status, b"{}", RATE_HEADERS, provider="openai")
     status_sent, body, headers = to_openai_error(error)
     assert status_sent == client_status
-    assert headers == {"retry-after": "7", "retry-after-ms": "7000"}
+    assert headers == relay_headers(RATE_HEADERS)
+    assert headers["x-upstream-request-id"] == "req_abc"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
     assert orjson.loads(body)["error"]["type"] in ("server_error", "timeout_error")
     assert upstream_error(503, b"{}", {}, provider="openai").headers == {}
 

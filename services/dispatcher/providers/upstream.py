@@ -31,9 +31,9 @@ from shared.errors import (
     UpstreamHTTPError,
     error_body,
 )
-from shared.http_headers import RETRY_HINTS, is_upstream_relayed
 from shared.http_headers import SHOULD_RETRY as H_SHOULD_RETRY
 from shared.http_headers import UPSTREAM_REQUEST_ID as H_UPSTREAM_REQUEST_ID
+from shared.http_headers import is_upstream_relayed
 
 # Client errors that the same request will meet again: the SDKs must not retry them.
 _FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
@@ -105,8 +105,9 @@ def upstream_error(
     - other 4xx: relayed with status, OpenAI error (every field there) and rate-limit
       headers; `x-should-retry: false` where the same request cannot succeed.
     - 504 and 408: 504; anything else (other 5xx, a 3xx: no redirect is followed): 502.
-      Both keep the upstream's `retry-after` and `retry-after-ms`, so a client waits as
-      long as the upstream asked.
+      Both keep the relayed headers: `retry-after` and `retry-after-ms`, so a client waits
+      as long as the upstream asked, the rate limits, and the upstream's request id, which
+      its support asks for about a failure.
     """
     relayed = relay_headers(headers)
     if status == 401:
@@ -115,15 +116,12 @@ def upstream_error(
             code="upstream_auth_failed",
             headers={H_SHOULD_RETRY: "false"},
         )
-    retry_hints = {k: v for k, v in relayed.items() if k in RETRY_HINTS}
     if status in (408, 504):
         return GatewayTimeoutError(
-            f"The provider `{provider}` did not answer in time.", headers=retry_hints
+            f"The provider `{provider}` did not answer in time.", headers=relayed
         )
     if status >= 500 or status < 400:
-        return UpstreamError(
-            f"The provider `{provider}` failed (HTTP {status}).", headers=retry_hints
-        )
+        return UpstreamError(f"The provider `{provider}` failed (HTTP {status}).", headers=relayed)
     if status in _FINAL_STATUSES:
         relayed.setdefault(H_SHOULD_RETRY, "false")
     type_ = "rate_limit_error" if status == 429 else "invalid_request_error"
