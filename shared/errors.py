@@ -100,7 +100,8 @@ class UpstreamError(RouterError):
 
 
 class UpstreamHTTPError(RouterError):
-    """An upstream's own error answer (a 4xx), relayed with its status, body and headers.
+    """An upstream's own error answer (a 4xx, or a stream's error event as a 502), relayed with
+    its status, body and headers.
 
     `body` is already an OpenAI error object (compact JSON); `to_openai_error` sends it as is.
     """

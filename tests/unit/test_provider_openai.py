@@ -214,6 +214,33 @@ async def test_a_stream_ending_without_done_is_an_error() -> None:
     await stream.aclose()
 
 
+async def test_an_error_event_mid_stream_is_the_streams_error_and_its_end() -> None:
+    """The upstream's error is what the stream raises (to be relayed as its last event): not
+    an event followed by a second, "ended early" error."""
+    error_event = (
+        b'data: {"error":{"message":"Sorry, ' + KEY.encode() + b'","type":"server_error",'
+        b'"param":null,"code":null}}\n\n'
+    )
+    upstream = Upstream(sse(*EVENTS[:2], error_event))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    got: list[bytes] = []
+    with pytest.raises(UpstreamHTTPError) as info:
+        async for event in stream.events():
+            got.append(event)
+    await stream.aclose()
+    assert got == EVENTS[:2] and len(upstream.requests) == 1
+    assert info.value.status == 502
+    assert orjson.loads(info.value.body) == {
+        "error": {
+            "message": "Sorry, [redacted]",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    }
+
+
 async def test_a_stream_refused_with_a_4xx_is_relayed() -> None:
     body = b'{"error":{"message":"Rate limit","type":"requests","param":null,"code":null}}'
     upstream = Upstream(status(429, body, {"x-ratelimit-remaining-requests": "0"}))

@@ -64,3 +64,31 @@ def test_an_event_whose_data_only_mentions_done_is_an_event() -> None:
     events = [b'data: "[DONE]"\n\n', b"data: [DONE]\ndata: more\n\n", b"[DONE]: x\n\n"]
     assert splitter.feed(b"".join(events)) == events
     assert not splitter.done
+
+
+ERROR_EVENT = b'data: {"error":{"message":"The server had an error","type":"server_error"}}\n\n'
+
+
+@pytest.mark.parametrize("size", [1, 5, 1000])
+def test_an_error_event_ends_the_stream_and_is_kept_for_the_caller(size: int) -> None:
+    """Whatever follows an upstream's error event (a `[DONE]`, more data) is dropped."""
+    body = EVENTS[0] + ERROR_EVENT + b'data: {"late":1}\n\ndata: [DONE]\n\n'
+    splitter = SseSplitter()
+    out: list[bytes] = []
+    for i in range(0, len(body), size):
+        out += splitter.feed(body[i : i + size])
+    assert out == EVENTS[:1]
+    assert splitter.done
+    assert splitter.error == ERROR_EVENT[len(b"data: ") : -2]
+
+
+def test_an_event_that_only_mentions_error_is_an_event() -> None:
+    events = [
+        b'data: {"choices":[{"delta":{"content":"\\"error\\""}}]}\n\n',
+        b'data: {"choices":[{"finish_reason":"error"}],"x":{"error":1}}\n\n',
+        b'data: ["error"]\n\n',
+        b'data: {"error" oops\n\n',
+    ]
+    splitter = SseSplitter()
+    assert splitter.feed(b"".join(events)) == events
+    assert not splitter.done and splitter.error is None

@@ -12,6 +12,7 @@ from services.dispatcher.providers.upstream import (
     relay_headers,
     rewrite_model,
     scrub,
+    stream_error,
     transport_failure,
     upstream_error,
 )
@@ -160,6 +161,21 @@ def test_2xx_answers_are_relayed_as_they_are() -> None:
     assert response.headers == {"x-ratelimit-limit-requests": "5"}
     with pytest.raises(UpstreamError):
         check_response(200, b"<html>", {}, provider="o")
+
+
+def test_a_streams_error_event_is_relayed_or_replaced_by_the_routers_own() -> None:
+    relayed = stream_error(
+        b'{"error":{"message":"oops ' + KEY.encode() + b'"}}', provider="o", secret=KEY
+    )
+    assert relayed.status == 502
+    assert orjson.loads(to_openai_error(relayed)[1])["error"] == {
+        "message": "oops [redacted]",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    own = stream_error(b'{"error":"just text"}', provider="o")
+    assert isinstance(own, UpstreamError) and "ended the stream with an error" in own.message
 
 
 def test_transport_failures() -> None:

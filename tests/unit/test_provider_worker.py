@@ -218,6 +218,30 @@ async def test_a_stream_broken_mid_way_ends_with_an_error_message() -> None:
     assert rig.replies[-1].status == 502 and stream.closed
 
 
+async def test_an_upstream_error_event_is_the_streams_one_last_message() -> None:
+    """Chunks, then the upstream's error as the one error message: no end, no second error."""
+    error = b'{"error":{"message":"boom","type":"server_error","param":null,"code":null}}'
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"".join(EVENTS)
+        yield b"data: " + error + b"\n\n"
+
+    def upstream(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=events(), headers={"content-type": "text/event-stream"})
+
+    provider = OpenAIProvider(
+        httpx.AsyncClient(transport=httpx.MockTransport(upstream)),
+        api_key="sk-unit",
+        clock=lambda: NOW,
+    )
+    rig = Rig(provider)  # type: ignore[arg-type]
+    await rig.run(job(stream=True))
+    kinds = [r.kind for r in rig.replies]
+    assert set(kinds[:-1]) == {ReplyKind.CHUNK} and kinds[-1] is ReplyKind.ERROR
+    assert b"".join(r.body for r in rig.replies if r.kind is ReplyKind.CHUNK) == b"".join(EVENTS)
+    assert rig.replies[-1].body == error and rig.message.acked
+
+
 async def test_a_stream_refused_before_output_is_one_error_reply() -> None:
     rig = Rig(Provider(UpstreamHTTPError(400, b'{"error":{"message":"bad"}}')))
     await rig.run(job(stream=True))

@@ -26,6 +26,7 @@ from services.dispatcher.providers.upstream import (
     check_response,
     raise_for_status,
     relay_headers,
+    stream_error,
     transport_failure,
     upstream_error,
 )
@@ -131,7 +132,7 @@ class OpenAIProvider:
             response = await self._client.send(http_request, stream=True)
         except httpx.TransportError as e:
             raise transport_failure(e, provider=self.name) from e
-        stream = OpenAIStream(response, provider=self.name)
+        stream = OpenAIStream(response, provider=self.name, secret=self._api_key)
         try:
             if not 200 <= response.status_code < 300:
                 raise_for_status(
@@ -184,11 +185,16 @@ class OpenAIProvider:
 
 
 class OpenAIStream:
-    """An upstream SSE response, its events split as they arrive."""
+    """An upstream SSE response, its events split as they arrive.
 
-    def __init__(self, response: httpx.Response, *, provider: str) -> None:
+    `events()` ends at the upstream's `[DONE]`, or raises: at an error event (the upstream's
+    error, which the worker sends as the stream's last event), or when the stream breaks.
+    """
+
+    def __init__(self, response: httpx.Response, *, provider: str, secret: str = "") -> None:
         self._response = response
         self._provider = provider
+        self._secret = secret
         self._chunks = response.aiter_bytes()
         self._splitter = SseSplitter()
         self._ready: deque[bytes] = deque()
@@ -206,6 +212,10 @@ class OpenAIStream:
         while True:
             while self._ready:
                 yield self._ready.popleft()
+            if self._splitter.error is not None:
+                raise stream_error(
+                    self._splitter.error, provider=self._provider, secret=self._secret
+                )
             if self._splitter.done:
                 return
             try:

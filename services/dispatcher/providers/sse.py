@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import orjson
+
 DONE = b"[DONE]"
 
 
@@ -11,12 +13,15 @@ class SseSplitter:
     Line endings are normalised to `\\n` (the API relays events as they are). Comment-only
     events (`: keep-alive`) are dropped: the API sends its own pings. `done` turns true at the
     event whose data is `[DONE]` (`data: [DONE]` or `data:[DONE]`), which is not returned (the
-    API writes its own on the end message).
+    API writes its own on the end message). An event whose data is a JSON object with an
+    `error` (an upstream failing mid-stream) ends the stream too: it is not returned either but
+    kept as `error`, its data, for the caller to relay as the stream's last event.
     """
 
     def __init__(self) -> None:
         self._buffer = b""
         self.done = False
+        self.error: bytes | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.done:
@@ -36,7 +41,9 @@ class SseSplitter:
                 break
             raw = self._buffer[:end]
             self._buffer = self._buffer[end + 2 :]
-            if event_data(raw).strip() == DONE:
+            data = event_data(raw).strip()
+            if data == DONE or is_error(data):
+                self.error = None if data == DONE else data
                 self.done = True
                 self._buffer = b""
                 break
@@ -60,6 +67,20 @@ def event_data(raw: bytes) -> bytes:
         if name == b"data":
             values.append(value[1:] if value.startswith(b" ") else value)
     return b"\n".join(values)
+
+
+def is_error(data: bytes) -> bool:
+    """Whether an event's data is a JSON object with a top-level `error`.
+
+    Only data that names `"error"` at all is parsed: the chunks of a healthy stream are not.
+    """
+    if not data.startswith(b"{") or b'"error"' not in data:
+        return False
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and "error" in parsed
 
 
 def is_comment(raw: bytes) -> bool:

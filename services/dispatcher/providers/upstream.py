@@ -4,6 +4,7 @@
 - `check_response`: a 2xx becomes a `ProviderResponse`; a retryable status a
   `RetryableFailure`; anything else the error the client gets (`upstream_error`).
 - `transport_failure`: a connection error or timeout as a `RetryableFailure`.
+- `stream_error`, `broken_stream`: how a stream that has begun fails.
 - `rewrite_model`: the body with `model` set to the upstream's name, else untouched bytes.
 
 No message built here quotes the upstream's key, URL or an exception's text: `scrub` removes
@@ -173,6 +174,16 @@ def transport_failure(exc: httpx.TransportError, *, provider: str) -> RetryableF
             f"Could not reach the provider `{provider}`.", code="upstream_unreachable"
         )
     return RetryableFailure(error)
+
+
+def stream_error(data: bytes, *, provider: str, secret: str = "") -> RouterError:
+    """The error event an upstream ended a stream with (its `data`), as the error the client
+    gets in its place: an OpenAI error is relayed (scrubbed, with all four fields), anything
+    else becomes the router's own 502."""
+    clean = openai_error_body(scrub(data, secret), default_type="server_error")
+    if clean is None:
+        return UpstreamError(f"The provider `{provider}` ended the stream with an error.")
+    return UpstreamHTTPError(502, clean, message=error_message(clean))
 
 
 def broken_stream(exc: httpx.TransportError, *, provider: str) -> RouterError:
