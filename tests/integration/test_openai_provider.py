@@ -271,6 +271,8 @@ def test_5xx_past_the_retries_is_a_502_with_the_upstreams_retry_after(
         client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=stream)
     assert info.value.status_code == 502
     assert info.value.response.headers["retry-after"] == "1"
+    assert info.value.response.headers["x-should-retry"] == "false"  # the router retried
+    assert "x-upstream-request-id" in info.value.response.headers
     assert fake.stats()["requests"] == 3
 
 
