@@ -171,3 +171,17 @@ async def test_a_retry_after_past_the_cap_is_answered_at_once() -> None:
         await run(script)
     assert script.calls == 1 and script.slept == []
     assert "x-should-retry" not in info.value.headers
+
+
+async def test_a_long_retry_after_after_a_retry_still_leaves_the_client_free_to_retry() -> None:
+    # The router retried once; then the upstream asks for a wait longer than the router makes:
+    # the client gets the `retry-after` and may wait it out itself.
+    script = Script(
+        RetryableFailure(UpstreamError("HTTP 503")),
+        RetryableFailure(UpstreamError("HTTP 503"), retry_after=30.0),
+        "ok",
+    )
+    with pytest.raises(UpstreamError) as info:
+        await run(script)
+    assert script.calls == 2
+    assert "x-should-retry" not in info.value.headers

@@ -131,7 +131,8 @@ async def call_with_retries(
     Raises the last failure's `error` (a RouterError), chained to what caused it. If it was
     retried, the error says `x-should-retry: false`: the OpenAI SDKs would otherwise repeat the
     whole series (3 tries each for 2 SDK retries: 9 upstream calls). Without a retry (none
-    allowed, no time left, a long `retry-after`) the client may still retry on its own.
+    allowed, no time left), or when the upstream asked for a longer wait than the router
+    makes (`retry-after` past `backoff_max`), the client may still retry on its own.
     """
     retry = 0
     while True:
@@ -146,7 +147,8 @@ async def call_with_retries(
                 retry_after=failure.retry_after,
             )
             if wait is None:
-                if retry > 0:
+                asked_to_wait = (failure.retry_after or 0) > policy.backoff_max
+                if retry > 0 and not asked_to_wait:
                     failure.error.headers[SHOULD_RETRY] = "false"
                 raise failure.error from failure.__cause__
             retry += 1
