@@ -116,10 +116,15 @@ class VllmClient:
             self._session = None
 
     async def is_healthy(self) -> bool:
-        """True when `/health` answers 200 (vLLM's readiness probe)."""
+        """True when `/health` answers 200 (vLLM's readiness probe). A server without that
+        route (404 or 405: an OpenAI-compatible server that is not vLLM) counts as healthy
+        when `/v1/models` answers 200, so the agent does not take it for a dead one."""
+        timeout = aiohttp.ClientTimeout(total=5.0)
         try:
-            timeout = aiohttp.ClientTimeout(total=5.0)
             async with self._http().get(self._health_url, timeout=timeout) as response:
+                if response.status not in (404, 405):
+                    return response.status == 200
+            async with self._http().get(self._models_url, timeout=timeout) as response:
                 return response.status == 200
         except (aiohttp.ClientError, TimeoutError):
             return False

@@ -51,6 +51,39 @@ async def test_served_models_and_health() -> None:
         await server.close()
 
 
+@pytest.mark.parametrize(("models_status", "healthy"), [(200, True), (503, False)])
+async def test_a_server_without_a_health_route_is_judged_by_its_model_list(
+    models_status: int, healthy: bool
+) -> None:
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": []}, status=models_status)
+        return web.Response(status=404)  # no /health: not vLLM
+
+    server = await UpstreamServer(route).start()
+    vllm = VllmClient(server.url)
+    try:
+        assert await vllm.is_healthy() is healthy
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+async def test_a_failing_health_route_is_not_overruled_by_the_model_list() -> None:
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            return web.json_response({"object": "list", "data": []})
+        return web.Response(status=500)  # vLLM's engine is dead; its API still lists models
+
+    server = await UpstreamServer(route).start()
+    vllm = VllmClient(server.url)
+    try:
+        assert not await vllm.is_healthy()
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
 async def assert_unavailable(vllm: VllmClient) -> None:
     """Both kinds of call fail as UpstreamUnavailableError (the job goes back to the queue)."""
     with pytest.raises(UpstreamUnavailableError):
