@@ -286,17 +286,8 @@ class RedisStore:
         for ask in asks:
             keys += (ask.key, lock_key(ask.key))
             args += (ask.lock.owner, ask.lock.ttl_ms) if ask.lock is not None else ("", 0)
-        # Not cancelled when its callers stop waiting: Redis runs a script it was sent either
-        # way, and its answer says which locks it took for callers now bypassing the cache.
         call = asyncio.ensure_future(self._probe_script(keys=keys, args=args))
-        try:
-            found = await self._bounded(asyncio.shield(call))
-        except CacheUnavailableError:
-            self._free_when_answered(call, asks)
-            raise
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
+        found = await self._locking(call, asks, taken=lambda found: found[2::3])
         return [
             Probe(_entry(entry), ask.lock_state and bool(locked), bool(taken))
             for ask, entry, locked, taken in zip(
@@ -304,44 +295,68 @@ class RedisStore:
             )
         ]
 
-    def _free_when_answered(self, call: asyncio.Future[Any], asks: Sequence[ProbeAsk]) -> None:
-        """Free, in the background, the locks a failed probe took: its callers were told to
-        bypass the cache, so no answer of theirs will ever free them."""
-        if all(ask.lock is None for ask in asks):
-            call.cancel()
-            return
-        task = asyncio.create_task(self._free_taken(call, asks))
-        self._freeing.add(task)
-        task.add_done_callback(self._freeing.discard)
+    async def _locking(
+        self,
+        call: asyncio.Future[Any],
+        asks: Sequence[ProbeAsk],
+        taken: Callable[[Any], Sequence[object]],
+    ) -> Any:
+        """Await a script that may take the asks' locks (`taken(answer)`: one flag per ask).
 
-    async def _free_taken(self, call: asyncio.Future[Any], asks: Sequence[ProbeAsk]) -> None:
+        Not cancelled when its callers stop waiting: Redis runs a script it was sent either
+        way. If it answers too late, its callers bypass the cache and their jobs carry no
+        cache key, so no answer of theirs will ever free a lock it took: it is freed here, in
+        the background, once the late answer says which (see `_free_taken`).
+        """
+        try:
+            return await self._bounded(asyncio.shield(call))
+        except CacheUnavailableError:
+            if any(ask.lock is not None for ask in asks):
+                task = asyncio.create_task(self._free_taken(call, asks, taken))
+                self._freeing.add(task)
+                task.add_done_callback(self._freeing.discard)
+            else:
+                call.cancel()
+            raise
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+
+    async def _free_taken(
+        self,
+        call: asyncio.Future[Any],
+        asks: Sequence[ProbeAsk],
+        taken: Callable[[Any], Sequence[object]],
+    ) -> None:
         asked = [(ask.key, ask.lock) for ask in asks if ask.lock is not None]
         try:
             # Past the locks' expiry there is nothing left to free.
             async with asyncio.timeout(max(lock.ttl_ms for _, lock in asked) / 1000):
                 found = await call
-            taken = [
+            held = [
                 (ask.key, ask.lock)
-                for ask, took in zip(asks, found[2::3], strict=True)
+                for ask, took in zip(asks, taken(found), strict=True)
                 if took and ask.lock is not None
             ]
         except (RedisError, OSError, TimeoutError):
             # No answer: the script may have run or not. Freeing a lock its owner does not
             # hold changes nothing (the release is owner-checked), so free them all.
-            taken = asked
-        for key, lock in taken:
+            held = asked
+        for key, lock in held:
             try:
                 await self.release(key, lock.owner)
             except CacheUnavailableError as e:
                 # Redis does not answer: one timeout here, not one per lock; they expire.
-                log.info("locks a failed probe took are left to expire: %s", e)
+                log.info("locks a script took too late are left to expire: %s", e)
                 return
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
         """Take the lock if it is free or `owner` holds it already (renewing its expiry)."""
-        return bool(
-            await self._bounded(self._acquire_script(keys=[lock_key(key)], args=[owner, ttl_ms]))
+        call = asyncio.ensure_future(
+            self._acquire_script(keys=[lock_key(key)], args=[owner, ttl_ms])
         )
+        ask = ProbeAsk(key, LockRequest(owner, ttl_ms))
+        return bool(await self._locking(call, [ask], taken=lambda took: [took]))
 
     async def wait(self, key: str, timeout: float) -> bytes | None:
         """The entry once another job wrote it; None when its lock went away without one

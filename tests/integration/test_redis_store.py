@@ -327,6 +327,30 @@ async def test_a_probe_that_never_got_an_answer_frees_the_locks_it_asked_for(
         await store.aclose()
 
 
+@pytest.mark.parametrize("lost", [False, True], ids=["late", "never"])
+async def test_an_acquire_that_timed_out_frees_the_lock_redis_took_for_it(
+    redis: tuple[Redis, Keys], slow_redis: SlowRedis, lost: bool
+) -> None:
+    """The lock taken on its own (a `no-cache` deterministic request) is freed like a probe's:
+    its job bypasses the cache with no key, so no answer of its would ever free it, and an
+    identical request would wait out the whole lock for a leader that never answers."""
+    client, key_named = redis
+    key = key_named("acquired")
+    store = RedisStore.from_url(slow_redis.url, timeout=0.1)
+    try:
+        assert await store.acquire(key_named("warm"), "warm", 1_000)  # connected, loaded
+        if lost:
+            slow_redis.swallow_replies()
+        else:
+            slow_redis.reply_delay = 0.5
+        with pytest.raises(CacheUnavailableError):
+            await store.acquire(key, "r1", 30_000)
+        assert await client.get(lock_key(key)) == b"r1"  # taken all the same
+        await eventually(lambda: gone(client, lock_key(key)))
+    finally:
+        await store.aclose()
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 NO_DELIVERY = cast(Delivery, None)
