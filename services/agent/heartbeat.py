@@ -5,6 +5,11 @@ the API accepts it), then `POST /heartbeat` with the models and the current load
 interval, but only while the consumers are attached: every one of them live on the broker, not
 merely started (`AgentService.is_attached`). An agent that cannot take jobs must drop out of
 the registry after the TTL instead of attracting them.
+
+A refused token (401 or 403, at registration or on a heartbeat) ends both: no retry changes
+it, and an agent the registry will never list must not go on taking its models' jobs from
+their shared queues either. The error ends the heartbeat task, and with it the agent
+(`AgentService.serve`), which exits non-zero. Any other failure is retried.
 """
 
 from __future__ import annotations
@@ -25,7 +30,15 @@ def next_backoff(current: float, *, cap: float) -> float:
 
 
 class RegistrationRefusedError(Exception):
-    """The API refused the agent's token or payload (a 4xx); retrying may not help."""
+    """The API refused the agent's payload (a 4xx); retrying may not help."""
+
+
+class AgentTokenRefusedError(RegistrationRefusedError):
+    """The API refused the agent's token (401 or 403): AGENT_TOKEN is missing, wrong, revoked,
+    or not this AGENT_NAME's."""
+
+
+TOKEN_REFUSALS = (401, 403)
 
 
 def _reason(error: Exception) -> str:
@@ -78,6 +91,9 @@ class Registrar:
                         ", ".join(self.registration.models),
                     )
                     return
+                except AgentTokenRefusedError as e:
+                    log.error("registration refused (%s): check AGENT_TOKEN and AGENT_NAME", e)
+                    raise
                 except Exception as e:  # any failure, not only httpx's: the loop must go on
                     log.warning("registration failed (%s); retrying in %.1fs", _reason(e), delay)
             await asyncio.sleep(delay)
@@ -105,9 +121,10 @@ class Registrar:
             await self.heartbeat()
 
     async def heartbeat(self) -> bool:
-        """One heartbeat; False (logged) if it failed, for any reason: the transport lets some
-        of aiohttp's errors through (a malformed reply), and a loop they ended would let the
-        agent drop out of the registry while it still looks ready."""
+        """One heartbeat; False (logged) if it failed, for any reason but a refused token
+        (raised): the transport lets some of aiohttp's errors through (a malformed reply), and
+        a loop they ended would let the agent drop out of the registry while it still looks
+        ready."""
         try:
             message = AgentHeartbeat(
                 name=self.registration.name,
@@ -115,6 +132,9 @@ class Registrar:
                 load=self._load(),
             )
             await self._post("/heartbeat", message.model_dump_json().encode())
+        except AgentTokenRefusedError as e:
+            log.error("heartbeat refused (%s): check AGENT_TOKEN and AGENT_NAME", e)
+            raise
         except Exception as e:
             log.warning("heartbeat failed: %s", _reason(e))
             return False
@@ -131,6 +151,8 @@ class Registrar:
         if response.status_code >= 400:
             # The API answers OpenAI error objects; their message says what is wrong.
             text = response.text[:300]
+            if response.status_code in TOKEN_REFUSALS:
+                raise AgentTokenRefusedError(f"{path} answered {response.status_code}: {text}")
             if response.status_code < 500:
                 raise RegistrationRefusedError(f"{path} answered {response.status_code}: {text}")
             raise httpx.HTTPStatusError(

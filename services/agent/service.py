@@ -324,9 +324,10 @@ class AgentService:
 
     # --- running -------------------------------------------------------------------------------
     async def serve(self, stopping: asyncio.Future[Any]) -> None:
-        """Run until `stopping` is done. Raises if the heartbeats end first: they end only by a
-        bug, and an agent that no longer heartbeats drops out of the registry while it looks
-        ready, so it had better exit (non-zero) and be restarted."""
+        """Run until `stopping` is done. Raises if the heartbeats end first: they end only on
+        a refused token (services/agent/heartbeat.py) or by a bug, and an agent that no longer
+        heartbeats drops out of the registry while it looks ready, so it had better exit
+        (non-zero) and be restarted."""
         assert self._heartbeats is not None, "start() first"
         await asyncio.wait({stopping, self._heartbeats}, return_when=asyncio.FIRST_COMPLETED)
         if stopping.done():

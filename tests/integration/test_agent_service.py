@@ -93,9 +93,9 @@ async def test_an_agent_whose_heartbeats_end_stops_with_an_error(
     settings: AgentSettings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`run()` raises, and the agent stops consuming, once its heartbeats end after a real
-    registration. Only a bug ends them: the loop outlives any Exception and a refused
-    registration is retried (services/agent/heartbeat.py), so a patched loop stands in for that
-    bug; the rest (broker, API, registration, stopping) is real. `serve()` alone is unit-tested
+    registration. Only a refused token or a bug ends them (the loop outlives any other
+    Exception: services/agent/heartbeat.py), so a patched loop stands in for that bug; the rest
+    (broker, API, registration, stopping) is real. `serve()` alone is unit-tested
     in tests/unit/test_agent_service.py."""
     registered_when_it_died: list[bool] = []
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import aiohttp
 import httpx
 import orjson
+import pytest
 
-from services.agent.heartbeat import Registrar, next_backoff
+from services.agent.heartbeat import AgentTokenRefusedError, Registrar, next_backoff
 from shared.messages import AgentRegistration
 
 REG = AgentRegistration(name="gpu1", endpoint="http://gpu1:5000", models=["local_a"])
@@ -55,7 +56,7 @@ def test_backoff_doubles_up_to_its_cap() -> None:
 
 
 async def test_registers_with_its_token_and_retries_until_accepted() -> None:
-    api = Api([503, 403])
+    api = Api([503, 429])
     r = registrar(api, [True])
     await asyncio.wait_for(r.register(), 1)
     assert r.registered.is_set()
@@ -99,10 +100,22 @@ async def test_heartbeats_carry_models_and_load_only_while_attached() -> None:
 
 
 async def test_a_refused_heartbeat_is_reported_not_raised() -> None:
-    api = Api([403])
+    api = Api([429])
     r = registrar(api, [True])
     assert await r.heartbeat() is False
     assert await r.heartbeat() is True
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_token_ends_registration_and_heartbeats(status: int) -> None:
+    """No retry fixes a wrong token, and an agent the registry will not list must not go on
+    taking jobs: the error ends the heartbeat task, and the agent with it."""
+    r = registrar(Api([status]), [True])
+    with pytest.raises(AgentTokenRefusedError):
+        await asyncio.wait_for(r.register(), 1)
+    assert not r.registered.is_set()
+    with pytest.raises(AgentTokenRefusedError):
+        await registrar(Api([status]), [True]).heartbeat()
 
 
 def malformed_reply() -> Exception:
