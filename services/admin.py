@@ -100,12 +100,16 @@ def broker_acl_main(argv: list[str]) -> None:
     parser.add_argument("--format", choices=("shell", "definitions"), default="shell")
     parser.add_argument("--password", action="append", default=[], type=_pair, metavar="USER=PW")
     args = parser.parse_args(argv)
+    settings = BrokerSettings()
     try:
-        grants = acl_grants(args, BrokerSettings())
+        grants = acl_grants(args, settings)
     except ValueError as e:
         parser.error(str(e))
     if args.format == "shell":
-        sys.stdout.write(shell_script(args.vhost, grants))
+        made_for = (
+            f"BROKER_NAMESPACE={settings.broker_namespace}, DURABILITY={settings.durability.value}"
+        )
+        sys.stdout.write(shell_script(args.vhost, grants, made_for=made_for))
         return
     passwords = dict(args.password)
     missing = [g.user for g in grants if g.user not in passwords]

@@ -73,12 +73,30 @@ COMMANDS: dict[str, Callable[[list[str]], None]] = {
 }
 
 
+# Configured by the environment alone: any argument is a mistake, and `--help` must not start
+# a service (on a production host it would join the live namespace and take jobs).
+NO_ARGUMENTS = ("api", "dispatcher", "agent", "dev")
+HELP = ("-h", "--help")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in COMMANDS:
         print(__doc__)
-        sys.exit(0 if args and args[0] in ("-h", "--help") else 2)
-    COMMANDS[args[0]](args[1:])
+        sys.exit(0 if args and args[0] in HELP else 2)
+    command, rest = args[0], args[1:]
+    if command in NO_ARGUMENTS and rest:
+        usage = (
+            f"usage: router {command}\n"
+            "Takes no arguments: it is configured by environment variables "
+            "(README.md, Configuration)."
+        )
+        if rest[0] in HELP:
+            print(usage)
+            sys.exit(0)
+        print(f"{usage}\nrouter {command}: unexpected argument {rest[0]!r}", file=sys.stderr)
+        sys.exit(2)
+    COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

@@ -149,13 +149,18 @@ def _triple(perm: Permission) -> tuple[str, str, str]:
     return perm.configure, perm.write, perm.read
 
 
-def shell_script(vhost: str, grants: list[Grant]) -> str:
+def shell_script(vhost: str, grants: list[Grant], *, made_for: str = "") -> str:
+    """The rabbitmqctl commands; `made_for` names the namespace and durability mode whose
+    names the grants' patterns match (grants for another pair match nothing)."""
     lines = [
         "# Broker users for the router (run where rabbitmqctl reaches the broker).",
         "# Create each user first: rabbitmqctl add_user <user> <password>",
     ]
+    if made_for:
+        lines.append(f"# For {made_for}: the patterns match only that pair's names.")
     lines += [shlex.join(command) for command in rabbitmqctl_commands(vhost, grants)]
-    lines.append(f"# API and dispatcher: REPLY_USERS={reply_users(grants)}")
+    # Quoted: the value holds `|`, which a shell would take for a pipe.
+    lines.append(f"# API and dispatcher: REPLY_USERS={shlex.quote(reply_users(grants))}")
     return "\n".join(lines) + "\n"
 
 

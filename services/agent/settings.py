@@ -26,7 +26,9 @@ class AgentSettings(BrokerSettings):
         SecretStr(""), description="Bearer token the API accepts for AGENT_NAME."
     )
     router_url: str = Field(
-        "http://127.0.0.1:8000", description="Base URL of the API (where /register lives)."
+        "http://127.0.0.1:8000",
+        pattern=r"^https?://\S+$",
+        description="Base URL of the API (where /register lives).",
     )
     vllm_url: str = Field(
         "",

@@ -33,6 +33,13 @@ def test_server_root_refuses_other_schemes() -> None:
         server_root("gpu1:8000")
 
 
+def test_the_router_url_must_be_an_http_url_too() -> None:
+    # Without a scheme every registration failed, retried for ever.
+    with pytest.raises(ValueError, match="router_url"):
+        AgentSettings(router_url="router-host:8000")
+    assert AgentSettings(router_url="https://router-host").router_url == "https://router-host"
+
+
 async def test_served_models_and_health() -> None:
     async def route(request: web.Request) -> web.StreamResponse:
         if request.path == "/v1/models":

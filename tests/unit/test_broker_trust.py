@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import shlex
 
 import pytest
 
@@ -18,6 +19,7 @@ from shared.broker_acl import (
     password_hash,
     rabbitmqctl_commands,
     reply_users,
+    shell_script,
 )
 from shared.messages import Reply, ReplyKind
 from shared.reply_trust import ReplyTrust
@@ -117,6 +119,16 @@ def test_permissions_apply_through_rabbitmqctl_and_match_reply_users() -> None:
     assert commands[0] == ["rabbitmqctl", "add_vhost", "router"]
     assert commands[-1][:5] == ["rabbitmqctl", "set_topic_permissions", "-p", "router", "g"]
     assert ReplyTrust.parse(reply_users(grants)).may_answer("g", "local_b")
+
+
+def test_the_shell_script_names_its_namespace_and_quotes_reply_users() -> None:
+    grants = [dispatcher_grant("d", T), agent_grant("g", T, ["local_a", "local_b"])]
+    script = shell_script("router", grants, made_for="BROKER_NAMESPACE=router, DURABILITY=durable")
+    assert "# For BROKER_NAMESPACE=router, DURABILITY=durable:" in script
+    line = next(x for x in script.splitlines() if "REPLY_USERS=" in x)
+    # Pasted in front of a command, the value must stay one word (`|` unquoted is a pipe).
+    value = shlex.split(line.removeprefix("# API and dispatcher: "))[0]
+    assert value == f"REPLY_USERS={reply_users(grants)}"
 
 
 def test_password_hash_is_rabbitmqs_salted_sha256() -> None:

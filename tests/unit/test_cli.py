@@ -1,0 +1,42 @@
+"""The `router` command's arguments: the services take none, and `--help` starts nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from services import cli
+
+
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Each command records that it ran instead of running."""
+    ran: list[str] = []
+    for name in cli.COMMANDS:
+        monkeypatch.setitem(cli.COMMANDS, name, lambda argv, name=name: ran.append(name))
+    return ran
+
+
+@pytest.mark.parametrize("command", ["api", "dispatcher", "agent", "dev"])
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_on_a_service_prints_usage_and_starts_nothing(
+    started: list[str], capsys: pytest.CaptureFixture[str], command: str, flag: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, flag])
+    assert exit_.value.code == 0 and started == []
+    assert f"usage: router {command}" in capsys.readouterr().out
+
+
+def test_an_argument_to_a_service_is_refused(
+    started: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["agent", "--port", "1"])
+    assert exit_.value.code == 2 and started == []
+    assert "unexpected argument '--port'" in capsys.readouterr().err
+
+
+def test_tools_still_get_their_arguments(started: list[str]) -> None:
+    cli.main(["fake-vllm", "--help"])
+    cli.main(["api"])
+    assert started == ["fake-vllm", "api"]
