@@ -1,8 +1,11 @@
 """`router dev`: every service on local defaults, in the foreground, one log stream.
 
-Starts the API (:8000), a dispatcher, and an agent. With no `VLLM_URL` configured the agent
-fronts the shipped fake vLLM (:8100), so `local_*` models answer out of the box; with no
-`OPENAI_API_KEY` the dispatcher is pointed at the shipped fake OpenAI (:8200). The agent
+Starts the API (`API_PORT`, 8000), a dispatcher, and an agent. With no `VLLM_URL` configured
+the agent fronts the shipped fake vLLM (`API_PORT` + 100), so `local_*` models answer out of the
+box; with no `OPENAI_API_KEY` the dispatcher is pointed at the shipped fake OpenAI (`API_PORT` +
+200). The agent's `/health` is on `AGENT_PORT`, else `API_PORT` + 300: every port follows
+`API_PORT`, so a second stack (with its own `BROKER_NAMESPACE` and `REGISTRY_PATH`) needs only
+another `API_PORT`. The agent
 (`AGENT_NAME`, default `dev-agent`) uses `AGENT_TOKEN`, else its own entry in `AGENT_TOKENS`,
 else the token derived from `AGENT_TOKEN_SECRET`; with no agent credentials configured, a
 secret is generated for this run. Processes run under honcho's manager: Ctrl-C stops them all.
@@ -57,6 +60,8 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
 
     Raises ValueError on agent credentials it cannot use (see `_agent_token`)."""
     env = dict(environ)
+    api_port = int(env.get("API_PORT") or "8000")
+    vllm_port, openai_port = api_port + 100, api_port + 200
     notes: dict[str, str] = {}
     processes: list[tuple[str, str, dict[str, str]]] = []
     agent_name = env.get("AGENT_NAME") or DEV_AGENT
@@ -65,25 +70,30 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
     dispatcher_env: dict[str, str] = {}
     if not env.get("OPENAI_API_KEY"):
         processes.append(
-            ("fake-openai", _cmd("fake-openai", "--port", "8200", "--api-key", "sk-dev-fake"), {})
+            (
+                "fake-openai",
+                _cmd("fake-openai", "--port", str(openai_port), "--api-key", "sk-dev-fake"),
+                {},
+            )
         )
         dispatcher_env = {
             "OPENAI_API_KEY": "sk-dev-fake",
-            "OPENAI_BASE_URL": "http://127.0.0.1:8200/v1",
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{openai_port}/v1",
         }
-        notes["openai"] = "no OPENAI_API_KEY: gpt-* models go to the fake OpenAI on :8200"
+        notes["openai"] = f"no OPENAI_API_KEY: gpt-* models go to the fake OpenAI on :{openai_port}"
     processes.append(("dispatcher", _cmd("dispatcher"), dispatcher_env))
     agent_env = {
         "AGENT_NAME": agent_name,
         "AGENT_TOKEN": agent_token,
-        "ROUTER_URL": env.get("ROUTER_URL", f"http://127.0.0.1:{env.get('API_PORT', '8000')}"),
+        "ROUTER_URL": env.get("ROUTER_URL", f"http://127.0.0.1:{api_port}"),
+        "AGENT_PORT": env.get("AGENT_PORT") or str(api_port + 300),
     }
     if not env.get("VLLM_URL"):
         processes.append(
-            ("fake-vllm", _cmd("fake-vllm", "--port", "8100", "--token-rate", "50"), {})
+            ("fake-vllm", _cmd("fake-vllm", "--port", str(vllm_port), "--token-rate", "50"), {})
         )
-        agent_env["VLLM_URL"] = "http://127.0.0.1:8100/v1"
-        notes["vllm"] = "no VLLM_URL: the agent fronts the fake vLLM on :8100"
+        agent_env["VLLM_URL"] = f"http://127.0.0.1:{vllm_port}/v1"
+        notes["vllm"] = f"no VLLM_URL: the agent fronts the fake vLLM on :{vllm_port}"
     processes.append(("agent", _cmd("agent"), agent_env))
     for note in notes.values():
         print(f"router dev: {note}", flush=True)
@@ -99,7 +109,7 @@ def main(argv: list[str]) -> None:
     manager = Manager()
     for name, command, extra in processes:
         manager.add_process(name, command, env={**env, "PYTHONUNBUFFERED": "1", **extra})
-    port = env.get("API_PORT", "8000")
+    port = env.get("API_PORT") or "8000"
     print(f"router dev: API on http://127.0.0.1:{port} (Ctrl-C stops everything)", flush=True)
     manager.loop()
     sys.exit(manager.returncode)

@@ -78,3 +78,18 @@ def test_fakes_stand_in_for_unset_upstreams() -> None:
     ]
     _, processes = plan({"OPENAI_API_KEY": "sk-real", "VLLM_URL": "http://gpu:8000/v1"})
     assert [name for name, _, _ in processes] == ["api", "dispatcher", "agent"]
+
+
+def test_every_port_follows_the_api_port() -> None:
+    """A second dev stack on one machine needs only another API_PORT (and its own namespace)."""
+    for api_port, expected in (({}, 8000), ({"API_PORT": "18000"}, 18000)):
+        _, processes = plan(api_port)
+        commands = {name: command for name, command, _ in processes}
+        extras = {name: extra for name, _, extra in processes}
+        assert commands["fake-vllm"].split("--port ")[1].startswith(f"{expected + 100} ")
+        assert commands["fake-openai"].split("--port ")[1].startswith(f"{expected + 200} ")
+        assert extras["agent"]["VLLM_URL"] == f"http://127.0.0.1:{expected + 100}/v1"
+        assert extras["dispatcher"]["OPENAI_BASE_URL"] == f"http://127.0.0.1:{expected + 200}/v1"
+        assert extras["agent"]["ROUTER_URL"] == f"http://127.0.0.1:{expected}"
+        assert extras["agent"]["AGENT_PORT"] == str(expected + 300)
+    assert agent_env({"AGENT_PORT": "5001"})[1]["AGENT_PORT"] == "5001"
