@@ -7,10 +7,29 @@ builds its settings once in `__main__` and passes them down.
 
 from __future__ import annotations
 
+import sys
 from enum import StrEnum
+from typing import TypeVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def load_settings(cls: type[S], service: str) -> S:
+    """`cls()` from the environment. A bad value ends the process with exit code 2 and one
+    line per variable (`ROUTER_URL: String should match ...`), not a traceback; the value
+    itself is not repeated, since it may be a secret."""
+    try:
+        return cls()
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            for error in e.errors()
+        ]
+        print(f"router {service}: invalid configuration", *lines, sep="\n", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class Durability(StrEnum):

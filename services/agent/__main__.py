@@ -9,10 +9,11 @@ from services.agent.service import run
 from services.agent.settings import AgentSettings
 from shared.logs import configure_logging, secret_values
 from shared.runner import run_service
+from shared.settings import load_settings
 
 
 def main() -> None:
-    settings = AgentSettings()
+    settings = load_settings(AgentSettings, "agent")
     configure_logging(settings.log_level, "agent", secrets=secret_values(settings))
     # httpx logs every request at INFO: one line per job and heartbeat is noise here.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -10,6 +10,7 @@ from services.api.client_auth import load_entries
 from services.api.settings import ApiSettings
 from shared.logs import configure_logging, secret_values
 from shared.runner import settle_heap
+from shared.settings import load_settings
 
 
 def credential_values(settings: ApiSettings) -> list[str]:
@@ -20,7 +21,7 @@ def credential_values(settings: ApiSettings) -> list[str]:
 
 
 def main() -> None:
-    settings = ApiSettings()
+    settings = load_settings(ApiSettings, "api")
     configure_logging(
         settings.log_level, "api", secrets=secret_values(settings, *credential_values(settings))
     )

@@ -8,10 +8,11 @@ from services.dispatcher.service import run
 from services.dispatcher.settings import DispatcherSettings
 from shared.logs import configure_logging, secret_values
 from shared.runner import run_service
+from shared.settings import load_settings
 
 
 def main() -> None:
-    settings = DispatcherSettings()
+    settings = load_settings(DispatcherSettings, "dispatcher")
     configure_logging(settings.log_level, "dispatcher", secrets=secret_values(settings))
 
     async def serve(stop: asyncio.Event) -> None:

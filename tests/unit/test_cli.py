@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from services import cli
+from services.agent.settings import AgentSettings
+from shared.settings import load_settings
 
 
 @pytest.fixture
@@ -40,3 +42,19 @@ def test_tools_still_get_their_arguments(started: list[str]) -> None:
     cli.main(["fake-vllm", "--help"])
     cli.main(["api"])
     assert started == ["fake-vllm", "api"]
+
+
+def test_a_bad_setting_is_one_line_per_variable_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ROUTER_URL", "router-host:8000")
+    monkeypatch.setenv("AGENT_TOKEN", "12345")  # valid: never echoed anyway
+    monkeypatch.setenv("AGENT_CONCURRENCY", "many")
+    with pytest.raises(SystemExit) as exit_:
+        load_settings(AgentSettings, "agent")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == "router agent: invalid configuration"
+    assert "  ROUTER_URL: String should match pattern" in err
+    assert "  AGENT_CONCURRENCY: Input should be a valid integer" in err
+    assert "router-host" not in err and "many" not in err  # values are not repeated
