@@ -61,6 +61,19 @@ async def until(condition: Callable[[], bool], *, timeout: float, what: str) -> 
         await asyncio.sleep(0.05)
 
 
+async def start_heartbeating(service: AgentService) -> Registrar:
+    """Start the agent; returns once it is ready and has heartbeated through the real API."""
+    await service.start()
+    registrar = service.registrar
+    assert registrar is not None
+    await until(
+        lambda: service.is_ready() and registrar.heartbeats_sent > 0,
+        timeout=10,
+        what="registered and heartbeating",
+    )
+    return registrar
+
+
 async def test_an_agent_whose_consumer_the_broker_dropped_is_not_attached(
     settings: AgentSettings,
 ) -> None:
@@ -68,15 +81,8 @@ async def test_an_agent_whose_consumer_the_broker_dropped_is_not_attached(
     broker cancelled it for a deleted queue): no heartbeats, not ready."""
     service = AgentService(settings)
     try:
-        await service.start()
-        registrar = service.registrar
-        assert registrar is not None
         # Registered and heartbeating through the real API, so readiness is the consumers' alone.
-        await until(
-            lambda: service.is_ready() and registrar.heartbeats_sent > 0,
-            timeout=10,
-            what="registered and heartbeating",
-        )
+        await start_heartbeating(service)
         queue, tag, _ = service.broker._consumers[-1]  # the model queue's consumer
         assert queue.name.endswith(".agent.local_m")
         # Straight on the aiormq channel, so aio-pika does not know and does not consume again.
@@ -118,14 +124,7 @@ async def test_an_agent_takes_no_jobs_while_its_server_is_down(settings: AgentSe
     runner, port = await serve(fake_vllm.create_app(FakeConfig(models=["m"])))
     service = AgentService(settings.model_copy(update={"vllm_url": f"http://127.0.0.1:{port}"}))
     try:
-        await service.start()
-        registrar = service.registrar
-        assert registrar is not None
-        await until(
-            lambda: service.is_ready() and registrar.heartbeats_sent > 0,
-            timeout=10,
-            what="registered and heartbeating",
-        )
+        registrar = await start_heartbeating(service)
         assert await consumers_of(settings, "local_m") == 1
 
         await runner.cleanup()  # the inference server dies

@@ -352,8 +352,8 @@ async def test_load_counts_jobs_in_flight(stream: bool) -> None:
     assert rig.handler.in_flight == 0
 
 
-async def test_streams_acked_early_still_respect_the_concurrency() -> None:
-    calls: list[asyncio.Event] = []
+def held_streams(calls: list[asyncio.Event]) -> Route:
+    """Each call streams one chunk, then holds until its event (appended to `calls`) is set."""
 
     async def held(request: web.Request) -> web.StreamResponse:
         release = asyncio.Event()
@@ -365,6 +365,12 @@ async def test_streams_acked_early_still_respect_the_concurrency() -> None:
         await response.write(b"data: [DONE]\n\n")
         return response
 
+    return held
+
+
+async def test_streams_acked_early_still_respect_the_concurrency() -> None:
+    calls: list[asyncio.Event] = []
+    held = held_streams(calls)
     rig = await Rig(held, concurrency=1).start()
     first = asyncio.create_task(rig.run(rig.job(stream=True)))
     second = asyncio.create_task(rig.run(rig.job(stream=True, request_id="req2")))
@@ -382,17 +388,7 @@ async def test_streams_acked_early_still_respect_the_concurrency() -> None:
 
 async def test_a_stopping_agent_hands_back_a_job_that_waited_for_a_slot() -> None:
     calls: list[asyncio.Event] = []
-
-    async def held(request: web.Request) -> web.StreamResponse:
-        release = asyncio.Event()
-        calls.append(release)
-        response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(chunk("Hello"))
-        await release.wait()
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
+    held = held_streams(calls)
     rig = await Rig(held, concurrency=1).start()
     first = asyncio.create_task(rig.run(rig.job(stream=True)))
     await until(lambda: "ack" in rig.log)
