@@ -1,7 +1,14 @@
-"""The `dummy` model: the placeholder answer, as JSON or as SSE events (pure functions)."""
+"""The `dummy` model: the placeholder answer, as JSON or as SSE events (pure functions).
+
+It answers as a model would to the request's shape: `n` choices, and at most the request's
+token limit (`max_completion_tokens`, else `max_tokens`) of the placeholder, ending with
+`finish_reason` "length" when the limit cut it short. Code that checks its plumbing against
+`dummy` (`choices[1]`, a length stop) then sees what a real model would send.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -10,17 +17,48 @@ PLACEHOLDER = "Hello world"
 _PIECES = ("Hello", " world")
 
 
-def _usage(prompt_bytes: int) -> dict[str, int]:
-    # A rough, deterministic stand-in for a tokenizer: ~4 bytes a token.
-    prompt = max(1, prompt_bytes // 4)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": len(_PIECES),
-        "total_tokens": prompt + len(_PIECES),
-    }
+@dataclass(frozen=True, slots=True)
+class DummyAnswer:
+    """What the placeholder answer looks like for one request."""
+
+    choices: int = 1
+    pieces: tuple[str, ...] = _PIECES
+    finish_reason: str = "stop"
+    prompt_bytes: int = 0
+
+    @classmethod
+    def for_request(cls, body: bytes) -> DummyAnswer:
+        """From the request body the API validated (`n` 1-128, token limits positive)."""
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            request = {}
+        if not isinstance(request, dict):
+            request = {}
+        choices = request.get("n")
+        limit = request.get("max_completion_tokens") or request.get("max_tokens")
+        pieces: tuple[str, ...] = _PIECES
+        if isinstance(limit, int) and 0 < limit < len(_PIECES):
+            pieces = _PIECES[:limit]
+        return cls(
+            choices=choices if isinstance(choices, int) and choices > 0 else 1,
+            pieces=pieces,
+            finish_reason="stop" if pieces == _PIECES else "length",
+            prompt_bytes=len(body),
+        )
+
+    def usage(self) -> dict[str, int]:
+        # A rough, deterministic stand-in for a tokenizer: ~4 bytes a token.
+        prompt = max(1, self.prompt_bytes // 4)
+        completion = len(self.pieces) * self.choices
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
 
 
-def completion(request_id: str, model: str, created: int, prompt_bytes: int) -> bytes:
+def completion(request_id: str, model: str, created: int, answer: DummyAnswer) -> bytes:
     return orjson.dumps(
         {
             "id": f"chatcmpl-{request_id}",
@@ -29,13 +67,14 @@ def completion(request_id: str, model: str, created: int, prompt_bytes: int) -> 
             "model": model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": PLACEHOLDER},
+                    "index": index,
+                    "message": {"role": "assistant", "content": "".join(answer.pieces)},
                     "logprobs": None,
-                    "finish_reason": "stop",
+                    "finish_reason": answer.finish_reason,
                 }
+                for index in range(answer.choices)
             ],
-            "usage": _usage(prompt_bytes),
+            "usage": answer.usage(),
         }
     )
 
@@ -45,25 +84,29 @@ def sse_event(payload: dict[str, Any]) -> bytes:
 
 
 def stream_events(
-    request_id: str, model: str, created: int, prompt_bytes: int, *, include_usage: bool
+    request_id: str, model: str, created: int, answer: DummyAnswer, *, include_usage: bool
 ) -> list[bytes]:
-    """Role chunk, content chunks, finish chunk, then a usage chunk when asked."""
+    """For each choice in turn at every step: role chunks, content chunks, finish chunks,
+    then a usage chunk when asked."""
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+    def chunk(index: int, delta: dict[str, Any], finish: str | None) -> bytes:
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [
+                {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            ],
         }
         if include_usage:
             payload["usage"] = None
         return sse_event(payload)
 
-    events = [chunk({"role": "assistant", "content": ""}, None)]
-    events += [chunk({"content": piece}, None) for piece in _PIECES]
-    events.append(chunk({}, "stop"))
+    indexes = range(answer.choices)
+    events = [chunk(i, {"role": "assistant", "content": ""}, None) for i in indexes]
+    events += [chunk(i, {"content": piece}, None) for piece in answer.pieces for i in indexes]
+    events += [chunk(i, {}, answer.finish_reason) for i in indexes]
     if include_usage:
         events.append(
             sse_event(
@@ -73,7 +116,7 @@ def stream_events(
                     "created": created,
                     "model": model,
                     "choices": [],
-                    "usage": _usage(prompt_bytes),
+                    "usage": answer.usage(),
                 }
             )
         )

@@ -151,13 +151,14 @@ class DispatcherHandler:
 
     async def _answer_dummy(self, job: Job, created: int) -> None:
         attempt = new_attempt()
+        answer = dummy.DummyAnswer.for_request(job.body)
         if not job.stream:
-            body = dummy.completion(job.request_id, job.model, created, len(job.body))
+            body = dummy.completion(job.request_id, job.model, created, answer)
             await self.reply.final(job, body, attempt=attempt)
             return
         writer = StreamWriter(job, self.reply, attempt=attempt, window=self.coalesce_window)
         events = dummy.stream_events(
-            job.request_id, job.model, created, len(job.body), include_usage=job.include_usage
+            job.request_id, job.model, created, answer, include_usage=job.include_usage
         )
         await writer.send(b"".join(events))
         await writer.end()

@@ -1,0 +1,53 @@
+"""The `dummy` model answers in the request's shape: `n` choices, cut at the token limit."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from services.dispatcher.dummy import PLACEHOLDER, DummyAnswer, completion, stream_events
+
+
+def request(**fields: object) -> bytes:
+    return orjson.dumps(
+        {"model": "dummy", "messages": [{"role": "user", "content": "hi"}]} | fields
+    )
+
+
+def test_the_plain_answer_is_the_placeholder() -> None:
+    body = orjson.loads(completion("r1", "dummy", 1, DummyAnswer.for_request(request())))
+    [choice] = body["choices"]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (PLACEHOLDER, "stop")
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def test_n_choices_each_indexed_and_counted_in_usage() -> None:
+    body = orjson.loads(completion("r1", "dummy", 1, DummyAnswer.for_request(request(n=3))))
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert {c["message"]["content"] for c in body["choices"]} == {PLACEHOLDER}
+    assert body["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("limit", ["max_tokens", "max_completion_tokens"])
+def test_a_token_limit_below_the_answer_stops_it_with_length(limit: str) -> None:
+    answer = DummyAnswer.for_request(request(**{limit: 1}))
+    body = orjson.loads(completion("r1", "dummy", 1, answer))
+    [choice] = body["choices"]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("Hello", "length")
+    assert body["usage"]["completion_tokens"] == 1
+
+
+def test_a_stream_of_n_choices_rebuilds_each_answer() -> None:
+    events = stream_events(
+        "r1", "dummy", 1, DummyAnswer.for_request(request(n=2, max_tokens=1)), include_usage=True
+    )
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for event in events[:-1]:
+        [choice] = orjson.loads(event.removeprefix(b"data: "))["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["delta"].get("content", "")
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert texts == {0: "Hello", 1: "Hello"} and finishes == {0: "length", 1: "length"}
+    usage = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
