@@ -232,13 +232,20 @@ def parse_body(raw: bytes) -> JsonObj:
 
 
 def parse_chat_request(
-    body: JsonObj, models: list[str], *, model_required: bool, strict_stream_options: bool
+    body: JsonObj,
+    models: list[str],
+    *,
+    model_required: bool,
+    strict_stream_options: bool,
+    usage_by_default: bool = False,
 ) -> ChatRequest:
     """Validate what the fake needs; `model_required=False` defaults to the first model.
 
     Without `stream`, `strict_stream_options` refuses any `stream_options` but null (OpenAI);
     otherwise only a truthy one is refused, so `{}` passes (vLLM tests
-    `data.get("stream_options") and not data.get("stream")`).
+    `data.get("stream_options") and not data.get("stream")`). `usage_by_default`: a
+    `stream_options` object without `include_usage` asks for usage (vLLM's `StreamOptions`
+    defaults it to true; OpenAI's to false).
     """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -265,12 +272,14 @@ def parse_chat_request(
         raise ApiError(
             ErrorKind.INVALID_PARAM, "'stream_options' must be an object.", "stream_options"
         )
+    # vLLM tests `if stream_options:` on the parsed object: any object, `{}` included.
+    usage_default = usage_by_default and options is not None
     options = options or {}
     return ChatRequest(
         model=model,
         messages=messages,
         stream=stream,
-        include_usage=options.get("include_usage") is True,
+        include_usage=options.get("include_usage", usage_default) is True,
         include_obfuscation=options.get("include_obfuscation", True) is not False,
         max_tokens=_max_tokens(body),
         n=_int_param(body, "n", 1, 1, MAX_N) or 1,

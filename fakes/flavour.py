@@ -35,6 +35,7 @@ class Flavour(Protocol):
     name: str  # "fake-vllm" / "fake-openai": the process banner
     model_required: bool  # False: a request without "model" gets the first one
     strict_stream_options: bool  # see `fakes.core.parse_chat_request`
+    usage_by_default: bool  # likewise
 
     def completion_id(self, request: web.Request) -> str:
         """A fresh `chatcmpl-...` id for one request."""

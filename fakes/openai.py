@@ -86,6 +86,7 @@ class OpenAIFlavour:
     name = "fake-openai"
     model_required = True
     strict_stream_options = True  # any `stream_options` but null needs `stream`
+    usage_by_default = False  # `stream_options: {}` asks for no usage chunk
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config

@@ -130,6 +130,7 @@ class _ChatExchange:
             config.models,
             model_required=flavour.model_required,
             strict_stream_options=flavour.strict_stream_options,
+            usage_by_default=flavour.usage_by_default,
         )
         pacing = pacing_for(config, self.request.headers)
         self.completion_id = flavour.completion_id(self.request)

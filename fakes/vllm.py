@@ -7,7 +7,8 @@ Wire format of current vLLM (pydantic `model_dump` for JSON bodies,
 - JSON bodies carry every field, nulls included (`stop_reason`,
   `prompt_logprobs`, `kv_transfer_params`, message `reasoning`, ...).
 - The first chunk of each choice is `{"role":"assistant","content":""}`; chunks
-  have no `usage` key until the final usage chunk (only with include_usage),
+  have no `usage` key until the final usage chunk (only with include_usage,
+  which a `stream_options` object without it turns on: vLLM's default is true),
   which has `"choices":[]` and no null fields.
 - A natural stop ends with an extra `{"content":""}` chunk (the EOS token)
   carrying finish_reason "stop"; "length" rides on the last content chunk.
@@ -49,6 +50,7 @@ class VllmFlavour:
     name = "fake-vllm"
     model_required = False  # vLLM serves its (first) model when "model" is absent
     strict_stream_options = False  # vLLM accepts `stream_options: {}` without `stream`
+    usage_by_default = True  # and reads `{}` as `{"include_usage": true}`
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config

@@ -48,6 +48,20 @@ def with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(payload)
 
 
+def for_server(body: bytes, served: str, *, include_usage: bool) -> bytes:
+    """The request as the inference server gets it: its served model name, and a stream's
+    `stream_options.include_usage` spelled out as the router read it. vLLM reads a missing
+    `include_usage` as true where OpenAI reads false, so a client's `stream_options: {}` would
+    bring it a usage chunk it did not ask for (and a cache replay would not). Raises
+    BodyError."""
+    payload = _load_object(body)
+    payload["model"] = served
+    options = payload.get("stream_options")
+    if payload.get("stream") is True and isinstance(options, dict):
+        payload["stream_options"] = {**options, "include_usage": include_usage}
+    return orjson.dumps(payload)
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
     """One upstream `data:` event, sorted: a chunk to relay, the end, or an error."""

@@ -18,7 +18,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from services.agent.backend import UpstreamBrokenError, UpstreamUnavailableError, VllmClient
-from services.agent.bodies import BodyError, UpstreamFailure, normalise_error, stream_event
+from services.agent.bodies import (
+    BodyError,
+    UpstreamFailure,
+    for_server,
+    normalise_error,
+    stream_event,
+)
 from services.agent.bodies import with_model as rewrite_model
 from services.agent.models import ModelMap
 from services.agent.sse import SseDecoder, SseEventTooLargeError
@@ -121,7 +127,7 @@ class AgentHandler:
             )
             return "refused: model not served here"
         try:
-            body = rewrite_model(job.body, served)
+            body = for_server(job.body, served, include_usage=job.include_usage)
         except BodyError:
             error = InvalidRequestError("The request body is not a JSON object.")
             await self.publish(job, error_reply(job, error, attempt=attempt))

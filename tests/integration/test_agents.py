@@ -59,6 +59,24 @@ def test_sdk_completion_and_stream_through_an_agent(router: Router) -> None:
     assert [body["model"] for body in fake.stats()["bodies"]] == ["mistral-7b", "mistral-7b"]
 
 
+def test_empty_stream_options_bring_no_usage_chunk_from_vllm(router: Router) -> None:
+    """vLLM reads `stream_options: {}` as asking for usage; OpenAI, the SDK and the router as
+    not: the agent spells `include_usage` out, so the client gets what it asked for."""
+    fake = router.fake("--tokens", "3", models="m")
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={},  # type: ignore[typeddict-item]
+        )
+        chunks = list(stream)
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert fake.stats()["bodies"][0]["stream_options"] == {"include_usage": False}
+
+
 def test_configured_model_names_are_rewritten_both_ways(router: Router) -> None:
     fake = router.fake("--tokens", "3", models="served-x")
     router.agent("a1", fake, AGENT_MODELS="local_x=served-x")

@@ -438,6 +438,21 @@ async def test_raw_sse_framing(fake: Fake) -> None:
         assert all("usage" not in c for c in chunks)
 
 
+@pytest.mark.parametrize("options", [{}, {"include_usage": None}, {"include_usage": False}])
+async def test_stream_options_without_include_usage_as_each_server_reads_them(
+    fake: Fake, options: dict[str, object]
+) -> None:
+    """vLLM's `StreamOptions` defaults `include_usage` to true, so `{}` brings the usage
+    chunk; OpenAI's to false. An explicit null or false asks for none from either."""
+    body = {"model": fake.model, "messages": MESSAGES, "stream": True, "stream_options": options}
+    status, _, raw = await fake.raw_chat(body)
+    chunks = [json.loads(p) for p in sse_payloads(raw)[:-1]]
+    assert status == 200
+    usage_chunks = [c for c in chunks if c["choices"] == []]
+    expected = 1 if fake.flavour == "vllm" and options == {} else 0
+    assert len(usage_chunks) == expected
+
+
 async def test_openai_raw_usage_chunks_and_obfuscation_opt_out(openai_fake: Fake) -> None:
     fake = openai_fake
     options = {"include_usage": True, "include_obfuscation": False}

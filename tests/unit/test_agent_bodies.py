@@ -5,7 +5,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from services.agent.bodies import BodyError, normalise_error, stream_event, with_model
+from services.agent.bodies import (
+    BodyError,
+    for_server,
+    normalise_error,
+    stream_event,
+    with_model,
+)
 
 
 def test_with_model_rewrites_only_the_model() -> None:
@@ -22,6 +28,20 @@ def test_with_model_rewrites_only_the_model() -> None:
 def test_with_model_refuses_non_objects(body: bytes) -> None:
     with pytest.raises(BodyError):
         with_model(body, "m")
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_the_server_gets_include_usage_spelled_out(include_usage: bool) -> None:
+    """vLLM reads `stream_options: {}` as asking for usage, OpenAI (and the router) as not."""
+    body = b'{"model":"local_m","stream":true,"stream_options":{"x":1},"messages":[]}'
+    sent = orjson.loads(for_server(body, "served-m", include_usage=include_usage))
+    assert sent["model"] == "served-m"
+    assert sent["stream_options"] == {"x": 1, "include_usage": include_usage}
+
+
+def test_a_request_without_stream_options_is_left_without() -> None:
+    body = b'{"model":"local_m","stream":true,"messages":[]}'
+    assert "stream_options" not in orjson.loads(for_server(body, "m", include_usage=False))
 
 
 def test_stream_event_chunk_is_framed_with_the_router_model() -> None:
