@@ -61,6 +61,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
     Raises ValueError on agent credentials it cannot use (see `_agent_token`)."""
     env = dict(environ)
     api_port = int(env.get("API_PORT") or "8000")
+    env["API_PORT"] = str(api_port)  # every other port follows it
     vllm_port, openai_port = api_port + 100, api_port + 200
     notes: dict[str, str] = {}
     processes: list[tuple[str, str, dict[str, str]]] = []
@@ -109,7 +110,9 @@ def main(argv: list[str]) -> None:
     manager = Manager()
     for name, command, extra in processes:
         manager.add_process(name, command, env={**env, "PYTHONUNBUFFERED": "1", **extra})
-    port = env.get("API_PORT") or "8000"
-    print(f"router dev: API on http://127.0.0.1:{port} (Ctrl-C stops everything)", flush=True)
+    print(
+        f"router dev: API on http://127.0.0.1:{env['API_PORT']} (Ctrl-C stops everything)",
+        flush=True,
+    )
     manager.loop()
     sys.exit(manager.returncode)

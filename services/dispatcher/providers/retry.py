@@ -47,6 +47,11 @@ class RetryPolicy:
             wait = max(wait, min(retry_after, self.backoff_max))
         return wait
 
+    def leaves_to_client(self, retry_after: float | None) -> bool:
+        """The upstream asks for a longer wait than the router makes: no retry of the
+        router's would help; the client gets the `retry-after` and waits itself."""
+        return retry_after is not None and retry_after > self.backoff_max
+
 
 def next_delay(
     policy: RetryPolicy,
@@ -65,7 +70,7 @@ def next_delay(
     """
     if retry >= policy.max_retries:
         return None
-    if retry_after is not None and retry_after > policy.backoff_max:
+    if policy.leaves_to_client(retry_after):
         return None
     wait = policy.delay(retry, jitter, retry_after)
     if wait + MIN_ATTEMPT_TIME > remaining:
@@ -147,8 +152,7 @@ async def call_with_retries(
                 retry_after=failure.retry_after,
             )
             if wait is None:
-                asked_to_wait = (failure.retry_after or 0) > policy.backoff_max
-                if retry > 0 and not asked_to_wait:
+                if retry > 0 and not policy.leaves_to_client(failure.retry_after):
                     failure.error.headers[SHOULD_RETRY] = "false"
                 raise failure.error from failure.__cause__
             retry += 1
