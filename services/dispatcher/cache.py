@@ -61,6 +61,7 @@ from services.dispatcher.cache_key import (
     plan_request,
 )
 from services.dispatcher.cache_replay import EntryError, hit_payload, is_storable
+from services.dispatcher.resp import PipelinedRedis
 from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
@@ -230,14 +231,20 @@ class CacheStore(Protocol):
 class RedisStore:
     """`CacheStore` on redis-py's asyncio client, every operation bounded by `timeout`."""
 
-    def __init__(self, redis: Redis, *, timeout: float) -> None:
+    def __init__(
+        self, redis: Redis, *, timeout: float, pipelined: PipelinedRedis | None = None
+    ) -> None:
         self._redis = redis
         self._timeout = timeout
-        # Sent by digest (EVALSHA); loaded again by redis-py if the server lost it.
-        self._probe_script = redis.register_script(_PROBE)
-        self._acquire_script = redis.register_script(_ACQUIRE)
-        self._write_script = redis.register_script(_WRITE)
-        self._release_script = redis.register_script(_RELEASE)
+        # Every command but pub/sub goes over one pipelined connection (services/dispatcher/
+        # resp.py): through redis-py's command path, a lookup on a process that has idled
+        # through a stream takes 2-3 times as long. redis-py keeps pub/sub, and every command
+        # where the lean client has no transport (a TLS URL).
+        self._pipelined = pipelined
+        # Sent by digest (EVALSHA), and again in full if the server lost it.
+        self._scripts = {
+            source: redis.register_script(source) for source in (_PROBE, _ACQUIRE, _WRITE, _RELEASE)
+        }
         self._probes: Batcher[ProbeAsk, Probe] = Batcher(self._probe_many)
         # Writes come in batches already (a `job.completed` message holds a process's events
         # of 10 ms, shared.completed): submitted together, a message's writes share one call.
@@ -253,13 +260,29 @@ class RedisStore:
             socket_timeout=max(timeout, 1.0),
             retry=Retry(NoBackoff(), 0),
         )
-        return cls(redis, timeout=timeout)
+        pipelined = PipelinedRedis.from_url(url, reply_timeout=max(timeout, 1.0))
+        return cls(redis, timeout=timeout, pipelined=pipelined)
 
     async def aclose(self) -> None:
         for task in self._freeing:
             task.cancel()
+        if self._pipelined is not None:
+            await self._pipelined.aclose()
         with contextlib.suppress(RedisError, OSError):
             await self._redis.aclose()
+
+    def _mget(self, keys: list[str]) -> Awaitable[Any]:
+        if self._pipelined is None:
+            return self._redis.mget(keys)
+        return self._pipelined.call("MGET", *keys)
+
+    def _eval(
+        self, source: str, keys: list[str], args: Sequence[str | bytes | int]
+    ) -> Awaitable[Any]:
+        script = self._scripts[source]
+        if self._pipelined is None:
+            return script(keys=keys, args=list(args))
+        return self._pipelined.run_script(script.sha, source, keys, args)
 
     async def _bounded(self, operation: Awaitable[T]) -> T:
         try:
@@ -277,7 +300,7 @@ class RedisStore:
 
     async def _probe_many(self, asks: Sequence[ProbeAsk]) -> list[Probe]:
         if all(ask.entry_only for ask in asks):
-            entries = await self._bounded(self._redis.mget([ask.key for ask in asks]))
+            entries = await self._bounded(self._mget([ask.key for ask in asks]))
             return [Probe(_entry(entry), False) for entry in entries]
         # The reads in one script: a write landing between them would look like a leader
         # that failed (no entry, no lock) and send a follower upstream.
@@ -286,7 +309,7 @@ class RedisStore:
         for ask in asks:
             keys += (ask.key, lock_key(ask.key))
             args += (ask.lock.owner, ask.lock.ttl_ms) if ask.lock is not None else ("", 0)
-        call = asyncio.ensure_future(self._probe_script(keys=keys, args=args))
+        call = asyncio.ensure_future(self._eval(_PROBE, keys, args))
         found = await self._locking(call, asks, taken=lambda found: found[2::3])
         return [
             Probe(_entry(entry), ask.lock_state and bool(locked), bool(taken))
@@ -352,9 +375,7 @@ class RedisStore:
 
     async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
         """Take the lock if it is free or `owner` holds it already (renewing its expiry)."""
-        call = asyncio.ensure_future(
-            self._acquire_script(keys=[lock_key(key)], args=[owner, ttl_ms])
-        )
+        call = asyncio.ensure_future(self._eval(_ACQUIRE, [lock_key(key)], [owner, ttl_ms]))
         ask = ProbeAsk(key, LockRequest(owner, ttl_ms))
         return bool(await self._locking(call, [ask], taken=lambda took: [took]))
 
@@ -397,7 +418,7 @@ class RedisStore:
         for key, body, ttl, owner in entries:
             keys += (key, lock_key(key))
             args += (body, ttl, done_channel(key), owner)
-        await self._bounded(self._write_script(keys=keys, args=args))
+        await self._bounded(self._eval(_WRITE, keys, args))
         return [None] * len(entries)
 
     async def abandon(self, key: str, owner: str | None) -> None:
@@ -408,9 +429,7 @@ class RedisStore:
     async def release(self, key: str, owner: str) -> None:
         """Give up the lock `owner` holds (its job was cancelled, or ended without an answer):
         its waiters are routed. Owner "": whoever holds it (see `_RELEASE`)."""
-        await self._bounded(
-            self._release_script(keys=[lock_key(key), done_channel(key)], args=[owner, FAIL])
-        )
+        await self._bounded(self._eval(_RELEASE, [lock_key(key), done_channel(key)], [owner, FAIL]))
 
 
 @dataclass(frozen=True, slots=True)

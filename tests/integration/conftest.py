@@ -3,7 +3,7 @@ in its own broker namespace."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import openai
@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import require_services
 from tests.support.procs import Stack, running_stack
 from tests.support.rig import Router
+from tests.support.slow_redis import SlowRedis
 
 # The response cache is off in shared stacks: tests that count upstream calls or compare ids
 # must not be answered from an earlier test's entry. tests/integration/test_cache.py turns it on.
@@ -81,3 +82,14 @@ def router(tmp_path: Path) -> Iterator[Router]:
         r.add_dispatcher()
         r.add_api()
         yield r
+
+
+@pytest.fixture
+async def slow_redis() -> AsyncIterator[SlowRedis]:
+    """A proxy to Redis that can delay or swallow its replies (tests.support.slow_redis)."""
+    proxy = SlowRedis()
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()

@@ -36,6 +36,7 @@ from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.messages import Completed, Job, encode_completed
 from tests.conftest import REDIS, require_services
+from tests.support.slow_redis import SlowRedis
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +69,14 @@ async def redis() -> AsyncIterator[tuple[Redis, Keys]]:
         await client.aclose()
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[RedisStore]:
-    store = RedisStore.from_url(URL, timeout=1.0)
+@pytest.fixture(params=["pipelined", "redis-py"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    """The store as it runs (commands on its pipelined connection), and on redis-py alone, as
+    it runs where that connection has no transport (TLS)."""
+    if request.param == "pipelined":
+        store = RedisStore.from_url(URL, timeout=1.0)
+    else:
+        store = RedisStore(Redis.from_url(URL), timeout=1.0)
     try:
         yield store
     finally:
@@ -135,10 +141,10 @@ async def test_probes_that_need_no_lock_state_read_the_entries_alone(
     await client.set(keys[0], b"entry-0")
     await client.set(lock_key(keys[1]), "someone")  # held, but no caller asks
 
-    def no_script(**_: object) -> None:
+    def no_script(*_: object) -> None:
         raise AssertionError("entry-only probes ran the probe script")
 
-    monkeypatch.setattr(store, "_probe_script", no_script)
+    monkeypatch.setattr(store, "_eval", no_script)
     probes = await asyncio.gather(*(store.probe(key, lock_state=False) for key in keys))
     assert probes == [Probe(b"entry-0", False), Probe(None, False), Probe(None, False)]
     assert store._probes.batches == 1
@@ -414,62 +420,3 @@ async def next_message(pubsub: PubSub) -> tuple[bytes, bytes]:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
             if message is not None:
                 return message["channel"], message["data"]
-
-
-class SlowRedis:
-    """A TCP proxy to the machine's Redis that can hold back its replies: requests reach Redis
-    at once, so a client that stops waiting leaves behind what Redis did for it."""
-
-    def __init__(self) -> None:
-        self.reply_delay = 0.0
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._clients: list[asyncio.StreamWriter] = []
-        self._muted: set[asyncio.StreamWriter] = set()
-        self._upstreams: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in (*self._clients, *self._upstreams):
-            writer.close()
-
-    def swallow_replies(self) -> None:
-        """Replies on the connections open now never reach their client."""
-        self._muted.update(self._clients)
-
-    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        redis_r, redis_w = await asyncio.open_connection(*REDIS)
-        self._clients.append(client_w)
-        self._upstreams.append(redis_w)
-        await asyncio.gather(self._pipe(client_r, redis_w), self._pipe(redis_r, client_w, True))
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                if replies and writer in self._muted:
-                    continue
-                if replies:
-                    await asyncio.sleep(self.reply_delay)
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-
-@pytest.fixture
-async def slow_redis() -> AsyncIterator[SlowRedis]:
-    proxy = SlowRedis()
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
