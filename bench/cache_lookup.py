@@ -9,6 +9,11 @@ wall time and this process's CPU per lookup for:
   one batch; each also for sampled jobs (not deterministic, so no single flight), whose probes
   read only the entry, with MGET instead of the script.
 
+Then a sampled job's probe after the process slept `IDLE_MS` (default 20: a dispatcher between
+the jobs of paced streams), p50 and p90 of `IDLE_LOOKUPS` (default 300), through the store as it
+runs (its pipelined connection, services/dispatcher/resp.py) and through a store on redis-py
+alone, taken in turn.
+
 `LOOKUPS` (default 2000) sets how many per row; `ROUNDS` (default 2) repeats the rows in turn.
 Keys live under `bench-lookup:<hex>` and are deleted at the end.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 
@@ -27,6 +33,23 @@ from redis.asyncio import Redis
 from services.dispatcher.cache import LockRequest, RedisStore
 from services.dispatcher.cache_key import lock_key
 from shared.settings import RedisSettings
+
+
+async def after_idle(stores: dict[str, RedisStore], fresh: Callable[[], str]) -> None:
+    """A sampled probe after the process slept `IDLE_MS`, through each store in turn."""
+    idle = float(os.environ.get("IDLE_MS", "20")) / 1000
+    took: dict[str, list[float]] = {name: [] for name in stores}
+    for _ in range(int(os.environ.get("IDLE_LOOKUPS", "300"))):
+        for name, each in stores.items():
+            await asyncio.sleep(idle)
+            started = time.perf_counter()
+            await each.probe(fresh(), lock_state=False)
+            took[name].append((time.perf_counter() - started) * 1e6)
+    for name, times in took.items():
+        times.sort()
+        p50, p90 = statistics.median(times), times[int(len(times) * 0.9)]
+        label = f"sampled probe after {idle * 1000:.0f} ms idle, {name}"
+        print(f"{label:52} p50 {p50:6.0f} us  p90 {p90:6.0f} us", flush=True)
 
 
 async def main() -> None:
@@ -76,6 +99,8 @@ async def main() -> None:
         ("32 probes at once (per probe)", burst, 32),
         ("32 sampled at once (per probe)", sampled_burst, 32),
     ]
+
+    on_redis_py = RedisStore(Redis.from_url(url), timeout=1.0)
     try:
         await merged()  # loads the script
         for _ in range(rounds):
@@ -88,12 +113,15 @@ async def main() -> None:
                 wall_us = (time.perf_counter() - wall) / n * 1e6
                 cpu_us = (time.process_time() - cpu) / n * 1e6
                 print(f"{name:36} wall {wall_us:6.0f} us  cpu {cpu_us:6.0f} us", flush=True)
+        await on_redis_py.probe(fresh(), lock_state=False)  # connected
+        await after_idle({"pipelined": store, "redis-py": on_redis_py}, fresh)
     finally:
         redis = Redis.from_url(url)
         for i in range(0, len(made), 1000):
             await redis.delete(*made[i : i + 1000])
         await redis.aclose()
         await store.aclose()
+        await on_redis_py.aclose()
 
 
 if __name__ == "__main__":
