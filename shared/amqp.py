@@ -146,8 +146,9 @@ class Received:
 class Delivery:
     """What a handler may do with the message it was given, without seeing the AMQP client.
 
-    `ack()` may be called early (a streaming agent acks once its first chunk is confirmed);
-    the consumer settles whatever the handler left unsettled when it returns.
+    `ack()` may be called by the handler (a streaming agent acks a stream that has sent output
+    however it ends, even when cancelled); the consumer settles whatever the handler left
+    unsettled when it returns.
     """
 
     _message: Settleable

@@ -1,10 +1,13 @@
 """What an agent does with each job it consumes.
 
-Acks (see `shared.amqp.Delivery`): a non-streaming job is acked when its reply is confirmed (the
-consumer acks when `on_job` returns); a streaming job as soon as its first chunk message is
-confirmed. A job that fails to reach the server before any output is requeued once (the broker
-hands it to any consumer of its queue, maybe this agent again); the second failure is answered
-502. Cancelled and expired jobs are acked and dropped without a reply: nobody waits for them.
+Acks (see `shared.amqp.Delivery`): a job is acked when it is over (the consumer acks when
+`on_job` returns), so it holds its prefetch slot, and this agent takes no more jobs of the model
+than it has slots, for as long as it runs; a stream too, however long. A job that fails to reach
+the server before any output is requeued once (the broker hands it to any consumer of its queue,
+maybe this agent again); the second failure is answered 502. A stream that has sent output is
+never requeued, however it ends: it is acked, so it is not run again for a client that already
+holds part of it. Cancelled and expired jobs are acked and dropped without a reply: nobody
+waits for them.
 """
 
 from __future__ import annotations
@@ -91,9 +94,9 @@ class AgentHandler:
     def slot(self, model: str) -> AbstractAsyncContextManager[Any]:
         """At most `concurrency` upstream calls per model.
 
-        Prefetch alone does not bound them: a stream is acked at its first chunk, which frees
-        its prefetch slot while it still runs. A job waiting here stays unacked, so it is
-        redelivered if this agent dies.
+        The model's prefetch (as many as the slots) bounds them already; this holds the bound
+        for a job delivered again while its first delivery's call is still being cut off. A job
+        waiting here stays unacked, so it is redelivered if this agent dies.
         """
         if self.concurrency is None:
             return contextlib.nullcontext()
@@ -227,6 +230,16 @@ class _Run:
             job, self.h.publish, attempt=self.attempt, window=self.h.coalesce_window
         )
         try:
+            await self._stream(writer)
+        finally:
+            if writer.started:
+                # The client holds part of the answer: whatever ended the stream (its end, a
+                # failure, the agent stopping), the job must not run again for it.
+                await self.delivery.ack()
+
+    async def _stream(self, writer: StreamWriter) -> None:
+        job = self.job
+        try:
             async with asyncio.timeout(self.remaining):
                 await self._relay(writer)
         except UpstreamUnavailableError as e:
@@ -296,11 +309,7 @@ class _Run:
     async def _send(self, chunks: list[bytes], writer: StreamWriter) -> None:
         if not chunks:
             return
-        first = not writer.started
         await writer.send(b"".join(chunks))
-        if first:
-            # The client has its first bytes: from here on the job is this agent's to finish.
-            await self.delivery.ack()
 
 
 def _broken_stream_error(exc: Exception) -> UpstreamError:

@@ -204,6 +204,34 @@ def test_two_apis_and_two_dispatchers_agree(router: Router) -> None:
 # --- streams: cancel and agent death -----------------------------------------------------------
 
 
+def test_a_busy_agents_running_stream_keeps_new_jobs_away_from_it(router: Router) -> None:
+    """An agent whose slots are all streaming takes no further job while another agent of the
+    model is free: the stream holds its delivery (and so its prefetch slot) until it ends."""
+    fakes = [router.fake("--tokens", "400", "--token-rate", "20") for _ in range(2)]
+    for name, fake in zip(("a1", "a2"), fakes, strict=True):
+        router.agent(name, fake, AGENT_MODELS="local_m", AGENT_CONCURRENCY="1")
+    router.wait_listed("local_m")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # 400 tokens at 20 a second: 20 s, longer than every short call below put together.
+        long = pool.submit(router.chat, "local_m", stream=True, max_tokens=300)
+        wait_for(
+            lambda: sum(fake.stats()["in_flight"] for fake in fakes) == 1,
+            timeout=5,
+            message="the long stream never started",
+        )
+        busy = next(fake for fake in fakes if fake.stats()["in_flight"] == 1)
+        idle = next(fake for fake in fakes if fake is not busy)
+        started = time.monotonic()
+        for _ in range(6):
+            short = router.chat("local_m", max_tokens=2)
+            assert short.status_code == 200, short.text
+        took = time.monotonic() - started
+        assert idle.stats()["completed"] == 6
+        assert busy.stats()["completed"] == 0
+        assert took < 5, took  # a call that waited behind the long stream would take 15 s
+        assert long.result().status_code == 200
+
+
 def test_client_leaving_a_stream_aborts_the_upstream_call(router: Router) -> None:
     fake = router.fake("--tokens", "400", "--token-rate", "20")
     router.agent("a1", fake, AGENT_MODELS="local_m")
@@ -245,6 +273,35 @@ def test_agent_killed_mid_stream_ends_the_stream_with_an_error(router: Router) -
     # A behavioural bound: a stream gone silent ends within the API's STREAM_IDLE_TIMEOUT (3 s
     # here), plus 2 s for a loaded machine; only time tells it from the 20 s deadline's error.
     assert ended < 3 + 2, ended
+    assert received < 100
+
+
+def test_a_stream_cut_by_its_agents_death_is_not_run_again_for_its_client(router: Router) -> None:
+    """The dead agent's stream is delivered again (it was not acked) and another agent starts
+    it; the api, whose client already has part of the first attempt, ends the stream with an
+    error and cancels the job, so the second call is cut off after its first chunk."""
+    fakes = [router.fake("--tokens", "400", "--token-rate", "20") for _ in range(2)]
+    agents = [
+        router.agent(name, fake, AGENT_MODELS="local_m", AGENT_CONCURRENCY="1")
+        for name, fake in zip(("a1", "a2"), fakes, strict=True)
+    ]
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        received = 0
+        with pytest.raises(openai.APIError):
+            for _ in stream:
+                received += 1
+                if received == 3:
+                    first = next(i for i, fake in enumerate(fakes) if fake.stats()["in_flight"])
+                    agents[first].service.kill()
+    second = fakes[1 - first]
+    wait_for(lambda: second.stats()["aborted"] >= 1, timeout=10, message="never cut off")
+    assert second.stats()["completed"] == 0
     assert received < 100
 
 

@@ -206,12 +206,12 @@ async def test_model_not_served_here_is_404() -> None:
 # --- SSE -------------------------------------------------------------------------------------
 
 
-async def test_stream_is_relayed_with_the_router_model_and_acked_after_the_first_chunk() -> None:
+async def test_stream_is_relayed_with_the_router_model_and_acked_once_it_ends() -> None:
     rig = await Rig(sse(SSE)).start()
     delivery = await rig.run(rig.job(stream=True))
     assert delivery.settled
-    assert rig.log[:2] == ["publish reply.chunk", "ack"]
-    assert rig.log[-1] == "publish reply.end"
+    assert rig.log[0] == "publish reply.chunk"
+    assert rig.log[-2:] == ["publish reply.end", "ack"] and rig.log.count("ack") == 1
     assert [r.seq for r in rig.replies] == list(range(len(rig.replies)))
     events = [e for e in rig.stream_body().split(b"\n\n") if e]
     payloads = [orjson.loads(e.removeprefix(b"data: ")) for e in events]
@@ -228,7 +228,7 @@ async def test_events_that_arrive_together_leave_in_one_message() -> None:
     first = rig.replies[0]
     assert first.kind is ReplyKind.CHUNK and first.seq == 0
     assert first.body.count(b"data: ") == 2 and b"Hello" in first.body
-    assert rig.log[:2] == ["publish reply.chunk", "ack"]
+    assert rig.log[:2] == ["publish reply.chunk", "publish reply.end"]
 
 
 async def test_stream_split_across_reads_is_reassembled() -> None:
@@ -290,7 +290,7 @@ async def test_event_over_the_limit_after_output_ends_with_an_error_event() -> N
         response = web.StreamResponse()
         await response.prepare(request)
         await response.write(chunk("Hello"))
-        await until(lambda: "ack" in rig.log)  # the client has its first bytes
+        await until(lambda: "publish reply.chunk" in rig.log)  # the client has its first bytes
         await response.write(huge_event(2000) + b"data: [DONE]\n\n")
         return response
 
@@ -317,7 +317,7 @@ async def test_cancel_mid_stream_closes_the_upstream_call_without_a_reply() -> N
     closed = asyncio.Event()
     rig = await Rig(sse(chunk("Hello"), hang=closed)).start()
     task = asyncio.create_task(rig.run(rig.job(stream=True)))
-    await until(lambda: "ack" in rig.log)
+    await until(lambda: "publish reply.chunk" in rig.log)
     assert rig.cancellations.cancel("req1", rig.now)
     delivery = await asyncio.wait_for(task, 1)
     await asyncio.wait_for(closed.wait(), 1)  # the server saw the connection close
@@ -368,16 +368,18 @@ def held_streams(calls: list[asyncio.Event]) -> Route:
     return held
 
 
-async def test_streams_acked_early_still_respect_the_concurrency() -> None:
+async def test_a_running_stream_holds_its_delivery_and_its_slot_until_it_ends() -> None:
+    """Unacked, a stream keeps its prefetch slot: the broker hands this agent no more jobs of
+    the model than it has slots, and a free agent of the model gets them instead."""
     calls: list[asyncio.Event] = []
     held = held_streams(calls)
     rig = await Rig(held, concurrency=1).start()
     first = asyncio.create_task(rig.run(rig.job(stream=True)))
     second = asyncio.create_task(rig.run(rig.job(stream=True, request_id="req2")))
-    await until(lambda: "ack" in rig.log)
+    await until(lambda: "publish reply.chunk" in rig.log)
     await asyncio.sleep(0.05)
-    assert len(calls) == 1  # the first stream is acked, but its slot is still taken
-    assert rig.log.count("ack") == 1
+    assert len(calls) == 1  # the second waits for the slot
+    assert "ack" not in rig.log  # the first holds its delivery while it runs
     calls[0].set()
     await asyncio.wait_for(first, 1)
     await until(lambda: len(calls) >= 2)
@@ -386,12 +388,31 @@ async def test_streams_acked_early_still_respect_the_concurrency() -> None:
     assert rig.log.count("ack") == 2
 
 
+async def test_a_stream_the_stopping_agent_cuts_off_is_acked_and_never_run_again() -> None:
+    """The agent stopping (its consumer task cancelled at the drain's end) ends a started
+    stream with a 503 event and acks it: requeued, it would run again for a client that already
+    holds part of it. One that has sent nothing goes back to its queue."""
+    calls: list[asyncio.Event] = []
+    rig = await Rig(held_streams(calls)).start()
+    delivery = Delivery(Message(rig.log))  # type: ignore[arg-type]
+    task = asyncio.create_task(
+        rig.handler.on_job(encode_job(rig.job(stream=True), now=rig.now), delivery)
+    )
+    await until(lambda: "publish reply.chunk" in rig.log)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    last = rig.replies[-1]
+    assert (last.kind, last.status) == (ReplyKind.ERROR, 503)
+    assert rig.log[-1] == "ack" and delivery.settled
+
+
 async def test_a_stopping_agent_hands_back_a_job_that_waited_for_a_slot() -> None:
     calls: list[asyncio.Event] = []
     held = held_streams(calls)
     rig = await Rig(held, concurrency=1).start()
     first = asyncio.create_task(rig.run(rig.job(stream=True)))
-    await until(lambda: "ack" in rig.log)
+    await until(lambda: "publish reply.chunk" in rig.log)
     second = asyncio.create_task(rig.run(rig.job(stream=True, request_id="req2")))
     await asyncio.sleep(0.05)  # waiting for the slot the first stream holds
     rig.handler.stop_starting("agent stopping")
