@@ -260,7 +260,9 @@ class RedisStore:
             socket_timeout=max(timeout, 1.0),
             retry=Retry(NoBackoff(), 0),
         )
-        pipelined = PipelinedRedis.from_url(url, reply_timeout=max(timeout, 1.0))
+        pipelined = PipelinedRedis.from_url(
+            url, connect_timeout=timeout, reply_timeout=max(timeout, 1.0)
+        )
         return cls(redis, timeout=timeout, pipelined=pipelined)
 
     async def aclose(self) -> None:

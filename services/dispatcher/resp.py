@@ -13,8 +13,10 @@ and the next one still reaches its own caller. A connection that owes a reply fo
 `reply_timeout` is presumed dead and closed, failing every call waiting on it (as redis-py's
 socket timeout does); the next call connects again.
 
-Takes `redis://` URLs (user, password and database included); `RedisStore` keeps redis-py for
-the others (`rediss://`, `unix://`).
+Takes `redis://` URLs: user, password, database, and the query options `client_name`,
+`socket_connect_timeout` (else `connect_timeout`) and `socket_timeout` (else `reply_timeout`);
+other options are ignored. `RedisStore` keeps redis-py for the other schemes (`rediss://`,
+`unix://`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 Reply = Any  # bytes, int, None, or a list of them: what hiredis makes of a RESP2 reply
 
@@ -105,19 +107,29 @@ class PipelinedRedis:
         db: int = 0,
         username: str | None = None,
         password: str | None = None,
+        client_name: str | None = None,
+        connect_timeout: float = 1.0,
         reply_timeout: float = 1.0,
     ) -> None:
         self._address = (host, port)
         self._db = db
-        self._auth = (username, password) if password is not None else None
+        # Always AUTH <user> <password>: the one-argument form fails on a server without a
+        # password (redis-py's HELLO ... AUTH does not), and a `nopass` user has an empty one.
+        self._auth = (
+            (username or "default", password or "") if username or password is not None else None
+        )
+        self._client_name = client_name
+        self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
         self._pipe: _Pipeline | None = None
         self._connecting = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str, *, reply_timeout: float = 1.0) -> PipelinedRedis | None:
+    def from_url(
+        cls, url: str, *, connect_timeout: float = 1.0, reply_timeout: float = 1.0
+    ) -> PipelinedRedis | None:
         """The client for `url`, or None for a URL it does not speak (TLS, a Unix socket)."""
-        options = parse_url(url)
+        options: dict[str, Any] = dict(parse_url(url))
         if "connection_class" in options:
             return None
         return cls(
@@ -126,7 +138,9 @@ class PipelinedRedis:
             db=int(options.get("db", 0)),
             username=options.get("username"),
             password=options.get("password"),
-            reply_timeout=reply_timeout,
+            client_name=options.get("client_name"),
+            connect_timeout=float(options.get("socket_connect_timeout") or connect_timeout),
+            reply_timeout=float(options.get("socket_timeout") or reply_timeout),
         )
 
     async def call(self, *args: str | bytes | int) -> Reply:
@@ -149,33 +163,44 @@ class PipelinedRedis:
         async with self._connecting:  # one connect for every call that found none
             if self._pipe is not None and not self._pipe.closed:
                 return self._pipe
-            loop = asyncio.get_running_loop()
             pipe = _Pipeline(self._reply_timeout)
-            await loop.create_connection(lambda: pipe, *self._address)
             try:
-                # Pipelined with each other; a refusal closes the connection.
-                setup: list[asyncio.Future[Reply]] = []
-                if self._auth is not None:
-                    user, password = self._auth
-                    auth = ("AUTH", user, password) if user else ("AUTH", password)
-                    setup.append(pipe.send(_pack(auth)))
-                if self._db:
-                    setup.append(pipe.send(_pack(("SELECT", self._db))))
-                for reply in setup:
-                    _checked(await reply)
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._open(pipe)
+            except RedisError:
+                pipe.close(RedisConnectionError("redis set-up failed"))
+                raise
             except BaseException as e:
-                pipe.close(RedisConnectionError(f"redis set-up failed: {e}"))
-                for reply in setup:  # the ones behind the refusal failed with the connection
-                    if reply.done() and not reply.cancelled():
-                        reply.exception()
+                pipe.close(RedisConnectionError("redis set-up failed"))
+                if isinstance(e, Exception):  # a timeout, a refusal, a name that does not resolve
+                    raise RedisConnectionError(f"redis connect failed: {e!r}") from e
                 raise
             self._pipe = pipe
             return pipe
 
+    async def _open(self, pipe: _Pipeline) -> None:
+        await asyncio.get_running_loop().create_connection(lambda: pipe, *self._address)
+        # Pipelined with each other; the first refusal fails the connect.
+        setup: list[asyncio.Future[Reply]] = []
+        if self._auth is not None:
+            setup.append(pipe.send(_pack(("AUTH", *self._auth))))
+        if self._db:
+            setup.append(pipe.send(_pack(("SELECT", self._db))))
+        if self._client_name:
+            setup.append(pipe.send(_pack(("CLIENT", "SETNAME", self._client_name))))
+        try:
+            for reply in setup:
+                _checked(await reply)
+        finally:
+            for reply in setup:  # those behind a refusal fail with the connection: retrieved
+                if reply.done() and not reply.cancelled():
+                    reply.exception()
+
     async def aclose(self) -> None:
-        if self._pipe is not None:
-            self._pipe.close(RedisConnectionError("redis client closed"))
-            self._pipe = None
+        async with self._connecting:  # a connect under way would leave its connection open
+            if self._pipe is not None:
+                self._pipe.close(RedisConnectionError("redis client closed"))
+                self._pipe = None
 
 
 def _pack(args: tuple[str | bytes | int, ...]) -> bytes:

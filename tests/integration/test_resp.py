@@ -7,8 +7,10 @@ Keys live under a prefix of their own, removed afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
@@ -35,7 +37,7 @@ async def direct() -> AsyncIterator[tuple[Redis, str]]:
         yield client, prefix
     finally:
         for db in (client, Redis.from_url(URL_DB3)):
-            found = [key async for key in db.scan_iter(f"{prefix}*")]
+            found = [key async for key in db.scan_iter(f"{prefix}*", count=10_000)]
             if found:
                 await db.delete(*found)
             await db.aclose()
@@ -106,19 +108,23 @@ async def test_a_script_redis_does_not_hold_is_sent_in_full(
     assert await client.script_exists(digest) == [True]  # by digest from now on
 
 
-async def test_a_connection_the_server_closed_is_replaced(
-    direct: tuple[Redis, str], pipelined: PipelinedRedis
+async def test_a_connection_the_server_closed_fails_its_calls_and_is_replaced(
+    direct: tuple[Redis, str], slow_redis: SlowRedis
 ) -> None:
-    client, prefix = direct
-    await pipelined.call("CLIENT", "SETNAME", f"{prefix}-victim")
-    victims = [c for c in await client.client_list() if c["name"] == f"{prefix}-victim"]
-    assert len(victims) == 1
-    await client.client_kill_filter(_id=victims[0]["id"])
-    with pytest.raises(RedisConnectionError):
-        for _ in range(50):  # the loss is seen once the close arrives
-            await pipelined.call("PING")
-            await asyncio.sleep(0.01)
-    assert await pipelined.call("PING") == b"PONG"
+    client_direct, _ = direct
+    client = PipelinedRedis.from_url(slow_redis.url)
+    assert client is not None
+    try:
+        first_id = await client.call("CLIENT", "ID")
+        slow_redis.swallow_replies()  # the call below waits on this connection
+        pending = asyncio.create_task(client.call("PING"))
+        await asyncio.sleep(0.05)
+        await client_direct.client_kill_filter(_id=first_id)
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(pending, 0.5)  # failed by the close, not by the reply timeout
+        assert await client.call("CLIENT", "ID") != first_id  # a new connection answers
+    finally:
+        await client.aclose()
 
 
 async def test_a_connection_that_owes_a_reply_too_long_is_closed_and_replaced(
@@ -168,6 +174,103 @@ async def test_user_password_and_database_come_from_the_url(direct: tuple[Redis,
             await bad.aclose()
     finally:
         await client.acl_deluser(user)
+
+
+async def test_a_password_without_a_user_works_on_a_server_without_passwords(
+    direct: tuple[Redis, str],
+) -> None:
+    """As redis-py: `AUTH default <password>`, which a server without passwords accepts (the
+    one-argument form is refused there, and the cache would be off)."""
+    client = PipelinedRedis.from_url(f"redis://:anything@{REDIS[0]}:{REDIS[1]}/0")
+    assert client is not None
+    try:
+        assert await client.call("PING") == b"PONG"
+    finally:
+        await client.aclose()
+
+
+async def test_a_user_without_a_password_and_a_client_name(direct: tuple[Redis, str]) -> None:
+    client, prefix = direct
+    user = f"{prefix}-nopass"
+    await client.acl_setuser(user, enabled=True, nopass=True, commands=["+@all"], keys=["*"])
+    try:
+        named = PipelinedRedis.from_url(
+            f"redis://{user}@{REDIS[0]}:{REDIS[1]}/0?client_name={prefix}-n"
+        )
+        assert named is not None
+        try:
+            assert await named.call("ACL", "WHOAMI") == user.encode()
+            assert await named.call("CLIENT", "GETNAME") == f"{prefix}-n".encode()
+        finally:
+            await named.aclose()
+    finally:
+        await client.acl_deluser(user)
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port whose listener's accept queue is full: Linux drops further SYNs, so a connect to
+    it hangs (retransmitting) until it times out."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        yield port
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
+async def test_a_connect_that_hangs_fails_at_its_timeout_and_holds_up_nobody_after(
+    blackhole: int,
+) -> None:
+    client = PipelinedRedis.from_url(f"redis://127.0.0.1:{blackhole}/0", connect_timeout=0.2)
+    assert client is not None
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        calls = await asyncio.gather(
+            *(client.call("PING") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(call, RedisConnectionError) for call in calls), calls
+        # Each waiting caller tries once after the one before it: three timeouts at most.
+        assert loop.time() - started < 0.2 * 3 + 1
+    finally:
+        started = loop.time()
+        await client.aclose()
+        assert loop.time() - started < 0.5
+
+
+async def test_a_host_that_cannot_be_named_is_a_connection_error() -> None:
+    """Not a UnicodeError past the store's fail-open handling, which catches RedisError."""
+    client = PipelinedRedis.from_url(f"redis://{'a' * 64}.example:6379/0", connect_timeout=2)
+    assert client is not None
+    with pytest.raises(RedisConnectionError):
+        await client.call("PING")
+    await client.aclose()
+
+
+async def test_aclose_during_a_connect_leaves_no_connection_open(
+    direct: tuple[Redis, str],
+) -> None:
+    client_direct, prefix = direct
+    client = PipelinedRedis.from_url(f"{URL}?client_name={prefix}-closing")
+    assert client is not None
+    call = asyncio.create_task(client.call("PING"))
+    await asyncio.sleep(0)  # the call is connecting
+    await client.aclose()
+    await asyncio.gather(call, return_exceptions=True)
+    await asyncio.sleep(0.1)
+    names = [c["name"] for c in await client_direct.client_list()]
+    assert f"{prefix}-closing" not in names
 
 
 def test_urls_it_has_no_transport_for_are_left_to_redis_py() -> None:
