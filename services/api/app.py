@@ -114,6 +114,11 @@ def create_app(settings: ApiSettings) -> RouterApp:
     # The hot route skips FastAPI's machinery (services/api/fastpath.py); the FastAPI route
     # below stays for the OpenAPI document and the 405 of other methods.
     app.fast_route = ChatRoute(completions, client_keys)
+    origins = [
+        origin.strip() for origin in settings.cors_allow_origins.split(",") if origin.strip()
+    ]
+    if origins:
+        app.allow_origins(origins)
 
     @app.post(
         "/v1/chat/completions",

@@ -23,9 +23,10 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.client_auth import ClientKeys
 from services.api.completions import CompletionsEndpoint
@@ -36,6 +37,19 @@ log = logging.getLogger(__name__)
 CHAT_PATH = "/v1/chat/completions"
 JSON = "application/json"
 REQUEST_ID = b"x-request-id"
+# What a page may read of an answer besides the CORS-safelisted headers: what the SDKs read.
+EXPOSED_HEADERS = [
+    "x-request-id",
+    "x-cache",
+    "retry-after",
+    "x-should-retry",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+]
 
 
 def error_response(exc: BaseException, request_id: str = "") -> Response:
@@ -90,11 +104,33 @@ class ChatRoute:
 
 
 class RouterApp(FastAPI):
-    """FastAPI, except that `POST /v1/chat/completions` goes straight to `fast_route`."""
+    """FastAPI, except that `POST /v1/chat/completions` goes straight to `fast_route`.
+
+    With `allow_origins()`, every HTTP request passes through Starlette's CORS middleware
+    first, the hot route's included (FastAPI's own middleware stack never sees that one)."""
 
     fast_route: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
+    _cors: ASGIApp | None = None
+
+    def allow_origins(self, origins: list[str]) -> None:
+        """Answer browsers' preflights and let pages of `origins` (`*`: any) read answers.
+        Keys travel in the `Authorization` header, never in cookies: no credentials mode."""
+        self._cors = CORSMiddleware(
+            self._route,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=EXPOSED_HEADERS,
+            max_age=600,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._cors is not None and scope["type"] == "http":
+            await self._cors(scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             self.fast_route is not None
             and scope["type"] == "http"

@@ -35,6 +35,13 @@ class ApiSettings(BrokerSettings):
     max_body_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes (413 past it)."
     )
+    cors_allow_origins: str = Field(
+        "",
+        description=(
+            "Origins a browser may call the API from, comma separated (`*`: any); empty: no "
+            "CORS headers, so browsers keep pages of other origins from reading answers."
+        ),
+    )
     models_timeout: float = Field(
         3.0, gt=0, description="Seconds to wait for a dispatcher to answer the model list."
     )

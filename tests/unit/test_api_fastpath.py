@@ -90,3 +90,63 @@ async def test_a_refused_key_names_a_request_id() -> None:
         models = await client.get("/v1/models")
     assert chat.status_code == models.status_code == 401
     assert chat.headers["x-request-id"] and models.headers["x-request-id"]
+
+
+# --- CORS (CORS_ALLOW_ORIGINS) -------------------------------------------------------------------
+
+PAGE = "https://chat.example"
+
+
+async def cors_client(origins: str) -> httpx.AsyncClient:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, cors_allow_origins=origins))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://api")
+
+
+async def test_without_allowed_origins_answers_carry_no_cors_headers(
+    http: httpx.AsyncClient,
+) -> None:
+    response = await http.post(
+        "/v1/chat/completions", json={"model": "dummy", "messages": []}, headers={"origin": PAGE}
+    )
+    assert response.status_code == 400
+    assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("origins", [PAGE, f"https://other.example, {PAGE}", "*"])
+async def test_an_allowed_page_may_call_the_hot_route_and_read_its_answer(origins: str) -> None:
+    async with await cors_client(origins) as http:
+        preflight = await http.options(
+            "/v1/chat/completions",
+            headers={
+                "origin": PAGE,
+                "access-control-request-method": "POST",
+                "access-control-request-headers": "authorization, content-type, x-stainless-os",
+            },
+        )
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] in (PAGE, "*")
+        assert "POST" in preflight.headers["access-control-allow-methods"]
+        allowed = preflight.headers["access-control-allow-headers"].lower()
+        assert "authorization" in allowed and "x-stainless-os" in allowed
+
+        answer = await http.post(
+            "/v1/chat/completions",
+            json={"model": "dummy", "messages": []},
+            headers={"origin": PAGE},
+        )
+        assert answer.status_code == 400  # the route's own answer, with CORS headers on it
+        assert answer.headers["access-control-allow-origin"] in (PAGE, "*")
+        assert "x-request-id" in answer.headers["access-control-expose-headers"]
+        listing = await http.get("/v1/models", headers={"origin": PAGE})
+        assert listing.headers["access-control-allow-origin"] in (PAGE, "*")
+
+
+async def test_a_page_of_another_origin_is_refused_its_preflight() -> None:
+    async with await cors_client(PAGE) as http:
+        preflight = await http.options(
+            "/v1/chat/completions",
+            headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+        )
+        assert preflight.status_code == 400
+        assert "access-control-allow-origin" not in preflight.headers
