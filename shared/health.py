@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,10 +32,24 @@ def _json(payload: dict[str, Any], status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, content_type="application/json")
 
 
-async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Start serving; returns the runner (to clean up) and the port bound (for port 0)."""
+async def serve(
+    app: web.Application, host: str, port: int, *, setting: str
+) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (to clean up) and the port bound (for port 0).
+
+    An address it cannot listen on (taken, or not this host's) ends the process with one line
+    naming `setting`, the variable that chose the port, and exit code 1: not a traceback."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        reason = e.strerror or str(e)
+        print(
+            f"cannot serve /health on {host}:{port}: {reason} (choose another {setting})",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     return runner, int(runner.addresses[0][1])

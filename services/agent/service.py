@@ -143,6 +143,7 @@ class AgentService:
             health.create_app(self.status, self.is_ready),
             self.settings.agent_bind,
             self.settings.agent_port,
+            setting="AGENT_PORT",
         )
         if self.settings.agent_backend is Backend.VLLM_DOCKER:
             await self._start_container()

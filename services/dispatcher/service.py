@@ -195,7 +195,9 @@ async def run(settings: DispatcherSettings, stop: asyncio.Event) -> None:
     runner = None
     if settings.health_port:
         app = health.create_app(service.status, lambda: service.broker.is_consuming)
-        runner, _ = await health.serve(app, settings.health_host, settings.health_port)
+        runner, _ = await health.serve(
+            app, settings.health_host, settings.health_port, setting="HEALTH_PORT"
+        )
     try:
         while not stop.is_set():
             try:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 
 from services import cli
@@ -58,3 +63,34 @@ def test_a_bad_setting_is_one_line_per_variable_and_exit_2(
     assert "  ROUTER_URL: String should match pattern" in err
     assert "  AGENT_CONCURRENCY: Input should be a valid integer" in err
     assert "router-host" not in err and "many" not in err  # values are not repeated
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"), [("dispatcher", "HEALTH_PORT"), ("agent", "AGENT_PORT")]
+)
+def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str) -> None:
+    """Not a traceback: the line names the address and the variable that chose it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            variable: str(port),
+            "AGENT_HOST": "127.0.0.1",
+            "VLLM_URL": "http://127.0.0.1:1/v1",
+            "ROUTER_URL": "http://127.0.0.1:1",
+            "RABBITMQ_URL": "amqp://guest:guest@127.0.0.1:1/",
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode == 1, done.stderr
+    assert "cannot serve /health on " in done.stderr and f":{port}: " in done.stderr
+    assert f"choose another {variable}" in done.stderr
+    assert "Traceback" not in done.stderr
