@@ -198,16 +198,40 @@ async def test_an_unexpected_failure_is_a_500_naming_only_the_request() -> None:
     assert reply.status == 500 and b"secret detail" not in reply.body and b"req1" in reply.body
 
 
-async def test_a_stream_is_relayed_and_acked_once_its_first_chunk_is_out() -> None:
+async def test_a_stream_is_relayed_and_acked_once_it_ends() -> None:
     stream = Stream(EVENTS)
     rig = Rig(Provider(stream))
     await rig.run(job(stream=True))
     kinds = [(reply.kind, acked) for reply, acked in rig.broker.replies]
-    # the first chunk is published, then the job acked: before the second chunk, not at the end
-    assert kinds == [(ReplyKind.CHUNK, False), (ReplyKind.CHUNK, True), (ReplyKind.END, True)]
+    # unacked while it runs: its prefetch slot stays taken, so the queue's prefetch bounds
+    # the calls this dispatcher runs at once
+    assert kinds == [(ReplyKind.CHUNK, False), (ReplyKind.CHUNK, False), (ReplyKind.END, False)]
     assert b"".join(r.body for r in rig.replies if r.kind is ReplyKind.CHUNK) == b"".join(EVENTS)
     assert rig.replies[0].http_headers == {"x-ratelimit-remaining-requests": "5"}
     assert stream.closed and rig.message.acked
+
+
+async def test_a_started_stream_the_stopping_dispatcher_cuts_off_is_acked() -> None:
+    """Cancelled by the dispatcher stopping (not by its client) after output: acked, since
+    requeued it would run again for a client that already holds part of it."""
+
+    first_sent = asyncio.Event()
+
+    class Held(Stream):
+        async def events(self) -> AsyncIterator[bytes]:
+            yield EVENTS[0]
+            first_sent.set()  # resumed only once the writer has taken the first event
+            await asyncio.sleep(60)
+            yield EVENTS[1]
+
+    rig = Rig(Provider(Held(EVENTS)))
+    running = asyncio.create_task(rig.run(job(stream=True)))
+    await asyncio.wait_for(first_sent.wait(), 1)
+    assert rig.replies and not rig.message.acked  # output sent, still held while it runs
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert rig.message.acked
 
 
 async def test_a_stream_broken_mid_way_ends_with_an_error_message() -> None:

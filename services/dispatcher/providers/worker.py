@@ -2,9 +2,12 @@
 
 A provider call may last minutes, so provider jobs have their own queue and channel (with a
 larger prefetch) and never hold a slot of the jobs queue. Ack policy: a job whose deadline
-passed or whose client cancelled is acked without an upstream call; a non-streaming job is
-acked once its answer (or error) is confirmed; a streaming job once its first chunk is. A cancel
-that arrives while the call runs aborts the HTTP call (its task is cancelled).
+passed or whose client cancelled is acked without an upstream call; any other job once it is
+over, a stream included, so the queue's prefetch (`PROVIDER_PREFETCH`) bounds the calls a
+dispatcher runs at once and the rest go to other dispatchers. A stream that has sent output is
+acked however it ends, the dispatcher stopping included: it never runs again for a client that
+holds part of it. A cancel that arrives while the call runs aborts the HTTP call (its task is
+cancelled).
 """
 
 from __future__ import annotations
@@ -132,7 +135,6 @@ class ProviderWorker:
                     async for event in stream.events():
                         await writer.send(event)
                         outcome.events += 1
-                        await delivery.ack()  # once the first chunk is confirmed
                 finally:
                     await stream.aclose()
             await writer.end()
@@ -148,6 +150,9 @@ class ProviderWorker:
                 await writer.fail(error)
             else:
                 await self.reply.error(job, error, attempt=attempt)
+        finally:
+            if writer is not None and writer.started:
+                await delivery.ack()  # the client holds part of it: never run it again
 
     def _as_error(self, exc: Exception, job: Job) -> RouterError:
         if isinstance(exc, RouterError):
