@@ -19,6 +19,7 @@ from services.agent.handler import AgentHandler
 from services.agent.models import parse_agent_models
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
+from shared.errors import BrokerUnavailableError
 from shared.messages import Job, Reply, ReplyKind, encode_job
 from tests.support.upstream import Route, UpstreamServer, answer, drop, sse
 
@@ -386,6 +387,22 @@ async def test_a_running_stream_holds_its_delivery_and_its_slot_until_it_ends() 
     calls[1].set()
     await asyncio.wait_for(second, 1)
     assert rig.log.count("ack") == 2
+
+
+async def test_a_stream_whose_first_chunk_never_left_is_left_for_the_consumer_to_requeue() -> None:
+    """A first chunk the broker did not confirm reached nobody: the job is not acked, so the
+    consumer requeues it (its first failure) rather than drop it unanswered."""
+    rig = await Rig(sse(SSE)).start()
+
+    async def failing(job: Job, reply: Reply) -> None:
+        rig.log.append(f"publish {reply.kind.value} failed")
+        raise BrokerUnavailableError()
+
+    rig.handler.publish = failing
+    delivery = Delivery(Message(rig.log))  # type: ignore[arg-type]
+    with pytest.raises(BrokerUnavailableError):
+        await rig.handler.on_job(encode_job(rig.job(stream=True), now=rig.now), delivery)
+    assert rig.log == ["publish reply.chunk failed"] and not delivery.settled
 
 
 async def test_a_stream_the_stopping_agent_cuts_off_is_acked_and_never_run_again() -> None:

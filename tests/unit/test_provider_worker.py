@@ -18,7 +18,7 @@ from services.dispatcher.providers.worker import ProviderWorker
 from services.dispatcher.routing import ProviderRule
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
-from shared.errors import UpstreamError, UpstreamHTTPError
+from shared.errors import BrokerUnavailableError, UpstreamError, UpstreamHTTPError
 from shared.http_headers import relayable
 from shared.messages import Envelope, Job, Reply, ReplyKind, decode_reply, encode_job
 from shared.replies import ReplyPublisher
@@ -209,6 +209,20 @@ async def test_a_stream_is_relayed_and_acked_once_it_ends() -> None:
     assert b"".join(r.body for r in rig.replies if r.kind is ReplyKind.CHUNK) == b"".join(EVENTS)
     assert rig.replies[0].http_headers == {"x-ratelimit-remaining-requests": "5"}
     assert stream.closed and rig.message.acked
+
+
+async def test_a_stream_whose_first_chunk_never_left_is_not_acked() -> None:
+    """A first chunk the broker did not confirm reached nobody: left unacked, the consumer
+    requeues the job rather than drop it unanswered."""
+    rig = Rig(Provider(Stream(EVENTS)))
+
+    async def failing(env: Envelope, routing_key: str, **_: Any) -> None:
+        raise BrokerUnavailableError()
+
+    rig.broker.publish = failing  # type: ignore[method-assign]
+    with pytest.raises(BrokerUnavailableError):
+        await rig.run(job(stream=True))
+    assert not rig.message.acked
 
 
 async def test_a_started_stream_the_stopping_dispatcher_cuts_off_is_acked() -> None:
