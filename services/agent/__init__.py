@@ -21,10 +21,10 @@ When AGENT_MODELS is empty the agent asks the server's `/v1/models` and exposes 
 name `x` as `local_x`. Requests are rewritten to the served name; every response and stream
 chunk carries the router id the client asked for.
 
-Acks. A non-streaming job is acked once its reply is confirmed; a streaming job once its first
-chunk message is confirmed. A job that cannot reach the server before any output is requeued
-once (the broker hands it to any consumer of its queue, maybe this agent again), then answered
-502. Jobs already cancelled or past their deadline are acked and dropped; a cancel that arrives
-mid-call aborts the HTTP call (closing the connection is what stops vLLM generating) and drops
-the job without a reply.
+Acks. A job is acked once it is over (its reply, or a stream's end, confirmed), so the model's
+prefetch bounds the jobs this agent holds. A job that cannot reach the server before any output
+is requeued once (the broker hands it to any consumer of its queue, maybe this agent again),
+then answered 502. Jobs already cancelled or past their deadline are acked and dropped; a
+cancel that arrives mid-call aborts the HTTP call (closing the connection is what stops vLLM
+generating) and drops the job without a reply.
 """

@@ -94,8 +94,9 @@ class AgentHandler:
     def slot(self, model: str) -> AbstractAsyncContextManager[Any]:
         """At most `concurrency` upstream calls per model.
 
-        The model's prefetch (as many as the slots) bounds them already; this holds the bound
-        for a job delivered again while its first delivery's call is still being cut off. A job
+        The model's prefetch (as many as the slots) bounds them already, except after the health
+        watchdog resumed consuming while streams ran: the new consumer gets the whole prefetch
+        again (docs/architecture.md, "Acks"), and the jobs past the slots wait here. A job
         waiting here stays unacked, so it is redelivered if this agent dies.
         """
         if self.concurrency is None:

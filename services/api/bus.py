@@ -50,7 +50,11 @@ class ApiBus:
         self.settings = settings
         self.topology = topology
         self.process_id = uuid.uuid4().hex[:12]
-        self.replies = ReplyRouter(ReplyTrust.parse(settings.reply_users))
+        self.replies = ReplyRouter(
+            ReplyTrust.parse(settings.reply_users),
+            on_orphan=self._cancel_soon,
+            forget_after=settings.request_timeout,
+        )
         self.reply_queue = topology.reply_queue(self.process_id)
         self._broker = Broker(
             settings.rabbitmq_url,
@@ -155,19 +159,24 @@ class ApiBus:
 
     def cancel_soon(self, call: PendingCall) -> None:
         """`cancel()` in the background (the caller is answering or gone already)."""
-        task = asyncio.create_task(self.cancel(call))
+        self._cancel_soon(call.request_id, call.model)
+
+    def _cancel_soon(self, request_id: str, model: str) -> None:
+        task = asyncio.create_task(self._cancel(request_id, model))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def cancel(self, call: PendingCall) -> None:
         """Tell every dispatcher, and the agents serving the call's model, that nobody waits
         for this request any more."""
-        request_id = call.request_id
+        await self._cancel(call.request_id, call.model)
+
+    async def _cancel(self, request_id: str, model: str) -> None:
         try:
             self._require_connection()
             await self._broker.publish(
                 encode_cancel(request_id),
-                cancel_routing_key(call.model),
+                cancel_routing_key(model),
                 exchange=self.topology.cancel_exchange,
                 mandatory=False,
             )

@@ -4,12 +4,21 @@ One reply queue per API process; a `dict[correlation_id, PendingCall]` whose ent
 by their owner when the request ends. Stray and late replies are logged and dropped, never
 raised. The first attempt a call hears from wins; another attempt's messages are dropped, or,
 once output has reached the client, end the stream with an error.
+
+A stream chunk for a call that has ended means a backend is generating for nobody: a job run
+again after its agent lost its consuming connection mid-stream (its delivery unacked), or one
+a restarted agent took from the queue after its client left, when the cancel had no consumer
+to reach. `on_orphan` is told once per such call (the bus publishes a cancel), for calls ended
+within the last `forget_after` seconds (at most `MAX_ENDED` of them are remembered).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from shared.errors import UpstreamError
 from shared.messages import Reply, ReplyKind
@@ -72,13 +81,27 @@ class PendingCall:
         return item
 
 
+MAX_ENDED = 16_384  # ended calls remembered for `on_orphan`: about 1 MiB
+
+
 class ReplyRouter:
     """All calls of this process that wait for a reply, by correlation id."""
 
-    def __init__(self, trust: ReplyTrust | None = None) -> None:
+    def __init__(
+        self,
+        trust: ReplyTrust | None = None,
+        *,
+        on_orphan: Callable[[str, str], None] | None = None,
+        forget_after: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.trust = trust or ReplyTrust()
         self._calls: dict[str, PendingCall] = {}
         self._results: dict[str, asyncio.Future[bytes]] = {}
+        self.on_orphan = on_orphan
+        self.forget_after = forget_after
+        self.clock = clock
+        self._ended: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id: (model, when)
 
     def __len__(self) -> int:
         return len(self._calls) + len(self._results)
@@ -89,7 +112,16 @@ class ReplyRouter:
         return call
 
     def close(self, request_id: str) -> None:
-        self._calls.pop(request_id, None)
+        call = self._calls.pop(request_id, None)
+        if call is None or self.on_orphan is None:
+            return
+        now = self.clock()
+        self._ended[request_id] = (call.model, now)
+        while self._ended:
+            _, (_, ended_at) = next(iter(self._ended.items()))
+            if len(self._ended) <= MAX_ENDED and now - ended_at <= self.forget_after:
+                break
+            self._ended.popitem(last=False)
 
     def dispatch(self, reply: Reply, sender: str | None = None) -> bool:
         """Hand a reply to its call; False (and a log line) for a stray or late one, or one
@@ -97,6 +129,8 @@ class ReplyRouter:
         call = self._calls.get(reply.request_id)
         if call is None:
             log.debug("stray %s reply for %s dropped", reply.kind, reply.request_id)
+            if reply.kind is ReplyKind.CHUNK:
+                self._orphaned(reply.request_id, sender)
             return False
         if not self.trust.may_answer(sender, call.model):
             log.warning(
@@ -108,6 +142,16 @@ class ReplyRouter:
             return False
         call.deliver(reply)
         return True
+
+    def _orphaned(self, request_id: str, sender: str | None) -> None:
+        ended = self._ended.pop(request_id, None)  # told once per call
+        if ended is None or self.on_orphan is None:
+            return
+        model, ended_at = ended
+        if self.clock() - ended_at > self.forget_after or not self.trust.may_answer(sender, model):
+            return
+        log.info("a backend streams %s for nobody (its call ended): cancelling it", request_id)
+        self.on_orphan(request_id, model)
 
     def fail_all(self, exc: BaseException) -> None:
         """Fail every waiting call (their replies can no longer arrive)."""

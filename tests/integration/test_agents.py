@@ -305,6 +305,31 @@ def test_a_stream_cut_by_its_agents_death_is_not_run_again_for_its_client(router
     assert received < 100
 
 
+def test_a_restarted_agent_does_not_run_a_dead_agents_stream_for_nobody(router: Router) -> None:
+    """The agent dies mid-stream and its client leaves: the cancel reaches no agent, and the
+    job waits unacked in the queue. The restarted agent takes it; its first chunk reaches the
+    api, which knows the call ended and cancels the job: the call is cut off, not run to the end."""
+    fake = router.fake("--tokens", "400", "--token-rate", "20")
+    agent = router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
+        for received, _ in enumerate(stream):
+            if received == 3:
+                agent.service.kill()
+                break
+        stream.close()  # the client leaves
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    wait_for(lambda: fake.stats()["requests"] >= 2, timeout=10, message="the job was not re-run")
+    # 400 tokens at 20 a second: run to the end, the second call would take 20 s.
+    wait_for(lambda: fake.stats()["aborted"] >= 2, timeout=10, message="never cut off")
+    assert fake.stats()["completed"] == 0
+
+
 def test_sigterm_lets_a_running_stream_finish(router: Router) -> None:
     fake = router.fake("--tokens", "20", "--token-rate", "20")
     agent = router.agent("a1", fake, AGENT_MODELS="local_m")

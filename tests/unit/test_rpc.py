@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from services.api.rpc import PendingCall, ReplyRouter, StreamOrderError
+from services.api.rpc import MAX_ENDED, PendingCall, ReplyRouter, StreamOrderError
 from shared.messages import Reply, ReplyKind
+from shared.reply_trust import ReplyTrust
 
 
 def chunk(seq: int, attempt: str = "a") -> Reply:
@@ -66,3 +67,63 @@ async def test_fail_all_fails_every_waiting_call() -> None:
     for call in (first, second):
         with pytest.raises(StreamOrderError):
             await call.next(1)
+
+
+# --- chunks for calls that have ended: the backend streams for nobody ------------------------
+
+
+class Orphans:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.told: list[tuple[str, str]] = []
+
+    def router(self, trust: ReplyTrust | None = None) -> ReplyRouter:
+        return ReplyRouter(
+            trust,
+            on_orphan=lambda request_id, model: self.told.append((request_id, model)),
+            forget_after=120,
+            clock=lambda: self.now,
+        )
+
+
+def test_a_chunk_for_an_ended_call_is_reported_once_with_its_model() -> None:
+    orphans = Orphans()
+    router = orphans.router()
+    router.open("r1", "local_m")
+    router.close("r1")
+    assert not router.dispatch(chunk(0, "b"))
+    assert not router.dispatch(chunk(1, "b"))
+    assert orphans.told == [("r1", "local_m")]
+
+
+def test_only_chunks_of_calls_ended_lately_are_reported() -> None:
+    orphans = Orphans()
+    router = orphans.router()
+    assert not router.dispatch(chunk(0))  # never this process's call
+    router.open("r1", "local_m")
+    router.close("r1")
+    end = Reply(ReplyKind.END, "r1", "b", seq=3)
+    assert not router.dispatch(end)  # a stream's end, or a duplicate answer: nothing runs
+    orphans.now += 121
+    assert not router.dispatch(chunk(0, "b"))  # past the deadline: forgotten
+    assert orphans.told == []
+
+
+def test_ended_calls_are_remembered_within_a_bound() -> None:
+    orphans = Orphans()
+    router = orphans.router()
+    for n in range(MAX_ENDED + 1):
+        router.open(f"r{n}", "m")
+        router.close(f"r{n}")
+    router.dispatch(Reply(ReplyKind.CHUNK, "r0", "b", body=b"", seq=0))
+    router.dispatch(Reply(ReplyKind.CHUNK, f"r{MAX_ENDED}", "b", body=b"", seq=0))
+    assert orphans.told == [(f"r{MAX_ENDED}", "m")]
+
+
+def test_a_chunk_from_a_sender_that_may_not_answer_the_model_cancels_nothing() -> None:
+    orphans = Orphans()
+    router = orphans.router(ReplyTrust.parse("disp=*,gpu-a=local_a"))
+    router.open("r1", "local_b")
+    router.close("r1")
+    router.dispatch(chunk(0, "b"), "gpu-a")
+    assert orphans.told == []

@@ -5,9 +5,9 @@ larger prefetch) and never hold a slot of the jobs queue. Ack policy: a job whos
 passed or whose client cancelled is acked without an upstream call; any other job once it is
 over, a stream included, so the queue's prefetch (`PROVIDER_PREFETCH`) bounds the calls a
 dispatcher runs at once and the rest go to other dispatchers. A stream that has sent output is
-acked however it ends, the dispatcher stopping included: it never runs again for a client that
-holds part of it. A cancel that arrives while the call runs aborts the HTTP call (its task is
-cancelled).
+acked however it ends, the dispatcher stopping included (it must not run again for a client that
+holds part of it), once a chunk of it was confirmed. A cancel that arrives while the call runs
+aborts the HTTP call (its task is cancelled).
 """
 
 from __future__ import annotations
