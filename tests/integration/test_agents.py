@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from fakes.core import FakeConfig, reply_tokens
 from tests.integration.conftest import sdk_client
@@ -31,6 +34,17 @@ def content_of(tokens: int) -> str:
 def fire(router: Router, count: int, model: str, **body: Any) -> list[httpx.Response]:
     with ThreadPoolExecutor(max_workers=count) as pool:
         return list(pool.map(lambda _: router.chat(model, **body), range(count)))
+
+
+@contextmanager
+def local_m_stream(router: Router) -> Iterator[openai.Stream[ChatCompletionChunk]]:
+    """A stream of `local_m` through the strict SDK, open for the block."""
+    with sdk_client(router.api) as client:
+        yield client.chat.completions.create(
+            model="local_m",
+            messages=MESSAGES,  # type: ignore[arg-type]
+            stream=True,
+        )
 
 
 # --- the SDK through an agent ----------------------------------------------------------------
@@ -236,12 +250,7 @@ def test_client_leaving_a_stream_aborts_the_upstream_call(router: Router) -> Non
     fake = router.fake("--tokens", "400", "--token-rate", "20")
     router.agent("a1", fake, AGENT_MODELS="local_m")
     router.wait_listed("local_m")
-    with sdk_client(router.api) as client:
-        stream = client.chat.completions.create(
-            model="local_m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-        )
+    with local_m_stream(router) as stream:
         for i, _ in enumerate(stream):
             if i == 3:
                 break
@@ -256,12 +265,7 @@ def test_agent_killed_mid_stream_ends_the_stream_with_an_error(router: Router) -
     fake = router.fake("--tokens", "400", "--token-rate", "20")
     agent = router.agent("a1", fake, AGENT_MODELS="local_m")
     router.wait_listed("local_m")
-    with sdk_client(router.api) as client:
-        stream = client.chat.completions.create(
-            model="local_m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-        )
+    with local_m_stream(router) as stream:
         received = 0
         with pytest.raises(openai.APIError):
             for _ in stream:
@@ -286,12 +290,7 @@ def test_a_stream_cut_by_its_agents_death_is_not_run_again_for_its_client(router
         for name, fake in zip(("a1", "a2"), fakes, strict=True)
     ]
     router.wait_listed("local_m")
-    with sdk_client(router.api) as client:
-        stream = client.chat.completions.create(
-            model="local_m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-        )
+    with local_m_stream(router) as stream:
         received = 0
         with pytest.raises(openai.APIError):
             for _ in stream:
@@ -312,12 +311,7 @@ def test_a_restarted_agent_does_not_run_a_dead_agents_stream_for_nobody(router: 
     fake = router.fake("--tokens", "400", "--token-rate", "20")
     agent = router.agent("a1", fake, AGENT_MODELS="local_m")
     router.wait_listed("local_m")
-    with sdk_client(router.api) as client:
-        stream = client.chat.completions.create(
-            model="local_m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-        )
+    with local_m_stream(router) as stream:
         for received, _ in enumerate(stream):
             if received == 3:
                 agent.service.kill()
@@ -334,12 +328,7 @@ def test_sigterm_lets_a_running_stream_finish(router: Router) -> None:
     fake = router.fake("--tokens", "20", "--token-rate", "20")
     agent = router.agent("a1", fake, AGENT_MODELS="local_m")
     router.wait_listed("local_m")
-    with sdk_client(router.api) as client:
-        stream = client.chat.completions.create(
-            model="local_m",
-            messages=MESSAGES,  # type: ignore[arg-type]
-            stream=True,
-        )
+    with local_m_stream(router) as stream:
         parts: list[str] = []
         for chunk in stream:
             parts.extend(c.delta.content or "" for c in chunk.choices)
