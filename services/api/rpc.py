@@ -144,11 +144,14 @@ class ReplyRouter:
         return True
 
     def _orphaned(self, request_id: str, sender: str | None) -> None:
-        ended = self._ended.pop(request_id, None)  # told once per call
+        ended = self._ended.get(request_id)
         if ended is None or self.on_orphan is None:
             return
         model, ended_at = ended
-        if self.clock() - ended_at > self.forget_after or not self.trust.may_answer(sender, model):
+        if not self.trust.may_answer(sender, model):
+            return  # nor may it use up the call's one cancel
+        del self._ended[request_id]  # told once per call
+        if self.clock() - ended_at > self.forget_after:
             return
         log.info("a backend streams %s for nobody (its call ended): cancelling it", request_id)
         self.on_orphan(request_id, model)

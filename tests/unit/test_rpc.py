@@ -127,3 +127,5 @@ def test_a_chunk_from_a_sender_that_may_not_answer_the_model_cancels_nothing() -
     router.close("r1")
     router.dispatch(chunk(0, "b"), "gpu-a")
     assert orphans.told == []
+    router.dispatch(chunk(0, "b"), "disp")  # the real re-run's chunk still cancels it
+    assert orphans.told == [("r1", "local_b")]
