@@ -4,10 +4,11 @@ Acks (see `shared.amqp.Delivery`): a job is acked when it is over (the consumer 
 `on_job` returns), so it holds its prefetch slot, and this agent takes no more jobs of the model
 than it has slots, for as long as it runs; a stream too, however long. A job that fails to reach
 the server before any output is requeued once (the broker hands it to any consumer of its queue,
-maybe this agent again); the second failure is answered 502. A stream that has sent output is
-never requeued, however it ends: it is acked, so it is not run again for a client that already
-holds part of it. Cancelled and expired jobs are acked and dropped without a reply: nobody
-waits for them.
+maybe this agent again); the second failure is answered 502. A stream that has sent output (a
+chunk the broker confirmed) is acked however it ends, so it is not run again for a client that
+already holds part of it (if the ack cannot reach the broker, as when the consuming connection
+is lost, the re-run's first chunk makes the API cancel it). Cancelled and expired jobs are
+acked and dropped without a reply: nobody waits for them.
 """
 
 from __future__ import annotations
