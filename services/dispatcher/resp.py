@@ -167,12 +167,11 @@ class PipelinedRedis:
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     await self._open(pipe)
-            except RedisError:
-                pipe.close(RedisConnectionError("redis set-up failed"))
-                raise
             except BaseException as e:
                 pipe.close(RedisConnectionError("redis set-up failed"))
-                if isinstance(e, Exception):  # a timeout, a refusal, a name that does not resolve
+                if isinstance(e, Exception) and not isinstance(e, RedisError):
+                    # A timeout, a refusal, a name that does not resolve: a RedisError, as the
+                    # store fails open on those.
                     raise RedisConnectionError(f"redis connect failed: {e!r}") from e
                 raise
             self._pipe = pipe

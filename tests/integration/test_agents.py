@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -246,6 +246,18 @@ def test_a_busy_agents_running_stream_keeps_new_jobs_away_from_it(router: Router
         assert long.result().status_code == 200
 
 
+def read_to_an_error(stream: openai.Stream[ChatCompletionChunk], kill: Callable[[], None]) -> int:
+    """Read `stream`, calling `kill()` once three chunks are in; the stream must end in an
+    error. Returns how many chunks were read."""
+    received = 0
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            received += 1
+            if received == 3:
+                kill()
+    return received
+
+
 def test_client_leaving_a_stream_aborts_the_upstream_call(router: Router) -> None:
     fake = router.fake("--tokens", "400", "--token-rate", "20")
     router.agent("a1", fake, AGENT_MODELS="local_m")
@@ -265,15 +277,15 @@ def test_agent_killed_mid_stream_ends_the_stream_with_an_error(router: Router) -
     fake = router.fake("--tokens", "400", "--token-rate", "20")
     agent = router.agent("a1", fake, AGENT_MODELS="local_m")
     router.wait_listed("local_m")
+    killed: list[float] = []
+
+    def kill() -> None:
+        agent.service.kill()
+        killed.append(time.monotonic())
+
     with local_m_stream(router) as stream:
-        received = 0
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                received += 1
-                if received == 3:
-                    agent.service.kill()
-                    killed = time.monotonic()
-        ended = time.monotonic() - killed
+        received = read_to_an_error(stream, kill)
+        ended = time.monotonic() - killed[0]
     # A behavioural bound: a stream gone silent ends within the API's STREAM_IDLE_TIMEOUT (3 s
     # here), plus 2 s for a loaded machine; only time tells it from the 20 s deadline's error.
     assert ended < 3 + 2, ended
@@ -290,15 +302,15 @@ def test_a_stream_cut_by_its_agents_death_is_not_run_again_for_its_client(router
         for name, fake in zip(("a1", "a2"), fakes, strict=True)
     ]
     router.wait_listed("local_m")
+    streaming: list[int] = []  # the fake (and agent) the stream went to
+
+    def kill() -> None:
+        streaming.append(next(i for i, fake in enumerate(fakes) if fake.stats()["in_flight"]))
+        agents[streaming[0]].service.kill()
+
     with local_m_stream(router) as stream:
-        received = 0
-        with pytest.raises(openai.APIError):
-            for _ in stream:
-                received += 1
-                if received == 3:
-                    first = next(i for i, fake in enumerate(fakes) if fake.stats()["in_flight"])
-                    agents[first].service.kill()
-    second = fakes[1 - first]
+        received = read_to_an_error(stream, kill)
+    second = fakes[1 - streaming[0]]
     wait_for(lambda: second.stats()["aborted"] >= 1, timeout=10, message="never cut off")
     assert second.stats()["completed"] == 0
     assert received < 100

@@ -11,6 +11,7 @@ import contextlib
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 from redis.asyncio import Redis
@@ -43,14 +44,21 @@ async def direct() -> AsyncIterator[tuple[Redis, str]]:
             await db.aclose()
 
 
-@pytest.fixture
-async def pipelined() -> AsyncIterator[PipelinedRedis]:
-    client = PipelinedRedis.from_url(URL)
+@asynccontextmanager
+async def opened(url: str, **timeouts: float) -> AsyncIterator[PipelinedRedis]:
+    """The client for `url` (one it has a transport for), closed after the block."""
+    client = PipelinedRedis.from_url(url, **timeouts)
     assert client is not None
     try:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def pipelined() -> AsyncIterator[PipelinedRedis]:
+    async with opened(URL) as client:
+        yield client
 
 
 async def test_concurrent_calls_each_get_their_own_reply(
@@ -67,9 +75,7 @@ async def test_a_caller_that_stopped_waiting_leaves_the_next_reply_to_the_next_c
     direct: tuple[Redis, str], slow_redis: SlowRedis
 ) -> None:
     _, prefix = direct
-    client = PipelinedRedis.from_url(slow_redis.url, reply_timeout=5)
-    assert client is not None
-    try:
+    async with opened(slow_redis.url, reply_timeout=5) as client:
         await client.call("SET", f"{prefix}:a", "A")
         await client.call("SET", f"{prefix}:b", "B")
         slow_redis.reply_delay = 0.3
@@ -78,8 +84,6 @@ async def test_a_caller_that_stopped_waiting_leaves_the_next_reply_to_the_next_c
                 await client.call("GET", f"{prefix}:a")
         slow_redis.reply_delay = 0
         assert await client.call("GET", f"{prefix}:b") == b"B"
-    finally:
-        await client.aclose()
 
 
 async def test_an_error_reply_raises_for_its_caller_only(
@@ -112,9 +116,7 @@ async def test_a_connection_the_server_closed_fails_its_calls_and_is_replaced(
     direct: tuple[Redis, str], slow_redis: SlowRedis
 ) -> None:
     client_direct, _ = direct
-    client = PipelinedRedis.from_url(slow_redis.url)
-    assert client is not None
-    try:
+    async with opened(slow_redis.url) as client:
         first_id = await client.call("CLIENT", "ID")
         slow_redis.swallow_replies()  # the call below waits on this connection
         pending = asyncio.create_task(client.call("PING"))
@@ -123,16 +125,12 @@ async def test_a_connection_the_server_closed_fails_its_calls_and_is_replaced(
         with pytest.raises(RedisConnectionError):
             await asyncio.wait_for(pending, 0.5)  # failed by the close, not by the reply timeout
         assert await client.call("CLIENT", "ID") != first_id  # a new connection answers
-    finally:
-        await client.aclose()
 
 
 async def test_a_connection_that_owes_a_reply_too_long_is_closed_and_replaced(
     direct: tuple[Redis, str], slow_redis: SlowRedis
 ) -> None:
-    client = PipelinedRedis.from_url(slow_redis.url, reply_timeout=0.3)
-    assert client is not None
-    try:
+    async with opened(slow_redis.url, reply_timeout=0.3) as client:
         assert await client.call("PING") == b"PONG"
         slow_redis.swallow_replies()  # of the connection open now
         loop = asyncio.get_running_loop()
@@ -141,8 +139,6 @@ async def test_a_connection_that_owes_a_reply_too_long_is_closed_and_replaced(
             await client.call("PING")
         assert 0.25 <= loop.time() - started < 2
         assert await client.call("PING") == b"PONG"  # a new connection answers
-    finally:
-        await client.aclose()
 
 
 async def test_user_password_and_database_come_from_the_url(direct: tuple[Redis, str]) -> None:
@@ -152,12 +148,8 @@ async def test_user_password_and_database_come_from_the_url(direct: tuple[Redis,
         user, enabled=True, passwords=[f"+{password}"], keys=[f"{prefix}*"], commands=["+@all"]
     )
     try:
-        good = PipelinedRedis.from_url(f"redis://{user}:{password}@{REDIS[0]}:{REDIS[1]}/3")
-        assert good is not None
-        try:
+        async with opened(f"redis://{user}:{password}@{REDIS[0]}:{REDIS[1]}/3") as good:
             await good.call("SET", f"{prefix}:in-3", "x")
-        finally:
-            await good.aclose()
         db3 = Redis.from_url(URL_DB3)
         try:
             assert await db3.get(f"{prefix}:in-3") == b"x"
@@ -165,13 +157,9 @@ async def test_user_password_and_database_come_from_the_url(direct: tuple[Redis,
             await db3.aclose()
         assert await client.get(f"{prefix}:in-3") is None  # not in database 0
 
-        bad = PipelinedRedis.from_url(f"redis://{user}:wrong@{REDIS[0]}:{REDIS[1]}/0")
-        assert bad is not None
-        try:
+        async with opened(f"redis://{user}:wrong@{REDIS[0]}:{REDIS[1]}/0") as bad:
             with pytest.raises(ResponseError, match="WRONGPASS"):
                 await bad.call("PING")
-        finally:
-            await bad.aclose()
     finally:
         await client.acl_deluser(user)
 
@@ -181,12 +169,8 @@ async def test_a_password_without_a_user_works_on_a_server_without_passwords(
 ) -> None:
     """As redis-py: `AUTH default <password>`, which a server without passwords accepts (the
     one-argument form is refused there, and the cache would be off)."""
-    client = PipelinedRedis.from_url(f"redis://:anything@{REDIS[0]}:{REDIS[1]}/0")
-    assert client is not None
-    try:
+    async with opened(f"redis://:anything@{REDIS[0]}:{REDIS[1]}/0") as client:
         assert await client.call("PING") == b"PONG"
-    finally:
-        await client.aclose()
 
 
 async def test_a_user_without_a_password_and_a_client_name(direct: tuple[Redis, str]) -> None:
@@ -194,15 +178,11 @@ async def test_a_user_without_a_password_and_a_client_name(direct: tuple[Redis, 
     user = f"{prefix}-nopass"
     await client.acl_setuser(user, enabled=True, nopass=True, commands=["+@all"], keys=["*"])
     try:
-        named = PipelinedRedis.from_url(
+        async with opened(
             f"redis://{user}@{REDIS[0]}:{REDIS[1]}/0?client_name={prefix}-n"
-        )
-        assert named is not None
-        try:
+        ) as named:
             assert await named.call("ACL", "WHOAMI") == user.encode()
             assert await named.call("CLIENT", "GETNAME") == f"{prefix}-n".encode()
-        finally:
-            await named.aclose()
     finally:
         await client.acl_deluser(user)
 
@@ -251,11 +231,9 @@ async def test_a_connect_that_hangs_fails_at_its_timeout_and_holds_up_nobody_aft
 
 async def test_a_host_that_cannot_be_named_is_a_connection_error() -> None:
     """Not a UnicodeError past the store's fail-open handling, which catches RedisError."""
-    client = PipelinedRedis.from_url(f"redis://{'a' * 64}.example:6379/0", connect_timeout=2)
-    assert client is not None
-    with pytest.raises(RedisConnectionError):
-        await client.call("PING")
-    await client.aclose()
+    async with opened(f"redis://{'a' * 64}.example:6379/0", connect_timeout=2) as client:
+        with pytest.raises(RedisConnectionError):
+            await client.call("PING")
 
 
 async def test_aclose_during_a_connect_leaves_no_connection_open(
