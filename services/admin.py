@@ -32,6 +32,17 @@ from shared.broker_acl import (
 from shared.settings import BrokerSettings
 from shared.topology import declare_topology, declare_work_queue, topology_for
 
+TOPOLOGY_HELP = (
+    "Declare the shared exchanges and queues, every provider queue and the named agent "
+    "models' queues, with RABBITMQ_URL's (admin) user. Idempotent: run it once per namespace "
+    "and durability mode, and again when an agent pool gets a new model."
+)
+BROKER_ACL_HELP = (
+    "Print the permissions (rabbitmqctl commands) for one broker user per service and per "
+    "agent pool, and the matching REPLY_USERS; or, with --format definitions, a RabbitMQ "
+    "definitions file with the users (docs/security.md)."
+)
+
 
 async def declare_all(
     settings: BrokerSettings, agent_models: list[str], providers: list[str]
@@ -55,10 +66,21 @@ async def declare_all(
 def topology_main(argv: list[str]) -> None:
     from services.dispatcher.providers.runtime import KNOWN_PROVIDERS
 
-    parser = argparse.ArgumentParser(prog="router topology", description=__doc__)
-    parser.add_argument("--agent-model", action="append", default=[], metavar="MODEL")
+    known = ", ".join(sorted(KNOWN_PROVIDERS))
+    parser = argparse.ArgumentParser(prog="router topology", description=TOPOLOGY_HELP)
     parser.add_argument(
-        "--provider", action="append", choices=sorted(KNOWN_PROVIDERS), metavar="NAME"
+        "--agent-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="declare this agent model's queue too (repeatable)",
+    )
+    parser.add_argument(
+        "--provider",
+        action="append",
+        choices=sorted(KNOWN_PROVIDERS),
+        metavar="NAME",
+        help=f"only these provider queues (repeatable; default: all: {known})",
     )
     args = parser.parse_args(argv)
     settings = BrokerSettings()
@@ -89,16 +111,37 @@ def acl_grants(args: argparse.Namespace, settings: BrokerSettings) -> list[Grant
 
 
 def broker_acl_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="router broker-acl", description=__doc__)
-    parser.add_argument("--vhost", default="router")
-    parser.add_argument("--admin", action="append", default=[], metavar="USER")
-    parser.add_argument("--api", action="append", default=[], metavar="USER")
-    parser.add_argument("--dispatcher", action="append", default=[], metavar="USER")
+    parser = argparse.ArgumentParser(prog="router broker-acl", description=BROKER_ACL_HELP)
+    parser.add_argument("--vhost", default="router", help="the vhost (default: %(default)s)")
+    roles = {
+        "admin": "a user with every right in the vhost, to run `router topology` (repeatable)",
+        "api": "a broker user for api processes (repeatable)",
+        "dispatcher": "a broker user for dispatchers (repeatable)",
+    }
+    for role, text in roles.items():
+        parser.add_argument(f"--{role}", action="append", default=[], metavar="USER", help=text)
     parser.add_argument(
-        "--agent", action="append", default=[], type=_pair, metavar="USER=MODEL|MODEL"
+        "--agent",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="USER=MODEL|MODEL",
+        help="a broker user for an agent pool and the models it serves (repeatable)",
     )
-    parser.add_argument("--format", choices=("shell", "definitions"), default="shell")
-    parser.add_argument("--password", action="append", default=[], type=_pair, metavar="USER=PW")
+    parser.add_argument(
+        "--format",
+        choices=("shell", "definitions"),
+        default="shell",
+        help="rabbitmqctl commands or a definitions file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--password",
+        action="append",
+        default=[],
+        type=_pair,
+        metavar="USER=PW",
+        help="a user's password, for --format definitions (repeatable)",
+    )
     args = parser.parse_args(argv)
     settings = BrokerSettings()
     try:

@@ -6,10 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 
-from services import cli
+from services import admin, cli
 from services.agent.settings import AgentSettings
 from shared.settings import load_settings
 
@@ -32,6 +33,29 @@ def test_help_on_a_service_prints_usage_and_starts_nothing(
         cli.main([command, flag])
     assert exit_.value.code == 0 and started == []
     assert f"usage: router {command}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("main", "command", "says"),
+    [
+        (admin.topology_main, "topology", ["Declare the shared", "agent model's queue"]),
+        (admin.broker_acl_main, "broker-acl", ["Print the permissions", "a user's password"]),
+    ],
+)
+def test_an_operator_commands_help_is_its_own(
+    capsys: pytest.CaptureFixture[str],
+    main: Callable[[list[str]], None],
+    command: str,
+    says: list[str],
+) -> None:
+    """Not the module's docstring, which describes both commands: each its own text, and
+    what each option is for."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0 and out.startswith(f"usage: router {command}")
+    assert all(text in out for text in says)
+    assert "Operator commands for a least-privilege broker" not in out
 
 
 def test_an_argument_to_a_service_is_refused(
