@@ -15,7 +15,13 @@ from collections.abc import Awaitable, Callable
 
 from shared.amqp import Broker
 from shared.completed import CompletedBatcher
-from shared.errors import ReplyQueueGoneError, RouterError, UnroutableError, to_openai_error
+from shared.errors import (
+    ReplyQueueGoneError,
+    RouterError,
+    ServiceUnavailableError,
+    UnroutableError,
+    to_openai_error,
+)
 from shared.http_headers import CACHE as CACHE_HEADER
 from shared.messages import Completed, Envelope, Job, Reply, ReplyKind, encode_reply
 from shared.topology import Topology
@@ -209,6 +215,22 @@ class StreamWriter:
         self.closed = True
         if self._flusher is not None:
             self._flusher.cancel()
+
+    async def cut_off(self, *, by_client: bool, service: str) -> None:
+        """Close a stream whose task was cancelled, by its client or by `service` stopping.
+
+        Its client left, or nothing was sent yet (the job goes back to its queue): no closing
+        message. A started stream cut off by its service stopping ends with a 503 event now,
+        so its client is not left waiting for its idle timeout; a broker that cannot take that
+        event any more changes nothing.
+        """
+        if by_client or not self.started:
+            await self.abandon()
+            return
+        try:
+            await self.fail(ServiceUnavailableError(f"The {service} stopped."))
+        except (RouterError, OSError):
+            log.debug("could not publish the closing message", exc_info=True)
 
     async def _close(self, last: Reply) -> None:
         if self.closed:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -38,8 +38,6 @@ from shared.errors import (
     GatewayTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
-    RouterError,
-    ServiceUnavailableError,
     UpstreamError,
 )
 from shared.messages import Envelope, Job, Reply, ReplyKind, decode_job
@@ -258,10 +256,8 @@ class _Run:
             await writer.fail(GatewayTimeoutError("The model did not finish in time."))
             self.outcome = "failed: deadline"
         except asyncio.CancelledError:
-            if self.h.cancellations.is_cancelled(job.request_id) or not writer.started:
-                await writer.abandon()  # nobody listens, or the job goes back to its queue
-            else:  # stopped by the agent (shutdown): end the client's stream now
-                await _quietly(writer.fail(ServiceUnavailableError("The agent stopped.")))
+            cancelled = self.h.cancellations.is_cancelled(job.request_id)
+            await writer.cut_off(by_client=cancelled, service="agent")
             raise
 
     async def _relay(self, writer: StreamWriter) -> None:
@@ -323,10 +319,3 @@ def _broken_stream_error(exc: Exception) -> UpstreamError:
     if isinstance(exc, SseEventTooLargeError):
         return UpstreamError("The inference server sent a stream event larger than the limit.")
     return UpstreamError("The inference server's stream broke off.")
-
-
-async def _quietly(work: Awaitable[None]) -> None:
-    try:
-        await work
-    except (RouterError, OSError):
-        log.debug("could not publish the closing message", exc_info=True)

@@ -6,7 +6,9 @@ the dispatcher logs at DEBUG, so the last test can prove the key never leaks.
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -364,6 +366,43 @@ def test_without_a_key_openai_models_are_not_found(tmp_path: Path) -> None:
                     client.chat.completions.create(model=model, messages=MESSAGES)
                 assert info.value.code == "model_not_found"
             assert {m.id for m in client.models.list()} == {"dummy"}
+
+
+def test_a_stopping_dispatcher_ends_its_running_provider_stream_with_an_error(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a provider stream runs: past DRAIN_TIMEOUT the stream ends with a 503
+    event at once, not with an idle error after STREAM_IDLE_TIMEOUT, and the process exits."""
+    require_services()
+    with running_stack({**STACK_ENV, "STREAM_IDLE_TIMEOUT": "15"}) as stack:
+        port = free_port()
+        args = ["fake-openai", "--port", str(port), "--api-key", KEY, "--token-rate", "5"]
+        fake = stack.start("fake-openai", args)
+        fake_url = f"http://127.0.0.1:{port}"
+        wait_http(f"{fake_url}/_fake/stats", service=fake)
+        dispatcher = stack.start_dispatcher(
+            tmp_path,
+            OPENAI_API_KEY=KEY,
+            OPENAI_BASE_URL=f"{fake_url}/v1",
+            REDIS_URL="",
+            DRAIN_TIMEOUT="1",
+        )
+        with sdk_client(stack.start_api()) as client:
+            stream = client.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, max_tokens=100
+            )
+            stopped = 0.0
+            with pytest.raises(openai.APIError) as info:
+                for received, _ in enumerate(stream, start=1):
+                    if received == 2:
+                        dispatcher.signal(signal.SIGTERM)
+                        stopped = time.monotonic()
+            assert stopped, f"the stream failed before the SIGTERM: {info.value}"
+            waited = time.monotonic() - stopped
+        # 100 tokens at 5 a second: had it run on, the stream would have lasted 20 s.
+        assert "The dispatcher stopped." in info.value.message
+        assert waited < 10, f"the stream ended {waited:.1f} s after the SIGTERM"
+        assert dispatcher.process is not None and dispatcher.process.wait(10) == 0
 
 
 def test_the_key_never_appears_in_logs_or_answers(fake: Rig) -> None:

@@ -225,9 +225,14 @@ async def test_a_stream_whose_first_chunk_never_left_is_not_acked() -> None:
     assert not rig.message.acked
 
 
-async def test_a_started_stream_the_stopping_dispatcher_cuts_off_is_acked() -> None:
-    """Cancelled by the dispatcher stopping (not by its client) after output: acked, since
-    requeued it would run again for a client that already holds part of it."""
+@pytest.mark.parametrize("by_client", [False, True])
+async def test_a_started_stream_cut_off_is_acked_and_ended_unless_its_client_left(
+    by_client: bool,
+) -> None:
+    """Cut off after output, by the dispatcher stopping or by its client: acked either way,
+    since requeued it would run again for a client that already holds part of it. The
+    stopping dispatcher ends the stream with a 503 event (its client would otherwise wait out
+    its idle timeout); a client that left gets nothing more."""
 
     first_sent = asyncio.Event()
 
@@ -242,9 +247,17 @@ async def test_a_started_stream_the_stopping_dispatcher_cuts_off_is_acked() -> N
     running = asyncio.create_task(rig.run(job(stream=True)))
     await asyncio.wait_for(first_sent.wait(), 1)
     assert rig.replies and not rig.message.acked  # output sent, still held while it runs
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await running
+    if by_client:
+        assert rig.cancellations.cancel("req1", NOW)
+        await running  # the consumer's handler itself goes on, to settle the message
+        assert [r.kind for r in rig.replies] == [ReplyKind.CHUNK]
+    else:
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        last = rig.replies[-1]
+        assert (last.kind, last.status) == (ReplyKind.ERROR, 503)
+        assert b"The dispatcher stopped." in last.body
     assert rig.message.acked
 
 

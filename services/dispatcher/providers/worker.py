@@ -143,7 +143,8 @@ class ProviderWorker:
             outcome.status = 200
         except asyncio.CancelledError:
             if writer is not None:
-                await writer.abandon()
+                cancelled = self.cancellations.is_cancelled(job.request_id)
+                await writer.cut_off(by_client=cancelled, service="dispatcher")
             raise
         except Exception as e:
             error = self._as_error(e, job)
