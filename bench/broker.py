@@ -1,10 +1,16 @@
-"""Removing what a bench run declared on the broker (its namespace's queues and exchanges)."""
+"""Removing what a run declared on the broker: its namespaces' queues and exchanges.
+
+The bench removes its namespace when it ends; the test suite removes the namespaces its
+processes used (`tests/conftest.py`), so the machine's shared broker does not collect idle
+durable queues run after run.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import shutil
 import subprocess
+from collections.abc import Iterable
 
 import aio_pika
 
@@ -20,22 +26,24 @@ def _names(kind: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-async def delete_namespace(url: str, namespace: str) -> int:
-    """Delete every queue and exchange named `<namespace>.*`; returns how many went.
+async def delete_namespaces(url: str, namespaces: Iterable[str]) -> int:
+    """Delete every queue and exchange named `<namespace>.*` of the default vhost, for each
+    namespace; returns how many went.
 
     Needs `rabbitmqctl` to list names (skipped without it: the queues then stay, as those of a
-    stopped `make dev` would).
+    stopped `make dev` would). Lists once, whatever the number of namespaces: each listing
+    starts an Erlang VM (about a second).
     """
-    if shutil.which("rabbitmqctl") is None:
+    prefixes = tuple(f"{namespace}." for namespace in namespaces)
+    if not prefixes or shutil.which("rabbitmqctl") is None:
         return 0
-    prefix = f"{namespace}."
-    queues = [n for n in _names("queues") if n.startswith(prefix)]
-    exchanges = [n for n in _names("exchanges") if n.startswith(prefix)]
+    queues = [n for n in _names("queues") if n.startswith(prefixes)]
+    exchanges = [n for n in _names("exchanges") if n.startswith(prefixes)]
     deleted = 0
     connection = await aio_pika.connect(url)
     async with connection:
         for name in queues:
-            channel = await connection.channel()
+            channel = await connection.channel()  # a failed delete closes its channel
             with contextlib.suppress(aio_pika.exceptions.AMQPError):
                 await channel.queue_delete(name)
                 deleted += 1
@@ -45,3 +53,8 @@ async def delete_namespace(url: str, namespace: str) -> int:
                 await channel.exchange_delete(name)
                 deleted += 1
     return deleted
+
+
+async def delete_namespace(url: str, namespace: str) -> int:
+    """`delete_namespaces` for one namespace."""
+    return await delete_namespaces(url, [namespace])

@@ -4,10 +4,15 @@ So do tests that need a tool CI always has (`skip_or_fail`)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
 import pytest
+
+from bench.broker import delete_namespaces
+from shared.settings import BrokerSettings
+from tests.support.procs import NAMESPACES
 
 RABBITMQ = ("127.0.0.1", 5672)
 REDIS = ("127.0.0.1", 6379)
@@ -51,3 +56,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         path = item.path.as_posix()
         group = "faults" if "/tests/faults/" in path else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Delete the queues and exchanges of the namespaces this process's tests used (each
+    xdist worker its own). Their services are stopped by then: fixtures are torn down first."""
+    if not NAMESPACES:
+        return
+    try:
+        asyncio.run(delete_namespaces(BrokerSettings().rabbitmq_url, sorted(NAMESPACES)))
+    except Exception as e:  # the suite's outcome stands; the queues only take some memory
+        print(f"\ncould not delete the test namespaces' queues: {e!r}")

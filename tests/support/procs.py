@@ -31,8 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Every namespace this test process handed out: its queues and exchanges are deleted when the
+# session ends (tests/conftest.py), so runs do not leave idle durable queues on the broker.
+NAMESPACES: set[str] = set()
+
+
 def new_namespace() -> str:
-    return f"t{uuid.uuid4().hex[:10]}"
+    namespace = f"t{uuid.uuid4().hex[:10]}"
+    NAMESPACES.add(namespace)
+    return namespace
 
 
 @dataclass
