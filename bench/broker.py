@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import aio_pika
 
 
-def _names(kind: str) -> list[str]:
+def list_names(kind: str) -> list[str]:
+    """The names of every `kind` (queues, exchanges) of the default vhost, by rabbitmqctl."""
     out = subprocess.run(
         ["rabbitmqctl", "-q", f"list_{kind}", "name"],
         capture_output=True,
@@ -37,8 +38,10 @@ async def delete_namespaces(url: str, namespaces: Iterable[str]) -> int:
     prefixes = tuple(f"{namespace}." for namespace in namespaces)
     if not prefixes or shutil.which("rabbitmqctl") is None:
         return 0
-    queues = [n for n in _names("queues") if n.startswith(prefixes)]
-    exchanges = [n for n in _names("exchanges") if n.startswith(prefixes)]
+    queues = [n for n in list_names("queues") if n.startswith(prefixes)]
+    exchanges = [n for n in list_names("exchanges") if n.startswith(prefixes)]
+    if not queues and not exchanges:
+        return 0  # nothing to do, or no broker to list them: no connection either
     deleted = 0
     connection = await aio_pika.connect(url)
     async with connection:
