@@ -1,12 +1,12 @@
-"""A pipelined Redis connection for the cache's lookups: the one Redis call on a request's path.
+"""A pipelined Redis connection for the cache's commands, the lookup on a request's path first.
 
 redis-py's command path (connection pool, checkout health check, per-command lock, stream
 reader) runs a few hundred lines of Python per call. On a warm process that costs little, but a
 dispatcher that has slept through a paced stream runs it from cold CPU caches: on this machine a
 lookup after 20 ms idle took 555 us p50 through redis-py and 200 us through this client
-(bench/RESULTS.md). So lookups go over one connection held here: commands are written as they
-come (hiredis packs them), replies are parsed by hiredis's C reader and handed to the waiting
-calls in order. The rest of the cache (writes, locks, pub/sub) stays on redis-py.
+(bench/RESULTS.md). So the cache's commands (lookups, scripts, writes) go over one connection
+held here: they are written as they come (hiredis packs them), and replies are parsed by
+hiredis's C reader and handed to the waiting calls in order. Pub/sub stays on redis-py.
 
 A call whose caller stopped waiting keeps its place in the queue, so the late reply is dropped
 and the next one still reaches its own caller. A connection that owes a reply for longer than
