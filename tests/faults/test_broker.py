@@ -12,8 +12,10 @@ the broker's return.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import aio_pika
 import httpx
@@ -64,9 +66,14 @@ async def run_outage(
     outage: float = 0.0,
     stream_every: int = 2,
     backlog: int = 0,
+    probes: int = 0,
 ) -> tuple[Ledger, float, float, float]:
     """Load, break, (wait `outage` s), restore, prove full service within RECOVERY, load 3 s
     more; returns the ledger and the break, return and full-service times (monotonic).
+
+    With `probes`, that many requests are also sent during the outage, one per second from 1 s
+    after the break: the load's workers may all be waiting on jobs sent before it, so without
+    them nothing might be sent while the broker is away.
 
     With `backlog`, the agent is kept busy (its fake vLLM holds the next two calls 3 s) and
     that many `local_tiny` JSON requests are sent, and the break waits until jobs certainly sit
@@ -95,6 +102,10 @@ async def run_outage(
             )
         broke = time.monotonic()
         await asyncio.to_thread(break_broker)
+        extra += [
+            asyncio.create_task(_later(1.0 + i, send(http, ledger, timeout=timeout, **shape)))
+            for i, shape in zip(range(probes), itertools.cycle(PROBE_SHAPES), strict=False)
+        ]
         await asyncio.sleep(outage)
         await asyncio.to_thread(restore_broker)
         back = time.monotonic()
@@ -107,6 +118,18 @@ async def run_outage(
         await asyncio.gather(*extra)
     print(f"outage {back - broke:.1f}s, full service {took:.1f}s after; {ledger.summary()}")
     return ledger, broke, back, served
+
+
+PROBE_SHAPES: list[dict[str, Any]] = [
+    {"model": "dummy", "stream": False},
+    {"model": LOCAL, "stream": True},
+    {"model": LOCAL, "stream": False},
+]
+
+
+async def _later(delay: float, request: Coroutine[Any, Any, Entry]) -> Entry:
+    await asyncio.sleep(delay)
+    return await request
 
 
 @pytest.mark.timeout(150)
@@ -178,11 +201,19 @@ async def test_broker_paused_sigstop(make_router: RouterFactory, rabbit: RabbitN
     timeout = 20.0
     router = await start_router(make_router, timeout=timeout)
     ledger, broke, back, served = await run_outage(
-        router, timeout=timeout, break_broker=rabbit.pause, restore_broker=rabbit.resume, outage=8
+        router,
+        timeout=timeout,
+        break_broker=rabbit.pause,
+        restore_broker=rabbit.resume,
+        outage=8,
+        probes=6,
     )
     router.check(ledger, allowed_errors=(503, 504), ok_after=served)
-    during = [e for e in ledger.between(broke + 0.5, back) if e.outcome == "error"]
-    assert during, "no request failed while the broker was frozen: was it?"
+    # Sent 1-6 s into the freeze, so each has its PUBLISH_TIMEOUT before the broker thaws.
+    during = ledger.between(broke + 0.5, back - PUBLISH_TIMEOUT - 0.5)
+    assert len(during) >= 6, f"only {len(during)} requests were sent while the broker was frozen"
+    wrong = [e.describe() for e in during if e.outcome != "error" or e.status != 503]
+    assert not wrong, "requests sent to a frozen broker must get a 503:\n" + "\n".join(wrong[:20])
     slow = [e.describe() for e in during if (e.latency or 0) > PUBLISH_TIMEOUT + GRACE]
     assert not slow, "requests sent to a frozen broker must fail fast:\n" + "\n".join(slow[:20])
 
