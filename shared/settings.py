@@ -65,16 +65,23 @@ class BrokerSettings(BaseSettings):
         description="Declare shared exchanges and queues at start; false only checks they "
         "exist (least-privilege broker users; run `router topology` once as admin).",
     )
-    reply_users: str = Field(
-        "",
-        description="API and dispatcher: broker users whose replies are accepted, as "
-        "`user=*` or `user=model1|model2`, comma separated; empty accepts any sender.",
-    )
     agent_queue_ttl: float = Field(
         30.0,
         gt=0,
         description="Seconds a job may wait in an agent queue before it gets 503. Part of the "
         "agent queues' arguments: every service must agree on it.",
+    )
+
+
+class ReplyTrustSettings(BaseSettings):
+    """Whose replies the API and the cache writer accept; agents answer, they do not check."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    reply_users: str = Field(
+        "",
+        description="API and dispatcher: broker users whose replies are accepted, as "
+        "`user=*` or `user=model1|model2`, comma separated; empty accepts any sender.",
     )
 
     @field_validator("reply_users")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from shared.settings import BrokerSettings
+from shared.settings import BrokerSettings, ReplyTrustSettings
 
 
-class ApiSettings(BrokerSettings):
+class ApiSettings(BrokerSettings, ReplyTrustSettings):
     api_host: str = Field(
         "127.0.0.1", description="Address the API binds to (loopback by default)."
     )

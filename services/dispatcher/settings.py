@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 
 from services.dispatcher.providers.routes import DEFAULT_ROUTES, parse_provider_routes
-from shared.settings import BrokerSettings, RedisSettings
+from shared.settings import BrokerSettings, RedisSettings, ReplyTrustSettings
 
 
-class DispatcherSettings(BrokerSettings, RedisSettings):
+class DispatcherSettings(BrokerSettings, RedisSettings, ReplyTrustSettings):
     dispatcher_prefetch: int = Field(
         64, ge=1, le=10_000, description="Jobs a dispatcher holds unacked at once."
     )

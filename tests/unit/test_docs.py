@@ -74,3 +74,29 @@ def test_every_readme_row_is_read_and_plain_defaults_match_the_code() -> None:
             wrong.append(f"{variable}: README {documented!r}, code {sorted(defaults[variable])}")
     assert not wrong, "\n".join(wrong)
     assert compared > len(rows) / 2  # most rows are plain: the check is not vacuous
+
+
+def readers() -> dict[str, set[str]]:
+    """Each variable -> the services whose settings read it (`api`, `dispatcher`, `agent`)."""
+    read: dict[str, set[str]] = {}
+    for module, name in SETTINGS:
+        settings_class: type[BaseSettings] = getattr(importlib.import_module(module), name)
+        service = module.split(".")[1]
+        for field in settings_class.model_fields:
+            read.setdefault(field.upper(), set()).add(service)
+    return read
+
+
+def test_the_readme_names_the_services_that_read_each_variable() -> None:
+    """The table's second column (`api, dispatcher`, or `all`) is exactly who reads a variable:
+    an operator sets it on those services, and only there."""
+    readme = (ROOT / "README.md").read_text()
+    row = re.compile(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \|", flags=re.MULTILINE)
+    every = {module.split(".")[1] for module, _ in SETTINGS}
+    read = readers()
+    wrong = []
+    for variable, cell in row.findall(readme):
+        named = every if cell.strip() == "all" else {s.strip() for s in cell.split(",")}
+        if named != read.get(variable, set()):
+            wrong.append(f"{variable}: README {sorted(named)}, read by {sorted(read[variable])}")
+    assert not wrong, "\n".join(wrong)
