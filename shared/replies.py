@@ -186,6 +186,10 @@ class StreamWriter:
         self._lock = asyncio.Lock()
         self._failure: BaseException | None = None
         self.closed = False
+        # A chunk reached the broker (its publish returned, so it was confirmed): the client
+        # may hold part of the answer, and the job must not run again (ack it, however it ends).
+        # A first chunk whose publish failed reached nobody: the job may go back to its queue.
+        self.output_confirmed = False
 
     @property
     def started(self) -> bool:
@@ -278,6 +282,7 @@ class StreamWriter:
             )
             self._seq += 1
             await self._publish(self.job, reply)
+            self.output_confirmed = True
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

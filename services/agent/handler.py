@@ -163,7 +163,6 @@ class _Run:
         self.body = body
         self.remaining = 0.0
         self.outcome = "answered"
-        self.output_sent = False  # a chunk of this stream was confirmed by the broker
 
     async def go(self) -> None:
         if await self._handed_back():
@@ -233,7 +232,7 @@ class _Run:
         try:
             await self._stream(writer)
         finally:
-            if self.output_sent:
+            if writer.output_confirmed:
                 # The client holds part of the answer: whatever ended the stream (its end, a
                 # failure, the agent stopping), the job must not run again for it.
                 await self.delivery.ack()
@@ -309,8 +308,6 @@ class _Run:
         if not chunks:
             return
         await writer.send(b"".join(chunks))
-        # Confirmed: a first chunk whose publish failed reached nobody, and the job goes back.
-        self.output_sent = True
 
 
 def _broken_stream_error(exc: Exception) -> UpstreamError:

@@ -48,6 +48,26 @@ async def test_later_chunks_are_coalesced_in_order() -> None:
     assert {r.attempt for r in out.sent} == {"a1"}
 
 
+async def test_output_is_confirmed_once_a_chunk_publish_returns() -> None:
+    """What decides whether a job may run again: a chunk the broker took, nothing less."""
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=10)
+    await writer.end()  # an empty stream's end is no output
+    assert out.sent and not writer.output_confirmed
+
+    async def refused(job: Job, reply: Reply) -> None:
+        raise UnroutableError("not confirmed")
+
+    writer = StreamWriter(JOB, refused, attempt="a1", window=10)
+    with pytest.raises(UnroutableError):
+        await writer.send(b"data: 0\n\n")
+    assert writer.started and not writer.output_confirmed  # numbered, but reached nobody
+
+    writer = StreamWriter(JOB, Recorder(), attempt="a1", window=10)
+    await writer.send(b"data: 0\n\n")
+    assert writer.output_confirmed
+
+
 async def test_fail_flushes_then_sends_an_error_once() -> None:
     out = Recorder()
     writer = StreamWriter(JOB, out, attempt="a1", window=10)

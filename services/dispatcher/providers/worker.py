@@ -121,7 +121,6 @@ class ProviderWorker:
     ) -> None:
         attempt = new_attempt()
         writer: StreamWriter | None = None
-        output_sent = False  # a chunk was confirmed: a failed first publish reached nobody
         try:
             async with asyncio.timeout(job.remaining(self.clock())):
                 stream = await self.provider.stream(request)
@@ -135,7 +134,6 @@ class ProviderWorker:
                     )
                     async for event in stream.events():
                         await writer.send(event)
-                        output_sent = True
                         outcome.events += 1
                 finally:
                     await stream.aclose()
@@ -154,7 +152,7 @@ class ProviderWorker:
             else:
                 await self.reply.error(job, error, attempt=attempt)
         finally:
-            if output_sent:
+            if writer is not None and writer.output_confirmed:
                 await delivery.ack()  # the client holds part of it: never run it again
 
     def _as_error(self, exc: Exception, job: Job) -> RouterError:
