@@ -81,7 +81,10 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
             "OPENAI_API_KEY": "sk-dev-fake",
             "OPENAI_BASE_URL": f"http://127.0.0.1:{openai_port}/v1",
         }
-        notes["openai"] = f"no OPENAI_API_KEY: gpt-* models go to the fake OpenAI on :{openai_port}"
+        notes["openai"] = (
+            "no OPENAI_API_KEY: every model routed to OpenAI (by default any name but dummy and "
+            f"local*) goes to the fake OpenAI on :{openai_port}"
+        )
     processes.append(("dispatcher", _cmd("dispatcher"), dispatcher_env))
     agent_env = {
         "AGENT_NAME": agent_name,

@@ -24,12 +24,16 @@ def load_settings(cls: type[S], service: str) -> S:
     try:
         return cls()
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
-            for error in e.errors()
-        ]
+        lines = [_error_line(error["loc"], error["msg"]) for error in e.errors()]
         print(f"router {service}: invalid configuration", *lines, sep="\n", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _error_line(loc: tuple[int | str, ...], message: str) -> str:
+    """`  VARIABLE: message`; a check across variables (no loc) names them in its message."""
+    message = message.removeprefix("Value error, ")
+    variable = ".".join(str(part) for part in loc).upper()
+    return f"  {variable}: {message}" if variable else f"  {message}"
 
 
 class Durability(StrEnum):

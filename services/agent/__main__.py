@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from services.agent.heartbeat import AgentTokenRefusedError
 from services.agent.service import run
 from services.agent.settings import AgentSettings
 from shared.logs import configure_logging, secret_values
@@ -21,7 +22,12 @@ def main() -> None:
     async def serve(stop: asyncio.Event) -> None:
         await run(settings, stop)
 
-    run_service(serve)
+    try:
+        run_service(serve)
+    except AgentTokenRefusedError:
+        # Logged where it happened ("registration refused ...: check AGENT_TOKEN and
+        # AGENT_NAME"); the agent is stopped. A traceback would add nothing to fix.
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from services.agent.container import (
     container_spec,
 )
 from services.agent.handler import AgentHandler
-from services.agent.heartbeat import Registrar, next_backoff
+from services.agent.heartbeat import AgentTokenRefusedError, Registrar, next_backoff
 from services.agent.models import ModelMap, discovered_models, parse_agent_models
 from services.agent.settings import AgentSettings, Backend
 from services.agent.watchdog import UpstreamHealth
@@ -334,6 +334,8 @@ class AgentService:
         if stopping.done():
             return
         cause = None if self._heartbeats.cancelled() else self._heartbeats.exception()
+        if isinstance(cause, AgentTokenRefusedError):
+            raise cause  # the operator's to fix, and logged as such: no traceback needed
         raise RuntimeError(f"heartbeats ended ({cause!r})") from cause
 
     # --- stop ----------------------------------------------------------------------------------
@@ -363,8 +365,17 @@ class AgentService:
             await _step("stopping the health server", self._web.cleanup())
 
     async def _stop_heartbeats(self) -> None:
-        """Cancel the heartbeat task; raises what it died of, if it died."""
-        await _cancelled(self._heartbeats)
+        """Cancel the heartbeat task; raises what it died of, if it died, except a refused
+        token (the registrar logged it, in words an operator can act on)."""
+        task = self._heartbeats
+        refused = (
+            task is not None
+            and task.done()
+            and not task.cancelled()
+            and isinstance(task.exception(), AgentTokenRefusedError)
+        )
+        if not refused:
+            await _cancelled(task)
 
 
 async def _cancelled(task: asyncio.Task[None] | None) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 
+from services.api.agent_auth import parse_token_pairs
+from services.api.client_auth import ClientKeys
 from shared.settings import BrokerSettings, ReplyTrustSettings
 
 
@@ -71,3 +73,13 @@ class ApiSettings(BrokerSettings, ReplyTrustSettings):
         ge=1,
         description="Largest `max_tokens` / `max_completion_tokens` a request may ask for.",
     )
+
+    @model_validator(mode="after")
+    def _credentials_parse(self) -> ApiSettings:
+        """Malformed credentials stop the API at start like any other bad setting: one line
+        naming the variable (never the secret), not a traceback from the half-built app."""
+        tokens = parse_token_pairs(self.agent_tokens.get_secret_value())
+        keys = ClientKeys.from_config(self.client_keys.get_secret_value(), self.client_keys_file)
+        if keys.shares_a_key_with(tokens.values()):
+            raise ValueError("a client key is also an agent token: give each its own")
+        return self

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.agent.heartbeat import AgentTokenRefusedError
 from services.agent.service import AgentService
 from services.agent.settings import AgentSettings
 
@@ -25,6 +26,24 @@ async def test_serving_ends_with_an_error_when_the_heartbeats_end() -> None:
         with pytest.raises(RuntimeError, match="heartbeats ended") as caught:
             await asyncio.wait_for(service.serve(stopping), 5)
         assert str(caught.value.__cause__) == "heartbeat loop died"
+    finally:
+        stopping.cancel()
+        await service.router.aclose()
+
+
+async def test_a_refused_token_ends_serving_as_itself() -> None:
+    """Not wrapped as a bug: `router agent` turns it into exit 1 without a traceback."""
+
+    async def refused() -> None:
+        raise AgentTokenRefusedError("/register answered 403")
+
+    service = AgentService(AgentSettings(agent_models="local_m=m"))
+    service._heartbeats = asyncio.create_task(refused())
+    stopping = asyncio.create_task(asyncio.Event().wait())
+    try:
+        with pytest.raises(AgentTokenRefusedError):
+            await asyncio.wait_for(service.serve(stopping), 5)
+        await service._stop_heartbeats()  # ended already, and reported: nothing raised again
     finally:
         stopping.cancel()
         await service.router.aclose()

@@ -12,6 +12,7 @@ import pytest
 
 from services import admin, cli
 from services.agent.settings import AgentSettings
+from services.api.settings import ApiSettings
 from shared.settings import load_settings
 
 
@@ -87,6 +88,40 @@ def test_a_bad_setting_is_one_line_per_variable_and_exit_2(
     assert "  ROUTER_URL: String should match pattern" in err
     assert "  AGENT_CONCURRENCY: Input should be a valid integer" in err
     assert "router-host" not in err and "many" not in err  # values are not repeated
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"CLIENT_KEYS": "t1:sk-t1"},
+            "  CLIENT_KEYS entry 1 (id t1): the key must be 8-512 printable ASCII characters "
+            "without spaces, ':' or ','",
+        ),
+        (
+            {"AGENT_TOKENS": "gpu1"},
+            "  AGENT_TOKENS must be comma-separated name=token pairs",
+        ),
+        (
+            {"AGENT_TOKENS": "gpu1=sk-shared-123", "CLIENT_KEYS": "t1:sk-shared-123"},
+            "  a client key is also an agent token: give each its own",
+        ),
+    ],
+)
+def test_malformed_credentials_are_a_bad_setting_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    line: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        load_settings(ApiSettings, "api")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["router api: invalid configuration", line]
+    assert "sk-" not in err  # the secret is never echoed
 
 
 @pytest.mark.parametrize(
