@@ -25,7 +25,9 @@ DEV_AGENT = "dev-agent"
 
 
 def _cmd(*args: str) -> str:
-    return " ".join([sys.executable, "-m", "services.cli", *args])
+    # honcho runs each command through `sh -c`: `exec` lets the service itself get Ctrl-C's
+    # SIGTERM and stop gracefully, instead of the shell dying of it first.
+    return " ".join(["exec", sys.executable, "-m", "services.cli", *args])
 
 
 def _agent_token(env: dict[str, str], name: str, notes: dict[str, str]) -> str:
