@@ -68,6 +68,23 @@ async def test_output_is_confirmed_once_a_chunk_publish_returns() -> None:
     assert writer.output_confirmed
 
 
+@pytest.mark.parametrize(("pause", "at_once"), [(0.05, False), (0.17, True)])
+async def test_an_event_in_the_windows_last_quarter_goes_out_at_once(
+    pause: float, at_once: bool
+) -> None:
+    """A timer for what is left of the window only when more than a quarter is left: a
+    shorter one would gather next to nothing and cost a wakeup of its own."""
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=0.2)
+    await writer.send(b"data: role\n\n")
+    await writer.send(b"data: first token\n\n")  # opens the window
+    await asyncio.sleep(pause)
+    await writer.send(b"data: next\n\n")
+    assert (len(out.sent) == 3) is at_once
+    await writer.end()
+    assert b"".join(r.body for r in out.sent).count(b"next") == 1
+
+
 async def test_fail_flushes_then_sends_an_error_once() -> None:
     out = Recorder()
     writer = StreamWriter(JOB, out, attempt="a1", window=10)
