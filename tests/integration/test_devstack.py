@@ -60,14 +60,20 @@ def dev_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Pa
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its services too: nothing outlives the test
+            start_new_session=True,
         )
     try:
         yield process, port, log
     finally:
+        # honcho starts each service in a session of its own: only honcho can stop them all,
+        # so it gets Ctrl-C first, and SIGKILL only if it does not end in time.
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(10)
 
 
 def test_router_dev_serves_every_kind_of_model_and_stops_cleanly(
