@@ -220,12 +220,17 @@ async def test_inference_server_down_or_hung_behind_an_agent(make_router: Router
     """The agent's inference server refuses connections (down), then accepts and never answers
     (hung), then comes back: prompt 502s, then 504s at the deadline, then full service."""
     deadline = 6.0
-    router = make_router(**timeouts(deadline))
+    # The down burst must reach the agent before its second failed /health check detaches it
+    # (from then on its jobs wait, and end 504): checks 1.5 s apart give the burst 1.5-3 s,
+    # not 0.5-1 s, which a slow host once missed. The TTL keeps its margin over the interval.
+    router = make_router(**timeouts(deadline), HEARTBEAT_TTL="6")
     await asyncio.to_thread(router.add_dispatcher)
     await asyncio.to_thread(router.add_api)
     fake = await asyncio.to_thread(router.fake)
     proxy = router.proxy(int(fake.url.rsplit(":", 1)[1]))
-    await asyncio.to_thread(router.agent, "a1", f"http://{proxy.address}")
+    await asyncio.to_thread(
+        router.agent, "a1", f"http://{proxy.address}", HEARTBEAT_INTERVAL="1.5"
+    )
     await asyncio.to_thread(router.wait_listed)
     router.check(await burst(router, 2, timeout=deadline, stream=None), allowed_errors=())
 
