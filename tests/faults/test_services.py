@@ -228,9 +228,7 @@ async def test_inference_server_down_or_hung_behind_an_agent(make_router: Router
     await asyncio.to_thread(router.add_api)
     fake = await asyncio.to_thread(router.fake)
     proxy = router.proxy(int(fake.url.rsplit(":", 1)[1]))
-    await asyncio.to_thread(
-        router.agent, "a1", f"http://{proxy.address}", HEARTBEAT_INTERVAL="1.5"
-    )
+    await asyncio.to_thread(router.agent, "a1", f"http://{proxy.address}", HEARTBEAT_INTERVAL="1.5")
     await asyncio.to_thread(router.wait_listed)
     router.check(await burst(router, 2, timeout=deadline, stream=None), allowed_errors=())
 
