@@ -58,13 +58,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_client_keys(settings: ApiSettings, agent_tokens: dict[str, str]) -> ClientKeys:
-    """The configured client keys; raises ValueError on a malformed or reused key."""
+def load_client_keys(settings: ApiSettings) -> ClientKeys:
+    """The configured client keys (ApiSettings has checked them, and that none is also an
+    agent token); warns when there are none."""
     keys = ClientKeys.from_config(
         settings.client_keys.get_secret_value(), settings.client_keys_file
     )
-    if keys.shares_a_key_with(agent_tokens.values()):
-        raise ValueError("a client key is also an agent token: give each its own")
     if keys.is_configured:
         log.info("client keys: %d configured; /v1/* needs one", len(keys))
     else:
@@ -94,7 +93,7 @@ def create_app(settings: ApiSettings) -> RouterApp:
     credentials = AgentCredentials(agent_tokens, settings.agent_token_secret.get_secret_value())
     if not credentials.is_configured:
         log.warning("no AGENT_TOKENS or AGENT_TOKEN_SECRET: agents cannot register")
-    client_keys = load_client_keys(settings, agent_tokens)
+    client_keys = load_client_keys(settings)
     completions = CompletionsEndpoint(settings, bus)
     agents = AgentEndpoints(bus, credentials)
     request_schema, request_components = completions.parser.json_schema()
