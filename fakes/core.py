@@ -301,6 +301,8 @@ def _int_param(
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # `2.0` is 2 to both servers (pydantic's lax int, JSON Schema)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ApiError(
             ErrorKind.INVALID_PARAM, f"Invalid type for '{name}': expected an integer.", name

@@ -35,13 +35,13 @@ class DummyAnswer:
             request = {}
         if not isinstance(request, dict):
             request = {}
-        choices = request.get("n")
-        limit = request.get("max_completion_tokens") or request.get("max_tokens")
+        choices = _whole(request.get("n"))
+        limit = _whole(request.get("max_completion_tokens")) or _whole(request.get("max_tokens"))
         pieces: tuple[str, ...] = _PIECES
-        if isinstance(limit, int) and 0 < limit < len(_PIECES):
+        if limit is not None and 0 < limit < len(_PIECES):
             pieces = _PIECES[:limit]
         return cls(
-            choices=choices if isinstance(choices, int) and choices > 0 else 1,
+            choices=choices if choices is not None and choices > 0 else 1,
             pieces=pieces,
             finish_reason="stop" if pieces == _PIECES else "length",
             prompt_bytes=len(body),
@@ -56,6 +56,16 @@ class DummyAnswer:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+
+def _whole(value: Any) -> int | None:
+    """A JSON integer, `2.0` included: the API accepts it as 2 (as JSON Schema does), and the
+    cache key writes it as 2, so it must answer as 2 does."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) else None
 
 
 def completion(request_id: str, model: str, created: int, answer: DummyAnswer) -> bytes:

@@ -529,6 +529,16 @@ async def test_malformed_json_and_missing_messages_are_400(fake: Fake) -> None:
         await fake.client.chat.completions.create(model=fake.model, messages=[])
 
 
+async def test_a_whole_decimal_is_an_integer_and_a_fraction_is_refused(fake: Fake) -> None:
+    """Both servers read `2.0` as 2 (vLLM through pydantic's lax int), and refuse `2.5`."""
+    status, _, raw = await fake.raw_chat({"model": fake.model, "messages": MESSAGES, "n": 2.0})
+    assert status == 200, raw
+    assert [choice["index"] for choice in json.loads(raw)["choices"]] == [0, 1]
+    status, _, raw = await fake.raw_chat({"model": fake.model, "messages": MESSAGES, "n": 2.5})
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == "n"
+
+
 async def test_stream_options_without_stream(fake: Fake) -> None:
     """OpenAI refuses any `stream_options` without `stream`; vLLM only a truthy one."""
     body = {"model": fake.model, "messages": MESSAGES, "stream_options": {}}

@@ -51,3 +51,14 @@ def test_a_stream_of_n_choices_rebuilds_each_answer() -> None:
     assert texts == {0: "Hello", 1: "Hello"} and finishes == {0: "length", 1: "length"}
     usage = orjson.loads(events[-1].removeprefix(b"data: "))
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
+
+
+def test_a_whole_number_written_as_a_decimal_counts_as_that_integer() -> None:
+    # The API accepts `2.0` as 2 and the cache key writes it as 2: one answer for both.
+    def shape(**fields: object) -> tuple[int, tuple[str, ...], str]:
+        answer = DummyAnswer.for_request(request(**fields))
+        return answer.choices, answer.pieces, answer.finish_reason
+
+    assert shape(n=2.0) == shape(n=2) == (2, ("Hello", " world"), "stop")
+    assert shape(max_tokens=1.0) == shape(max_tokens=1) == (1, ("Hello",), "length")
+    assert shape(n=2.5) == shape() == (1, ("Hello", " world"), "stop")
