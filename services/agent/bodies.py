@@ -2,11 +2,14 @@
 
 Each body is parsed once with orjson and written once. Upstream errors come in two shapes
 (vLLM's older `{"object":"error","message","type","code"}` and OpenAI's `{"error":{...}}`)
-and leave as OpenAI's, keeping the upstream status.
+and leave as OpenAI's, keeping the upstream status. They leave in OpenAI's words too: vLLM
+names its types after exception classes (`BadRequestError`) and repeats the status as an
+integer `code`, where OpenAI's clients expect `invalid_request_error` and a string or null.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +17,9 @@ import orjson
 
 from shared.errors import error_body
 
-# What a client sees when the server's error body says nothing usable.
+# An error type in OpenAI's style (`invalid_request_error`, `insufficient_quota`) is kept.
+_OPENAI_TYPE = re.compile(r"[a-z][a-z0-9_]*")
+# The type of any other error: what OpenAI answers with that status.
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -117,12 +122,14 @@ def normalise_error(
     if not isinstance(message, str) or not message:
         message = f"The inference server answered {status}."
     type_ = fields.get("type")
-    if not isinstance(type_, str) or not type_:
-        type_ = _STATUS_TYPES.get(status, "server_error")
+    if not isinstance(type_, str) or not _OPENAI_TYPE.fullmatch(type_):
+        type_ = _STATUS_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
     param = fields.get("param")
     if not isinstance(param, str):
         param = None
-    if not isinstance(code, str | int) or isinstance(code, bool):
+    if not isinstance(code, str):
         code = None
     return UpstreamFailure(
         status=status, body=error_body(message, type_, param=param, code=code), message=message

@@ -109,7 +109,12 @@ def test_upstream_error_keeps_its_status(router: Router) -> None:
     httpx.post(f"{fake.url}/_fake/script", json=[{"status": 400, "body": body}] * 2, timeout=2)
     response = router.chat("local_m")
     assert response.status_code == 400
-    assert response.json()["error"]["message"] == "prompt too long"
+    assert response.json()["error"] == {
+        "message": "prompt too long",
+        "type": "invalid_request_error",  # in OpenAI's words, not vLLM's
+        "param": None,
+        "code": None,
+    }
     response = router.chat("local_m", stream=True)
     assert response.status_code == 400
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}

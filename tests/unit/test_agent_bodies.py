@@ -66,20 +66,41 @@ def error_of(status: int, body: bytes) -> tuple[int, dict[str, object]]:
     return failure.status, orjson.loads(failure.body)
 
 
-def test_vllm_flat_error() -> None:
+def test_vllm_flat_error_leaves_in_openai_words() -> None:
     body = b'{"object":"error","message":"bad","type":"BadRequestError","param":null,"code":400}'
     assert error_of(400, body) == (
         400,
-        {"error": {"message": "bad", "type": "BadRequestError", "param": None, "code": 400}},
+        {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}},
     )
 
 
-def test_openai_shaped_error_keeps_its_fields_and_status() -> None:
-    body = b'{"error":{"message":"nope","type":"NotFoundError","param":"model","code":404}}'
-    assert error_of(404, body) == (
-        404,
-        {"error": {"message": "nope", "type": "NotFoundError", "param": "model", "code": 404}},
+@pytest.mark.parametrize(
+    ("status", "vllm_type", "openai_type"),
+    [
+        (404, "NotFoundError", "invalid_request_error"),
+        (409, "ConflictError", "invalid_request_error"),
+        (500, "InternalServerError", "server_error"),
+        (503, "ServiceUnavailableError", "server_error"),
+    ],
+)
+def test_vllm_wrapped_error_keeps_its_status_param_and_message(
+    status: int, vllm_type: str, openai_type: str
+) -> None:
+    body = orjson.dumps(
+        {"error": {"message": "nope", "type": vllm_type, "param": "model", "code": status}}
     )
+    assert error_of(status, body) == (
+        status,
+        {"error": {"message": "nope", "type": openai_type, "param": "model", "code": None}},
+    )
+
+
+def test_an_openai_shaped_error_keeps_every_field() -> None:
+    body = (
+        b'{"error":{"message":"quota","type":"insufficient_quota","param":null,'
+        b'"code":"insufficient_quota"}}'
+    )
+    assert error_of(429, body) == (429, orjson.loads(body))
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,12 @@ async def test_vllm_error_keeps_its_status_in_openai_shape() -> None:
     [reply] = rig.replies
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 400)
     assert orjson.loads(reply.body) == {
-        "error": {"message": "too long", "type": "BadRequestError", "param": None, "code": 400}
+        "error": {
+            "message": "too long",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
     }
 
 
