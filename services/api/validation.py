@@ -134,13 +134,15 @@ def param_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
-# OpenAI's codes for the bounds it enforces; every `*_type` error is `invalid_type`, anything
-# else `invalid_value`.
+# OpenAI's codes for what it enforces; every `*_type` error is `invalid_type`, anything else
+# `invalid_value`. A bound's code names the kind of number: `decimal_above_max_value` for
+# `temperature`, `integer_above_max_value` for `n`.
 _CODES = {
+    "missing": "missing_required_parameter",
     "too_long": "array_above_max_length",
     "too_short": "empty_array",
-    "less_than_equal": "integer_above_max_value",
-    "greater_than_equal": "integer_below_min_value",
+    "less_than_equal": "{number}_above_max_value",
+    "greater_than_equal": "{number}_below_min_value",
 }
 # What a `*_type` error expected, in JSON's words rather than pydantic's (which name classes).
 _EXPECTED = {
@@ -181,7 +183,8 @@ def invalid_request(error: ValidationError, model: type[BaseModel]) -> InvalidRe
     else:
         message = f"Invalid value for '{param}': {reported['msg']}."
     code = "invalid_type" if kind.endswith("_type") else _CODES.get(kind, "invalid_value")
-    return InvalidRequestError(message, param=param, code=code)
+    number = "decimal" if loc and loc[-1] in decimal_fields(model) else "integer"
+    return InvalidRequestError(message, param=param, code=code.format(number=number))
 
 
 def json_kind(value: Any) -> str:
@@ -208,6 +211,27 @@ def field_names(model: type[BaseModel]) -> frozenset[str]:
         for nested in _models_in(info.annotation):
             names |= field_names(nested)
     return frozenset(names)
+
+
+@functools.cache
+def decimal_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of `model` (nested models too) that take any number, not only integers."""
+    names = {
+        info.alias or name
+        for name, info in model.model_fields.items()
+        if float in _types_in(info.annotation)
+    }
+    for info in model.model_fields.values():
+        for nested in _models_in(info.annotation):
+            names |= decimal_fields(nested)
+    return frozenset(names)
+
+
+def _types_in(annotation: Any) -> Iterator[Any]:
+    """`StrictFloat | None` -> float, NoneType (through unions and `Annotated`)."""
+    yield annotation
+    for arg in get_args(annotation):
+        yield from _types_in(arg)
 
 
 def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:

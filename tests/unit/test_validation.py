@@ -64,9 +64,14 @@ def test_lone_surrogates_and_bad_utf8_are_400(body: bytes) -> None:
         ("max_tokens", 0, "integer_below_min_value"),
         ("max_tokens", EdgeLimits().max_tokens + 1, "integer_above_max_value"),
         ("max_completion_tokens", EdgeLimits().max_tokens + 1, "integer_above_max_value"),
+        ("temperature", 3, "decimal_above_max_value"),
+        ("temperature", -0.5, "decimal_below_min_value"),
+        ("top_p", 1.5, "decimal_above_max_value"),
     ],
 )
-def test_n_and_max_tokens_limits_name_the_param(field: str, value: int, code: str) -> None:
+def test_numeric_bounds_name_the_param_and_the_kind_of_number(
+    field: str, value: float, code: str
+) -> None:
     body = orjson.dumps({"model": "m", "messages": [{"role": "user"}], field: value})
     with pytest.raises(InvalidRequestError) as info:
         ChatRequestParser().parse(body)
@@ -137,6 +142,12 @@ def user(**fields: object) -> list[dict[str, object]]:
             "messages[0]",
             "invalid_type",
             "Invalid type for 'messages[0]': expected an object, but got a string instead.",
+        ),
+        (
+            {"messages": [{"content": "hi"}]},
+            "messages[0].role",
+            "missing_required_parameter",
+            "Missing required parameter: 'messages[0].role'.",
         ),
         (
             {"messages": "hi"},
