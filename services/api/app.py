@@ -106,7 +106,9 @@ def create_app(settings: ApiSettings) -> RouterApp:
         finally:
             await bus.stop()
 
-    app = RouterApp(title="Router", version="0.1.0", lifespan=lifespan)
+    # No redirect to the path with(out) its trailing slash: Starlette's would name an absolute
+    # `http://` URL behind a TLS proxy, and OpenAI answers such a path 404 too.
+    app = RouterApp(title="Router", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.bus = bus
     app.state.client_keys = client_keys
     install_error_handlers(app)
@@ -157,7 +159,7 @@ def create_app(settings: ApiSettings) -> RouterApp:
         },
     )
     async def retrieve_model(model: str, client: CurrentClient) -> Response:
-        if not client.allows(model):
+        if not model or not client.allows(model):  # `/v1/models/`: no model is named ""
             raise ModelNotFoundError(model)
         listing = orjson.loads(await bus.ask_models(settings.models_timeout))
         for entry in listing.get("data", []):

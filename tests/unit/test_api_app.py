@@ -114,6 +114,22 @@ async def test_a_405_names_the_allowed_methods() -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/chat/completions/"), ("GET", "/v1/models/"), ("GET", "/health/")],
+)
+async def test_a_path_with_a_stray_slash_is_not_found_not_redirected(
+    method: str, path: str
+) -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="https://api") as client:
+        response = await client.request(method, path, json={})
+    assert response.status_code == 404
+    assert "location" not in response.headers
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
     ("status", "type_"),
     [(400, "invalid_request_error"), (418, "invalid_request_error"), (503, "server_error")],
 )
