@@ -36,6 +36,9 @@ def main() -> None:
         log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's records go through our handler, and its secret redactor
         access_log=False,
+        # uvicorn's 5 s equals httpx's pool expiry and the agents' heartbeat interval: a
+        # request written as the server closes its idle connection fails on the wire.
+        timeout_keep_alive=settings.api_keepalive_timeout,
         timeout_graceful_shutdown=10,
     )
 

@@ -14,6 +14,13 @@ class ApiSettings(BrokerSettings, ReplyTrustSettings):
         "127.0.0.1", description="Address the API binds to (loopback by default)."
     )
     api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    api_keepalive_timeout: int = Field(
+        65,
+        ge=1,
+        description="Seconds an idle client connection stays open. Longer than the idle time "
+        "of clients' pools (httpx 5 s, aiohttp 15 s) and of load balancers (60 s on AWS), so "
+        "the API never closes a connection just as a client reuses it.",
+    )
     request_timeout: float = Field(
         120.0,
         gt=0,

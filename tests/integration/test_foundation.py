@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import time
 from pathlib import Path
 
@@ -251,3 +253,37 @@ def test_dispatcher_waits_for_a_broker_that_is_down(isolated: Stack, tmp_path: P
     wait_http(f"http://127.0.0.1:{port}/health", service=dispatcher)
     assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 503
     assert dispatcher.is_running()
+
+
+def http_get(sock: socket.socket, path: str) -> bytes:
+    """One GET on an open connection; the status line of its answer (the body read too)."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(4096)
+        assert chunk, "the API closed the connection"
+        raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])  # type: ignore[index]
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head.split(b"\r\n")[0]
+
+
+def test_an_idle_connection_outlives_a_client_pools_expiry(api_url: str) -> None:
+    """httpx's pool (the OpenAI SDK's, the agents' heartbeats) reuses a connection idle up to
+    5 s: uvicorn's own 5 s would close it just as a request is written on it."""
+    port = int(api_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        assert http_get(sock, "/health") == b"HTTP/1.1 200 OK"
+        time.sleep(5.5)
+        assert http_get(sock, "/health") == b"HTTP/1.1 200 OK"
+
+
+def test_an_idle_connection_is_closed_after_the_keepalive_timeout(isolated: Stack) -> None:
+    url = isolated.start_api(API_KEEPALIVE_TIMEOUT="1")
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        assert http_get(sock, "/health") == b"HTTP/1.1 200 OK"
+        time.sleep(2)
+        assert sock.recv(1) == b""  # the API closed it
