@@ -34,20 +34,28 @@ class AgentRecord:
 
 
 class LiveModels(Set[str]):
-    """The models seen since `cutoff`: a set computed on demand from the last sightings."""
+    """The models seen since `cutoff`, and those in `carried`: a set computed on demand from
+    the last sightings."""
 
-    __slots__ = ("_cutoff", "_seen")
+    __slots__ = ("_carried", "_cutoff", "_seen")
 
-    def __init__(self, seen: Mapping[str, float], cutoff: float) -> None:
+    def __init__(
+        self, seen: Mapping[str, float], cutoff: float, carried: Set[str] = frozenset()
+    ) -> None:
         self._seen = seen
         self._cutoff = cutoff
+        self._carried = carried
 
     def __contains__(self, model: object) -> bool:
         seen = self._seen.get(model, -math.inf) if isinstance(model, str) else -math.inf
-        return seen >= self._cutoff
+        return seen >= self._cutoff or model in self._carried
 
     def __iter__(self) -> Iterator[str]:
-        return (model for model, seen in self._seen.items() if seen >= self._cutoff)
+        return (
+            model
+            for model, seen in self._seen.items()
+            if seen >= self._cutoff or model in self._carried
+        )
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -56,26 +64,44 @@ class LiveModels(Set[str]):
 class AgentTable:
     """Agents by name and the last heartbeat of each model, judged against one TTL.
 
-    A model nobody announced is unknown (404), except during a warm-up: for one TTL after
-    this dispatcher starts hearing registrations and heartbeats (again), and while it hears
-    none, its agents may simply not have been heard yet (`view().warming_up`: 503).
+    A warm-up covers the time this table cannot know who is alive: while it hears no
+    registrations and heartbeats (before a dispatcher starts, while its control channel is
+    lost), and for one TTL after it hears them again, within which every live agent
+    heartbeats. During it a model nobody announced may belong to an agent not heard yet
+    (`view().warming_up`: 503, not 404), and the models that were live when the table last
+    heard stay live (`carried`): their agents most likely kept serving while this dispatcher
+    was away, and the jobs that waited for it go to them instead of a 503. A model whose
+    agents did stop meanwhile is routed for one TTL more; its jobs then wait in its queue up
+    to AGENT_QUEUE_TTL, as they do after an agent dies between two heartbeats.
     """
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
         self._warm_until = -math.inf  # not listening yet: no warm-up
+        self._listened = False
+        self._carried: frozenset[str] = frozenset()
         self._agents: dict[str, AgentRecord] = {}
         self._model_last_seen: dict[str, float] = {}
 
     def start_listening(self, now: float) -> None:
-        """Registrations and heartbeats reach this table from `now` on: warm up for one TTL,
-        within which every live agent heartbeats."""
+        """Registrations and heartbeats reach this table from `now` on: warm up for one TTL."""
+        if not self._listened:  # a (re)started dispatcher: live when its file was last written
+            last_heard = max((r.last_heartbeat for r in self._agents.values()), default=now)
+            self._carried = self._live_at(last_heard)
+            self._listened = True
         self._warm_until = now + self.ttl
 
-    def stop_listening(self) -> None:
+    def stop_listening(self, now: float) -> None:
         """Registrations and heartbeats may no longer reach this table: warm up until it
         listens again, and one TTL after."""
+        if self._warm_until != math.inf:  # not lost already
+            warming_up = now < self._warm_until
+            self._carried = (self._carried if warming_up else frozenset()) | self._live_at(now)
         self._warm_until = math.inf
+
+    def _live_at(self, when: float) -> frozenset[str]:
+        cutoff = when - self.ttl
+        return frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -152,10 +178,11 @@ class AgentTable:
         """Views over the index, not copies of it: a job asks about one model, and copying
         every model's state for it cost 72 us per job at 1,000 models."""
         seen = self._model_last_seen
+        warming_up = now < self._warm_until
         return AgentView(
-            live=LiveModels(seen, now - self.ttl),
+            live=LiveModels(seen, now - self.ttl, self._carried if warming_up else frozenset()),
             known=seen.keys(),
-            warming_up=now < self._warm_until,
+            warming_up=warming_up,
         )
 
     def _reindex(self) -> None:

@@ -167,7 +167,7 @@ class DispatcherService:
         assert isinstance(control_channel, AbstractRobustChannel)  # the Broker's are robust
         table = self.registry.table
         table.start_listening(time.time())
-        control_channel.close_callbacks.add(lambda *_: table.stop_listening())
+        control_channel.close_callbacks.add(lambda *_: table.stop_listening(time.time()))
         control_channel.reopen_callbacks.add(lambda *_: table.start_listening(time.time()))
 
     def status(self) -> dict[str, object]:

@@ -171,6 +171,25 @@ def test_silent_agent_leaves_the_model_list_and_requests_fail_fast(router: Route
         agent.service.kill()
 
 
+def test_a_restarted_dispatcher_routes_the_jobs_that_waited_for_it(router: Router) -> None:
+    """The agents kept serving while the only dispatcher was down for longer than the TTL:
+    the job queued meanwhile goes to them, though the registry the dispatcher reloads has
+    heard from none of them since, and no heartbeat has reached it yet."""
+    fake = router.fake()
+    router.agent("a1", fake, AGENT_MODELS="local_m", HEARTBEAT_INTERVAL="2.5")
+    router.wait_listed("local_m")
+    [dispatcher] = [s for s in router.stack.services if s.name == "dispatcher"]
+    dispatcher.stop()
+    time.sleep(TTL + 1)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        waiting = pool.submit(router.chat, "local_m")
+        time.sleep(0.5)  # in the jobs queue, waiting for a dispatcher
+        router.stack.start("dispatcher", ["dispatcher"], **dispatcher.env)
+        response = waiting.result()
+    assert response.status_code == 200, response.text
+    assert fake.stats()["completed"] == 1
+
+
 def test_agent_tokens_are_checked(router: Router) -> None:
     heartbeat = httpx.post(
         f"{router.api}/heartbeat",

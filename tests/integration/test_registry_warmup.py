@@ -86,8 +86,8 @@ async def test_the_warm_up_lasts_the_outage_and_one_ttl_after_the_reconnect(
     during_outage: list[bool] = []
     stop_listening = table.stop_listening
 
-    def cut_off() -> None:
-        stop_listening()
+    def cut_off(now: float) -> None:
+        stop_listening(now)
         during_outage.append(table.view(time.time() + 100 * TTL).warming_up)
 
     monkeypatch.setattr(table, "stop_listening", cut_off)

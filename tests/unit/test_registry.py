@@ -118,12 +118,45 @@ def test_a_dispatcher_cut_off_warms_up_until_one_ttl_after_it_listens_again() ->
     table = AgentTable(ttl=10)
     table.register(REG, now=100)
     table.start_listening(100)
-    table.stop_listening()
+    table.stop_listening(200)
     assert table.view(10_000).warming_up
     table.start_listening(10_000)
     assert table.view(10_009).warming_up
     assert not table.view(10_011).warming_up
     assert table.view(10_011).known == {"local_a", "local_b"}
+
+
+def test_a_restarted_dispatcher_routes_the_models_live_when_it_stopped_until_it_has_heard(
+    tmp_path: Path,
+) -> None:
+    """Its agents kept serving while it was away: the jobs that waited for it go to them,
+    not to a 503, until one TTL after it listens again (their heartbeats take over)."""
+    path = str(tmp_path / "r")
+    registry = Registry(AgentTable(ttl=10), SqliteStore(path))
+    registry.record(REG, now=100)  # local_a, local_b
+    registry.record(AgentRegistration(name="old", models=["local_old"]), now=50)  # dead by 100
+    registry.close()
+
+    restarted = Registry(AgentTable(ttl=10), SqliteStore(path))
+    restarted.table.start_listening(1_000)
+    view = restarted.view(1_001)
+    assert view.warming_up and view.live == {"local_a", "local_b"}
+    assert "local_old" not in view.live and view.known == {"local_a", "local_b", "local_old"}
+    restarted.record(AgentHeartbeat(name="gpu1", models=["local_a"]), now=1_005)
+    assert restarted.view(1_011).live == {"local_a"}  # local_b's agent never came back
+    restarted.close()
+
+
+def test_a_dispatcher_cut_off_routes_the_models_live_when_it_lost_the_channel() -> None:
+    table = AgentTable(ttl=10)
+    table.register(REG, now=100)
+    table.start_listening(100)
+    table.register(AgentRegistration(name="gpu2", models=["local_c"]), now=150)
+    table.stop_listening(155)  # local_a and local_b silent since 100: dead by then
+    assert table.view(10_000).live == {"local_c"}
+    table.start_listening(10_000)
+    assert table.view(10_009).live == {"local_c"}
+    assert table.view(10_011).live == set()
 
 
 def test_a_model_dropped_by_its_last_agent_is_no_longer_live() -> None:
