@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import re
 import sys
 
 from shared.amqp import Broker
@@ -29,7 +31,9 @@ from shared.broker_acl import (
     dispatcher_grant,
     shell_script,
 )
-from shared.settings import BrokerSettings
+from shared.errors import BrokerUnavailableError
+from shared.messages import LOCAL_MODEL_PATTERN
+from shared.settings import BrokerSettings, load_settings
 from shared.topology import declare_topology, declare_work_queue, topology_for
 
 TOPOLOGY_HELP = (
@@ -63,8 +67,16 @@ async def declare_all(
         await broker.close()
 
 
+def check_agent_models(parser: argparse.ArgumentParser, models: list[str]) -> None:
+    """Agent queues are named after the router's ids of their models (`local_x`, as
+    /v1/models lists them): a queue for any other name would never be consumed."""
+    for model in models:
+        if not re.match(LOCAL_MODEL_PATTERN, model):
+            parser.error(f"{model!r} is not a router model id of an agent (such as local_{model})")
+
+
 def topology_main(argv: list[str]) -> None:
-    from services.dispatcher.providers.runtime import KNOWN_PROVIDERS
+    from services.dispatcher.providers.routes import KNOWN_PROVIDERS
 
     known = ", ".join(sorted(KNOWN_PROVIDERS))
     parser = argparse.ArgumentParser(prog="router topology", description=TOPOLOGY_HELP)
@@ -83,12 +95,17 @@ def topology_main(argv: list[str]) -> None:
         help=f"only these provider queues (repeatable; default: all: {known})",
     )
     args = parser.parse_args(argv)
-    settings = BrokerSettings()
+    check_agent_models(parser, args.agent_model)
+    settings = load_settings(BrokerSettings, "topology")
+    # aiormq logs a failed connect itself; the command's own last line says it, once.
+    logging.getLogger("aiormq.connection").setLevel(logging.CRITICAL)
     providers = args.provider or sorted(KNOWN_PROVIDERS)
     try:
         names = asyncio.run(declare_all(settings, args.agent_model, providers))
     except ValueError as e:  # a model name that cannot name a queue
         parser.error(str(e))
+    except BrokerUnavailableError as e:
+        parser.exit(1, f"router topology: {e.message}\n")
     t = topology_for(settings)
     print(f"declared the shared topology {t.prefix}.* and: {', '.join(names)}")
 
@@ -143,7 +160,8 @@ def broker_acl_main(argv: list[str]) -> None:
         help="a user's password, for --format definitions (repeatable)",
     )
     args = parser.parse_args(argv)
-    settings = BrokerSettings()
+    check_agent_models(parser, [m for _, models in args.agent for m in models.split("|") if m])
+    settings = load_settings(BrokerSettings, "broker-acl")
     try:
         grants = acl_grants(args, settings)
     except ValueError as e:

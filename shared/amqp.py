@@ -239,6 +239,13 @@ def _consumer_alive(queue: AbstractQueue, tag: str) -> bool:
     )
 
 
+def broker_address(url: str) -> str:
+    """Where `url` points, for logs: `host:port, vhost v`, never its credentials."""
+    parts = URL(url)
+    port = parts.explicit_port or (5671 if parts.scheme == "amqps" else 5672)
+    return f"{parts.host}:{port}, vhost {parts.path[1:] or '/'}"
+
+
 class Broker:
     """Publishing and consuming connections of one service process."""
 
@@ -314,7 +321,9 @@ class Broker:
             )
         except (*CONNECTION_EXCEPTIONS, TimeoutError) as e:
             await self.close()
-            raise BrokerUnavailableError(f"cannot connect to the broker: {type(e).__name__}") from e
+            raise BrokerUnavailableError(
+                f"cannot connect to the broker at {broker_address(self._url)}: {type(e).__name__}"
+            ) from e
 
     @property
     def is_connected(self) -> bool:

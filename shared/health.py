@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
+
+from shared.runner import StartupError
 
 StatusFn = Callable[[], dict[str, Any]]
 
@@ -37,8 +38,8 @@ async def serve(
 ) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (to clean up) and the port bound (for port 0).
 
-    An address it cannot listen on (taken, or not this host's) ends the process with one line
-    naming `setting`, the variable that chose the port, and exit code 1: not a traceback."""
+    An address it cannot listen on (taken, or not this host's) is a `StartupError` naming
+    `setting`, the variable that chose the port: one line and exit code 1, not a traceback."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -47,9 +48,7 @@ async def serve(
     except OSError as e:
         await runner.cleanup()
         reason = e.strerror or str(e)
-        print(
-            f"cannot serve /health on {host}:{port}: {reason} (choose another {setting})",
-            file=sys.stderr,
-        )
-        raise SystemExit(1) from None
+        raise StartupError(
+            f"cannot serve /health on {host}:{port}: {reason} (choose another {setting})"
+        ) from None
     return runner, int(runner.addresses[0][1])

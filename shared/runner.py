@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -19,6 +20,15 @@ import uvloop
 # kB/s under load for as long as it was watched, where with 700 it stays flat.)
 
 
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The service cannot start for a reason its operator must fix, which the message names
+    (a registry file that cannot be opened, no Docker engine): one line and exit code 1, not a
+    traceback."""
+
+
 def settle_heap() -> None:
     """Call once the service's code and configuration are loaded: what is alive then lives as
     long as the process, so the collector stops scanning it (`gc.freeze`)."""
@@ -28,7 +38,7 @@ def settle_heap() -> None:
 
 def run_service(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
     """Run `main(stop)` on uvloop, after `settle_heap()`; SIGTERM and SIGINT set `stop` and
-    `main` shuts down."""
+    `main` shuts down. A `StartupError` ends the process with its message and exit code 1."""
 
     async def wrapper() -> None:
         stop = asyncio.Event()
@@ -38,4 +48,8 @@ def run_service(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> N
         await main(stop)
 
     settle_heap()
-    uvloop.run(wrapper())
+    try:
+        uvloop.run(wrapper())
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        raise SystemExit(1) from None

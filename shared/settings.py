@@ -7,9 +7,11 @@ builds its settings once in `__main__` and passes them down.
 
 from __future__ import annotations
 
+import logging
 import sys
 from enum import StrEnum
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +36,21 @@ def _error_line(loc: tuple[int | str, ...], message: str) -> str:
     message = message.removeprefix("Value error, ")
     variable = ".".join(str(part) for part in loc).upper()
     return f"  {variable}: {message}" if variable else f"  {message}"
+
+
+def check_url(value: str, schemes: tuple[str, ...], example: str) -> str:
+    """`value` if it is a URL of one of `schemes` with a host (`unix://` with a path); the
+    error never repeats it, since a broker or Redis URL carries a password."""
+    try:
+        parts = urlsplit(value)
+        _ = parts.port  # a port that is no number raises
+    except ValueError:
+        parts = None
+    where = (parts.path if parts.scheme == "unix" else parts.hostname) if parts else None
+    if parts is None or parts.scheme not in schemes or not where:
+        kinds = ", ".join(f"{scheme}://" for scheme in schemes)
+        raise ValueError(f"must be a URL ({kinds}) with a host, such as {example}")
+    return value
 
 
 class Durability(StrEnum):
@@ -76,6 +93,19 @@ class BrokerSettings(BaseSettings):
         "agent queues' arguments: every service must agree on it.",
     )
 
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        return check_url(value, ("amqp", "amqps"), "amqp://user:password@host:5672/vhost")
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping() or level == "NOTSET":
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
 
 class ReplyTrustSettings(BaseSettings):
     """Whose replies the API and the cache writer accept; agents answer, they do not check."""
@@ -106,3 +136,10 @@ class RedisSettings(BaseSettings):
         "redis://127.0.0.1:6379/0", description="Redis for the response cache; empty disables it."
     )
     cache_ttl: int = Field(3600, ge=0, description="Seconds a cached response lives; 0 disables.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        return check_url(value, ("redis", "rediss", "unix"), "redis://host:6379/0")

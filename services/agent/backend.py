@@ -139,7 +139,9 @@ class VllmClient:
                 response.raise_for_status()
                 return served_names_from_listing(orjson.loads(await response.read()))
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            raise UpstreamUnavailableError(f"cannot list the server's models: {e!r}") from e
+            raise UpstreamUnavailableError(
+                f"cannot list the server's models: {type(e).__name__}: {e}"
+            ) from e
 
     async def complete(self, body: bytes) -> Answer:
         """POST a non-streaming chat completion. Raises UpstreamUnavailableError."""

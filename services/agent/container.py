@@ -20,6 +20,8 @@ from typing import Any, Protocol
 import docker.errors
 from docker.types import DeviceRequest
 
+from shared.runner import StartupError
+
 log = logging.getLogger(__name__)
 
 CONTAINER_PORT = 8000
@@ -27,7 +29,7 @@ CONTAINER_HF_CACHE = "/root/.cache/huggingface"
 AGENT_LABEL = "router.agent"
 
 
-class ContainerError(RuntimeError):
+class ContainerError(StartupError):
     """The inference server's container failed to start, exited, or never became healthy."""
 
 

@@ -46,6 +46,7 @@ from shared.cancel import Cancellations
 from shared.errors import BrokerEntityMissingError, BrokerUnavailableError
 from shared.messages import AgentRegistration, Envelope, decode_cancel
 from shared.replies import ReplyPublisher
+from shared.runner import StartupError
 from shared.topology import cancel_routing_key, declare_queue, declare_topology, topology_for
 
 log = logging.getLogger(__name__)
@@ -400,8 +401,11 @@ async def run(settings: AgentSettings, stop: asyncio.Event) -> None:
     try:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
-            if starting.exception() is not None:
-                log.error("agent %s failed to start: %s", settings.agent_name, starting.exception())
+            failure = starting.exception()
+            if failure is not None and not isinstance(
+                failure, StartupError
+            ):  # logged by the runner
+                log.error("agent %s failed to start: %s", settings.agent_name, failure)
             starting.result()  # a failed start raises here
             await service.serve(stopping)
     finally:

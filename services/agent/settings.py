@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-from shared.settings import BrokerSettings
+from services.agent.models import parse_agent_models
+from shared.settings import BrokerSettings, check_url
 
 
 class Backend(StrEnum):
@@ -99,3 +100,20 @@ class AgentSettings(BrokerSettings):
     hf_token: SecretStr = Field(
         SecretStr(""), description="vllm-docker: Hugging Face token passed to the container."
     )
+
+    @field_validator("vllm_url")
+    @classmethod
+    def _server_url(cls, value: str) -> str:
+        return check_url(value, ("http", "https"), "http://127.0.0.1:8000/v1") if value else value
+
+    @field_validator("agent_models")
+    @classmethod
+    def _models_parse(cls, value: str) -> str:
+        parse_agent_models(value)  # raises ModelConfigError, a ValueError
+        return value
+
+    @model_validator(mode="after")
+    def _docker_needs_a_model(self) -> AgentSettings:
+        if self.agent_backend is Backend.VLLM_DOCKER and not self.vllm_model:
+            raise ValueError("VLLM_MODEL is required with AGENT_BACKEND=vllm-docker")
+        return self

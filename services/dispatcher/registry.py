@@ -19,6 +19,7 @@ import orjson
 
 from services.dispatcher.routing import AgentView
 from shared.messages import AgentHeartbeat, AgentRegistration
+from shared.runner import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +210,15 @@ class SqliteStore:
     """Agent records in a SQLite file (WAL; parameterised SQL only)."""
 
     def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(SCHEMA)
+        try:
+            if path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StartupError(f"REGISTRY_PATH {path} cannot hold the registry: {e}") from e
 
     def save(self, record: AgentRecord) -> None:
         self._db.execute(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
-from services.dispatcher.providers.routes import DEFAULT_ROUTES, parse_provider_routes
+from services.dispatcher.providers.routes import (
+    DEFAULT_ROUTES,
+    KNOWN_PROVIDERS,
+    parse_provider_routes,
+)
 from shared.settings import BrokerSettings, RedisSettings, ReplyTrustSettings
 
 
@@ -94,5 +98,9 @@ class DispatcherSettings(BrokerSettings, RedisSettings, ReplyTrustSettings):
     @field_validator("provider_routes")
     @classmethod
     def _routes_parse(cls, value: str) -> str:
-        parse_provider_routes(value)  # raises ValueError on a malformed pair
+        rules = parse_provider_routes(value)  # raises ValueError on a malformed pair
+        unknown = sorted({rule.provider for rule in rules} - KNOWN_PROVIDERS)
+        if unknown:
+            known = ", ".join(sorted(KNOWN_PROVIDERS))
+            raise ValueError(f"names providers this router has no code for: {unknown} ({known})")
         return value

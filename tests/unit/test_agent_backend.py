@@ -186,7 +186,9 @@ async def test_cancelling_a_completion_closes_the_connection() -> None:
 
 def test_vllm_url_defaults_follow_the_backend() -> None:
     assert vllm_url(AgentSettings()) == "http://127.0.0.1:8000/v1"
-    docker = AgentSettings(agent_backend=Backend.VLLM_DOCKER, vllm_host_port=8011)
+    docker = AgentSettings(
+        agent_backend=Backend.VLLM_DOCKER, vllm_model="org/model", vllm_host_port=8011
+    )
     assert vllm_url(docker) == "http://127.0.0.1:8011/v1"
     assert vllm_url(AgentSettings(vllm_url="http://x:1")) == "http://x:1"
 

@@ -9,10 +9,13 @@ import sys
 from collections.abc import Callable
 
 import pytest
+from pydantic_settings import BaseSettings
 
 from services import admin, cli
 from services.agent.settings import AgentSettings
 from services.api.settings import ApiSettings
+from services.dispatcher.settings import DispatcherSettings
+from shared.runner import StartupError, run_service
 from shared.settings import load_settings
 
 
@@ -122,6 +125,136 @@ def test_malformed_credentials_are_a_bad_setting_not_a_traceback(
     err = capsys.readouterr().err
     assert err.splitlines() == ["router api: invalid configuration", line]
     assert "sk-" not in err  # the secret is never echoed
+
+
+@pytest.mark.parametrize(
+    ("settings", "env", "line"),
+    [
+        (
+            DispatcherSettings,
+            {"RABBITMQ_URL": "guest:pw-canary@127.0.0.1:5672"},  # no scheme
+            "  RABBITMQ_URL: must be a URL (amqp://, amqps://) with a host, such as "
+            "amqp://user:password@host:5672/vhost",
+        ),
+        (
+            AgentSettings,
+            {"LOG_LEVEL": "verbose"},
+            "  LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        (
+            DispatcherSettings,
+            {"REDIS_URL": "pw-canary@localhost:6379"},
+            "  REDIS_URL: must be a URL (redis://, rediss://, unix://) with a host, such as "
+            "redis://host:6379/0",
+        ),
+        (
+            DispatcherSettings,
+            {"PROVIDER_ROUTES": "claude/=anthropic"},
+            "  PROVIDER_ROUTES: names providers this router has no code for: ['anthropic'] "
+            "(openai)",
+        ),
+        (
+            AgentSettings,
+            {"VLLM_URL": "vllm-host:8000"},
+            "  VLLM_URL: must be a URL (http://, https://) with a host, such as "
+            "http://127.0.0.1:8000/v1",
+        ),
+        (
+            AgentSettings,
+            {"AGENT_MODELS": "local_a=x,local_a=y"},
+            "  AGENT_MODELS: model 'local_a' is listed twice in AGENT_MODELS",
+        ),
+        (
+            AgentSettings,
+            {"AGENT_BACKEND": "vllm-docker"},
+            "  VLLM_MODEL is required with AGENT_BACKEND=vllm-docker",
+        ),
+    ],
+)
+def test_a_setting_the_service_could_not_use_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    settings: type[BaseSettings],
+    env: dict[str, str],
+    line: str,
+) -> None:
+    """Each of these used to pass the settings and fail later: a traceback, or (a broker URL
+    without its scheme) a service retrying for ever, deaf to SIGTERM, logging the password."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        load_settings(settings, "svc")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["router svc: invalid configuration", line]
+    assert "canary" not in err
+
+
+def test_a_log_level_is_read_in_any_case() -> None:
+    assert AgentSettings(log_level="debug").log_level == "DEBUG"
+
+
+def test_a_startup_error_is_one_logged_line_and_exit_1(caplog: pytest.LogCaptureFixture) -> None:
+    async def main(_: object) -> None:
+        raise StartupError("REGISTRY_PATH /x cannot hold the registry: it is a directory")
+
+    with pytest.raises(SystemExit) as exit_:
+        run_service(main)
+    assert exit_.value.code == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot start: REGISTRY_PATH /x cannot hold the registry: it is a directory"
+    ]
+
+
+def run_command(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_a_registry_path_that_cannot_hold_a_file_is_one_line_and_exit_1(
+    tmp_path: object,
+) -> None:
+    done = run_command(
+        "dispatcher", REGISTRY_PATH=str(tmp_path), RABBITMQ_URL="amqp://guest:guest@127.0.0.1:1/"
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot start: REGISTRY_PATH {tmp_path} cannot hold the registry" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_topology_without_a_broker_is_one_line_naming_where_it_looked() -> None:
+    done = run_command("topology", RABBITMQ_URL="amqp://guest:pw-canary@127.0.0.1:1/router")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "router topology: cannot connect to the broker at 127.0.0.1:1, vhost router: "
+        "AMQPConnectionError"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("main", "argv"),
+    [
+        (admin.topology_main, ["--agent-model", "llama"]),
+        (admin.broker_acl_main, ["--agent", "gpu1=local_a|llama"]),
+    ],
+)
+def test_operator_commands_refuse_an_agent_model_no_agent_serves(
+    capsys: pytest.CaptureFixture[str], main: Callable[[list[str]], None], argv: list[str]
+) -> None:
+    """An agent serving `llama` consumes `agent.local_llama`: a queue or grant for
+    `agent.llama` would never be used."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "'llama' is not a router model id of an agent (such as local_llama)" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

@@ -32,13 +32,17 @@ def test_parse(text: str, expected: tuple[ProviderRule, ...]) -> None:
 
 @pytest.mark.parametrize("text", ["openai", "openai/=", "a=OpenAI", "a=open ai"])
 def test_malformed_routes_are_refused(text: str) -> None:
-    with pytest.raises(ValueError, match="PROVIDER_ROUTES"):
+    with pytest.raises(ValueError, match="is not a `prefix=provider` pair"):
         parse_provider_routes(text)
 
 
-def test_malformed_routes_fail_the_settings() -> None:
-    with pytest.raises(ValueError, match="PROVIDER_ROUTES"):
-        DispatcherSettings(provider_routes="nonsense")
+@pytest.mark.parametrize(
+    ("routes", "error"),
+    [("nonsense", "is not a `prefix=provider` pair"), ("x/=anthropic", "no code for")],
+)
+def test_malformed_routes_and_unknown_providers_fail_the_settings(routes: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        DispatcherSettings(provider_routes=routes)
 
 
 def test_rules_of_unconfigured_providers_are_dropped() -> None:

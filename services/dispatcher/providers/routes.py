@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from services.dispatcher.routing import AgentView, ProviderRule, ToProvider, choose_route
 
 DEFAULT_ROUTES = "openai/=openai,=openai"
+KNOWN_PROVIDERS = frozenset({"openai"})  # the providers this router has code for
 _PROVIDER_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _NO_AGENTS = AgentView(live=frozenset(), known=frozenset())
 
@@ -32,7 +33,7 @@ def parse_provider_routes(text: str) -> tuple[ProviderRule, ...]:
         provider = provider.strip()
         if not sep or not _PROVIDER_RE.match(provider):
             raise ValueError(
-                f"PROVIDER_ROUTES: {item!r} is not a `prefix=provider` pair "
+                f"{item!r} is not a `prefix=provider` pair "
                 "(provider in lower case; an empty prefix matches any model)"
             )
         rules.append(ProviderRule(prefix=prefix.strip(), provider=provider))
