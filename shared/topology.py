@@ -13,9 +13,10 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
-from aio_pika.exceptions import ChannelNotFoundEntity
+from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
 
 from shared.errors import BrokerEntityMissingError
+from shared.runner import StartupError
 from shared.settings import BrokerSettings, Durability
 
 SCHEMA_VERSION = "v1"
@@ -248,23 +249,36 @@ def topology_for(settings: BrokerSettings) -> Topology:
     )
 
 
+class QueueArgumentsError(StartupError):
+    """A queue exists with other arguments than this service declares it with: the services
+    disagree on a setting that is part of them (AGENT_QUEUE_TTL), or the queue predates a
+    change of it. Nothing this service does can use that queue until an operator acts."""
+
+
 async def declare_queue(
     channel: AbstractChannel, spec: QueueSpec, *, passive: bool = False
 ) -> AbstractQueue:
     """Declare a queue, or with `passive` only check that it exists (needs no configure right;
-    raises aio-pika's ChannelNotFoundEntity, closing the channel, if it does not)."""
+    raises BrokerEntityMissingError if it does not). Either failure closes the channel."""
     if passive:
         try:
             return await channel.declare_queue(spec.name, passive=True)
         except ChannelNotFoundEntity as e:
             raise BrokerEntityMissingError(_missing(f"queue {spec.name}")) from e
-    return await channel.declare_queue(
-        spec.name,
-        durable=spec.durable,
-        exclusive=spec.exclusive,
-        auto_delete=spec.auto_delete,
-        arguments=spec.arguments,
-    )
+    try:
+        return await channel.declare_queue(
+            spec.name,
+            durable=spec.durable,
+            exclusive=spec.exclusive,
+            auto_delete=spec.auto_delete,
+            arguments=spec.arguments,
+        )
+    except ChannelPreconditionFailed as e:
+        raise QueueArgumentsError(
+            f"queue {spec.name} exists with other arguments ({e.args[0] if e.args else e}): "
+            "every service must use the same AGENT_QUEUE_TTL; fix the setting, or delete the "
+            "queue (and the jobs in it) to change it"
+        ) from e
 
 
 async def declare_exchanges(

@@ -7,6 +7,7 @@ broker confirmed that.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,7 @@ from shared.messages import (
     encode_rpc_result,
 )
 from shared.replies import ReplyPublisher, StreamWriter, new_attempt
-from shared.topology import QueueSpec, Topology
+from shared.topology import QueueArgumentsError, QueueSpec, Topology
 
 log = logging.getLogger(__name__)
 
@@ -165,23 +166,34 @@ class DispatcherHandler:
 
     async def _hand_off(self, job: Job, spec: QueueSpec) -> None:
         """Publish the job to a backend queue (agent or provider), confirmed; answer on refusal."""
-        await self.ensure_queue(spec)
-        env = encode_job(job, now=self.clock())
+        error = await self._publish_job(job, spec)
+        if error is not None:
+            await self.reply.error(job, error, attempt=new_attempt())
+
+    async def _publish_job(self, job: Job, spec: QueueSpec) -> RouterError | None:
+        """None once the broker confirmed the job; else the error that answers it."""
         try:
+            await self.ensure_queue(spec)
+            env = encode_job(job, now=self.clock())
             await self.broker.publish(env, spec.name, persistent=self.topology.is_persistent)
+        except QueueArgumentsError:  # logged by the declarer, with what the operator must do
+            return ServiceUnavailableError(
+                f"The router cannot queue requests for `{job.model}`: its configuration "
+                "disagrees with the broker's queue.",
+                code="queue_misconfigured",
+            )
         except QueueFullError:
-            error: RouterError = RateLimitError(
+            return RateLimitError(
                 f"Too many requests are waiting for `{job.model}`; retry shortly.",
                 code="queue_full",
                 headers={"retry-after": "1"},
             )
-            await self.reply.error(job, error, attempt=new_attempt())
         except UnroutableError:
-            error = ServiceUnavailableError(
+            return ServiceUnavailableError(
                 f"The queue for `{job.model}` is missing; retry shortly.",
                 headers={"retry-after": "1"},
             )
-            await self.reply.error(job, error, attempt=new_attempt())
+        return None
 
     # --- jobs that came back from an agent queue --------------------------------------------
     async def on_returned(self, env: Envelope, _: Delivery) -> None:
@@ -204,7 +216,8 @@ class DispatcherHandler:
     async def on_control(self, env: Envelope, _: Delivery) -> None:
         record = self.registry.record(decode_control(env), self.clock())
         for model in record.models:
-            await self.ensure_queue(self.topology.agent_queue_spec(model))
+            with contextlib.suppress(QueueArgumentsError):  # logged once, by the declarer
+                await self.ensure_queue(self.topology.agent_queue_spec(model))
 
     async def on_cancel(self, env: Envelope, _: Delivery) -> None:
         request_id = decode_cancel(env)

@@ -25,6 +25,7 @@ from shared.cancel import Cancellations
 from shared.errors import BrokerUnavailableError, RouterError
 from shared.topology import (
     EVERY_CANCEL,
+    QueueArgumentsError,
     QueueSpec,
     declare_queue,
     declare_topology,
@@ -39,6 +40,11 @@ class QueueDeclarer:
 
     Disabled under least privilege (`DECLARE_TOPOLOGY=false`): `router topology` declared
     them, and a job for a queue that does not exist is unroutable, which answers 503.
+
+    A queue that exists with other arguments (`QueueArgumentsError`: this dispatcher's
+    AGENT_QUEUE_TTL is not the one it was made with) is logged once and refused from then on
+    without asking the broker again: each refusal closes the channel it was asked on, so the
+    declares get a channel of their own, apart from the registry's consumers.
     """
 
     def __init__(
@@ -48,10 +54,13 @@ class QueueDeclarer:
         self._enabled = enabled
         self._timeout = timeout
         self._declared: set[str] = set()
+        self._refused: dict[str, QueueArgumentsError] = {}
 
     async def __call__(self, spec: QueueSpec) -> None:
         if not self._enabled or spec.name in self._declared:
             return
+        if spec.name in self._refused:
+            raise self._refused[spec.name]
         # On a job's path: a broker that stops answering must fail the job's handling within
         # the publish timeout, as a publish does (it is requeued once), not hold its delivery
         # until the connection is judged dead minutes later.
@@ -62,6 +71,10 @@ class QueueDeclarer:
             raise BrokerUnavailableError(
                 f"The broker did not declare {spec.name} within {self._timeout:g} s."
             ) from e
+        except QueueArgumentsError as e:
+            log.error("%s; its model's jobs are refused until then", e)
+            self._refused[spec.name] = e
+            raise
         self._declared.add(spec.name)
 
 
@@ -104,7 +117,7 @@ class DispatcherService:
             registry=self.registry,
             cancellations=self.cancellations,
             ensure_queue=QueueDeclarer(
-                control_channel,
+                await self.broker.channel(),
                 enabled=self.settings.declare_topology,
                 timeout=self.settings.publish_timeout,
             ),

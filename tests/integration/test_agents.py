@@ -190,6 +190,37 @@ def test_a_restarted_dispatcher_routes_the_jobs_that_waited_for_it(router: Route
     assert fake.stats()["completed"] == 1
 
 
+def test_services_that_disagree_on_the_agent_queue_ttl_say_so_and_answer_at_once(
+    router: Router,
+) -> None:
+    """AGENT_QUEUE_TTL is part of the agent queues' arguments. A dispatcher with another one
+    used to log a traceback per heartbeat and leave jobs to their 120 s deadline; an agent
+    stopped with a traceback."""
+    fake = router.fake()
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    [first] = [s for s in router.stack.services if s.name == "dispatcher"]
+    first.stop()
+    other = router.stack.start("dispatcher", ["dispatcher"], **first.env, AGENT_QUEUE_TTL="10")
+    router.wait_listed("local_m")  # it heard a heartbeat, and tried to declare the queue
+    started = time.monotonic()
+    response = router.chat("local_m")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "queue_misconfigured"
+    assert time.monotonic() - started < 5
+    assert router.chat("dummy").status_code == 200
+    log = other.log()
+    assert log.count("exists with other arguments") == 1
+    assert "AGENT_QUEUE_TTL" in log and "Traceback" not in log
+
+    agent = router.agent("a2", fake, ready=False, AGENT_MODELS="local_m", AGENT_QUEUE_TTL="10")
+    wait_for(lambda: not agent.service.is_running(), timeout=15, message="agent still up")
+    assert agent.service.process is not None and agent.service.process.returncode == 1
+    log = agent.service.log()
+    assert "cannot start: queue" in log and "AGENT_QUEUE_TTL" in log
+    assert "Traceback" not in log
+
+
 def test_agent_tokens_are_checked(router: Router) -> None:
     heartbeat = httpx.post(
         f"{router.api}/heartbeat",

@@ -6,25 +6,33 @@ import asyncio
 from typing import Any
 
 import pytest
+from aio_pika.exceptions import ChannelPreconditionFailed
 
 from services.dispatcher.service import QueueDeclarer
 from shared.errors import BrokerUnavailableError
-from shared.topology import QueueSpec
+from shared.topology import QueueArgumentsError, QueueSpec
 
 SPEC = QueueSpec(name="ns.v1.durable.agent.local_a", durable=True)
 
 
 class Channel:
-    """Records declares; with `stalled`, the broker never answers one."""
+    """Records declares; with `stalled`, the broker never answers one; with `mismatched`, it
+    refuses it as RabbitMQ refuses a queue declared with other arguments."""
 
-    def __init__(self, *, stalled: bool = False) -> None:
+    def __init__(self, *, stalled: bool = False, mismatched: bool = False) -> None:
         self.stalled = stalled
+        self.mismatched = mismatched
         self.declared: list[str] = []
 
     async def declare_queue(self, name: str, **_: Any) -> None:
         self.declared.append(name)
         if self.stalled:
             await asyncio.Event().wait()
+        if self.mismatched:
+            raise ChannelPreconditionFailed(
+                f"PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue '{name}' "
+                "in vhost '/': received '10000' but current is '30000'"
+            )
 
 
 async def test_a_queue_is_declared_once() -> None:
@@ -50,3 +58,17 @@ async def test_under_least_privilege_nothing_is_declared() -> None:
     channel = Channel()
     await QueueDeclarer(channel, enabled=False)(SPEC)  # type: ignore[arg-type]
     assert channel.declared == []
+
+
+async def test_a_queue_with_other_arguments_is_logged_once_and_refused_from_then_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each refusal closes the declaring channel: the broker is asked once, not per job."""
+    channel = Channel(mismatched=True)
+    declarer = QueueDeclarer(channel, timeout=1)  # type: ignore[arg-type]
+    for _ in range(3):
+        with pytest.raises(QueueArgumentsError, match="AGENT_QUEUE_TTL"):
+            await declarer(SPEC)
+    assert channel.declared == [SPEC.name]
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "received '10000' but current is '30000'" in record.getMessage()
