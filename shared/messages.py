@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictFloat,
     StringConstraints,
     ValidationError,
@@ -278,22 +279,28 @@ class AgentRegistration(BaseModel):
 
 
 class AgentHeartbeat(BaseModel):
-    """`POST /heartbeat`: a full snapshot when `models` is given, else a plain sign of life."""
+    """`POST /heartbeat`: a full snapshot when `models` is given, else a plain sign of life.
+    With `leaving`, the agent's last word as it stops: count it dead from now."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: AgentName
     models: list[LocalModel] | None = Field(None, max_length=64)
     load: StrictFloat | None = Field(None, ge=0, le=1_000_000)  # not true, nor "5"
+    leaving: StrictBool = False
+
+    def to_json(self) -> bytes:
+        """Without the fields left at their defaults: a heartbeat without `leaving` reads the
+        same to an API or dispatcher that predates the field (both forbid unknown fields)."""
+        return self.model_dump_json(exclude_defaults=True).encode()
 
 
 def encode_control(message: AgentRegistration | AgentHeartbeat) -> Envelope:
-    kind = (
-        MessageType.AGENT_REGISTER
-        if isinstance(message, AgentRegistration)
-        else MessageType.AGENT_HEARTBEAT
-    )
-    return Envelope(type=kind, body=message.model_dump_json().encode(), headers=_version())
+    if isinstance(message, AgentRegistration):
+        kind, body = MessageType.AGENT_REGISTER, message.model_dump_json().encode()
+    else:
+        kind, body = MessageType.AGENT_HEARTBEAT, message.to_json()
+    return Envelope(type=kind, body=body, headers=_version())
 
 
 def decode_control(env: Envelope) -> AgentRegistration | AgentHeartbeat:

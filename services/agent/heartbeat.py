@@ -131,7 +131,7 @@ class Registrar:
                 models=self.registration.models,
                 load=self._load(),
             )
-            await self._post("/heartbeat", message.model_dump_json().encode())
+            await self._post("/heartbeat", message.to_json())
         except AgentTokenRefusedError as e:
             log.error("heartbeat refused (%s): check AGENT_TOKEN and AGENT_NAME", e)
             raise
@@ -140,6 +140,21 @@ class Registrar:
             return False
         self.heartbeats_sent += 1
         return True
+
+    async def leave(self, timeout: float = 2.0) -> None:
+        """Tell the router this agent is stopping, so dispatchers stop routing its models' jobs
+        to it now rather than one TTL after its last heartbeat. Best effort, bounded: a router
+        that does not answer lets the agent go after the TTL, as before."""
+        if not self.registered.is_set():
+            return
+        message = AgentHeartbeat(name=self.registration.name, leaving=True)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._post("/heartbeat", message.to_json())
+        except Exception as e:  # any failure: the TTL lets the agent go
+            log.warning("could not tell the router this agent is leaving: %s", _reason(e))
+            return
+        log.info("left the registry: no more jobs are routed to this agent")
 
     async def _post(self, path: str, body: bytes) -> None:
         response = await self._client.post(

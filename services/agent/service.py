@@ -351,9 +351,12 @@ class AgentService:
         if self.handler is not None:  # jobs still waiting for a slot go back to their queue
             self.handler.stop_starting("agent stopping")
         await _step("stopping intake", self.broker.stop_consuming(intake_only=True))
-        # No heartbeats while draining: the registry lets this agent go after the TTL, so
-        # dispatchers answer 503 at once instead of queueing jobs nobody will take.
+        # No heartbeats while draining, and a last one that says so: dispatchers count this
+        # agent dead at once, and answer its models 503 (if no other agent serves them)
+        # instead of queueing jobs nobody will take.
         await _step("stopping heartbeats", self._stop_heartbeats())
+        if self.registrar is not None:
+            await _step("leaving the registry", self.registrar.leave())
         await _step("draining", self.broker.drain(self.settings.drain_timeout))
         if self.container is not None:
             await _step("stopping the container", self.container.stop())

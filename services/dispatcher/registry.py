@@ -143,24 +143,28 @@ class AgentTable:
         """A heartbeat with `models` is a full snapshot; without, it only proves life.
 
         A heartbeat from an agent this dispatcher never saw registers it, so a dispatcher that
-        starts with an empty file converges within one heartbeat interval.
+        starts with an empty file converges within one heartbeat interval. A `leaving` one
+        (the agent is stopping) is dated one TTL back, just expired: its models stop being
+        routed to it at once instead of a TTL later, and stay known (503 until an agent serves
+        them again, not 404), and the agent is forgotten on the usual schedule.
         """
         known = self._agents.get(message.name)
         models = tuple(dict.fromkeys(message.models)) if message.models is not None else None
+        heard = math.nextafter(now - self.ttl, -math.inf) if message.leaving else now
         if known is None:
             record = AgentRecord(
                 name=message.name,
                 endpoint="",
                 models=models or (),
                 registered_at=now,
-                last_heartbeat=now,
+                last_heartbeat=heard,
                 load=message.load,
             )
         else:
             record = replace(
                 known,
                 models=models if models is not None else known.models,
-                last_heartbeat=now,
+                last_heartbeat=heard,
                 load=message.load if message.load is not None else known.load,
             )
         self.put(record)

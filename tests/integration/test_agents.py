@@ -171,6 +171,22 @@ def test_silent_agent_leaves_the_model_list_and_requests_fail_fast(router: Route
         agent.service.kill()
 
 
+def test_an_agent_that_stops_leaves_the_registry_at_once(router: Router) -> None:
+    """Not one TTL after its last heartbeat: meanwhile its model's jobs would wait in a queue
+    nobody consumes, until AGENT_QUEUE_TTL answered them 503."""
+    agent = router.agent("a1", router.fake(), AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    agent.service.signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    wait_for(lambda: "local_m" not in router.models(), timeout=TTL + 3, interval=0.05)
+    assert time.monotonic() - stopped < TTL / 2
+    response = router.chat("local_m")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_live_agent"  # known: not a 404
+    wait_for(lambda: not agent.service.is_running(), timeout=10, message="agent still up")
+    assert "left the registry" in agent.service.log()
+
+
 def test_a_restarted_dispatcher_routes_the_jobs_that_waited_for_it(router: Router) -> None:
     """The agents kept serving while the only dispatcher was down for longer than the TTL:
     the job queued meanwhile goes to them, though the registry the dispatcher reloads has

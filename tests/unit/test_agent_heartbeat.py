@@ -184,3 +184,26 @@ async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
             if predicate():
                 return
             await asyncio.sleep(0.005)
+
+
+async def test_a_stopping_agent_says_it_is_leaving_once_registered() -> None:
+    api = Api([])
+    r = registrar(api, [True])
+    await r.leave()
+    assert api.seen == []  # never registered: nobody routes to it
+    await r.register()
+    await r.leave()
+    assert api.seen[-1] == ("/heartbeat", "Bearer tok1", {"name": "gpu1", "leaving": True})
+
+
+@pytest.mark.parametrize("failure", [503, httpx.ConnectError("refused")])
+async def test_a_leave_the_router_does_not_take_is_logged_not_raised(
+    failure: int | Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The TTL lets the agent go anyway; its stop goes on."""
+    api = Api([])
+    r = registrar(api, [True])
+    await r.register()
+    api.statuses = [failure]
+    await r.leave()
+    assert "could not tell the router this agent is leaving" in caplog.text

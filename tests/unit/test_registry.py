@@ -159,6 +159,26 @@ def test_a_dispatcher_cut_off_routes_the_models_live_when_it_lost_the_channel() 
     assert table.view(10_011).live == set()
 
 
+def test_a_leaving_agent_is_dead_at_once_and_its_models_stay_known() -> None:
+    """503 until an agent serves them again, not 404; other agents of a model keep it live."""
+    table = AgentTable(ttl=10)
+    table.register(REG, now=100)  # local_a, local_b
+    table.register(AgentRegistration(name="gpu2", models=["local_b"]), now=100)
+    table.heartbeat(AgentHeartbeat(name="gpu1", leaving=True), now=101)
+    view = table.view(101)
+    assert view.live == {"local_b"} and view.known == {"local_a", "local_b"}
+    table.heartbeat(AgentHeartbeat(name="gpu1", models=["local_a", "local_b"]), now=105)
+    assert table.view(105).live == {"local_a", "local_b"}  # back after its restart
+
+
+def test_a_leaving_agent_is_forgotten_on_the_usual_schedule(tmp_path: Path) -> None:
+    registry = Registry(AgentTable(ttl=10), SqliteStore(str(tmp_path / "r")), forget_after=100)
+    registry.record(REG, now=0)
+    registry.record(AgentHeartbeat(name="gpu1", leaving=True), now=50)
+    assert registry.view(60).known == {"local_a", "local_b"}
+    assert registry.view(150).known == set()
+
+
 def test_a_model_dropped_by_its_last_agent_is_no_longer_live() -> None:
     table = AgentTable(ttl=10)
     table.register(REG, now=100)
