@@ -82,8 +82,13 @@ HELP = ("-h", "--help")
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in COMMANDS:
-        print(__doc__)
-        sys.exit(0 if args and args[0] in HELP else 2)
+        if args and args[0] in HELP:
+            print(__doc__)
+            sys.exit(0)
+        print(__doc__, file=sys.stderr)
+        said = f"unknown command {args[0]!r}" if args else "a command is needed"
+        print(f"router: {said}", file=sys.stderr)
+        sys.exit(2)
     command, rest = args[0], args[1:]
     if command in NO_ARGUMENTS and rest:
         usage = (

@@ -559,10 +559,18 @@ class Broker:
         """Wait for in-flight handlers to finish, then cancel those still running."""
         if not self._inflight:
             return
+        running = len(self._inflight)
+        log.info("draining %d job(s) in flight (up to %gs)", running, timeout)
         _, pending = await asyncio.wait(set(self._inflight), timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
+            log.warning(
+                "%d of %d job(s) still running after DRAIN_TIMEOUT (%gs): cut off",
+                len(pending),
+                running,
+                timeout,
+            )
             await asyncio.wait(pending, timeout=1.0)
 
     async def close(self) -> None:

@@ -367,6 +367,7 @@ class AgentService:
         await _step("closing the router client", self.router.aclose())
         if self._web is not None:
             await _step("stopping the health server", self._web.cleanup())
+        log.info("agent %s stopped", self.settings.agent_name)
 
     async def _stop_heartbeats(self) -> None:
         """Cancel the heartbeat task; raises what it died of, if it died, except a refused

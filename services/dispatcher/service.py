@@ -200,6 +200,7 @@ class DispatcherService:
         await self.broker.close()
         await self.cache.aclose()
         self.registry.close()
+        log.info("dispatcher %s stopped", self.process_id)
 
 
 async def run(settings: DispatcherSettings, stop: asyncio.Event) -> None:

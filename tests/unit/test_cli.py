@@ -286,3 +286,16 @@ def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str
     assert "cannot serve /health on " in done.stderr and f":{port}: " in done.stderr
     assert f"choose another {variable}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"), [(["nosuch"], "unknown command 'nosuch'"), ([], "a command is needed")]
+)
+def test_a_missing_or_unknown_command_is_said_with_the_usage(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "router api | dispatcher | agent" in err and err.rstrip().endswith(f"router: {said}")
