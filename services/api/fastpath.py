@@ -97,7 +97,11 @@ class ChatRoute:
             response = await self.completions(request, client.id, client.check_model)
         except RouterError as e:
             # The endpoint names its requests; an error before it (a bad key) gets an id here.
-            response = error_response(e, e.headers.get("x-request-id") or uuid.uuid4().hex)
+            request_id = e.headers.get("x-request-id") or uuid.uuid4().hex
+            # One line per refusal, so the id a client quotes leads somewhere. Not per success:
+            # the hot path writes no log line (the dispatcher's names each job).
+            log.info("request %s answered %d %s: %s", request_id, e.status, e.code, e.message)
+            response = error_response(e, request_id)
         except Exception as e:
             response = unexpected_response(e, CHAT_PATH)
         await response(scope, receive, send)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.integration.conftest import sdk_client
-from tests.support.procs import Stack, free_port, wait_http
+from tests.support.procs import Stack, free_port, wait_for, wait_http
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -123,6 +123,20 @@ def test_schema_violations_name_the_param(api_url: str, body: dict, param: str) 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b'"text"', b"\xff\xfe{}"])
 def test_malformed_bodies_are_400(api_url: str, content: bytes) -> None:
     _assert_openai_error(_post(api_url, content), 400)
+
+
+def test_a_refusal_is_logged_under_the_request_id_it_answered(api_url: str, stack: Stack) -> None:
+    """A client quotes `x-request-id`; the api's log must know it, though it logs no success."""
+    response = _post(api_url, orjson.dumps({"model": "dummy", "messages": []}))
+    request_id = response.headers["x-request-id"]
+    [api] = [s for s in stack.services if s.name == "api"]
+    wait_for(lambda: request_id in api.log(), timeout=5, message="refusal not logged")
+    [line] = [line for line in api.log().splitlines() if request_id in line]
+    assert line.endswith(
+        f"request {request_id} answered 400 empty_array: " + "Invalid value "
+        "for 'messages': List should have at least 1 item after validation, "
+        "not 0."
+    )
 
 
 def test_unknown_fields_pass_through(client: openai.OpenAI) -> None:
