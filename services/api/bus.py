@@ -39,6 +39,7 @@ from shared.topology import Topology, cancel_routing_key, declare_queue, declare
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL = 1.0  # seconds between attempts, as the robust connections reconnect
+STILL_DOWN_EVERY = 30.0  # seconds between reminders that the broker is still not usable
 
 
 def _describe(exc: BaseException) -> str:
@@ -78,15 +79,22 @@ class ApiBus:
             self._connector = asyncio.create_task(self._keep_connecting())
 
     async def _keep_connecting(self) -> None:
-        """Try again every second until connected, whatever failed; `stop()` cancels it."""
+        """Try again every second until connected, whatever failed; `stop()` cancels it. Said
+        again every STILL_DOWN_EVERY seconds: an operator looking at the log an hour later
+        (every request answered 503) must not find only the first line."""
+        started = next_said = time.monotonic()
         while True:
             await asyncio.sleep(RECONNECT_INTERVAL)
             try:
                 await self._connect()
-            except RouterError:
-                continue  # the broker is still down: said once, at start
-            except Exception as e:  # aiormq or aio-pika failing mid-declare, bind or consume
-                log.warning("broker attach failed (%s); retrying", _describe(e))
+            except Exception as e:  # the broker, or aiormq or aio-pika mid-declare, bind or consume
+                if time.monotonic() >= next_said + STILL_DOWN_EVERY:
+                    next_said = time.monotonic()
+                    log.warning(
+                        "broker still not usable after %.0fs (%s); answering 503, retrying",
+                        next_said - started,
+                        _describe(e),
+                    )
                 continue
             log.info("connected to the broker")
             return
