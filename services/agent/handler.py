@@ -119,7 +119,7 @@ class AgentHandler:
 
     async def _handle(self, job: Job, delivery: Delivery) -> str:
         if self.cancellations.is_cancelled(job.request_id):
-            return "dropped: cancelled by its client"
+            return "dropped: cancelled by the api"
         if job.remaining(self.clock()) <= 0:
             return "dropped: deadline passed"
         attempt = new_attempt()
@@ -141,7 +141,7 @@ class AgentHandler:
             finished = await self.cancellations.run(job.request_id, run.go())
         finally:
             self.in_flight -= 1
-        return run.outcome if finished else "cancelled by its client"
+        return run.outcome if finished else "cancelled by the api"
 
 
 class _Run:

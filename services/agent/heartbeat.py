@@ -151,8 +151,12 @@ class Registrar:
         try:
             async with asyncio.timeout(timeout):
                 await self._post("/heartbeat", message.to_json())
-        except Exception as e:  # any failure: the TTL lets the agent go
-            log.warning("could not tell the router this agent is leaving: %s", _reason(e))
+        except Exception as e:  # any failure (an api stopping too, as in `router dev`)
+            log.info(
+                "could not tell the router this agent is leaving (%s): dispatchers let it go "
+                "after HEARTBEAT_TTL",
+                _reason(e),
+            )
             return
         log.info("left the registry: no more jobs are routed to this agent")
 

@@ -282,7 +282,8 @@ class AgentService:
     async def _on_cancel(self, env: Envelope, _: Delivery) -> None:
         request_id = decode_cancel(env)
         if self.cancellations.cancel(request_id, time.time()):
-            log.info("job %s cancelled by its client: upstream call aborted", request_id)
+            # The api cancels a job whose client left, or a re-run nobody waits for any more.
+            log.info("job %s cancelled by the api: upstream call aborted", request_id)
 
     # --- the inference server's health ----------------------------------------------------------
     async def _watch_upstream(self) -> None:

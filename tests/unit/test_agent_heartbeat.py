@@ -203,6 +203,7 @@ async def test_a_leave_the_router_does_not_take_is_logged_not_raised(
     """The TTL lets the agent go anyway; its stop goes on."""
     api = Api([])
     r = registrar(api, [True])
+    caplog.set_level("INFO")
     await r.register()
     api.statuses = [failure]
     await r.leave()

@@ -67,7 +67,7 @@ class ProviderWorker:
         job = decode_job(env)
         name = self.provider.name
         if self.cancellations.is_cancelled(job.request_id):
-            log.info("%s job %s dropped: cancelled by its client", name, job.request_id)
+            log.info("%s job %s dropped: cancelled by the api", name, job.request_id)
             return
         if job.remaining(self.clock()) <= 0:
             log.info("%s job %s dropped: deadline passed before the call", name, job.request_id)
