@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TypeGuard
 
 SHOULD_RETRY = "x-should-retry"
@@ -49,3 +50,61 @@ def relayable(headers: Mapping[str, object]) -> dict[str, str]:
 
 def _is_plain_text(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and value.isascii() and value.isprintable()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheControl:
+    """A request's `Cache-Control`, as the response cache reads it: `no-cache` skips the
+    lookup, `no-store` the write, and `max-age` (seconds) refuses a stored answer older than
+    that. The API sends the job on with `header()`, so nothing a client puts before a
+    directive (a long `private="..."`, another header line) can push it out of the job."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    max_age: int | None = None
+
+    def header(self) -> str | None:
+        """The canonical header for these directives; None for none."""
+        parts = [
+            name for name, on in (("no-cache", self.no_cache), ("no-store", self.no_store)) if on
+        ]
+        if self.max_age is not None:
+            parts.append(f"max-age={self.max_age}")
+        return ", ".join(parts) or None
+
+
+# RFC 9111 §1.2.2: a delta-seconds past 2**31 is taken as 2**31.
+_MAX_DELTA_SECONDS = 2**31
+
+
+def parse_cache_control(value: str | None) -> CacheControl:
+    """Parse a `Cache-Control` request header (case-insensitive; other directives ignored).
+    Repeated header lines form one list (RFC 9110 §5.3): join them with commas first.
+
+    `max-age=0` means the client accepts no stored answer, so it counts as `no-cache`.
+    """
+    if not value:
+        return CacheControl()
+    directives = set()
+    max_age: int | None = None
+    for part in value.split(","):
+        name, _, argument = part.strip().partition("=")
+        name = name.strip().lower()
+        if name == "max-age":
+            seconds = _delta_seconds(argument)
+            if seconds is not None:
+                max_age = seconds if max_age is None else min(max_age, seconds)
+            continue
+        directives.add(name)
+    return CacheControl(
+        no_cache="no-cache" in directives or max_age == 0,
+        no_store="no-store" in directives,
+        max_age=max_age or None,
+    )
+
+
+def _delta_seconds(argument: str) -> int | None:
+    text = argument.strip().strip('"')
+    if not text.isascii() or not text.isdigit():
+        return None
+    return _MAX_DELTA_SECONDS if len(text) > 10 else min(int(text), _MAX_DELTA_SECONDS)

@@ -32,7 +32,7 @@ from shared.errors import (
     RouterError,
     UpstreamError,
 )
-from shared.http_headers import relayable
+from shared.http_headers import parse_cache_control, relayable
 from shared.messages import Job, Reply, ReplyKind
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ class CompletionsEndpoint:
             stream=view.stream,
             include_usage=view.include_usage,
             tenant=tenant,
-            # Passed on as sent (bounded); the dispatcher reads `no-cache` and `no-store`.
-            cache_control=request.headers.get("cache-control", "")[:256] or None,
+            cache_control=parse_cache_control(
+                ", ".join(request.headers.getlist("cache-control"))
+            ).header(),
         )
         call = self.bus.replies.open(request_id, view.model)
         watcher = watch_disconnect(request.receive, call)

@@ -60,7 +60,7 @@ from services.dispatcher.cache_key import (
     lock_key,
     plan_request,
 )
-from services.dispatcher.cache_replay import EntryError, hit_payload, is_storable
+from services.dispatcher.cache_replay import EntryError, hit_payload, is_storable, stored_age
 from services.dispatcher.resp import PipelinedRedis
 from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Delivery
@@ -514,7 +514,7 @@ class JobCache:
         if plan.lookup:
             # Takes the lock too when nothing is there; reads the lock only for single flight.
             probe = await store.probe(key, lock, lock_state=single_flight)
-            if probe.entry is not None and (hit := self._hit(job, probe.entry)):
+            if probe.entry is not None and (hit := self._hit(job, probe.entry, plan.max_age)):
                 return hit
             locked, acquired = probe.locked, probe.acquired
         if lock is not None and not locked and not acquired:
@@ -525,7 +525,7 @@ class JobCache:
             self._lead(job.request_id, key, now=now, expires=now + ttl)
         if locked and plan.lookup and single_flight:
             entry = await self._follow(job, store, key)
-            if entry is not None and (hit := self._hit(job, entry)):
+            if entry is not None and (hit := self._hit(job, entry, plan.max_age)):
                 return hit
         status = MISS if plan.lookup else BYPASS
         return Proceed(job.with_changes(cache_status=status, cache_key=key if plan.store else None))
@@ -549,7 +549,11 @@ class JobCache:
         except CacheUnavailableError as e:
             log.info("lock of cancelled job %s left to expire: %s", request_id, e)
 
-    def _hit(self, job: Job, entry: bytes) -> Hit | None:
+    def _hit(self, job: Job, entry: bytes, max_age: int | None = None) -> Hit | None:
+        if max_age is not None:
+            age = stored_age(entry, self.clock())
+            if age is None or age > max_age:  # older than the client accepts: a miss
+                return None
         try:
             payload = hit_payload(
                 entry, job.request_id, stream=job.stream, include_usage=job.include_usage

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from shared.http_headers import parse_cache_control
 from shared.topology import MODEL_NAME_RE
 
 # Fields that change how an answer travels or is accounted, never what it says.
@@ -79,31 +80,6 @@ class CachePolicy:
         return match["model"] if match else None
 
 
-@dataclass(frozen=True, slots=True)
-class CacheControl:
-    """The request's `Cache-Control`: `no-cache` skips the lookup, `no-store` the write."""
-
-    no_cache: bool = False
-    no_store: bool = False
-
-
-def parse_cache_control(value: str | None) -> CacheControl:
-    """Parse a `Cache-Control` request header (case-insensitive; other directives ignored).
-
-    `max-age=0` means the client accepts no stored answer, so it counts as `no-cache`.
-    """
-    if not value:
-        return CacheControl()
-    directives = set()
-    for part in value.split(","):
-        name, _, argument = part.strip().partition("=")
-        name = name.strip().lower()
-        if name == "max-age" and argument.strip().strip('"') == "0":
-            name = "no-cache"
-        directives.add(name)
-    return CacheControl(no_cache="no-cache" in directives, no_store="no-store" in directives)
-
-
 def _normalised(value: Any) -> Any:
     # 1.0 and 1 are one key; past 64 bits a float stays a float (orjson writes no bigger int).
     if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
@@ -158,7 +134,9 @@ def is_deterministic(data: dict[str, Any]) -> bool:
     temperature = data.get("temperature")
     seed = data.get("seed")
     zero = isinstance(temperature, int | float) and not isinstance(temperature, bool)
-    return (zero and temperature == 0) or (isinstance(seed, int) and not isinstance(seed, bool))
+    # A seed written `5.0` is 5: the API accepts it, and the key writes it so.
+    whole = isinstance(seed, int) or (isinstance(seed, float) and seed.is_integer())
+    return (zero and temperature == 0) or (whole and not isinstance(seed, bool))
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +152,7 @@ class CachePlan:
     lookup: bool = False
     store: bool = False
     deterministic: bool = False
+    max_age: int | None = None  # a stored answer older than this (seconds) is not served
 
 
 BYPASS = CachePlan()
@@ -207,4 +186,5 @@ def plan_request(
         lookup=lookup,
         store=store,
         deterministic=deterministic,
+        max_age=control.max_age,
     )

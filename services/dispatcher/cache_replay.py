@@ -60,6 +60,17 @@ def completion_id(request_id: str) -> str:
     return f"chatcmpl-{request_id}"
 
 
+def stored_age(stored: bytes, now: float) -> float | None:
+    """Seconds since the stored answer was made (its `created`); None if it does not say."""
+    try:
+        created = _completion(stored).get("created")
+    except EntryError:
+        return None
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        return None
+    return now - created
+
+
 def hit_body(stored: bytes, request_id: str) -> bytes:
     """The stored completion under this request's id. Raises EntryError on a bad entry."""
     data = _completion(stored)

@@ -226,6 +226,41 @@ def test_cache_control_skips_the_lookup_or_the_write(cache: CacheStack) -> None:
     assert cache.chat(body).headers["x-cache"] == "hit"
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [("cache-control", "max-stale"), ("cache-control", "no-store")],  # a line of its own
+        [("cache-control", f'private="{"x" * 300}", no-store')],  # after a long directive
+    ],
+    ids=["second-line", "after-300-characters"],
+)
+def test_no_store_is_heard_wherever_the_client_put_it(
+    cache: CacheStack, lines: list[tuple[str, str]]
+) -> None:
+    body = question()
+    first = httpx.post(
+        f"{cache.api}/v1/chat/completions",
+        json=body,
+        headers=[("authorization", f"Bearer {KEYS['alice']}"), *lines],
+        timeout=25,
+    )
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    time.sleep(0.3)
+    assert not cache.is_stored(body)
+
+
+def test_max_age_refuses_an_answer_older_than_it(cache: CacheStack) -> None:
+    body = question()
+    assert cache.chat(body).headers["x-cache"] == "miss"
+    cache.wait_stored(body)
+    assert cache.chat(body, headers={"cache-control": "max-age=60"}).headers["x-cache"] == "hit"
+    time.sleep(2.1)  # `created` counts whole seconds
+    assert cache.chat(body, headers={"cache-control": "max-age=1"}).headers["x-cache"] == "miss"
+    assert cache.chat(body, headers={"cache-control": "max-age=00"}).headers["x-cache"] == (
+        "bypass"  # zero, however written: no stored answer at all
+    )
+
+
 @pytest.mark.parametrize("tools", [False, True], ids=["text", "tool-calls"])
 def test_a_stream_after_a_json_call_is_replayed_from_the_cache(
     cache: CacheStack, tools: bool

@@ -9,7 +9,6 @@ import pytest
 
 from services.dispatcher.cache_key import (
     BYPASS,
-    CacheControl,
     CachePlan,
     CachePolicy,
     cache_key,
@@ -17,10 +16,10 @@ from services.dispatcher.cache_key import (
     done_channel,
     is_deterministic,
     lock_key,
-    parse_cache_control,
     plan_request,
     tenant_scope,
 )
+from shared.http_headers import CacheControl, parse_cache_control
 
 POLICY = CachePolicy(prefix="router:cache:v1", ttl=3600)
 BASE: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -115,13 +114,19 @@ def test_policy_reads_a_model_only_from_entry_keys_it_could_make() -> None:
         ("no-cache, no-store", CacheControl(no_cache=True, no_store=True)),
         ("max-age=0", CacheControl(no_cache=True)),
         ('max-age="0"', CacheControl(no_cache=True)),
-        ("max-age=60", CacheControl()),
+        ("max-age=60", CacheControl(max_age=60)),
+        ("max-age=00", CacheControl(no_cache=True)),
+        ("max-age=60, max-age=5", CacheControl(max_age=5)),
+        ("max-age=abc, max-age=-1", CacheControl()),
+        ("max-age=" + "9" * 40, CacheControl(max_age=2**31)),
         ("private, no-store , x-other=1", CacheControl(no_store=True)),
         ("no-cacheX", CacheControl()),
     ],
 )
 def test_cache_control(header: str | None, expected: CacheControl) -> None:
     assert parse_cache_control(header) == expected
+    # What the API puts on the job reads the same to the dispatcher.
+    assert parse_cache_control(expected.header()) == expected
 
 
 @pytest.mark.parametrize(
@@ -132,6 +137,8 @@ def test_cache_control(header: str | None, expected: CacheControl) -> None:
         ({"temperature": 0.0}, True),
         ({"temperature": 0.2}, False),
         ({"seed": 7}, True),
+        ({"seed": 7.0}, True),  # 7, as the API and the key read it
+        ({"seed": 7.5}, False),
         ({"seed": 0, "temperature": 1.5}, True),
         ({"seed": None}, False),
         ({"seed": True}, False),
