@@ -108,8 +108,9 @@ class Job:
 
     `deadline` is a Unix time: nobody spends upstream tokens on a job past it. `cache_key` is
     set by the dispatcher on a cacheable miss, and asks whoever finishes the job to publish a
-    `job.completed` event. `cache_control` is what the cache reads of the client's `Cache-Control`
-    (`no-cache`, `no-store`, `max-age=N`; `CacheControl.header()`), carried for the dispatcher; `cache_status` is the dispatcher's verdict (`hit`,
+    `job.completed` event. `cache_control` is what the cache reads of the client's
+    `Cache-Control` (`no-cache`, `no-store`, `max-age=N`, as `CacheControl.header()` writes
+    them), carried for the dispatcher; `cache_status` is the dispatcher's verdict (`hit`,
     `miss`, `bypass`), which every reply to the job carries as its `x-cache` header.
     """
 
