@@ -94,6 +94,21 @@ def test_a_bad_setting_is_one_line_per_variable_and_exit_2(
     assert "router-host" not in err and "many" not in err  # values are not repeated
 
 
+def refused_settings(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    settings: type[BaseSettings],
+    env: dict[str, str],
+) -> str:
+    """What `router svc` prints when `settings` refuse `env`; it must exit 2."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exit_:
+        load_settings(settings, "svc")
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("env", "line"),
     [
@@ -118,13 +133,8 @@ def test_malformed_credentials_are_a_bad_setting_not_a_traceback(
     env: dict[str, str],
     line: str,
 ) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as exit_:
-        load_settings(ApiSettings, "api")
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert err.splitlines() == ["router api: invalid configuration", line]
+    err = refused_settings(monkeypatch, capsys, ApiSettings, env)
+    assert err.splitlines() == ["router svc: invalid configuration", line]
     assert "sk-" not in err  # the secret is never echoed
 
 
@@ -181,12 +191,7 @@ def test_a_setting_the_service_could_not_use_is_refused_at_start(
 ) -> None:
     """Each of these used to pass the settings and fail later: a traceback, or (a broker URL
     without its scheme) a service retrying for ever, deaf to SIGTERM, logging the password."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(SystemExit) as exit_:
-        load_settings(settings, "svc")
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
+    err = refused_settings(monkeypatch, capsys, settings, env)
     assert err.splitlines() == ["router svc: invalid configuration", line]
     assert "canary" not in err
 
