@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 
 import pytest
 
@@ -11,6 +10,7 @@ from services.api import bus as bus_module
 from services.api.bus import ApiBus
 from services.api.settings import ApiSettings
 from shared.topology import topology_for
+from tests.support.heap import collect_unheard
 
 
 async def test_a_broker_still_down_is_said_again_now_and_then(
@@ -27,7 +27,7 @@ async def test_a_broker_still_down_is_said_again_now_and_then(
         await bus.stop()
         # aio-pika drops a connection that failed to open without closing it; its __del__
         # schedules the close. Let that happen now, on this test's loop.
-        gc.collect()
+        collect_unheard()
         await asyncio.sleep(0.05)
     said = [r.getMessage() for r in caplog.records if r.name == "services.api.bus"]
     assert said[0].startswith("broker not usable at start (cannot connect to the broker at ")

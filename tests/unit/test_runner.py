@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import sys
 import time
 import weakref
 from collections.abc import Iterator
@@ -11,19 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from shared.runner import settle_heap
+from tests.support.heap import collect_unheard
 
 
 @pytest.fixture
 def restored_gc() -> Iterator[None]:
-    # settle_heap() collects: first collect, unheard, what earlier tests on this worker left
-    # unreachable (an aio-pika connection dropped unclosed schedules its close from __del__,
-    # on a loop that may never run it), or pytest would blame its warnings on this test.
-    hook = sys.unraisablehook
-    sys.unraisablehook = lambda _: None
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
+    collect_unheard()  # settle_heap() collects: not other tests' garbage on this test's account
     yield
     gc.unfreeze()  # the test process's heap goes back under the collector
 
