@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -225,8 +226,21 @@ def create_app(settings: ApiSettings) -> RouterApp:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI error object; nothing else (no traceback) ever does."""
 
-    async def on_router_error(_: Request, exc: Exception) -> Response:
-        return error_response(exc)
+    async def on_router_error(request: Request, exc: Exception) -> Response:
+        # Logged under the id it answers, as the chat route's refusals: a refused agent token
+        # on /heartbeat is an operator's business too.
+        assert isinstance(exc, RouterError)
+        request_id = uuid.uuid4().hex
+        log.info(
+            "%s %s (request %s) answered %d %s: %s",
+            request.method,
+            request.url.path,
+            request_id,
+            exc.status,
+            exc.code,
+            exc.message,
+        )
+        return error_response(exc, request_id)
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
