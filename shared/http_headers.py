@@ -108,3 +108,9 @@ def _delta_seconds(argument: str) -> int | None:
     if not text.isascii() or not text.isdigit():
         return None
     return _MAX_DELTA_SECONDS if len(text) > 10 else min(int(text), _MAX_DELTA_SECONDS)
+
+
+def cache_directives(lines: list[str]) -> str | None:
+    """What a job carries of a request's `Cache-Control` lines: `CacheControl.header()` of them
+    all (repeated lines form one list, RFC 9110 §5.3); None, unparsed, without the header."""
+    return parse_cache_control(", ".join(lines)).header() if lines else None

@@ -407,9 +407,8 @@ async def run(settings: AgentSettings, stop: asyncio.Event) -> None:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             failure = starting.exception()
-            if failure is not None and not isinstance(
-                failure, StartupError
-            ):  # logged by the runner
+            # A StartupError is the runner's to log: one line, no traceback.
+            if failure is not None and not isinstance(failure, StartupError):
                 log.error("agent %s failed to start: %s", settings.agent_name, failure)
             starting.result()  # a failed start raises here
             await service.serve(stopping)

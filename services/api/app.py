@@ -21,7 +21,13 @@ from services.api.agents import AgentEndpoints
 from services.api.bus import ApiBus
 from services.api.client_auth import Client, ClientKeys, visible_models
 from services.api.completions import CompletionsEndpoint
-from services.api.fastpath import ChatRoute, RouterApp, error_response, unexpected_response
+from services.api.fastpath import (
+    ChatRoute,
+    RouterApp,
+    error_response,
+    refusal_response,
+    unexpected_response,
+)
 from services.api.openapi import (
     MODEL_LIST_SCHEMA,
     MODEL_REF,
@@ -227,20 +233,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI error object; nothing else (no traceback) ever does."""
 
     async def on_router_error(request: Request, exc: Exception) -> Response:
-        # Logged under the id it answers, as the chat route's refusals: a refused agent token
-        # on /heartbeat is an operator's business too.
-        assert isinstance(exc, RouterError)
-        request_id = uuid.uuid4().hex
-        log.info(
-            "%s %s (request %s) answered %d %s: %s",
-            request.method,
-            request.url.path,
-            request_id,
-            exc.status,
-            exc.code,
-            exc.message,
-        )
-        return error_response(exc, request_id)
+        assert isinstance(exc, RouterError)  # a refused agent token on /heartbeat, say
+        return refusal_response(exc, uuid.uuid4().hex, request.method, request.url.path)
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -32,7 +32,7 @@ from shared.errors import (
     RouterError,
     UpstreamError,
 )
-from shared.http_headers import parse_cache_control, relayable
+from shared.http_headers import cache_directives, relayable
 from shared.messages import Job, Reply, ReplyKind
 
 log = logging.getLogger(__name__)
@@ -139,9 +139,7 @@ class CompletionsEndpoint:
             stream=view.stream,
             include_usage=view.include_usage,
             tenant=tenant,
-            cache_control=parse_cache_control(
-                ", ".join(request.headers.getlist("cache-control"))
-            ).header(),
+            cache_control=cache_directives(request.headers.getlist("cache-control")),
         )
         call = self.bus.replies.open(request_id, view.model)
         watcher = watch_disconnect(request.receive, call)

@@ -60,6 +60,21 @@ def error_response(exc: BaseException, request_id: str = "") -> Response:
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
+def refusal_response(exc: RouterError, request_id: str, method: str, path: str) -> Response:
+    """`error_response`, logged at INFO under the id the answer carries: the `x-request-id` a
+    client quotes must lead somewhere. Successes write no line (the dispatcher names each job)."""
+    log.info(
+        "%s %s: request %s answered %d %s: %s",
+        method,
+        path,
+        request_id,
+        exc.status,
+        exc.code,
+        exc.message,
+    )
+    return error_response(exc, request_id)
+
+
 def with_request_id(send: Send) -> Send:
     """`send`, adding a fresh `x-request-id` to a response that has none."""
 
@@ -98,10 +113,7 @@ class ChatRoute:
         except RouterError as e:
             # The endpoint names its requests; an error before it (a bad key) gets an id here.
             request_id = e.headers.get("x-request-id") or uuid.uuid4().hex
-            # One line per refusal, so the id a client quotes leads somewhere. Not per success:
-            # the hot path writes no log line (the dispatcher's names each job).
-            log.info("request %s answered %d %s: %s", request_id, e.status, e.code, e.message)
-            response = error_response(e, request_id)
+            response = refusal_response(e, request_id, "POST", CHAT_PATH)
         except Exception as e:
             response = unexpected_response(e, CHAT_PATH)
         await response(scope, receive, send)

@@ -236,10 +236,9 @@ def _types_in(annotation: Any) -> Iterator[Any]:
 
 def _models_in(annotation: Any) -> Iterator[type[BaseModel]]:
     """The models an annotation refers to (`list[ChatMessage] | None` -> ChatMessage)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        yield annotation
-    for arg in get_args(annotation):
-        yield from _models_in(arg)
+    for kind in _types_in(annotation):
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            yield kind
 
 
 def _without_union_tags(

@@ -129,14 +129,20 @@ def done_channel(key: str) -> str:
     return f"{key}:done"
 
 
+def whole_number(value: Any) -> int | None:
+    """A JSON integer, `2.0` included (JSON Schema counts both, the API accepts both, and the
+    key writes both as 2); None for anything else, booleans too."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def is_deterministic(data: dict[str, Any]) -> bool:
     """Temperature 0 or a seed: the same request should get the same answer."""
     temperature = data.get("temperature")
     seed = data.get("seed")
     zero = isinstance(temperature, int | float) and not isinstance(temperature, bool)
-    # A seed written `5.0` is 5: the API accepts it, and the key writes it so.
-    whole = isinstance(seed, int) or (isinstance(seed, float) and seed.is_integer())
-    return (zero and temperature == 0) or (whole and not isinstance(seed, bool))
+    return (zero and temperature == 0) or whole_number(seed) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ from typing import Any
 
 import orjson
 
+from services.dispatcher.cache_key import whole_number
+
 PLACEHOLDER = "Hello world"
 _PIECES = ("Hello", " world")
 
@@ -35,8 +37,10 @@ class DummyAnswer:
             request = {}
         if not isinstance(request, dict):
             request = {}
-        choices = _whole(request.get("n"))
-        limit = _whole(request.get("max_completion_tokens")) or _whole(request.get("max_tokens"))
+        choices = whole_number(request.get("n"))
+        limit = whole_number(request.get("max_completion_tokens")) or whole_number(
+            request.get("max_tokens")
+        )
         pieces: tuple[str, ...] = _PIECES
         if limit is not None and 0 < limit < len(_PIECES):
             pieces = _PIECES[:limit]
@@ -56,16 +60,6 @@ class DummyAnswer:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
-
-
-def _whole(value: Any) -> int | None:
-    """A JSON integer, `2.0` included: the API accepts it as 2 (as JSON Schema does), and the
-    cache key writes it as 2, so it must answer as 2 does."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value if isinstance(value, int) else None
 
 
 def completion(request_id: str, model: str, created: int, answer: DummyAnswer) -> bytes:

@@ -78,18 +78,16 @@ class AgentTable:
 
     def __init__(self, ttl: float) -> None:
         self.ttl = ttl
-        self._warm_until = -math.inf  # not listening yet: no warm-up
-        self._listened = False
+        self._warm_until = -math.inf  # never listened yet: no warm-up
         self._carried: frozenset[str] = frozenset()
         self._agents: dict[str, AgentRecord] = {}
         self._model_last_seen: dict[str, float] = {}
 
     def start_listening(self, now: float) -> None:
         """Registrations and heartbeats reach this table from `now` on: warm up for one TTL."""
-        if not self._listened:  # a (re)started dispatcher: live when its file was last written
+        if self._warm_until == -math.inf:  # a (re)started dispatcher: live at the file's last write
             last_heard = max((r.last_heartbeat for r in self._agents.values()), default=now)
             self._carried = self._live_at(last_heard)
-            self._listened = True
         self._warm_until = now + self.ttl
 
     def stop_listening(self, now: float) -> None:

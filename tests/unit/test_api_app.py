@@ -156,7 +156,7 @@ async def test_a_refusal_outside_the_chat_route_is_logged_under_its_request_id(
 ) -> None:
     """A refused agent on /heartbeat is an operator's business: the log names the id the
     answer carries, as for the chat route's refusals."""
-    caplog.set_level(logging.INFO, logger="services.api.app")
+    caplog.set_level(logging.INFO, logger="services.api.fastpath")
     app = create_app(ApiSettings(rabbitmq_url=NO_BROKER, agent_token_secret="s" * 32))
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
@@ -164,6 +164,6 @@ async def test_a_refusal_outside_the_chat_route_is_logged_under_its_request_id(
     assert response.status_code == 401
     [request_id] = response.headers.get_list("x-request-id")
     assert [r.getMessage() for r in caplog.records if request_id in r.getMessage()] == [
-        f"POST /heartbeat (request {request_id}) answered 401 invalid_api_key: "
+        f"POST /heartbeat: request {request_id} answered 401 invalid_api_key: "
         "Missing agent token: send `Authorization: Bearer <token>`."
     ]
