@@ -41,7 +41,14 @@ from bench.series import (
     sanity_check,
     target_mode,
 )
-from bench.stack import INSTANT_MODEL, PACED_MODEL, SLOW_MODEL, Stack, StartupError
+from bench.stack import (
+    INSTANT_MODEL,
+    PACED_MODEL,
+    SLOW_MODEL,
+    Stack,
+    StartupError,
+    stop_on_sigterm,
+)
 from bench.versions import describe
 from shared.settings import BrokerSettings, RedisSettings
 
@@ -289,6 +296,7 @@ def write_report(config: BenchConfig, meta: dict[str, Any], results: Results, ru
 
 
 async def run(config: BenchConfig) -> int:
+    stop_on_sigterm()
     started = datetime.now(UTC)
     run_id = started.strftime("%Y%m%d-%H%M%S")
     stack = Stack(config, run_id)

@@ -101,6 +101,16 @@ class Process:
             return ""
 
 
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (a supervisor, `timeout`, `kill`) stop the running task as Ctrl-C does: it
+    is cancelled, so its `finally` stops the stacks and empties their broker namespaces. The
+    default handler ended the process there and then, leaving every service it had started
+    running, and their queues on the broker."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
 class StartupError(RuntimeError):
     """A process did not come up; the message carries the end of its log."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from bench import ab, procstat, versions, wakeup
 from bench.__main__ import clean_broker
-from bench.config import BenchConfig
+from bench.config import ROOT, BenchConfig
 from bench.load import LoadResult, percentile
 from bench.markdown import BEGIN, END, fill_results, render
 from bench.profile import summarise as summarise_profile
@@ -536,3 +538,35 @@ def test_the_floor_with_its_bare_cache_answers_a_repeat_from_redis() -> None:
             await clean_broker(stack.namespace)
 
     asyncio.run(scenario())
+
+
+SIGTERMED = """
+import asyncio, sys
+from bench.stack import stop_on_sigterm
+
+async def main():
+    stop_on_sigterm()
+    try:
+        print("ready", flush=True)
+        await asyncio.sleep(60)
+    finally:
+        print("cleaned up", flush=True)
+
+try:
+    asyncio.run(main())
+except asyncio.CancelledError:
+    sys.exit(3)
+"""
+
+
+def test_sigterm_stops_a_bench_run_through_its_cleanup() -> None:
+    """A supervisor's SIGTERM must not leave the run's services and queues behind."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGTERMED], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    out, _ = child.communicate(timeout=10)
+    assert out == "cleaned up\n"
+    assert child.returncode == 3
