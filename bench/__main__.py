@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import uvloop
 
 from bench import procstat, profile, wakeup
 from bench.broker import delete_namespace
@@ -47,6 +46,7 @@ from bench.stack import (
     SLOW_MODEL,
     Stack,
     StartupError,
+    run_main,
     stop_on_sigterm,
 )
 from bench.versions import describe
@@ -352,7 +352,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="bench %(asctime)s %(message)s", datefmt="%H:%M:%S"
     )
-    sys.exit(uvloop.run(run(BenchConfig.from_env())))
+    sys.exit(run_main(run(BenchConfig.from_env())))
 
 
 if __name__ == "__main__":

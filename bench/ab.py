@@ -25,15 +25,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import uvloop
-
 from bench import procstat, wakeup
 from bench.__main__ import clean_broker
 from bench.config import ROOT, BenchConfig
 from bench.load import LoadResult
 from bench.micro import SERIES as MICRO_SERIES
 from bench.series import Runner, router_target
-from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack, stop_on_sigterm
+from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack, run_main, stop_on_sigterm
 
 SERIES = {series.key: series for series in MICRO_SERIES}  # the same runs as bench.micro
 
@@ -224,4 +222,4 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    uvloop.run(compare(parse()))
+    run_main(compare(parse()))

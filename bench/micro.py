@@ -16,13 +16,18 @@ import asyncio
 import os
 import time
 
-import uvloop
-
 from bench import procstat, profile, wakeup
 from bench.__main__ import clean_broker, start_floors
 from bench.config import BenchConfig
 from bench.series import DIRECT, FLOORS, ROUTER, Runner, Series, build_targets
-from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, Stack, stop_on_sigterm
+from bench.stack import (
+    DUMMY_MODEL,
+    INSTANT_MODEL,
+    PACED_MODEL,
+    Stack,
+    run_main,
+    stop_on_sigterm,
+)
 
 SERIES = (
     Series("json_c1", "json", INSTANT_MODEL, 1, floor=True),
@@ -106,4 +111,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    run_main(main())

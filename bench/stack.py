@@ -17,10 +17,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiohttp
+import uvloop
 
 from bench.config import PEERS_VENV, ROOT, BenchConfig
 from bench.load import chat_body
@@ -109,6 +112,23 @@ def stop_on_sigterm() -> None:
     task = asyncio.current_task()
     if task is not None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+
+
+T = TypeVar("T")
+
+
+def run_main(main: Coroutine[Any, Any, T]) -> T:
+    """`uvloop.run(main)` for a bench command whose task calls `stop_on_sigterm()`: stopped by
+    SIGTERM (exit 143) or Ctrl-C (exit 130), it says so in one line. Its cleanup has run by
+    then; a traceback of the cancellation would only hide that."""
+    try:
+        return uvloop.run(main)
+    except asyncio.CancelledError:
+        print("bench: stopped by SIGTERM, after its cleanup", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        print("bench: stopped by Ctrl-C, after its cleanup", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 class StartupError(RuntimeError):

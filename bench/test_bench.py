@@ -541,8 +541,8 @@ def test_the_floor_with_its_bare_cache_answers_a_repeat_from_redis() -> None:
 
 
 SIGTERMED = """
-import asyncio, sys
-from bench.stack import stop_on_sigterm
+import asyncio
+from bench.stack import run_main, stop_on_sigterm
 
 async def main():
     stop_on_sigterm()
@@ -552,21 +552,23 @@ async def main():
     finally:
         print("cleaned up", flush=True)
 
-try:
-    asyncio.run(main())
-except asyncio.CancelledError:
-    sys.exit(3)
+run_main(main())
 """
 
 
 def test_sigterm_stops_a_bench_run_through_its_cleanup() -> None:
     """A supervisor's SIGTERM must not leave the run's services and queues behind."""
     child = subprocess.Popen(
-        [sys.executable, "-c", SIGTERMED], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", SIGTERMED],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert child.stdout is not None
     assert child.stdout.readline() == "ready\n"
     child.send_signal(signal.SIGTERM)
-    out, _ = child.communicate(timeout=10)
+    out, err = child.communicate(timeout=10)
     assert out == "cleaned up\n"
-    assert child.returncode == 3
+    assert err == "bench: stopped by SIGTERM, after its cleanup\n"  # no traceback
+    assert child.returncode == 143
