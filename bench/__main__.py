@@ -47,7 +47,6 @@ from bench.stack import (
     Stack,
     StartupError,
     run_main,
-    stop_on_sigterm,
 )
 from bench.versions import describe
 from shared.settings import BrokerSettings, RedisSettings
@@ -296,7 +295,6 @@ def write_report(config: BenchConfig, meta: dict[str, Any], results: Results, ru
 
 
 async def run(config: BenchConfig) -> int:
-    stop_on_sigterm()
     started = datetime.now(UTC)
     run_id = started.strftime("%Y%m%d-%H%M%S")
     stack = Stack(config, run_id)

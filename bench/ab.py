@@ -31,7 +31,7 @@ from bench.config import ROOT, BenchConfig
 from bench.load import LoadResult
 from bench.micro import SERIES as MICRO_SERIES
 from bench.series import Runner, router_target
-from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack, run_main, stop_on_sigterm
+from bench.stack import INSTANT_MODEL, PACED_MODEL, Stack, run_main
 
 SERIES = {series.key: series for series in MICRO_SERIES}  # the same runs as bench.micro
 
@@ -117,7 +117,6 @@ def seating_name(order: tuple[str, ...]) -> str:
 
 
 async def compare(args: argparse.Namespace) -> None:
-    stop_on_sigterm()
     config = BenchConfig.from_env()
     wanted = [SERIES[key] for key in args.series.split(",")]
     paced = any(s.model == PACED_MODEL for s in wanted)

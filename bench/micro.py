@@ -20,14 +20,7 @@ from bench import procstat, profile, wakeup
 from bench.__main__ import clean_broker, start_floors
 from bench.config import BenchConfig
 from bench.series import DIRECT, FLOORS, ROUTER, Runner, Series, build_targets
-from bench.stack import (
-    DUMMY_MODEL,
-    INSTANT_MODEL,
-    PACED_MODEL,
-    Stack,
-    run_main,
-    stop_on_sigterm,
-)
+from bench.stack import DUMMY_MODEL, INSTANT_MODEL, PACED_MODEL, Stack, run_main
 
 SERIES = (
     Series("json_c1", "json", INSTANT_MODEL, 1, floor=True),
@@ -62,7 +55,6 @@ def line(name: str, target: str, r: object) -> str:
 
 
 async def main() -> None:
-    stop_on_sigterm()
     seconds = float(os.environ.get("MICRO_SECONDS", "5"))
     config = BenchConfig.from_env()
     stack = Stack(config, f"micro-{time.strftime('%H%M%S')}")

@@ -104,25 +104,27 @@ class Process:
             return ""
 
 
-def stop_on_sigterm() -> None:
-    """Let SIGTERM (a supervisor, `timeout`, `kill`) stop the running task as Ctrl-C does: it
-    is cancelled, so its `finally` stops the stacks and empties their broker namespaces. The
-    default handler ended the process there and then, leaving every service it had started
-    running, and their queues on the broker."""
-    task = asyncio.current_task()
-    if task is not None:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-
-
 T = TypeVar("T")
 
 
 def run_main(main: Coroutine[Any, Any, T]) -> T:
-    """`uvloop.run(main)` for a bench command whose task calls `stop_on_sigterm()`: stopped by
-    SIGTERM (exit 143) or Ctrl-C (exit 130), it says so in one line. Its cleanup has run by
-    then; a traceback of the cancellation would only hide that."""
+    """`uvloop.run(main)` for a bench command, stoppable by SIGTERM as by Ctrl-C.
+
+    SIGTERM (a supervisor, `timeout`, `kill`) cancels `main`'s task, so its `finally` stops the
+    stacks and empties their broker namespaces; the default handler ended the process there and
+    then, leaving every service it had started running, and their queues on the broker. Either
+    way the command ends in one line (exit 143, or 130 for Ctrl-C), not a traceback of the
+    cancellation that would hide that the cleanup ran.
+    """
+
+    async def stoppable() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await main
+
     try:
-        return uvloop.run(main)
+        return uvloop.run(stoppable())
     except asyncio.CancelledError:
         print("bench: stopped by SIGTERM, after its cleanup", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)

@@ -542,10 +542,9 @@ def test_the_floor_with_its_bare_cache_answers_a_repeat_from_redis() -> None:
 
 SIGTERMED = """
 import asyncio
-from bench.stack import run_main, stop_on_sigterm
+from bench.stack import run_main
 
 async def main():
-    stop_on_sigterm()
     try:
         print("ready", flush=True)
         await asyncio.sleep(60)
