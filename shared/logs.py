@@ -58,6 +58,15 @@ class SecretRedactor(logging.Filter):
         return True
 
 
+class DropRepeatedConnectFailures(logging.Filter):
+    """aiormq logs every failed connection attempt at ERROR and then raises it to its caller,
+    which reports it already: the service's "cannot start yet" warning at start, aio-pika's
+    "Connection attempt ... failed" warning on a reconnect. One failure, one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
 def url_password(url: str) -> str | None:
     try:
         return urlsplit(url).password
@@ -93,6 +102,9 @@ def configure_logging(level: str, service: str, *, secrets: Iterable[str] = ()) 
     # DEBUG: keep them at WARNING whatever the service's level.
     for noisy in ("aio_pika", "aiormq", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    aiormq_connection = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, DropRepeatedConnectFailures) for f in aiormq_connection.filters):
+        aiormq_connection.addFilter(DropRepeatedConnectFailures())
     logging.getLogger(__name__).debug(
         "%s logs at %s; %d secret values are redacted", service, level.upper(), len(redactor)
     )

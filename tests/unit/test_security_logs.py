@@ -13,8 +13,10 @@ from services.agent.settings import AgentSettings
 from services.api.app import create_app
 from services.api.settings import ApiSettings
 from services.dispatcher.settings import DispatcherSettings
-from shared.errors import to_openai_error
+from shared.amqp import Broker
+from shared.errors import BrokerUnavailableError, to_openai_error
 from shared.logs import REDACTED, SecretRedactor, configure_logging, secret_values
+from tests.support.procs import free_port
 
 SECRET = "canary-Zq81xT0pLm"
 
@@ -82,6 +84,20 @@ def test_configured_handlers_redact_messages_args_and_tracebacks(captured: io.St
 def test_broker_client_loggers_stay_at_warning(captured: io.StringIO) -> None:
     for name in ("aio_pika", "aiormq"):
         assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING
+
+
+async def test_a_refused_broker_connection_is_one_line_not_an_extra_error(
+    captured: io.StringIO,
+) -> None:
+    port = free_port()  # nothing listens on it: the connection is refused
+    broker = Broker(f"amqp://guest:guest@127.0.0.1:{port}/", name="test", publish_timeout=1)
+    with pytest.raises(BrokerUnavailableError, match=f"127.0.0.1:{port}"):
+        await broker.connect(timeout=2)
+    output = captured.getvalue()
+    assert "error when creating transport" not in output  # the caller reports it, once
+    assert " ERROR " not in output
+    logging.getLogger("aiormq.connection").warning("other news")
+    assert "other news" in captured.getvalue()  # only that one repeated line is dropped
 
 
 def test_secret_values_of_every_service() -> None:
