@@ -48,7 +48,9 @@ class DummyAnswer:
             choices=choices if choices is not None and choices > 0 else 1,
             pieces=pieces,
             finish_reason="stop" if pieces == _PIECES else "length",
-            prompt_bytes=len(body),
+            # The prompt is the messages: the same conversation counts the same whether it is
+            # streamed, sampled or limited (the whole body would count `stream_options` too).
+            prompt_bytes=len(orjson.dumps(request.get("messages", ()))),
         )
 
     def usage(self) -> dict[str, int]:

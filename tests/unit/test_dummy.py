@@ -62,3 +62,14 @@ def test_a_whole_number_written_as_a_decimal_counts_as_that_integer() -> None:
     assert shape(n=2.0) == shape(n=2) == (2, ("Hello", " world"), "stop")
     assert shape(max_tokens=1.0) == shape(max_tokens=1) == (1, ("Hello",), "length")
     assert shape(n=2.5) == shape() == (1, ("Hello", " world"), "stop")
+
+
+def test_the_prompt_count_follows_the_messages_not_the_rest_of_the_request() -> None:
+    def prompt_tokens(body: bytes) -> int:
+        return DummyAnswer.for_request(body).usage()["prompt_tokens"]
+
+    plain = prompt_tokens(request())
+    options = {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5}
+    assert prompt_tokens(request(**options)) == plain
+    longer = [{"role": "user", "content": "hi " * 100}]
+    assert prompt_tokens(request(messages=longer)) > plain + 50
