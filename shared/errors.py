@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from shared.http_headers import SHOULD_RETRY
+
 
 class RouterError(Exception):
     """Base of every error the router answers a client with."""
@@ -126,6 +128,18 @@ class GatewayTimeoutError(RouterError):
     status = 504
     type = "timeout_error"
     code = "timeout"
+
+
+class DeadlineError(GatewayTimeoutError):
+    """The router's own deadline for the request passed (`REQUEST_TIMEOUT`, `TTFT_TIMEOUT`).
+
+    It says `x-should-retry: false`: the OpenAI SDKs retry a 504 twice by default, and the same
+    request would most likely run into the same deadline, for three times the wait and three
+    upstream calls.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={SHOULD_RETRY: "false"})
 
 
 class InternalError(RouterError):

@@ -35,6 +35,7 @@ from services.agent.sse import SseDecoder, SseEventTooLargeError
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.errors import (
+    DeadlineError,
     GatewayTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -207,7 +208,7 @@ class _Run:
             await self._unavailable(e)
             return
         except TimeoutError:
-            await self._error(GatewayTimeoutError("The model did not answer in time."))
+            await self._error(DeadlineError("The model did not answer in time."))
             self.outcome = "failed: deadline"
             return
         if answer.status != 200:

@@ -25,7 +25,7 @@ from services.api.settings import ApiSettings
 from services.api.sse import ClientGoneError, SseRelay, StreamLimits
 from services.api.validation import ChatRequestParser, EdgeLimits
 from shared.errors import (
-    GatewayTimeoutError,
+    DeadlineError,
     InternalError,
     PayloadTooLargeError,
     RequestTimeoutError,
@@ -165,7 +165,7 @@ class CompletionsEndpoint:
             reply = await call.next(remaining)
         except TimeoutError as e:
             self.bus.cancel_soon(call)
-            raise GatewayTimeoutError("The model did not answer in time.") from e
+            raise DeadlineError("The model did not answer in time.") from e
         if reply.kind not in (ReplyKind.FINAL, ReplyKind.ERROR):
             self.bus.cancel_soon(call)  # else the backend streams on for nobody
             raise UpstreamError("The backend streamed an answer to a non-streaming request.")
@@ -195,7 +195,7 @@ class CompletionsEndpoint:
         except TimeoutError as e:
             if not commits_early:
                 self.bus.cancel_soon(call)
-                raise GatewayTimeoutError("No output from the model in time.") from e
+                raise DeadlineError("No output from the model in time.") from e
             first = None  # commit to 200 now and ping until the first chunk
         if first is not None and first.kind is ReplyKind.FINAL:
             # As after the commit (SseRelay): a stream is never answered with a non-stream.

@@ -224,6 +224,7 @@ def test_no_dispatcher_gives_504_at_deadline_and_job_never_runs(
     elapsed = time.monotonic() - started
     error = _assert_openai_error(response, 504)
     assert error["type"] == "timeout_error"
+    assert response.headers["x-should-retry"] == "false"  # the SDK would wait it out 3 times
     assert 1.4 <= elapsed < 3.5
     expired_id = response.headers["x-request-id"]
 

@@ -199,6 +199,7 @@ async def test_upstream_call_is_bounded_by_the_deadline() -> None:
     await rig.run(rig.job(remaining=0.1))
     [reply] = rig.replies  # the 10 s call ran out of time: an answer would be a 200
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 504)
+    assert reply.http_headers == {"x-should-retry": "false"}  # the SDK would run it 3 times
 
 
 async def test_model_not_served_here_is_404() -> None:

@@ -243,4 +243,5 @@ async def test_a_stream_not_yet_committed_answers_a_missing_first_chunk_with_504
         response = await chat(client, stream=True)
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "timeout"
+    assert response.headers["x-should-retry"] == "false"
     assert scripted_.cancelled == [response.headers["x-request-id"]]

@@ -191,6 +191,15 @@ async def test_a_failure_after_the_routers_retries_tells_the_client_not_to_retry
     assert relayable(reply.http_headers) == {"x-should-retry": "false"}
 
 
+async def test_the_deadline_is_a_504_that_tells_the_client_not_to_retry() -> None:
+    provider = Provider(ProviderResponse(body=b"{}"), hang=True)
+    rig = Rig(provider)
+    await rig.run(job(deadline=NOW + 0.05))  # the call hangs past it
+    [reply] = rig.replies
+    assert (reply.kind, reply.status) == (ReplyKind.ERROR, 504) and provider.cancelled
+    assert relayable(reply.http_headers) == {"x-should-retry": "false"}
+
+
 async def test_an_unexpected_failure_is_a_500_naming_only_the_request() -> None:
     rig = Rig(Provider(RuntimeError("secret detail")))
     await rig.run(job())

@@ -24,7 +24,7 @@ from services.dispatcher.providers.upstream import rewrite_model
 from services.dispatcher.routing import ProviderRule
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
-from shared.errors import GatewayTimeoutError, ModelNotFoundError, RouterError
+from shared.errors import DeadlineError, ModelNotFoundError, RouterError
 from shared.messages import Envelope, Job, decode_job
 from shared.replies import ReplyPublisher, StreamWriter, new_attempt
 
@@ -159,7 +159,7 @@ class ProviderWorker:
         if isinstance(exc, RouterError):
             return exc
         if isinstance(exc, TimeoutError):
-            return GatewayTimeoutError("The model did not answer in time.")
+            return DeadlineError("The model did not answer in time.")
         log.error(
             "%s call for %s failed unexpectedly", self.provider.name, job.request_id, exc_info=exc
         )
