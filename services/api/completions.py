@@ -91,6 +91,7 @@ def reply_status(reply: Reply) -> int:
 class CompletionsEndpoint:
     def __init__(self, settings: ApiSettings, bus: ApiBus) -> None:
         self.settings = settings
+        self.upload_timeout = min(settings.body_timeout, settings.request_timeout)
         self.bus = bus
         self.parser = ChatRequestParser(
             EdgeLimits(max_messages=settings.max_messages, max_tokens=settings.max_tokens_limit)
@@ -125,7 +126,7 @@ class CompletionsEndpoint:
         tenant: str,
         check_model: Callable[[str], None] | None,
     ) -> Response:
-        body = await read_body(request, self.settings.max_body_bytes, self.settings.request_timeout)
+        body = await read_body(request, self.settings.max_body_bytes, self.upload_timeout)
         view = self.parser.parse(body)
         if check_model is not None:
             check_model(view.model)

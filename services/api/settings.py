@@ -21,25 +21,35 @@ class ApiSettings(BrokerSettings, ReplyTrustSettings):
         "of clients' pools (httpx 5 s, aiohttp 15 s) and of load balancers (60 s on AWS), so "
         "the API never closes a connection just as a client reuses it.",
     )
+    # The defaults wait as long as a client would: the OpenAI SDKs give a request 600 s, and a
+    # reasoning model sends nothing while it thinks (on OpenAI's chat completions, minutes at
+    # a high effort), as the provider client's own PROVIDER_READ_TIMEOUT (300 s) allows.
     request_timeout: float = Field(
-        120.0,
+        600.0,
         gt=0,
         description="Total seconds a chat completion may take: then 504, or an error event in "
         "a stream already committed to 200.",
     )
-    ttft_timeout: float = Field(
+    body_timeout: float = Field(
         60.0,
+        gt=0,
+        description="Seconds a request body may take to arrive (REQUEST_TIMEOUT if that is "
+        "less): then 408. A stalled upload does not hold a connection for the whole deadline.",
+    )
+    ttft_timeout: float = Field(
+        300.0,
         gt=0,
         description="Seconds to wait for a stream's first chunk: then 504, or an error event "
         "once the stream committed to 200 (after STREAM_KEEPALIVE_AFTER).",
     )
     stream_idle_timeout: float = Field(
-        30.0, gt=0, description="Seconds a started stream may stay silent before it is ended."
+        300.0, gt=0, description="Seconds a started stream may stay silent before it is ended."
     )
     stream_keepalive_after: float = Field(
         10.0,
         gt=0,
-        description="Seconds without a first chunk after which a stream commits to 200 and pings.",
+        description="Seconds without a first chunk after which a stream commits to 200 and "
+        "pings; also how often a silent stream is pinged, before its first chunk or between two.",
     )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes (413 past it)."

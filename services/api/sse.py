@@ -112,20 +112,32 @@ class SseRelay(Response):
         finally:
             await self._on_finish(self._completed)
 
+    async def _next(self, until: float) -> Reply | None:
+        """The next reply, or None when a ping is due first (nothing for `ping_interval`).
+        Raises TimeoutError once `until` has passed, RouterError for a failed call."""
+        left = until - time.monotonic()
+        try:
+            return await self._call.next(min(self._ping_interval, left))
+        except TimeoutError:
+            if time.monotonic() >= until:
+                raise
+            return None
+
     async def _events(self) -> AsyncIterator[bytes]:
+        # A silence, before the first chunk or between two (a model reasoning, a long prefill),
+        # is filled with pings: proxies cut a connection idle for 60 s (nginx, AWS ALB).
         reply = self._first
         while reply is None:  # committed early: keep the connection alive until output starts
-            wait = min(self._ping_interval, self._limits.first_chunk_by - time.monotonic())
             try:
-                reply = await self._call.next(wait)
+                reply = await self._next(self._limits.first_chunk_by)
             except TimeoutError:
-                if time.monotonic() >= self._limits.first_chunk_by:
-                    yield error_event(GatewayTimeoutError("No output from the model in time."))
-                    return
-                yield PING
+                yield error_event(GatewayTimeoutError("No output from the model in time."))
+                return
             except RouterError as e:
                 yield error_event(e)
                 return
+            if reply is None:
+                yield PING
         while True:
             if reply.kind is ReplyKind.CHUNK:
                 self._call.output_started = True
@@ -141,12 +153,17 @@ class SseRelay(Response):
             else:
                 yield error_event(UpstreamError("The backend answered a stream with a non-stream."))
                 return
-            wait = min(self._limits.idle, self._limits.deadline - time.monotonic())
-            try:
-                reply = await self._call.next(wait)
-            except TimeoutError:
-                yield error_event(GatewayTimeoutError("The model stopped sending output in time."))
-                return
-            except RouterError as e:
-                yield error_event(e)
-                return
+            quiet_until = min(time.monotonic() + self._limits.idle, self._limits.deadline)
+            reply = None
+            while reply is None:
+                try:
+                    reply = await self._next(quiet_until)
+                except TimeoutError:
+                    message = "The model stopped sending output in time."
+                    yield error_event(GatewayTimeoutError(message))
+                    return
+                except RouterError as e:
+                    yield error_event(e)
+                    return
+                if reply is None:
+                    yield PING

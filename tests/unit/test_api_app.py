@@ -26,13 +26,11 @@ async def call_asgi(
     headers: list[tuple[bytes, bytes]],
     *,
     stalled: bool = False,
-    request_timeout: float = 120.0,
+    **limits: float,
 ) -> list[Message]:
     """Run one POST through the app as a server would; what the app sent back. After
     `messages` the client has left, or with `stalled` it is there but sends nothing more."""
-    settings = ApiSettings(
-        rabbitmq_url=NO_BROKER, agent_token_secret="s" * 32, request_timeout=request_timeout
-    )
+    settings = ApiSettings(rabbitmq_url=NO_BROKER, agent_token_secret="s" * 32, **limits)
     app = create_app(settings)
     pending = list(messages)
     sent: list[Message] = []
@@ -83,15 +81,22 @@ async def test_a_client_that_leaves_mid_upload_is_499_not_a_server_error(
     assert any("client left" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/register"])
+@pytest.mark.parametrize(
+    ("path", "limits"),
+    [
+        ("/v1/chat/completions", {"body_timeout": 0.2}),  # not the whole REQUEST_TIMEOUT
+        ("/v1/chat/completions", {"body_timeout": 60, "request_timeout": 0.2}),
+        ("/register", {}),
+    ],
+)
 async def test_a_stalled_upload_is_408_at_its_deadline(
-    path: str, monkeypatch: pytest.MonkeyPatch
+    path: str, limits: dict[str, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A client that stops sending mid-body would otherwise hold its connection for ever."""
     monkeypatch.setattr(agents, "CONTROL_BODY_TIMEOUT", 0.2)
     upload = [{"type": "http.request", "body": b'{"name": "ag', "more_body": True}]
     auth = [(b"authorization", b"Bearer some-agent-token")]
-    sent = await call_asgi(path, upload, auth, stalled=True, request_timeout=0.2)
+    sent = await call_asgi(path, upload, auth, stalled=True, **limits)
     assert sent[0]["type"] == "http.response.start"
     assert sent[0]["status"] == 408
     error = orjson.loads(sent[1]["body"])["error"]

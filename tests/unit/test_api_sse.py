@@ -65,3 +65,58 @@ async def test_a_failed_start_still_finishes_the_call() -> None:
     with pytest.raises(RuntimeError):
         await relay(5, finished)({}, no_receive, refusing_send)
     assert finished == [False]
+
+
+def silent_relay(*, idle: float, ping_interval: float) -> tuple[PendingCall, SseRelay]:
+    """A stream whose first chunk came; what follows is up to the test."""
+    call = PendingCall("r1", "local_m")
+    first = Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, 0, 200, {})
+    call.attempt, call.next_seq = "a1", 1  # as the first reply leaves them
+    limits = StreamLimits(total=30, ttft=30, idle=idle, now=time.monotonic())
+
+    async def on_finish(completed: bool) -> None:
+        pass
+
+    relay = SseRelay(
+        call, first, limits, headers={}, ping_interval=ping_interval, on_finish=on_finish
+    )
+    return call, relay
+
+
+async def body_of(relay: SseRelay) -> bytes:
+    sent: list[bytes] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message.get("body", b""))
+
+    async with asyncio.timeout(5):
+        await relay({}, no_receive, send)
+    return b"".join(sent)
+
+
+async def test_a_pause_between_chunks_is_filled_with_pings_and_the_stream_goes_on() -> None:
+    """A model that pauses mid-answer (reasoning, a tool call being prepared): the connection
+    gets a ping every `ping_interval`, so no proxy cuts it for idleness."""
+    call, relay = silent_relay(idle=5, ping_interval=0.05)
+
+    async def resume() -> None:
+        await asyncio.sleep(0.3)
+        call.deliver(Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, 1, 200, {}))
+        call.deliver(Reply(ReplyKind.END, "r1", "a1", b"", 2, 200, {}))
+
+    resuming = asyncio.create_task(resume())
+    body = await body_of(relay)
+    await resuming
+    first, rest = body.split(CHUNK, 1)
+    assert first == b""
+    pings, tail = rest.split(CHUNK, 1)
+    assert pings == sse.PING * pings.count(sse.PING) and pings.count(sse.PING) >= 3
+    assert tail == sse.DONE
+
+
+async def test_a_pause_past_the_idle_limit_ends_with_an_error_event_after_its_pings() -> None:
+    _, relay = silent_relay(idle=0.3, ping_interval=0.05)
+    body = await body_of(relay)
+    events = body.split(b"\n\n")[:-1]
+    assert events[0] + b"\n\n" == CHUNK and events[1:-1] and set(events[1:-1]) == {b": ping"}
+    assert b"stopped sending output" in events[-1] and sse.DONE not in body
