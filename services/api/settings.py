@@ -51,8 +51,13 @@ class ApiSettings(BrokerSettings, ReplyTrustSettings):
         description="Seconds without a first chunk after which a stream commits to 200 and "
         "pings; also how often a silent stream is pinged, before its first chunk or between two.",
     )
+    # Room for a phone photo in base64 (a 12-megapixel JPEG is 3-5 MB, 4-7 MB encoded) and the
+    # conversation around it, and 4 MiB below RabbitMQ 4's default `max_message_size` (16 MiB):
+    # a job past that closes the publishing channel.
     max_body_bytes: int = Field(
-        4 * 1024 * 1024, gt=0, description="Largest accepted request body, in bytes (413 past it)."
+        12 * 1024 * 1024,
+        gt=0,
+        description="Largest accepted request body, in bytes (413 past it).",
     )
     cors_allow_origins: str = Field(
         "",

@@ -101,6 +101,27 @@ def test_configured_model_names_are_rewritten_both_ways(router: Router) -> None:
     assert fake.stats()["bodies"][0]["model"] == "served-x"
 
 
+def test_a_photo_sized_request_reaches_the_server_whole(router: Router) -> None:
+    """About 10 MiB, the size of a phone photo in base64 with the conversation around it: under
+    MAX_BODY_BYTES, through the broker twice and the agent, byte for byte."""
+    fake = router.fake("--tokens", "3", models="vl")
+    router.agent("a1", fake, AGENT_MODELS="local_vl=vl")
+    router.wait_listed("local_vl")
+    image = "data:image/jpeg;base64," + "A" * (10 * 1024 * 1024)
+    parts = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": image}},
+    ]
+    with sdk_client(router.api) as client:
+        completion = client.chat.completions.create(
+            model="local_vl",
+            messages=[{"role": "user", "content": parts}],  # type: ignore[list-item]
+        )
+    assert completion.choices[0].message.content == content_of(3)
+    [body] = fake.stats()["bodies"]
+    assert body["messages"][0]["content"][1]["image_url"]["url"] == image
+
+
 def test_upstream_error_keeps_its_status(router: Router) -> None:
     fake = router.fake(models="m")
     router.agent("a1", fake, AGENT_MODELS="local_m")

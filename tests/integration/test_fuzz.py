@@ -52,7 +52,7 @@ AGENT_SECRET = "fuzz-agent-secret-0123456789"
 ECHO_TOKEN = "tok-echo-0123456789"
 FUZZ_ENV = {"LOG_LEVEL": "WARNING", "REQUEST_TIMEOUT": "10", "TTFT_TIMEOUT": "10"}
 # What counts as rejecting a negative case: schemathesis's own list, less 5xx (never an answer
-# here), plus 413. To break `maxItems` it can grow `messages` past MAX_BODY_BYTES (4 MiB), and
+# here), plus 413. To break `maxItems` it can grow `messages` past MAX_BODY_BYTES (12 MiB), and
 # such a body is refused by its size before it is parsed, with the 413 every body route documents.
 REJECTED = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
 
