@@ -13,6 +13,7 @@ import openai
 import orjson
 import pytest
 
+from services.api.settings import ApiSettings
 from tests.integration.conftest import sdk_client
 from tests.support.procs import Stack, free_port, wait_for, wait_http
 
@@ -148,17 +149,19 @@ def test_unknown_fields_pass_through(client: openai.OpenAI) -> None:
     assert completion.choices[0].message.content == "Hello world"
 
 
+MAX_BODY_BYTES = ApiSettings.model_fields["max_body_bytes"].default  # the shared stack's
+
+
 def test_body_over_the_limit_is_413(api_url: str) -> None:
-    big = orjson.dumps(
-        {"model": "dummy", "messages": [{"role": "user", "content": "x" * 5_000_000}]}
-    )
+    content = "x" * MAX_BODY_BYTES  # with the rest of the body, past the limit
+    big = orjson.dumps({"model": "dummy", "messages": [{"role": "user", "content": content}]})
     _assert_openai_error(_post(api_url, big), 413)
 
 
 def test_chunked_body_over_the_limit_is_413(api_url: str) -> None:
     def chunks():  # no Content-Length: the limit must hold while reading
         yield b'{"model": "dummy", "messages": [{"role": "user", "content": "'
-        for _ in range(100):
+        for _ in range(MAX_BODY_BYTES // 65536 + 1):
             yield b"x" * 65536
         yield b'"}]}'
 
