@@ -259,6 +259,13 @@ class StreamWriter:
         try:
             await asyncio.sleep(delay)
             await self._flush()
+            # Events sent while that publish waited for its confirm found this flusher still
+            # set and rode along, but too late for its batch: they go one window later, not
+            # at the next send(), which a model pausing to think may hold back for minutes.
+            while self._buffer:
+                loop = asyncio.get_running_loop()
+                await asyncio.sleep(max(0.0, self._last_publish + self._window - loop.time()))
+                await self._flush()
         except RouterError as e:
             self._failure = e
         finally:
