@@ -113,12 +113,14 @@ async def test_an_event_after_a_quiet_spell_goes_out_at_once() -> None:
 async def test_an_event_sent_while_a_batch_awaits_its_confirm_goes_out_a_window_later() -> None:
     """It is not left for the next send(): the model may pause for minutes after it."""
     out = Recorder()
-    confirmed = asyncio.Event()
+    confirmed, published_during = asyncio.Event(), asyncio.Event()
 
     async def slow_to_confirm(job: Job, reply: Reply) -> None:
         if reply.body == b"data: batch\n\n":
             await confirmed.wait()
         await out(job, reply)
+        if reply.body == b"data: during\n\n":
+            published_during.set()
 
     writer = StreamWriter(JOB, slow_to_confirm, attempt="a1", window=0.02)
     await writer.send(b"data: role\n\n")
@@ -128,8 +130,7 @@ async def test_an_event_sent_while_a_batch_awaits_its_confirm_goes_out_a_window_
     await writer.send(b"data: during\n\n")
     confirmed.set()
     async with asyncio.timeout(1):  # then the model pauses: no send(), no end()
-        while b"data: during\n\n" not in [r.body for r in out.sent]:
-            await asyncio.sleep(0.005)
+        await published_during.wait()
     await writer.end()
     assert [r.seq for r in out.sent] == list(range(5))
 
