@@ -88,23 +88,22 @@ class UpstreamStream:
 class VllmClient:
     """Calls to one inference server. The caller bounds each call's total time."""
 
-    def __init__(
-        self, url: str, *, connect_timeout: float = 5.0, max_connections: int = 256
-    ) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
         self.root = server_root(url)
         self._chat_url = URL(f"{self.root}/v1/chat/completions")
         self._models_url = URL(f"{self.root}/v1/models")
         self._health_url = URL(f"{self.root}/health")
         self._connect_timeout = connect_timeout
-        self._max_connections = max_connections
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                # No pool limit: the agent's slots bound its calls (AGENT_CONCURRENCY per
+                # model). A limit below models x slots made calls and the health check wait
+                # for a connection, and the watchdog took a busy agent for a dead one.
+                connector=aiohttp.TCPConnector(limit=0),
                 # No read timeout: a long generation is bounded by the job's deadline instead.
-                # `connect` also bounds the wait for a free pooled connection.
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
                 cookie_jar=aiohttp.DummyCookieJar(),  # an inference server sets no cookies
             )

@@ -86,7 +86,6 @@ class AgentService:
         self.upstream = VllmClient(
             vllm_url(settings),
             connect_timeout=settings.upstream_connect_timeout,
-            max_connections=max(64, settings.agent_concurrency * 4),
         )
         self.router = httpx.AsyncClient(transport=AiohttpTransport())
         self.broker = Broker(

@@ -4,6 +4,7 @@ and the docker spec from settings (the server is an in-process loopback one)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import orjson
 import pytest
@@ -15,7 +16,7 @@ from services.agent.backend import (
     VllmClient,
     server_root,
 )
-from services.agent.service import docker_spec, vllm_url
+from services.agent.service import AgentService, docker_spec, vllm_url
 from services.agent.settings import AgentSettings, Backend
 from tests.support.upstream import UpstreamServer, answer, closed_port_url, drop, sse
 
@@ -38,6 +39,36 @@ def test_the_router_url_must_be_an_http_url_too() -> None:
     with pytest.raises(ValueError, match="router_url"):
         AgentSettings(router_url="router-host:8000")
     assert AgentSettings(router_url="https://router-host").router_url == "https://router-host"
+
+
+async def test_many_running_streams_leave_room_for_more_calls_and_the_health_check() -> None:
+    """An agent serving several models runs AGENT_CONCURRENCY calls for each: 10 models' 8
+    here, past the 64 connections its pool once had, and its server still looks healthy."""
+    release = asyncio.Event()
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if request.path == "/health":
+            return web.Response()
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: {}\n\n")
+        await release.wait()
+        return response
+
+    server = await UpstreamServer(route).start()
+    settings = AgentSettings(vllm_url=server.url, agent_concurrency=8, upstream_connect_timeout=1)
+    vllm = AgentService(settings).upstream  # as the agent builds it
+    streams = contextlib.AsyncExitStack()
+    try:
+        async with asyncio.timeout(10):
+            for _ in range(80):
+                await streams.enter_async_context(vllm.stream(b"{}"))
+            assert await vllm.is_healthy()
+    finally:
+        release.set()
+        await streams.aclose()
+        await vllm.aclose()
+        await server.close()
 
 
 async def test_served_models_and_health() -> None:
