@@ -164,6 +164,13 @@ class ApiBus:
             )
         except UnroutableError as e:  # the jobs queue was deleted under us
             raise ServiceUnavailableError("The job queue is missing; retry shortly.") from e
+        except BrokerUnavailableError:
+            # Not confirmed is not "not sent": a broker in a memory alarm holds a publish past
+            # its timeout and routes it when the alarm clears, so the job would run after all
+            # while its client, told 503, runs it again. The cancel leaves on the same
+            # connection, behind the job: dispatchers and agents drop or abort it.
+            self._cancel_soon(job.request_id, job.model)
+            raise
 
     def cancel_soon(self, call: PendingCall) -> None:
         """`cancel()` in the background (the caller is answering or gone already)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -11,7 +12,8 @@ from services.api.bus import ApiBus
 from services.api.settings import ApiSettings
 from shared.amqp import Broker, broker_address
 from shared.errors import BrokerUnavailableError
-from shared.topology import topology_for
+from shared.messages import Envelope, Job, MessageType
+from shared.topology import cancel_routing_key, topology_for
 
 
 async def test_a_broker_still_down_is_said_again_now_and_then(
@@ -42,3 +44,30 @@ async def test_a_broker_still_down_is_said_again_now_and_then(
     reminders = [m for m in said[1:] if m.startswith("broker still not usable after ")]
     assert 2 <= len(reminders) <= 4, said
     assert all("127.0.0.1:1, vhost /" in m and "answering 503" in m for m in reminders)
+
+
+async def test_a_job_whose_publish_timed_out_is_cancelled_behind_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker in a memory alarm holds the publish past PUBLISH_TIMEOUT and routes it once the
+    alarm clears: the client got 503 and may retry, so the first copy must not run too."""
+    settings = ApiSettings(rabbitmq_url="amqp://guest:guest@127.0.0.1:1/")
+    bus = ApiBus(settings, topology_for(settings))
+    published: list[tuple[str, str]] = []
+
+    async def blocked(env: Envelope, routing_key: str, **kwargs: object) -> None:
+        published.append((env.type, routing_key))
+        if env.type == MessageType.JOB:
+            raise BrokerUnavailableError()
+
+    monkeypatch.setattr(Broker, "is_consuming", property(lambda _: True))
+    monkeypatch.setattr(bus._broker, "publish", blocked)
+    job = Job(request_id="r1", model="local_m", reply_to="q", deadline=time.time() + 60, body=b"{}")
+    with pytest.raises(BrokerUnavailableError):
+        await bus.submit(job)
+    await asyncio.gather(*bus._background)
+    topology = bus.topology
+    assert published == [
+        (MessageType.JOB, topology.jobs_queue),
+        (MessageType.CANCEL, cancel_routing_key("local_m")),
+    ]
