@@ -9,9 +9,10 @@ failure (a deadline, a lost chunk, an upstream error) ends the stream with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
+STOPPED = "The model stopped sending output in time."
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -112,58 +114,50 @@ class SseRelay(Response):
         finally:
             await self._on_finish(self._completed)
 
-    async def _next(self, until: float) -> Reply | None:
-        """The next reply, or None when a ping is due first (nothing for `ping_interval`).
-        Raises TimeoutError once `until` has passed, RouterError for a failed call."""
-        left = until - time.monotonic()
-        try:
-            return await self._call.next(min(self._ping_interval, left))
-        except TimeoutError:
-            if time.monotonic() >= until:
-                raise
-            return None
-
-    async def _events(self) -> AsyncIterator[bytes]:
-        # A silence, before the first chunk or between two (a model reasoning, a long prefill),
-        # is filled with pings: proxies cut a connection idle for 60 s (nginx, AWS ALB).
-        reply = self._first
-        while reply is None:  # committed early: keep the connection alive until output starts
+    async def _replies(self) -> AsyncGenerator[Reply | bytes, None]:
+        """The call's replies in turn, and a ping for each `ping_interval` of silence, before
+        the first or between two (a model reasoning, a long prefill): proxies cut connections
+        idle for 60 s (nginx, AWS ALB). Ends with an error event at a deadline, or when the call
+        fails."""
+        until, late = self._limits.first_chunk_by, "No output from the model in time."
+        if self._first is not None:
+            yield self._first
+            until, late = self._quiet_until(), STOPPED
+        while True:
             try:
-                reply = await self._next(self._limits.first_chunk_by)
+                reply = await self._call.next(min(self._ping_interval, until - time.monotonic()))
             except TimeoutError:
-                yield error_event(GatewayTimeoutError("No output from the model in time."))
-                return
+                if time.monotonic() >= until:
+                    yield error_event(GatewayTimeoutError(late))
+                    return
+                yield PING
+                continue
             except RouterError as e:
                 yield error_event(e)
                 return
-            if reply is None:
-                yield PING
-        while True:
-            if reply.kind is ReplyKind.CHUNK:
-                self._call.output_started = True
-                yield reply.body
-            elif reply.kind is ReplyKind.END:
-                self._completed = True
-                yield DONE
-                return
-            elif reply.kind is ReplyKind.ERROR:
-                self._completed = True  # the backend ended it: nothing left to cancel
-                yield b"data: " + reply.body + b"\n\n"
-                return
-            else:
-                yield error_event(UpstreamError("The backend answered a stream with a non-stream."))
-                return
-            quiet_until = min(time.monotonic() + self._limits.idle, self._limits.deadline)
-            reply = None
-            while reply is None:
-                try:
-                    reply = await self._next(quiet_until)
-                except TimeoutError:
-                    message = "The model stopped sending output in time."
-                    yield error_event(GatewayTimeoutError(message))
+            yield reply
+            until, late = self._quiet_until(), STOPPED
+
+    def _quiet_until(self) -> float:
+        return min(time.monotonic() + self._limits.idle, self._limits.deadline)
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(self._replies()) as replies:
+            async for reply in replies:
+                if isinstance(reply, bytes):  # a ping, or the error event that ends the stream
+                    yield reply
+                elif reply.kind is ReplyKind.CHUNK:
+                    self._call.output_started = True
+                    yield reply.body
+                elif reply.kind is ReplyKind.END:
+                    self._completed = True
+                    yield DONE
                     return
-                except RouterError as e:
-                    yield error_event(e)
+                elif reply.kind is ReplyKind.ERROR:
+                    self._completed = True  # the backend ended it: nothing left to cancel
+                    yield b"data: " + reply.body + b"\n\n"
                     return
-                if reply is None:
-                    yield PING
+                else:
+                    message = "The backend answered a stream with a non-stream."
+                    yield error_event(UpstreamError(message))
+                    return
