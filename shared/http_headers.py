@@ -34,6 +34,13 @@ def is_upstream_relayed(name: str) -> bool:
     return name.startswith(UPSTREAM_RELAYED_PREFIXES) and _TOKEN.fullmatch(name) is not None
 
 
+def upstream_hints(headers: Mapping[str, str]) -> dict[str, str]:
+    """An upstream answer's retry and rate-limit headers (`is_upstream_relayed`), lower-cased."""
+    return {
+        name.lower(): value for name, value in headers.items() if is_upstream_relayed(name.lower())
+    }
+
+
 def relayable(headers: Mapping[str, object]) -> dict[str, str]:
     """The headers of a reply that the API passes on, lower-cased; the rest are dropped.
 

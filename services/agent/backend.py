@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -28,6 +28,7 @@ from yarl import URL
 
 from services.agent.models import served_names_from_listing
 from shared.errors import UpstreamError
+from shared.http_headers import upstream_hints
 
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
 SSE_HEADERS = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -55,6 +56,7 @@ def server_root(url: str) -> str:
 class Answer:
     status: int
     body: bytes
+    hints: dict[str, str] = field(default_factory=dict)  # retry and rate-limit headers
 
 
 class UpstreamStream:
@@ -63,6 +65,7 @@ class UpstreamStream:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
+        self.hints = upstream_hints(response.headers)  # retry and rate-limit headers
 
     async def read(self) -> bytes:
         """The whole body (an error answer). Raises UpstreamBrokenError."""
@@ -148,7 +151,9 @@ class VllmClient:
             async with self._http().post(
                 self._chat_url, data=body, headers=JSON_HEADERS
             ) as response:
-                return Answer(response.status, await response.read())
+                return Answer(
+                    response.status, await response.read(), upstream_hints(response.headers)
+                )
         except aiohttp.ClientError as e:
             raise UpstreamUnavailableError(_describe(e)) from e
 

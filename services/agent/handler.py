@@ -51,8 +51,19 @@ class StreamEndedError(UpstreamError):
     """The server closed a stream without `data: [DONE]`."""
 
 
-def failure_reply(job: Job, failure: UpstreamFailure, *, attempt: str) -> Reply:
-    return Reply(ReplyKind.ERROR, job.request_id, attempt, body=failure.body, status=failure.status)
+def failure_reply(
+    job: Job, failure: UpstreamFailure, *, attempt: str, hints: dict[str, str] | None = None
+) -> Reply:
+    """The server's error for the client, with its retry and rate-limit headers (`hints`):
+    a gateway such as llm-d's says with `retry-after` when to come back."""
+    return Reply(
+        ReplyKind.ERROR,
+        job.request_id,
+        attempt,
+        body=failure.body,
+        status=failure.status,
+        http_headers=hints or {},
+    )
 
 
 class AgentHandler:
@@ -213,7 +224,8 @@ class _Run:
             return
         if answer.status != 200:
             failure = normalise_error(answer.status, answer.body)
-            await self.h.publish(job, failure_reply(job, failure, attempt=self.attempt))
+            reply = failure_reply(job, failure, attempt=self.attempt, hints=answer.hints)
+            await self.h.publish(job, reply)
             self.outcome = f"upstream error {failure.status}"
             return
         try:
@@ -265,7 +277,8 @@ class _Run:
         async with self.h.upstream.stream(self.body) as response:
             if response.status != 200:
                 failure = normalise_error(response.status, await response.read())
-                await self.h.publish(job, failure_reply(job, failure, attempt=self.attempt))
+                reply = failure_reply(job, failure, attempt=self.attempt, hints=response.hints)
+                await self.h.publish(job, reply)
                 self.outcome = f"upstream error {failure.status}"
                 return
             decoder = SseDecoder(self.h.max_event_bytes)

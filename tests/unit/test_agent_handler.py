@@ -257,6 +257,23 @@ async def test_stream_error_before_output_keeps_its_status() -> None:
     assert orjson.loads(reply.body)["error"]["message"] == "no such model"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_gateways_429_keeps_its_retry_and_rate_limit_headers(stream: bool) -> None:
+    """An llm-d gateway (or any server in front of vLLM) that sheds load says when to come
+    back; the client gets that, and nothing else of the server's headers."""
+
+    async def saturated(_: web.Request) -> web.StreamResponse:
+        headers = {"Retry-After": "3", "x-ratelimit-remaining-requests": "0", "Server": "gw"}
+        body = b'{"error":{"message":"saturated","type":"rate_limit_error","code":429}}'
+        return web.Response(status=429, body=body, headers=headers, content_type="application/json")
+
+    rig = await Rig(saturated).start()
+    await rig.run(rig.job(stream=stream))
+    [reply] = rig.replies
+    assert (reply.kind, reply.status) == (ReplyKind.ERROR, 429)
+    assert reply.http_headers == {"retry-after": "3", "x-ratelimit-remaining-requests": "0"}
+
+
 async def test_stream_unreachable_server_requeues() -> None:
     rig = await Rig(drop).start()
     await rig.run(rig.job(stream=True))

@@ -34,7 +34,7 @@ from shared.errors import (
 )
 from shared.http_headers import SHOULD_RETRY as H_SHOULD_RETRY
 from shared.http_headers import UPSTREAM_REQUEST_ID as H_UPSTREAM_REQUEST_ID
-from shared.http_headers import is_upstream_relayed
+from shared.http_headers import upstream_hints
 
 # Client errors that the same request will meet again: the SDKs must not retry them.
 _FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
@@ -47,12 +47,9 @@ def relay_headers(headers: Mapping[str, str]) -> dict[str, str]:
     The upstream's `x-request-id` travels as `x-upstream-request-id`: `x-request-id` is the
     router's own.
     """
-    selected: dict[str, str] = {}
+    selected = upstream_hints(headers)
     for name, value in headers.items():
-        key = name.lower()
-        if is_upstream_relayed(key):
-            selected[key] = value
-        elif key == "x-request-id":
+        if name.lower() == "x-request-id":
             selected[H_UPSTREAM_REQUEST_ID] = value
     return selected
 
