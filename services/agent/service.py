@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractQueue
 from aiohttp import web
 from httpx_aiohttp import AiohttpTransport
 
@@ -103,6 +103,9 @@ class AgentService:
         self._heartbeats: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._model_channels: dict[str, AbstractChannel] = {}
+        # Each model's queue as its channel declared it: consumed again after a pause, not
+        # declared again (aio-pika keeps every declared queue to restore it on a reconnect).
+        self._model_queues: dict[str, AbstractQueue] = {}
         self._taking_jobs = False  # consuming the models' queues (not while the server is down)
         self._web: web.AppRunner | None = None
         self.port = settings.agent_port
@@ -245,10 +248,11 @@ class AgentService:
             if channel is None or channel.is_closed:
                 channel = await self.broker.channel(prefetch=self.settings.agent_concurrency)
                 self._model_channels[model] = channel
+                self._model_queues.pop(model, None)
             try:
-                await self.broker.consume(
+                self._model_queues[model] = await self.broker.consume(
                     channel,
-                    self.topology.agent_queue_spec(model),
+                    self._model_queues.get(model) or self.topology.agent_queue_spec(model),
                     self.handler.on_job,
                     redelivery_limit=self.topology.redelivery_limit,
                 )

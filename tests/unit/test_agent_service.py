@@ -99,3 +99,40 @@ async def test_stop_runs_every_step_even_when_one_fails(caplog: pytest.LogCaptur
     assert "stopping heartbeats failed" in caplog.text
     assert "stopping the container failed" in caplog.text
     assert service.router.is_closed
+
+
+async def test_consuming_a_model_again_reuses_its_queue_rather_than_declaring_it_anew(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The health watchdog stops and resumes consuming as the server fails and recovers. A
+    queue declared anew each time was kept by aio-pika's channel, with its binding, and all
+    of them were declared and bound again on every reconnect: 401 after 400 flaps."""
+    service = AgentService(AgentSettings(agent_models="local_m=m"))
+    service.handler = SimpleNamespace(on_job=None)  # type: ignore[assignment]
+    channel = SimpleNamespace(is_closed=False)
+    queue = SimpleNamespace(name="the declared queue")
+    given: list[object] = []
+
+    async def open_channel(prefetch: int) -> object:
+        return channel
+
+    async def consume(_: object, spec_or_queue: object, *__: object, **___: object) -> object:
+        given.append(spec_or_queue)
+        return queue
+
+    monkeypatch.setattr(service.broker, "channel", open_channel)
+    monkeypatch.setattr(service.broker, "consume", consume)
+    try:
+        for _ in range(3):
+            await service._consume_model("local_m")
+        channel.is_closed = True  # a new channel declares it again, on itself
+        await service._consume_model("local_m")
+    finally:
+        await service.router.aclose()
+    assert [type(g).__name__ for g in given] == [
+        "QueueSpec",
+        "SimpleNamespace",
+        "SimpleNamespace",
+        "QueueSpec",
+    ]
+    assert given[1] is queue and given[2] is queue
