@@ -472,11 +472,13 @@ class Broker:
     ) -> bool:
         """Handle a redelivered message's count; True if it was settled here.
 
-        The original is acked before its copy is published, both on the consuming channel:
-        the broker handles a channel's frames in order, so the copy cannot reach a consumer
-        (and crash it again) before the ack is settled, and copies never multiply. The price
-        is a window of a few frames: a process killed between the ack and the copy's publish
-        loses that (already redelivered) message.
+        The original is acked, then a passive declare of its queue on the same channel makes a
+        round trip: the broker handles a channel's frames in order, so once it answers, the ack
+        is settled, and the copy cannot reach a consumer (and crash it again) before it, nor
+        can copies multiply. The copy goes out on the publishing connection: RabbitMQ blocks a
+        connection that publishes during a memory alarm, and this one must keep acking. The
+        price is a window of a round trip: a process killed between the ack and the copy's
+        confirm loses that (already redelivered) message.
         """
         properties = message.header.properties
         headers = dict(properties.headers or {})
@@ -504,17 +506,11 @@ class Broker:
         )
         persistent = properties.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         await delivery.ack_now()
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        await underlay.queue_declare(queue_name, passive=True, timeout=self.publish_timeout)
         # Through the requeue exchange (each work queue is bound to it under its own name):
         # an agent's broker user may publish there only with its own queues' names.
-        await _publish(
-            channel,
-            env,
-            self._requeue_exchange,
-            queue_name,
-            persistent=persistent,
-            user_id=self.user,
-            timeout=self.publish_timeout,
-        )
+        await self.publish(env, queue_name, exchange=self._requeue_exchange, persistent=persistent)
         return True
 
     @property

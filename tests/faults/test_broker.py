@@ -21,6 +21,9 @@ import aio_pika
 import httpx
 import pytest
 
+from shared.amqp import Broker, Delivery
+from shared.messages import Envelope
+from shared.topology import Topology, declare_topology
 from tests.faults.harness.load import (
     GRACE,
     Entry,
@@ -31,7 +34,7 @@ from tests.faults.harness.load import (
 )
 from tests.faults.harness.nodes import RabbitNode
 from tests.faults.harness.router import LOCAL, FaultRouter
-from tests.support.procs import wait_for
+from tests.support.procs import new_namespace, wait_for
 
 MODELS = ["dummy", LOCAL]
 RECOVERY = 15.0  # full service again within this many seconds of the broker's return
@@ -318,3 +321,57 @@ async def test_memory_alarm_blocks_publishers_then_clears(
     during = [e for e in ledger.between(broke + 0.5, back) if e.outcome == "error"]
     slow = [e.describe() for e in during if (e.latency or 0) > PUBLISH_TIMEOUT + GRACE]
     assert not slow, "requests sent during an alarm must fail fast:\n" + "\n".join(slow[:20])
+
+
+@pytest.mark.timeout(90)
+async def test_a_recount_in_a_memory_alarm_leaves_the_consumers_acks_flowing(
+    rabbit: RabbitNode,
+) -> None:
+    """A redelivered job's counted copy is published by the consumer. On its consuming
+    connection, a memory alarm blocked that connection too, and every ack of the process
+    stalled until the alarm cleared (review 2026-11-29): the copy goes on the publishing one."""
+    topology = Topology(namespace=new_namespace())
+    publisher = Broker(rabbit.url, name="pub", publish_timeout=2.0)
+    consumer = Broker(
+        rabbit.url, name="con", publish_timeout=2.0, requeue_exchange=topology.requeue_exchange
+    )
+    await publisher.connect()
+    await consumer.connect()
+    try:
+        await declare_topology(await consumer.channel(prefetch=10), topology)
+        failing, slow = topology.jobs_queue_spec(), topology.provider_queue_spec("x")
+        for spec in (failing, slow):
+            await consumer.declare(await consumer.channel(prefetch=10), spec)
+            job = Envelope(type="job", body=b"{}", headers={}, message_id=spec.name)
+            await publisher.publish(job, spec.name, persistent=True)
+        finish = asyncio.Event()
+
+        async def finishes_later(env: Envelope, delivery: Delivery) -> None:
+            await finish.wait()  # then acked, during the alarm
+
+        async def fails_once(env: Envelope, delivery: Delivery) -> None:
+            if not delivery.redelivered:
+                raise RuntimeError("a hand-off whose publish timed out")
+
+        channel = await consumer.channel(prefetch=10)
+        await consumer.consume(channel, slow, finishes_later, redelivery_limit=5)
+        rabbit.ctl("set_vm_memory_high_watermark", "0.0000001")
+        wait_for(
+            lambda: "memory" in rabbit.ctl("eval", "rabbit_alarm:get_alarms().").stdout,
+            timeout=15,
+            message="the memory alarm never went off",
+        )
+        channel = await consumer.channel(prefetch=10)
+        await consumer.consume(channel, failing, fails_once, redelivery_limit=5)
+        await asyncio.sleep(1.0)  # failed, redelivered, recounted
+        finish.set()
+        await asyncio.to_thread(
+            wait_for,
+            lambda: rabbit.queues()[slow.name][0] == 0,  # ready + unacked
+            timeout=10,
+            message="the ack sent during the alarm was not processed",
+        )
+    finally:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+        await consumer.close()
+        await publisher.close()
