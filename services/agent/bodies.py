@@ -90,7 +90,8 @@ def stream_event(data: bytes, model: str) -> StreamEvent:
     if data.strip() == b"[DONE]":
         return StreamEvent(done=True)
     payload = _load_object(data)
-    if "error" in payload or payload.get("object") == "error":
+    # `"error": null` beside the choices, from some compatible servers, is no error.
+    if payload.get("error") is not None or payload.get("object") == "error":
         return StreamEvent(error=normalise_error(200, data, parsed=payload))
     payload["model"] = model
     return StreamEvent(chunk=b"data: " + orjson.dumps(payload) + b"\n\n")

@@ -61,6 +61,13 @@ def test_stream_event_error() -> None:
     assert event.error.message == "boom"
 
 
+def test_a_chunk_with_a_null_error_is_a_chunk() -> None:
+    """Some OpenAI-compatible servers send `"error": null` beside the choices of every chunk."""
+    event = stream_event(b'{"choices":[{"delta":{"content":"hi"}}],"error":null}', "local_m")
+    assert event.error is None and event.chunk is not None
+    assert orjson.loads(event.chunk.removeprefix(b"data: "))["model"] == "local_m"
+
+
 def error_of(status: int, body: bytes) -> tuple[int, dict[str, object]]:
     failure = normalise_error(status, body)
     return failure.status, orjson.loads(failure.body)

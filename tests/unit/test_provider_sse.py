@@ -88,6 +88,7 @@ def test_an_event_that_only_mentions_error_is_an_event() -> None:
         b'data: {"choices":[{"finish_reason":"error"}],"x":{"error":1}}\n\n',
         b'data: ["error"]\n\n',
         b'data: {"error" oops\n\n',
+        b'data: {"choices":[{"delta":{"content":"hi"}}],"error":null}\n\n',  # a compatible server
     ]
     splitter = SseSplitter()
     assert splitter.feed(b"".join(events)) == events

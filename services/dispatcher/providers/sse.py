@@ -80,7 +80,8 @@ def is_error(data: bytes) -> bool:
         parsed = orjson.loads(data)
     except orjson.JSONDecodeError:
         return False
-    return isinstance(parsed, dict) and "error" in parsed
+    # `"error": null` beside the choices, from some compatible servers, is no error.
+    return isinstance(parsed, dict) and parsed.get("error") is not None
 
 
 def is_comment(raw: bytes) -> bool:
