@@ -60,7 +60,13 @@ from services.dispatcher.cache_key import (
     lock_key,
     plan_request,
 )
-from services.dispatcher.cache_replay import EntryError, hit_payload, is_storable, stored_age
+from services.dispatcher.cache_replay import (
+    EntryError,
+    NotReplayableError,
+    hit_payload,
+    is_storable,
+    stored_age,
+)
 from services.dispatcher.resp import PipelinedRedis
 from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Delivery
@@ -558,6 +564,9 @@ class JobCache:
             payload = hit_payload(
                 entry, job.request_id, stream=job.stream, include_usage=job.include_usage
             )
+        except NotReplayableError as e:
+            log.info("job %s: cached answer not served as a stream (%s)", job.request_id, e)
+            return None
         except EntryError as e:
             log.warning("job %s: unreadable cache entry treated as a miss (%s)", job.request_id, e)
             return None

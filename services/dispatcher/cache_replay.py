@@ -5,7 +5,8 @@ Only whole answers are stored: a `chat.completion` whose every choice finished o
 filtered one (`content_filter`) or a stream. A hit is served under the new request's id
 (`chatcmpl-<request id>`: every response names its own request), as JSON, or replayed as a
 valid SSE stream: per choice a role chunk, the text, the tool calls, the finish reason, then
-the usage chunk when the request asked for it.
+the usage chunk when the request asked for it. An answer the replay would cut (see
+NotReplayableError) is not replayed at all.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ CHUNK_FIELDS = ("system_fingerprint", "service_tier")
 
 class EntryError(ValueError):
     """A stored entry that is not a complete chat.completion (written by something else)."""
+
+
+class NotReplayableError(EntryError):
+    """A complete answer a stream cannot be rebuilt from here: it holds a message field the
+    replay does not know (`audio`, `annotations`) or a tool call that is not a function call.
+    Served as JSON; for a stream request it is a miss, never an answer with a part gone."""
+
+
+# Message fields the replay rebuilds; any other that holds a value makes it NotReplayable.
+REPLAYED_FIELDS = frozenset({"role", *TEXT_FIELDS, "tool_calls", "function_call"})
 
 
 def _completion(body: bytes) -> dict[str, Any]:
@@ -83,8 +94,12 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 def _choice_deltas(choice: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
-    """(delta, logprobs) of each chunk replaying one choice, before its finish chunk."""
+    """(delta, logprobs) of each chunk replaying one choice, before its finish chunk.
+    Raises NotReplayableError."""
     message: dict[str, Any] = choice["message"]
+    for field, value in message.items():
+        if field not in REPLAYED_FIELDS and value not in (None, "", [], {}):
+            raise NotReplayableError(f"the message's {field!r} cannot be replayed")
     content = message.get("content")
     deltas: list[tuple[dict[str, Any], Any]] = [
         (
@@ -103,6 +118,11 @@ def _choice_deltas(choice: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
     if text:
         deltas.append((text, choice.get("logprobs")))
     tool_calls = message.get("tool_calls")
+    if isinstance(tool_calls, list) and any(
+        isinstance(call, dict) and (call.get("type") or "function") != "function"
+        for call in tool_calls
+    ):
+        raise NotReplayableError("a tool call that is not a function call cannot be replayed")
     if isinstance(tool_calls, list) and tool_calls:
         deltas.append(
             (

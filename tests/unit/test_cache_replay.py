@@ -12,6 +12,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from services.dispatcher.cache_replay import (
     MAX_ENTRY_BYTES,
     EntryError,
+    NotReplayableError,
     hit_body,
     hit_payload,
     is_storable,
@@ -221,3 +222,46 @@ def test_hit_payload_picks_the_shape() -> None:
     assert hit_payload(stored, "r", stream=False, include_usage=False) == hit_body(stored, "r")
     streamed = hit_payload(stored, "r", stream=True, include_usage=False)
     assert streamed == b"".join(replay_events(stored, "r", include_usage=False))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"role": "assistant", "content": "see", "annotations": [{"type": "url_citation"}]},
+        {"role": "assistant", "content": None, "audio": {"id": "audio_1", "data": "UklGR"}},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "custom", "custom": {"name": "run", "input": "ls"}}
+            ],
+        },
+    ],
+)
+def test_an_answer_the_replay_would_cut_is_json_only(message: dict[str, Any]) -> None:
+    """Citations, audio, a freeform tool call: a stream rebuilt without them would be another
+    answer, so a stream request does not get one (a miss); a JSON request gets it whole."""
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    stored = orjson.dumps(completion(choice))
+    assert (
+        orjson.loads(hit_payload(stored, "r2", stream=False, include_usage=False))["choices"][0][
+            "message"
+        ]
+        == message
+    )
+    with pytest.raises(NotReplayableError):
+        hit_payload(stored, "r2", stream=True, include_usage=False)
+
+
+def test_empty_fields_a_server_always_sends_do_not_stop_the_replay() -> None:
+    message = {
+        "role": "assistant",
+        "content": "Hello",
+        "annotations": [],
+        "audio": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    events = replay_events(orjson.dumps(completion(choice)), "r2", include_usage=False)
+    assert b'"content":"Hello"' in b"".join(events)
