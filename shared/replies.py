@@ -257,15 +257,16 @@ class StreamWriter:
 
     async def _flush_later(self, delay: float) -> None:
         try:
-            await asyncio.sleep(delay)
-            await self._flush()
-            # Events sent while that publish waited for its confirm found this flusher still
-            # set and rode along, but too late for its batch: they go one window later, not
-            # at the next send(), which a model pausing to think may hold back for minutes.
-            while self._buffer:
-                loop = asyncio.get_running_loop()
-                await asyncio.sleep(max(0.0, self._last_publish + self._window - loop.time()))
+            # Events sent while a publish waited for its confirm found this flusher still set
+            # and rode along, but too late for its batch: they go one window later, not at the
+            # next send(), which a model pausing to think may hold back for minutes.
+            while True:
+                await asyncio.sleep(delay)
                 await self._flush()
+                if not self._buffer:
+                    break
+                loop = asyncio.get_running_loop()
+                delay = max(0.0, self._last_publish + self._window - loop.time())
         except RouterError as e:
             self._failure = e
         finally:

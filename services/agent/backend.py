@@ -65,7 +65,11 @@ class UpstreamStream:
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
         self.status = response.status
-        self.hints = upstream_hints(response.headers)  # retry and rate-limit headers
+
+    @property
+    def hints(self) -> dict[str, str]:
+        """The answer's retry and rate-limit headers (read for an error answer only)."""
+        return upstream_hints(self._response.headers)
 
     async def read(self) -> bytes:
         """The whole body (an error answer). Raises UpstreamBrokenError."""
@@ -151,9 +155,9 @@ class VllmClient:
             async with self._http().post(
                 self._chat_url, data=body, headers=JSON_HEADERS
             ) as response:
-                return Answer(
-                    response.status, await response.read(), upstream_hints(response.headers)
-                )
+                # Headers for the client of an error answer only: not on every 200.
+                hints = upstream_hints(response.headers) if response.status != 200 else {}
+                return Answer(response.status, await response.read(), hints)
         except aiohttp.ClientError as e:
             raise UpstreamUnavailableError(_describe(e)) from e
 

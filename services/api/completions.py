@@ -22,7 +22,7 @@ from starlette.types import Receive
 from services.api.bus import ApiBus
 from services.api.rpc import PendingCall
 from services.api.settings import ApiSettings
-from services.api.sse import ClientGoneError, SseRelay, StreamLimits
+from services.api.sse import NO_OUTPUT, ClientGoneError, SseRelay, StreamLimits
 from services.api.validation import ChatRequestParser, EdgeLimits
 from shared.errors import (
     DeadlineError,
@@ -196,7 +196,7 @@ class CompletionsEndpoint:
         except TimeoutError as e:
             if not commits_early:
                 self.bus.cancel_soon(call)
-                raise DeadlineError("No output from the model in time.") from e
+                raise DeadlineError(NO_OUTPUT) from e
             first = None  # commit to 200 now and ping until the first chunk
         if first is not None and first.kind is ReplyKind.FINAL:
             # As after the commit (SseRelay): a stream is never answered with a non-stream.

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
+NO_OUTPUT = "No output from the model in time."
 STOPPED = "The model stopped sending output in time."
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
@@ -119,7 +120,7 @@ class SseRelay(Response):
         the first or between two (a model reasoning, a long prefill): proxies cut connections
         idle for 60 s (nginx, AWS ALB). Ends with an error event at a deadline, or when the call
         fails."""
-        until, late = self._limits.first_chunk_by, "No output from the model in time."
+        until, late = self._limits.first_chunk_by, NO_OUTPUT
         if self._first is not None:
             yield self._first
             until, late = self._quiet_until(), STOPPED

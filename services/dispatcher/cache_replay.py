@@ -118,12 +118,12 @@ def _choice_deltas(choice: dict[str, Any]) -> list[tuple[dict[str, Any], Any]]:
     if text:
         deltas.append((text, choice.get("logprobs")))
     tool_calls = message.get("tool_calls")
-    if isinstance(tool_calls, list) and any(
-        isinstance(call, dict) and (call.get("type") or "function") != "function"
-        for call in tool_calls
-    ):
-        raise NotReplayableError("a tool call that is not a function call cannot be replayed")
     if isinstance(tool_calls, list) and tool_calls:
+        if any(
+            isinstance(call, dict) and (call.get("type") or "function") != "function"
+            for call in tool_calls
+        ):
+            raise NotReplayableError("a tool call that is not a function call cannot be replayed")
         deltas.append(
             (
                 {
