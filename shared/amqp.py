@@ -348,8 +348,10 @@ class Broker:
         exchange: str = "",
         mandatory: bool = True,
         persistent: bool = False,
+        timeout: float | None = None,
     ) -> None:
-        """Publish and wait for the broker's confirm.
+        """Publish and wait for the broker's confirm, `timeout` seconds at most (by default
+        `publish_timeout`).
 
         Raises QueueFullError when the broker nacks (a bounded queue refusing), UnroutableError
         when a mandatory message reached no queue, and BrokerUnavailableError on timeout or a
@@ -367,7 +369,7 @@ class Broker:
                 persistent=persistent,
                 user_id=self.user,
                 mandatory=mandatory,
-                timeout=self.publish_timeout,
+                timeout=self.publish_timeout if timeout is None else timeout,
             )
         except PublishError as e:
             raise UnroutableError(f"no queue for {routing_key!r}") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -37,6 +38,17 @@ def new_attempt() -> str:
 
 # Seconds between tries of a reply that found no queue, before the queue counts as gone (~2 s).
 UNROUTABLE_RETRIES = (0.05, 0.15, 0.3, 0.5, 1.0)
+
+
+def confirm_timeout(broker: Broker, job: Job) -> float:
+    """How long a publish done for a job (its hand-off, its answer) waits for the confirm.
+
+    The job's own deadline, not `publish_timeout`: a memory alarm blocks a publishing
+    connection without closing it, and what was sent is routed once the alarm clears. A
+    handler that gave up sooner would requeue a job whose hand-off or answer is on its way, and
+    the job would run twice. A lost connection still fails the wait at once.
+    """
+    return max(broker.publish_timeout, job.remaining(time.time()))
 
 
 def with_cache_header(job: Job, reply: Reply) -> Reply:
@@ -94,7 +106,11 @@ class ReplyPublisher:
         for delay in (*self._unroutable_retries, None):
             try:
                 await self._broker.publish(
-                    env, job.reply_to, exchange=self._replies_exchange, persistent=persistent
+                    env,
+                    job.reply_to,
+                    exchange=self._replies_exchange,
+                    persistent=persistent,
+                    timeout=confirm_timeout(self._broker, job),
                 )
                 break
             except UnroutableError as e:

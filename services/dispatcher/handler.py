@@ -44,7 +44,7 @@ from shared.messages import (
     encode_job,
     encode_rpc_result,
 )
-from shared.replies import ReplyPublisher, StreamWriter, new_attempt
+from shared.replies import ReplyPublisher, StreamWriter, confirm_timeout, new_attempt
 from shared.topology import QueueArgumentsError, QueueSpec, Topology
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,12 @@ class DispatcherHandler:
         try:
             await self.ensure_queue(spec)
             env = encode_job(job, now=self.clock())
-            await self.broker.publish(env, spec.name, persistent=self.topology.is_persistent)
+            await self.broker.publish(
+                env,
+                spec.name,
+                persistent=self.topology.is_persistent,
+                timeout=confirm_timeout(self.broker, job),
+            )
         except QueueArgumentsError:  # logged by the declarer, with what the operator must do
             return ServiceUnavailableError(
                 f"The router cannot queue requests for `{job.model}`: its configuration "

@@ -375,3 +375,37 @@ async def test_a_recount_in_a_memory_alarm_leaves_the_consumers_acks_flowing(
         rabbit.ctl("set_vm_memory_high_watermark", "0.4")
         await consumer.close()
         await publisher.close()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("durability", ["durable", "quorum"])
+async def test_jobs_caught_in_a_memory_alarm_run_once_and_none_is_parked(
+    make_router: RouterFactory, rabbit: RabbitNode, durability: str
+) -> None:
+    """A hand-off the alarm holds back is routed once the alarm clears. A dispatcher that gave
+    up on its confirm after PUBLISH_TIMEOUT requeued the job, so it ran twice, and in quorum
+    mode a second timeout parked an answered job in `dead` (review 2026-11-29)."""
+    timeout = 20.0
+    router = await start_router(make_router, durability=durability, timeout=timeout)
+    fake = router.fakes[0]
+
+    def alarm() -> None:
+        fake.reset()
+        rabbit.ctl("set_vm_memory_high_watermark", "0.0000001")
+        deadline = time.monotonic() + 15
+        while "memory" not in rabbit.ctl("eval", "rabbit_alarm:get_alarms().").stdout:
+            assert time.monotonic() < deadline, "the memory alarm never went off"
+            time.sleep(0.2)
+
+    def clear() -> None:
+        rabbit.ctl("set_vm_memory_high_watermark", "0.4")
+
+    ledger, _, _, served = await run_outage(
+        router, timeout=timeout, break_broker=alarm, restore_broker=clear, outage=6
+    )
+    router.check(ledger, allowed_errors=(503, 504), ok_after=served)
+    failures = [line for line in router.logs("").splitlines() if "handler failed" in line]
+    texts = [body["messages"][0]["content"] for body in fake.stats()["bodies"]]
+    twice = sorted({text for text in texts if texts.count(text) > 1})
+    assert not twice, f"{len(twice)} requests ran twice: {twice[:5]}\n" + "\n".join(failures)
+    assert router.queue("dead") == (0, 0), "\n".join(failures)

@@ -620,6 +620,8 @@ async def no_queue(_: object) -> None:
 
 
 class RecordingBroker:
+    publish_timeout = 5.0
+
     def __init__(self, fail_exchange: str | None = None) -> None:
         self.sent: list[tuple[Envelope, str, str]] = []
         self.fail_exchange = fail_exchange
@@ -632,6 +634,7 @@ class RecordingBroker:
         exchange: str = "",
         mandatory: bool = True,
         persistent: bool = False,
+        timeout: float | None = None,
     ) -> None:
         if exchange and exchange == self.fail_exchange:
             raise BrokerUnavailableError()

@@ -31,6 +31,8 @@ EVENTS = [b'data: {"n":1}\n\n', b'data: {"n":2}\n\n']
 class Broker:
     """Records published replies, with whether the job was acked at that moment."""
 
+    publish_timeout = 5.0
+
     def __init__(self, message: Message) -> None:
         self.message = message
         self.replies: list[tuple[Reply, bool]] = []

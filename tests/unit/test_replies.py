@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import cast
 
 import pytest
 
 from shared.amqp import Broker
-from shared.errors import ReplyQueueGoneError, UnroutableError, UpstreamError
+from shared.errors import (
+    BrokerUnavailableError,
+    ReplyQueueGoneError,
+    UnroutableError,
+    UpstreamError,
+)
 from shared.messages import Envelope, Job, Reply, ReplyKind
 from shared.replies import ReplyPublisher, StreamWriter
 
@@ -138,6 +144,8 @@ async def test_an_event_sent_while_a_batch_awaits_its_confirm_goes_out_a_window_
 class UnroutableFor:
     """A broker whose publishes find no queue for the first `misses` tries."""
 
+    publish_timeout = 5.0
+
     def __init__(self, misses: int) -> None:
         self.misses = misses
         self.tries = 0
@@ -165,3 +173,41 @@ async def test_a_reply_queue_still_missing_after_the_retries_is_gone() -> None:
     with pytest.raises(ReplyQueueGoneError):
         await publish.final(a_job(), b"{}", attempt="a")
     assert broker.tries == 3
+
+
+class BlockedFor:
+    """A broker whose connection is blocked (a memory alarm) for `seconds`: a publish is
+    confirmed once that has passed, unless its wait for the confirm ends first."""
+
+    publish_timeout = 0.05
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.confirmed = 0
+
+    async def publish(
+        self, env: Envelope, routing_key: str, *, timeout: float, **_: object
+    ) -> None:
+        if timeout < self.seconds:
+            await asyncio.sleep(timeout)
+            raise BrokerUnavailableError()
+        await asyncio.sleep(self.seconds)
+        self.confirmed += 1
+
+
+async def test_an_answer_waits_out_a_blocked_connection_within_the_jobs_deadline() -> None:
+    # Giving up after `publish_timeout` requeued a job whose answer was already on its way.
+    broker = BlockedFor(seconds=0.2)
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    job = Job(request_id="r1", model="m", reply_to="q", deadline=time.time() + 5, body=b"{}")
+    await publish.final(job, b"{}", attempt="a")
+    assert broker.confirmed == 1
+
+
+async def test_an_answer_past_its_deadline_waits_only_the_publish_timeout() -> None:
+    broker = BlockedFor(seconds=0.2)
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    job = Job(request_id="r1", model="m", reply_to="q", deadline=time.time() - 1, body=b"{}")
+    with pytest.raises(BrokerUnavailableError):
+        await publish.final(job, b"{}", attempt="a")
+    assert broker.confirmed == 0
