@@ -30,26 +30,47 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.client_auth import ClientKeys
 from services.api.completions import CompletionsEndpoint
-from shared.errors import RouterError, to_openai_error
+from shared.errors import PermissionDeniedError, RouterError, to_openai_error
+from shared.http_headers import ROUTER_ADDED, UPSTREAM_RELAYED
 
 log = logging.getLogger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 JSON = "application/json"
 REQUEST_ID = b"x-request-id"
-# What a page may read of an answer besides the CORS-safelisted headers: what the SDKs read.
-EXPOSED_HEADERS = [
-    "x-request-id",
-    "x-cache",
-    "retry-after",
-    "x-should-retry",
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
-]
+# What a page may read of an answer besides the CORS-safelisted headers: every header the
+# router sets or relays (the SDKs read the retry hints, support asks for the request ids), with
+# OpenAI's rate-limit names for the relayed `x-ratelimit-*` (CORS lists names, not prefixes).
+EXPOSED_HEADERS = sorted(
+    {"x-request-id", *UPSTREAM_RELAYED, *ROUTER_ADDED}
+    | {
+        f"x-ratelimit-{field}-{unit}"
+        for field in ("limit", "remaining", "reset")
+        for unit in ("requests", "tokens")
+    }
+)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_cross_site_call(scope: Scope, allowed_origins: frozenset[str]) -> bool:
+    """A browser's call from a page of an origin not allowed: refused before it runs.
+
+    Without client keys, any web page could otherwise make the router run jobs: a `POST` sent
+    as a "simple" request (`text/plain`, no `Authorization`) needs no preflight, and CORS only
+    keeps the page from reading the answer. Browsers name the page's origin on every `POST`;
+    SDKs, curl and agents send none. A page of the router's own host is not cross-site.
+    """
+    if scope["method"] in SAFE_METHODS or "*" in allowed_origins:
+        return False
+    origin = host = None
+    for name, value in scope["headers"]:
+        if name == b"origin":
+            origin = value.decode("latin-1")
+        elif name == b"host":
+            host = value.decode("latin-1")
+    if origin is None or origin in allowed_origins:
+        return False
+    return host is None or origin.partition("://")[2] != host
 
 
 def error_response(exc: BaseException, request_id: str = "") -> Response:
@@ -127,10 +148,13 @@ class RouterApp(FastAPI):
 
     fast_route: Callable[[Scope, Receive, Send], Awaitable[None]] | None = None
     _cors: ASGIApp | None = None
+    _origins: frozenset[str] = frozenset()
 
     def allow_origins(self, origins: list[str]) -> None:
-        """Answer browsers' preflights and let pages of `origins` (`*`: any) read answers.
-        Keys travel in the `Authorization` header, never in cookies: no credentials mode."""
+        """Answer browsers' preflights and let pages of `origins` (`*`: any) call the API and
+        read answers. Keys travel in the `Authorization` header, never in cookies: no
+        credentials mode."""
+        self._origins = frozenset(origins)
         self._cors = CORSMiddleware(
             self._route,
             allow_origins=origins,
@@ -141,7 +165,17 @@ class RouterApp(FastAPI):
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._cors is not None and scope["type"] == "http":
+        if scope["type"] != "http":
+            await self._route(scope, receive, send)
+        elif is_cross_site_call(scope, self._origins):
+            error = PermissionDeniedError(
+                "Calls from web pages of another origin are refused; list the page's origin "
+                "in CORS_ALLOW_ORIGINS to allow them.",
+                code="origin_not_allowed",
+            )
+            method, path = scope["method"], scope["path"]
+            await refusal_response(error, uuid.uuid4().hex, method, path)(scope, receive, send)
+        elif self._cors is not None:
             await self._cors(scope, receive, send)
         else:
             await self._route(scope, receive, send)

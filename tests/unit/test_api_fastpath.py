@@ -5,6 +5,7 @@ request id, and the route still in the OpenAPI document. (Auth: test_security_au
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -106,11 +107,54 @@ async def cors_client(origins: str) -> httpx.AsyncClient:
 async def test_without_allowed_origins_answers_carry_no_cors_headers(
     http: httpx.AsyncClient,
 ) -> None:
-    response = await http.post(
-        "/v1/chat/completions", json={"model": "dummy", "messages": []}, headers={"origin": PAGE}
-    )
-    assert response.status_code == 400
+    response = await http.get("/v1/models", headers={"origin": PAGE})
     assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize("origins", ["", "https://other.example"])
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        # What a page may send without a preflight: a "simple" request.
+        {
+            "content": b'{"model": "dummy", "messages": []}',
+            "headers": {"content-type": "text/plain"},
+        },
+        {"json": {"model": "dummy", "messages": []}},
+    ],
+)
+async def test_a_page_of_an_origin_not_allowed_cannot_make_the_router_run_a_job(
+    origins: str, request_kwargs: dict[str, Any]
+) -> None:
+    # Without client keys, a page of any site a user opened could make an open router run
+    # jobs: CORS only keeps the page from reading the answer (review 2026-11-29).
+    async with await cors_client(origins) as http:
+        kwargs = dict(request_kwargs)
+        headers = {"origin": "https://evil.example", **kwargs.pop("headers", {})}
+        response = await http.post("/v1/chat/completions", headers=headers, **kwargs)
+        assert response.status_code == 403
+        error = response.json()["error"]
+        assert error["code"] == "origin_not_allowed" and "CORS_ALLOW_ORIGINS" in error["message"]
+        assert response.headers["x-request-id"]
+        assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("origin", "host"),
+    [
+        (None, "api"),  # an SDK, curl or an agent: no origin
+        ("http://api", "api"),  # a page of the router's own host (its /docs)
+        ("https://router.example:8443", "router.example:8443"),  # the same behind TLS
+    ],
+)
+async def test_calls_that_are_not_cross_site_reach_the_route(origin: str | None, host: str) -> None:
+    async with await cors_client("") as http:
+        headers = {"host": host, **({"origin": origin} if origin else {})}
+        response = await http.post(
+            "/v1/chat/completions", json={"model": "dummy", "messages": []}, headers=headers
+        )
+    assert response.status_code == 400  # the route's own answer
+    assert response.json()["error"]["param"] == "messages"
 
 
 @pytest.mark.parametrize("origins", [PAGE, f"https://other.example, {PAGE}", "*"])
@@ -137,7 +181,10 @@ async def test_an_allowed_page_may_call_the_hot_route_and_read_its_answer(origin
         )
         assert answer.status_code == 400  # the route's own answer, with CORS headers on it
         assert answer.headers["access-control-allow-origin"] in (PAGE, "*")
-        assert "x-request-id" in answer.headers["access-control-expose-headers"]
+        exposed = {
+            name.strip() for name in answer.headers["access-control-expose-headers"].split(",")
+        }
+        assert {"x-request-id", "retry-after-ms", "x-upstream-request-id"} <= exposed
         listing = await http.get("/v1/models", headers={"origin": PAGE})
         assert listing.headers["access-control-allow-origin"] in (PAGE, "*")
 
