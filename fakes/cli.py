@@ -38,7 +38,8 @@ def build_parser(
         "--echo", action="store_true", help="reply with the last message's text (overrides both)"
     )
     if api_key is not None:
-        parser.add_argument("--api-key", default=api_key, help=f"required Bearer key ({api_key})")
+        shown = api_key or "none: no key needed"
+        parser.add_argument("--api-key", default=api_key, help=f"required Bearer key ({shown})")
     return parser
 
 

@@ -67,7 +67,15 @@ class VllmFlavour:
         return json.dumps(arguments, ensure_ascii=False)
 
     def check_auth(self, request: web.Request) -> Reply | None:
-        return None  # vLLM without --api-key accepts anything
+        """vLLM's `--api-key` (or `VLLM_API_KEY`): every `/v1` route wants `Bearer <key>`,
+        and a miss is a bare 401 that is not an OpenAI error object. Without one, anything."""
+        expected = self._config.api_key
+        if expected is None:
+            return None
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and key == expected:
+            return None
+        return Reply(401, b'{"error":"Unauthorized"}')
 
     def response_headers(self, started: float) -> dict[str, str]:
         return {}
@@ -287,7 +295,7 @@ def create_app(config: FakeConfig | None = None) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point; prints "fake-vllm listening on http://host:port" when ready."""
-    parser = build_parser("fakes.vllm", port=8100, models="mistral-7b-instruct")
+    parser = build_parser("fakes.vllm", port=8100, models="mistral-7b-instruct", api_key="")
     args = parser.parse_args(argv)
     config = config_from_args(args)
     run(create_app(config), args.host, args.port, VllmFlavour.name)

@@ -95,8 +95,10 @@ class UpstreamStream:
 class VllmClient:
     """Calls to one inference server. The caller bounds each call's total time."""
 
-    def __init__(self, url: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, connect_timeout: float = 5.0, api_key: str = "") -> None:
         self.root = server_root(url)
+        # vLLM's --api-key guards every /v1 route (not /health).
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._chat_url = URL(f"{self.root}/v1/chat/completions")
         self._models_url = URL(f"{self.root}/v1/models")
         self._health_url = URL(f"{self.root}/health")
@@ -113,6 +115,7 @@ class VllmClient:
                 # No read timeout: a long generation is bounded by the job's deadline instead.
                 timeout=aiohttp.ClientTimeout(total=None, connect=self._connect_timeout),
                 cookie_jar=aiohttp.DummyCookieJar(),  # an inference server sets no cookies
+                headers=self._auth,
             )
         return self._session
 
@@ -142,6 +145,11 @@ class VllmClient:
             async with self._http().get(
                 self._models_url, headers=JSON_HEADERS, timeout=timeout
             ) as response:
+                if response.status == 401:
+                    refused = "refused" if self._auth else "wants"
+                    raise UpstreamUnavailableError(
+                        f"the server {refused} the agent's key: set VLLM_API_KEY to its --api-key"
+                    )
                 response.raise_for_status()
                 return served_names_from_listing(orjson.loads(await response.read()))
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:

@@ -119,6 +119,12 @@ def normalise_error(
     code = fields.get("code")
     if not 400 <= status <= 599:
         status = code if isinstance(code, int) and 400 <= code <= 599 else 502
+    if status == 401:
+        # The server refused the agent's key, not the client's: no key of the client's can fix
+        # that, and an SDK shown a 401 would tell its user to check their own key.
+        refusal = "The inference server rejected the agent's key (VLLM_API_KEY)."
+        body = error_body(refusal, "server_error", code="upstream_auth_failed")
+        return UpstreamFailure(status=502, body=body, message=refusal)
     message = fields.get("message")
     if not isinstance(message, str) or not message:
         message = f"The inference server answered {status}."

@@ -80,6 +80,7 @@ def container_spec(
     host_port: int,
     hf_cache_dir: str,
     hf_token: str = "",
+    api_key: str = "",
     extra_args: str = "",
     name: str = "",
     bind_host: str = "127.0.0.1",
@@ -100,6 +101,8 @@ def container_spec(
     if hf_token:
         # Both names: older huggingface_hub releases read only the second.
         environment = {"HF_TOKEN": hf_token, "HUGGING_FACE_HUB_TOKEN": hf_token}
+    if api_key:
+        environment["VLLM_API_KEY"] = api_key  # an environment variable stays out of `ps`
     return ContainerSpec(
         image=image,
         name=name or f"router-vllm-{agent_name}",

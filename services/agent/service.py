@@ -71,6 +71,7 @@ def docker_spec(settings: AgentSettings, served_names: list[str]) -> ContainerSp
         host_port=s.vllm_host_port,
         hf_cache_dir=str(Path(s.hf_cache_dir).expanduser()),
         hf_token=s.hf_token.get_secret_value(),
+        api_key=s.vllm_api_key.get_secret_value(),
         extra_args=s.vllm_args,
         name=s.vllm_container_name,
     )
@@ -86,6 +87,7 @@ class AgentService:
         self.upstream = VllmClient(
             vllm_url(settings),
             connect_timeout=settings.upstream_connect_timeout,
+            api_key=settings.vllm_api_key.get_secret_value(),
         )
         self.router = httpx.AsyncClient(transport=AiohttpTransport())
         self.broker = Broker(

@@ -38,6 +38,13 @@ class AgentSettings(BrokerSettings):
             "(default http://127.0.0.1:8000/v1, or the container's port with vllm-docker)."
         ),
     )
+    vllm_api_key: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "Key the inference server requires (vLLM's --api-key), sent as `Bearer`; with "
+            "vllm-docker the container gets it as VLLM_API_KEY."
+        ),
+    )
     agent_models: str = Field(
         "",
         description=(

@@ -141,6 +141,18 @@ def test_upstream_error_keeps_its_status(router: Router) -> None:
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+def test_an_agent_serves_a_server_that_wants_a_key(router: Router) -> None:
+    fake = router.fake("--api-key", "sk-vllm", models="m")
+    router.agent("a1", fake, VLLM_API_KEY="sk-vllm")  # discovered through the guarded list
+    router.wait_listed("local_m")
+    with sdk_client(router.api) as client:
+        completion = client.chat.completions.create(model="local_m", messages=MESSAGES)  # type: ignore[arg-type]
+        assert completion.choices[0].message.content
+        stream = client.chat.completions.create(model="local_m", messages=MESSAGES, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert fake.stats()["auth"][-2:] == ["Bearer sk-vllm"] * 2
+
+
 # --- sharing and failure -----------------------------------------------------------------------
 
 

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from fakes.core import FakeConfig
+from fakes.vllm import create_app as create_fake_vllm
 from services.agent.backend import (
     UpstreamBrokenError,
     UpstreamUnavailableError,
     VllmClient,
     server_root,
 )
+from services.agent.bodies import normalise_error
 from services.agent.service import AgentService, docker_spec, vllm_url
 from services.agent.settings import AgentSettings, Backend
 from tests.support.upstream import UpstreamServer, answer, closed_port_url, drop, sse
@@ -237,3 +242,58 @@ def test_docker_spec_from_settings() -> None:
     assert kwargs["command"][-2:] == ["--served-model-name", "model-q4"]
     assert kwargs["volumes"] == {"/models/hf": {"bind": "/root/.cache/huggingface", "mode": "rw"}}
     assert kwargs["device_requests"][0]["DeviceIDs"] == ["1"]
+
+
+# --- a server started with --api-key (VLLM_API_KEY) --------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def fake_vllm_with_key(key: str) -> AsyncIterator[str]:
+    """The project's fake vLLM, in process, wanting `key` on its /v1 routes as vLLM does."""
+    server = TestServer(create_fake_vllm(FakeConfig(models=["m"], api_key=key)))
+    await server.start_server()
+    try:
+        yield str(server.make_url("/v1"))
+    finally:
+        await server.close()
+
+
+async def test_an_agent_with_the_servers_key_is_served() -> None:
+    async with fake_vllm_with_key("sk-vllm") as url:
+        settings = AgentSettings(vllm_url=url, vllm_api_key="sk-vllm")
+        vllm = AgentService(settings).upstream  # as the agent builds it
+        try:
+            assert await vllm.served_models() == ["m"]
+            answer = await vllm.complete(
+                b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+            )
+            assert answer.status == 200
+            assert await vllm.is_healthy()
+        finally:
+            await vllm.aclose()
+
+
+async def test_a_key_the_server_refuses_is_named_as_the_agents_own() -> None:
+    async with fake_vllm_with_key("sk-vllm") as url:
+        vllm = AgentService(AgentSettings(vllm_url=url, vllm_api_key="sk-wrong")).upstream
+        try:
+            with pytest.raises(UpstreamUnavailableError, match="VLLM_API_KEY"):
+                await vllm.served_models()
+            answer = await vllm.complete(
+                b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+            )
+        finally:
+            await vllm.aclose()
+    # The client's key is not at fault: not a 401, which an SDK reports as the user's bad key.
+    failure = normalise_error(answer.status, answer.body)
+    assert failure.status == 502
+    assert orjson.loads(failure.body)["error"]["code"] == "upstream_auth_failed"
+
+
+def test_a_vllm_docker_server_gets_the_key_in_its_environment() -> None:
+    settings = AgentSettings(
+        agent_backend=Backend.VLLM_DOCKER, vllm_model="org/model", vllm_api_key="sk-vllm"
+    )
+    kwargs = docker_spec(settings, []).create_kwargs()
+    assert kwargs["environment"] == {"VLLM_API_KEY": "sk-vllm"}
+    assert "sk-vllm" not in kwargs["command"]  # an argument would show in `ps`
