@@ -269,6 +269,10 @@ AgentName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
 LocalModel = Annotated[str, StringConstraints(pattern=LOCAL_MODEL_PATTERN)]
 
 
+# The most models one agent registers: a registry entry and every heartbeat carry them all.
+MAX_AGENT_MODELS = 64
+
+
 class AgentRegistration(BaseModel):
     """`POST /register`: an agent announces the `local*` models it serves."""
 
@@ -276,7 +280,7 @@ class AgentRegistration(BaseModel):
 
     name: AgentName
     endpoint: str = Field("", max_length=512, pattern=r"^[\x21-\x7e]*$")
-    models: list[LocalModel] = Field(min_length=1, max_length=64)
+    models: list[LocalModel] = Field(min_length=1, max_length=MAX_AGENT_MODELS)
 
 
 class AgentHeartbeat(BaseModel):
@@ -286,7 +290,7 @@ class AgentHeartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: AgentName
-    models: list[LocalModel] | None = Field(None, max_length=64)
+    models: list[LocalModel] | None = Field(None, max_length=MAX_AGENT_MODELS)
     load: StrictFloat | None = Field(None, ge=0, le=1_000_000)  # not true, nor "5"
     leaving: StrictBool = False
 

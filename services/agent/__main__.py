@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.agent.heartbeat import AgentTokenRefusedError
+from services.agent.heartbeat import RegistrationRefusedError
 from services.agent.service import run
 from services.agent.settings import AgentSettings
 from shared.logs import configure_logging, secret_values
@@ -24,9 +24,10 @@ def main() -> None:
 
     try:
         run_service(serve)
-    except AgentTokenRefusedError:
+    except RegistrationRefusedError:
         # Logged where it happened ("registration refused ...: check AGENT_TOKEN and
-        # AGENT_NAME"); the agent is stopped. A traceback would add nothing to fix.
+        # AGENT_NAME", or what the API found wrong); the agent is stopped. A traceback would
+        # add nothing to fix.
         raise SystemExit(1) from None
 
 

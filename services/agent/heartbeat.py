@@ -9,7 +9,8 @@ the registry after the TTL instead of attracting them.
 A refused token (401 or 403, at registration or on a heartbeat) ends both: no retry changes
 it, and an agent the registry will never list must not go on taking its models' jobs from
 their shared queues either. The error ends the heartbeat task, and with it the agent
-(`AgentService.serve`), which exits non-zero. Any other failure is retried.
+(`AgentService.serve`), which exits non-zero. So does a registration whose payload the API
+refuses (400, 413, 422): the same payload is refused again. Any other failure is retried.
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ def next_backoff(current: float, *, cap: float) -> float:
 
 
 class RegistrationRefusedError(Exception):
-    """The API refused the agent's payload (a 4xx); retrying may not help."""
+    """The API refused the agent's request (a 4xx); retrying may not help."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class AgentTokenRefusedError(RegistrationRefusedError):
@@ -39,6 +44,8 @@ class AgentTokenRefusedError(RegistrationRefusedError):
 
 
 TOKEN_REFUSALS = (401, 403)
+# The API refused the registration itself: sent again, it is refused again.
+PAYLOAD_REFUSALS = (400, 413, 422)
 
 
 def _reason(error: Exception) -> str:
@@ -94,6 +101,12 @@ class Registrar:
                 except AgentTokenRefusedError as e:
                     log.error("registration refused (%s): check AGENT_TOKEN and AGENT_NAME", e)
                     raise
+                except RegistrationRefusedError as e:
+                    if e.status not in PAYLOAD_REFUSALS:
+                        log.warning("registration failed (%s); retrying in %.1fs", e, delay)
+                    else:
+                        log.error("registration refused (%s): the API will not list this agent", e)
+                        raise
                 except Exception as e:  # any failure, not only httpx's: the loop must go on
                     log.warning("registration failed (%s); retrying in %.1fs", _reason(e), delay)
             await asyncio.sleep(delay)
@@ -170,10 +183,11 @@ class Registrar:
         if response.status_code >= 400:
             # The API answers OpenAI error objects; their message says what is wrong.
             text = response.text[:300]
-            if response.status_code in TOKEN_REFUSALS:
-                raise AgentTokenRefusedError(f"{path} answered {response.status_code}: {text}")
-            if response.status_code < 500:
-                raise RegistrationRefusedError(f"{path} answered {response.status_code}: {text}")
+            status = response.status_code
+            if status in TOKEN_REFUSALS:
+                raise AgentTokenRefusedError(f"{path} answered {status}: {text}", status)
+            if status < 500:
+                raise RegistrationRefusedError(f"{path} answered {status}: {text}", status)
             raise httpx.HTTPStatusError(
                 f"{path} answered {response.status_code}",
                 request=response.request,

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from shared.messages import LOCAL_MODEL_PATTERN
+from shared.messages import LOCAL_MODEL_PATTERN, MAX_AGENT_MODELS
 
 PREFIX = "local_"
 _LOCAL_MODEL_RE = re.compile(LOCAL_MODEL_PATTERN)
@@ -33,6 +33,15 @@ class ModelMap:
     """Router id -> served name, in configuration order."""
 
     served: Mapping[str, str]
+
+    def __post_init__(self) -> None:
+        # The API refuses a registration of more: an agent that started anyway would take
+        # its models' jobs while the registry never lists it.
+        if len(self.served) > MAX_AGENT_MODELS:
+            raise ModelConfigError(
+                f"{len(self.served)} models, but an agent serves at most {MAX_AGENT_MODELS}: "
+                "name the ones to serve in AGENT_MODELS"
+            )
 
     @property
     def router_ids(self) -> list[str]:

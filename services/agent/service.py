@@ -36,7 +36,7 @@ from services.agent.container import (
     container_spec,
 )
 from services.agent.handler import AgentHandler
-from services.agent.heartbeat import AgentTokenRefusedError, Registrar, next_backoff
+from services.agent.heartbeat import Registrar, RegistrationRefusedError, next_backoff
 from services.agent.models import ModelMap, discovered_models, parse_agent_models
 from services.agent.settings import AgentSettings, Backend
 from services.agent.watchdog import UpstreamHealth
@@ -333,15 +333,15 @@ class AgentService:
     # --- running -------------------------------------------------------------------------------
     async def serve(self, stopping: asyncio.Future[Any]) -> None:
         """Run until `stopping` is done. Raises if the heartbeats end first: they end only on
-        a refused token (services/agent/heartbeat.py) or by a bug, and an agent that no longer
-        heartbeats drops out of the registry while it looks ready, so it had better exit
-        (non-zero) and be restarted."""
+        a refused token or registration (services/agent/heartbeat.py) or by a bug, and an
+        agent that no longer heartbeats drops out of the registry while it looks ready, so it
+        had better exit (non-zero) and be restarted."""
         assert self._heartbeats is not None, "start() first"
         await asyncio.wait({stopping, self._heartbeats}, return_when=asyncio.FIRST_COMPLETED)
         if stopping.done():
             return
         cause = None if self._heartbeats.cancelled() else self._heartbeats.exception()
-        if isinstance(cause, AgentTokenRefusedError):
+        if isinstance(cause, RegistrationRefusedError):
             raise cause  # the operator's to fix, and logged as such: no traceback needed
         raise RuntimeError(f"heartbeats ended ({cause!r})") from cause
 
@@ -377,13 +377,13 @@ class AgentService:
 
     async def _stop_heartbeats(self) -> None:
         """Cancel the heartbeat task; raises what it died of, if it died, except a refused
-        token (the registrar logged it, in words an operator can act on)."""
+        token or registration (the registrar logged it, in words an operator can act on)."""
         task = self._heartbeats
         refused = (
             task is not None
             and task.done()
             and not task.cancelled()
-            and isinstance(task.exception(), AgentTokenRefusedError)
+            and isinstance(task.exception(), RegistrationRefusedError)
         )
         if not refused:
             await _cancelled(task)

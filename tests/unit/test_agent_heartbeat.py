@@ -10,7 +10,12 @@ import httpx
 import orjson
 import pytest
 
-from services.agent.heartbeat import AgentTokenRefusedError, Registrar, next_backoff
+from services.agent.heartbeat import (
+    AgentTokenRefusedError,
+    Registrar,
+    RegistrationRefusedError,
+    next_backoff,
+)
 from shared.messages import AgentRegistration
 
 REG = AgentRegistration(name="gpu1", endpoint="http://gpu1:5000", models=["local_a"])
@@ -116,6 +121,25 @@ async def test_a_refused_token_ends_registration_and_heartbeats(status: int) -> 
     assert not r.registered.is_set()
     with pytest.raises(AgentTokenRefusedError):
         await registrar(Api([status]), [True]).heartbeat()
+
+
+@pytest.mark.parametrize("status", [400, 413, 422])
+async def test_a_refused_registration_ends_the_agent_too(status: int) -> None:
+    """The same payload is refused again: retried for ever, the agent took its models' jobs
+    while the registry never listed it (review 2026-11-29: a server listing 65 models)."""
+    api = Api([status])
+    r = registrar(api, [True])
+    with pytest.raises(RegistrationRefusedError):
+        await asyncio.wait_for(r.register(), 1)
+    assert api.paths() == ["/register"]
+
+
+@pytest.mark.parametrize("status", [404, 408, 429])
+async def test_a_registration_the_api_may_take_later_is_retried(status: int) -> None:
+    api = Api([status])
+    r = registrar(api, [True])
+    await asyncio.wait_for(r.register(), 1)
+    assert api.paths() == ["/register"] * 2
 
 
 def malformed_reply() -> Exception:

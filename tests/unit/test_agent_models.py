@@ -10,6 +10,7 @@ from services.agent.models import (
     parse_agent_models,
     served_names_from_listing,
 )
+from shared.messages import MAX_AGENT_MODELS
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,14 @@ def test_listing_ids() -> None:
     assert served_names_from_listing(listing) == ["a"]
     with pytest.raises(ModelConfigError):
         served_names_from_listing({"data": "nope"})
+
+
+def test_more_models_than_a_registration_carries_are_refused_at_start() -> None:
+    """The API refuses a registration of more than MAX_AGENT_MODELS: a server listing them all
+    (every LoRA adapter is a model) must stop the agent with a reason, not start it unlisted."""
+    names = [f"adapter-{i}" for i in range(MAX_AGENT_MODELS + 1)]
+    with pytest.raises(ModelConfigError, match="AGENT_MODELS"):
+        discovered_models(names)
+    with pytest.raises(ModelConfigError, match="AGENT_MODELS"):
+        parse_agent_models(",".join(names))
+    assert len(discovered_models(names[:-1])[0].router_ids) == MAX_AGENT_MODELS

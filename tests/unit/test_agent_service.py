@@ -35,7 +35,7 @@ async def test_a_refused_token_ends_serving_as_itself() -> None:
     """Not wrapped as a bug: `router agent` turns it into exit 1 without a traceback."""
 
     async def refused() -> None:
-        raise AgentTokenRefusedError("/register answered 403")
+        raise AgentTokenRefusedError("/register answered 403", 403)
 
     service = AgentService(AgentSettings(agent_models="local_m=m"))
     service._heartbeats = asyncio.create_task(refused())
