@@ -512,8 +512,42 @@ class Broker:
         await underlay.queue_declare(queue_name, passive=True, timeout=self.publish_timeout)
         # Through the requeue exchange (each work queue is bound to it under its own name):
         # an agent's broker user may publish there only with its own queues' names.
-        await self.publish(env, queue_name, exchange=self._requeue_exchange, persistent=persistent)
+        await self._publish_copy(env, queue_name, persistent=persistent)
         return True
+
+    async def _publish_copy(self, env: Envelope, queue_name: str, *, persistent: bool) -> None:
+        """Publish a counted copy whose original is acked already: it is the only one left.
+
+        A queue at its bound (others keep it full, as a dispatcher does under overload)
+        refuses it; it is tried again as room frees, for as long as the message may live. So
+        is the confirm awaited that long: in a memory alarm the copy is routed once the alarm
+        clears, and only a lost connection ends the wait sooner.
+        """
+        loop = asyncio.get_running_loop()
+        lifetime = env.expiration_ms / 1000 if env.expiration_ms else self.publish_timeout
+        deadline = loop.time() + max(lifetime, self.publish_timeout)
+        delay = 0.01
+        while True:
+            try:
+                await self.publish(
+                    env,
+                    queue_name,
+                    exchange=self._requeue_exchange,
+                    persistent=persistent,
+                    timeout=max(self.publish_timeout, deadline - loop.time()),
+                )
+                return
+            except QueueFullError:
+                if loop.time() + delay > deadline:
+                    log.error(
+                        "%s %s dropped: its queue %s stayed full for its whole lifetime",
+                        env.type,
+                        env.correlation_id,
+                        queue_name,
+                    )
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(0.5, delay * 2)
 
     @property
     def consumer_count(self) -> int:

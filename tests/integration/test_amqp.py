@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator
@@ -12,8 +13,9 @@ import pytest
 
 from shared import amqp_writes
 from shared.amqp import STOP_TIMEOUT, Broker, Delivery
+from shared.errors import QueueFullError
 from shared.messages import Envelope
-from shared.topology import QueueSpec
+from shared.topology import QueueSpec, Topology, declare_topology
 from tests.conftest import RABBITMQ, require_services
 from tests.faults.harness.proxy import FaultProxy
 from tests.support.procs import new_namespace
@@ -205,3 +207,59 @@ async def test_stopping_while_the_broker_is_away_ends_within_its_deadline() -> N
         proxy.heal()
         proxy.close()
         await broker.close()
+
+
+async def test_a_redelivered_message_whose_counted_copy_finds_its_queue_full_is_not_lost() -> None:
+    """On a classic queue a redelivered message is acked, then published again with its count
+    (`Broker._recount`). A queue kept at its bound by other publishers (a dispatcher under
+    overload) refused that copy, and the message, acked, was gone (review 2026-11-29): the
+    copy now waits for room, within the message's lifetime."""
+    require_services()
+    topology = Topology(namespace=new_namespace(), jobs_max_length=2)
+    spec = topology.jobs_queue_spec()
+    publisher = Broker(URL, name="test-pub", publish_timeout=5)
+    consumer = Broker(
+        URL, name="test-con", publish_timeout=5, requeue_exchange=topology.requeue_exchange
+    )
+    await publisher.connect()
+    await consumer.connect()
+    copy_handled = asyncio.Event()
+
+    async def handler(env: Envelope, delivery: Delivery) -> None:
+        if env.message_id != "A":
+            await asyncio.sleep(0.02)  # other work: slower than the burst fills the queue
+        elif not delivery.redelivered:
+            raise RuntimeError("a failure that requeues A, as an agent's hand-back does")
+        else:
+            copy_handled.set()
+
+    async def burst(seconds: float) -> None:
+        """Publishes that keep the queue at its bound (most are refused) for `seconds`: a slot
+        freed is taken again before a copy published a round trip later can have it."""
+
+        async def publishing() -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                with contextlib.suppress(QueueFullError):
+                    await publisher.publish(Envelope(type="job", body=b"", headers={}), spec.name)
+
+        await asyncio.gather(*(publishing() for _ in range(4)))
+
+    try:
+        await declare_topology(await consumer.channel(prefetch=10), topology)
+        channel = await consumer.channel(prefetch=1)
+        await consumer.consume(channel, spec, handler, redelivery_limit=5)
+        filling = asyncio.create_task(burst(1.5))
+        await asyncio.sleep(0.2)
+        a = Envelope(type="job", body=b"{}", headers={}, message_id="A", expiration_ms=20_000)
+        while True:  # A is let in when a slot frees
+            with contextlib.suppress(QueueFullError):
+                await publisher.publish(a, spec.name)
+                break
+            await asyncio.sleep(0.001)
+        await filling
+        await asyncio.wait_for(copy_handled.wait(), timeout=10)
+    finally:
+        await consumer.stop_consuming()
+        await consumer.close()
+        await publisher.close()
