@@ -33,6 +33,10 @@ class ContainerError(StartupError):
     """The inference server's container failed to start, exited, or never became healthy."""
 
 
+# Docker's own backoff between restarts (it doubles, from 100 ms) keeps a crash loop cheap.
+RESTART_ON_FAILURE: dict[str, Any] = {"Name": "on-failure"}
+
+
 @dataclass(frozen=True)
 class ContainerSpec:
     """Everything `client.containers.create()` is given."""
@@ -123,6 +127,7 @@ class Container(Protocol):
 
     def start(self) -> None: ...
     def reload(self) -> None: ...
+    def update(self, *, restart_policy: dict[str, Any]) -> object: ...
     def stop(self, *, timeout: int) -> None: ...
     def remove(self, *, force: bool = ...) -> None: ...
     def logs(self, *, tail: int) -> bytes: ...
@@ -252,10 +257,28 @@ class VllmContainer:
                 )
             if await self._probe():
                 log.info("container %s is healthy", self.spec.name)
+                await self._restart_after_a_crash()
                 return
             if self._clock() >= deadline:
                 raise ContainerError(f"container {self.spec.name} not healthy after {timeout}s")
             await asyncio.sleep(self._poll_interval)
+
+    async def _restart_after_a_crash(self) -> None:
+        """From now on Docker restarts the server if it exits with an error (a CUDA out of
+        memory, an NCCL failure): nothing else would, and the agent, detached by its watchdog,
+        would wait for ever. Not from creation: a server that fails while starting is
+        reported with its logs (`wait_ready`), not restarted in a loop. `stop()` still ends it.
+        """
+        assert self.container is not None
+        try:
+            await asyncio.to_thread(self.container.update, restart_policy=RESTART_ON_FAILURE)
+        except docker.errors.DockerException:
+            log.warning(
+                "could not set container %s to restart after a crash: if it exits, restart "
+                "the agent",
+                self.spec.name,
+                exc_info=True,
+            )
 
     async def stop(self, timeout: int = 30) -> None:
         """Stop and remove the container; a container already gone is fine, and one that cannot

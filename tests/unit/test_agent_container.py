@@ -91,6 +91,8 @@ class StandInContainer:
         self.missing = False
         self.start_error: Exception | None = None
         self.remove_error: Exception | None = None
+        self.restart_policy: dict[str, Any] | None = None
+        self.update_error: Exception | None = None
 
     def start(self) -> None:
         if self.start_error is not None:
@@ -100,6 +102,11 @@ class StandInContainer:
     def reload(self) -> None:
         if self.statuses:
             self.status = self.statuses.pop(0)
+
+    def update(self, *, restart_policy: dict[str, Any]) -> None:
+        if self.update_error is not None:
+            raise self.update_error
+        self.restart_policy = restart_policy
 
     def stop(self, *, timeout: int) -> None:
         if self.missing:
@@ -187,10 +194,32 @@ async def test_start_replaces_a_leftover_and_waits_for_health() -> None:
 
 
 async def test_a_container_that_exits_while_starting_fails_with_its_logs() -> None:
-    vllm, _ = lifecycle(StandInContainer(["running", "exited"]), Probe(healthy_after=100))
+    container = StandInContainer(["running", "exited"])
+    vllm, _ = lifecycle(container, Probe(healthy_after=100))
     await vllm.start()
     with pytest.raises(ContainerError, match="CUDA out of memory"):
         await vllm.wait_ready(timeout=5)
+    assert container.restart_policy is None  # reported, not restarted in a loop
+
+
+async def test_a_server_that_crashes_once_serving_is_restarted_by_docker() -> None:
+    """Nothing watched the container after start-up: a vLLM that exited (CUDA out of memory)
+    stayed down, and its agent, detached by the watchdog, waited for ever (review
+    2026-11-29). Once healthy, the container restarts when it exits with an error."""
+    container = StandInContainer(["running"])
+    vllm, client = lifecycle(container, Probe(healthy_after=0))
+    await vllm.start()
+    assert "restart_policy" not in (client.containers.create_kwargs or {})
+    await vllm.wait_ready(timeout=5)
+    assert container.restart_policy == {"Name": "on-failure"}
+
+
+async def test_a_container_that_cannot_be_set_to_restart_still_serves() -> None:
+    container = StandInContainer(["running"])
+    container.update_error = docker.errors.APIError("update refused")
+    vllm, _ = lifecycle(container, Probe(healthy_after=0))
+    await vllm.start()
+    await vllm.wait_ready(timeout=5)  # logged, not raised
 
 
 async def test_health_wait_is_bounded() -> None:
