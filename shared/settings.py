@@ -1,8 +1,9 @@
 """Settings pieces reused by each service's `Settings`.
 
 Every variable the router reads is declared here (or in a service's own settings module, built
-on these) and listed in the README. Nothing else in the code reads `os.environ`; each service
-builds its settings once in `__main__` and passes them down.
+on these) and listed in the README. Nothing else in the code reads `os.environ` but `router dev`
+(services/devstack.py), which reads a few to plan the dev stack; each service builds its
+settings once in `__main__` and passes them down.
 """
 
 from __future__ import annotations
