@@ -64,6 +64,9 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
     env = dict(environ)
     api_port = int(env.get("API_PORT") or "8000")
     env["API_PORT"] = str(api_port)  # every other port follows it
+    # honcho kills what still runs 5 s after Ctrl-C: drain inside that, so the API answers
+    # its waiting requests 503 and cancels their jobs instead of being killed with them.
+    env.setdefault("DRAIN_TIMEOUT", "3")
     vllm_port, openai_port = api_port + 100, api_port + 200
     notes: dict[str, str] = {}
     processes: list[tuple[str, str, dict[str, str]]] = []

@@ -7,6 +7,7 @@ import uvicorn
 from services.api.agent_auth import parse_token_pairs
 from services.api.app import create_app
 from services.api.client_auth import load_entries
+from services.api.server import WRITE_GRACE, DrainingServer
 from services.api.settings import ApiSettings
 from shared.logs import configure_logging, secret_values
 from shared.runner import settle_heap
@@ -27,7 +28,7 @@ def main() -> None:
     )
     app = create_app(settings)
     settle_heap()
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.api_host,
         port=settings.api_port,
@@ -39,8 +40,13 @@ def main() -> None:
         # uvicorn's 5 s equals httpx's pool expiry and the agents' heartbeat interval: a
         # request written as the server closes its idle connection fails on the wire.
         timeout_keep_alive=settings.api_keepalive_timeout,
-        timeout_graceful_shutdown=10,
+        # A backstop: the requests still waiting end at DRAIN_TIMEOUT (services/api/server.py).
+        timeout_graceful_shutdown=round(settings.drain_timeout + WRITE_GRACE),
     )
+    server = DrainingServer(
+        config, drain_timeout=settings.drain_timeout, end_waiting=app.state.bus.end_waiting
+    )
+    server.run()
 
 
 if __name__ == "__main__":

@@ -131,6 +131,8 @@ class ApiBus:
         return self._broker.is_consuming
 
     async def stop(self) -> None:
+        if self._background:  # cancels on their way out
+            await asyncio.wait(self._background, timeout=self.settings.publish_timeout)
         if self._connector is not None:
             self._connector.cancel()
         await self._broker.stop_consuming()
@@ -171,6 +173,16 @@ class ApiBus:
             # connection, behind the job: dispatchers and agents drop or abort it.
             self._cancel_soon(job.request_id, job.model)
             raise
+
+    def end_waiting(self, error: RouterError) -> int:
+        """The process is stopping: every call still waiting for its answer ends with `error`
+        now, and its job is cancelled, since nobody will read what it would answer. Returns
+        how many calls there were."""
+        calls = self.replies.waiting()
+        for call in calls:
+            self.cancel_soon(call)
+            call.fail(error)
+        return len(calls)
 
     def cancel_soon(self, call: PendingCall) -> None:
         """`cancel()` in the background (the caller is answering or gone already)."""

@@ -156,6 +156,10 @@ class ReplyRouter:
         log.info("a backend streams %s for nobody (its call ended): cancelling it", request_id)
         self.on_orphan(request_id, model)
 
+    def waiting(self) -> list[PendingCall]:
+        """The calls still waiting for (more of) their answer."""
+        return list(self._calls.values())
+
     def fail_all(self, exc: BaseException) -> None:
         """Fail every waiting call (their replies can no longer arrive)."""
         for call in self._calls.values():

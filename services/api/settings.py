@@ -14,6 +14,12 @@ class ApiSettings(BrokerSettings, ReplyTrustSettings):
         "127.0.0.1", description="Address the API binds to (loopback by default)."
     )
     api_port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    drain_timeout: float = Field(
+        20.0,
+        ge=0,
+        description="Seconds a stopping API lets requests wait for their answers; then those "
+        "still waiting end with 503 `api_stopping` and their jobs are cancelled.",
+    )
     api_keepalive_timeout: int = Field(
         65,
         ge=1,

@@ -442,6 +442,31 @@ def test_a_restarted_agent_does_not_run_a_dead_agents_stream_for_nobody(router: 
     assert fake.stats()["completed"] == 0
 
 
+def test_a_stopping_api_answers_what_still_waits_503_and_cancels_those_jobs(
+    router: Router,
+) -> None:
+    """uvicorn waited for the connections of requests still waiting, then cut them off: their
+    clients saw the connection drop and their jobs ran on for nobody (review 2026-11-29)."""
+    fake = router.fake("--latency", "30", models="m")  # answers long after the drain
+    router.agent("a1", fake, AGENT_MODELS="local_m")
+    router.wait_listed("local_m")
+    api = router.add_api(DRAIN_TIMEOUT="1")
+    [service] = [s for s in router.stack.services if s.name == "api"][-1:]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        waiting = [pool.submit(router.chat, "local_m", api=api, stream=s) for s in (False, True)]
+        wait_for(lambda: fake.stats()["in_flight"] == 2, timeout=5, message="never called")
+        stopped_at = time.monotonic()
+        service.signal(signal.SIGTERM)
+        answers = [future.result() for future in waiting]
+    assert [a.status_code for a in answers] == [503, 503]
+    assert {a.json()["error"]["code"] for a in answers} == {"api_stopping"}
+    assert {a.headers["retry-after"] for a in answers} == {"1"}
+    assert time.monotonic() - stopped_at < 1 + 3, "not answered at DRAIN_TIMEOUT"
+    assert service.process is not None
+    service.process.wait(5)  # exits on its own, its connections closed
+    wait_for(lambda: fake.stats()["aborted"] == 2, timeout=5, message="the jobs ran on")
+
+
 def test_sigterm_lets_a_running_stream_finish(router: Router) -> None:
     fake = router.fake("--tokens", "20", "--token-rate", "20")
     agent = router.agent("a1", fake, AGENT_MODELS="local_m")

@@ -1,0 +1,62 @@
+"""uvicorn's server, with the API's own first step of a shutdown.
+
+On SIGTERM uvicorn stops accepting connections and waits for the open ones to finish. A request
+still waiting for its answer would hold its connection until uvicorn's own deadline, and then be
+cut off: its client saw the connection drop, and its job ran on for nobody. Here such requests
+get `DRAIN_TIMEOUT` to be answered; those still waiting then end with a 503 (an SDK retries it,
+through a load balancer on another API) and their jobs are cancelled, so the connections close
+and the process exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+
+import uvicorn
+
+from shared.errors import RouterError, ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+# After the drain, how long the 503s may take to reach their clients before uvicorn cancels.
+WRITE_GRACE = 5.0
+
+
+def stopping_error() -> RouterError:
+    return ServiceUnavailableError(
+        "The API is stopping; retry the request.",
+        code="api_stopping",
+        headers={"retry-after": "1"},
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    """`end_waiting(error)` ends the requests still waiting, `drain_timeout` s after shutdown
+    began, and returns how many there were."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        drain_timeout: float,
+        end_waiting: Callable[[RouterError], int],
+    ) -> None:
+        super().__init__(config)
+        self.drain_timeout = drain_timeout
+        self.end_waiting = end_waiting
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = asyncio.create_task(self._end_waiting_later())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            drain.cancel()
+
+    async def _end_waiting_later(self) -> None:
+        await asyncio.sleep(self.drain_timeout)
+        ended = self.end_waiting(stopping_error())
+        if ended:
+            log.info("stopping: %d requests still waiting ended with 503 api_stopping", ended)
