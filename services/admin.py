@@ -124,6 +124,11 @@ def acl_grants(args: argparse.Namespace, settings: BrokerSettings) -> list[Grant
     grants += [dispatcher_grant(user, t) for user in args.dispatcher]
     for user, models in args.agent:
         grants.append(agent_grant(user, t, [m for m in models.split("|") if m]))
+    users = [grant.user for grant in grants]
+    twice = sorted({user for user in users if users.count(user) > 1})
+    if twice:
+        # RabbitMQ keeps one permission set per user: the last would silently replace the rest.
+        raise ValueError(f"a broker user may have one role and one --agent entry: {twice}")
     return grants
 
 

@@ -23,7 +23,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
-from shared.topology import MODEL_NAME_RE, Topology
+from shared.topology import MODEL_NAME_RE, Topology, cancel_routing_key
 
 # Process ids are 12 hex digits (uuid4().hex[:12]) in every private queue name.
 _ID = r"[0-9a-f]{12}"
@@ -51,7 +51,7 @@ class Grant:
     user: str
     role: str
     permission: Permission
-    topic: TopicPermission | None = None
+    topics: tuple[TopicPermission, ...] = ()
     models: tuple[str, ...] = ()  # agents only
 
 
@@ -119,8 +119,16 @@ def agent_grant(user: str, t: Topology, models: list[str]) -> Grant:
             write=_names(rf"{p}\.replies", rf"{p}\.completed", rf"{p}\.requeue", cancel),
             read=_names(own_queues, rf"{p}\.cancels", cancel),
         ),
-        # The requeue exchange routes by queue name: only its own queues' names.
-        topic=TopicPermission(t.requeue_exchange, write=_names(own_queues), read=NOTHING),
+        topics=(
+            # The requeue exchange routes by queue name: only its own queues' names.
+            TopicPermission(t.requeue_exchange, write=_names(own_queues), read=NOTHING),
+            # Cancels are routed by model: it may bind (hear) only its own models' keys.
+            TopicPermission(
+                t.cancel_exchange,
+                write=NOTHING,
+                read=_names(*(re.escape(cancel_routing_key(m)) for m in models)),
+            ),
+        ),
         models=tuple(models),
     )
 
@@ -139,9 +147,9 @@ def rabbitmqctl_commands(vhost: str, grants: list[Grant]) -> list[list[str]]:
         perm = g.permission
         target = ["-p", vhost, g.user]
         commands.append(["rabbitmqctl", "set_permissions", *target, *_triple(perm)])
-        if g.topic is not None:
-            topic = (g.topic.exchange, g.topic.write, g.topic.read)
-            commands.append(["rabbitmqctl", "set_topic_permissions", *target, *topic])
+        for topic in g.topics:
+            triple = (topic.exchange, topic.write, topic.read)
+            commands.append(["rabbitmqctl", "set_topic_permissions", *target, *triple])
     return commands
 
 
@@ -199,11 +207,11 @@ def definitions(vhost: str, grants: list[Grant], passwords: dict[str, str]) -> d
             {
                 "user": g.user,
                 "vhost": vhost,
-                "exchange": g.topic.exchange,
-                "write": g.topic.write,
-                "read": g.topic.read,
+                "exchange": topic.exchange,
+                "write": topic.write,
+                "read": topic.read,
             }
             for g in grants
-            if g.topic is not None
+            for topic in g.topics
         ],
     }

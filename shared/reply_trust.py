@@ -33,6 +33,8 @@ class ReplyTrust:
             user, sep, models = (part.strip() for part in entry.partition("="))
             if not sep or not user or not models:
                 raise ValueError(f"REPLY_USERS entries are user=models: {entry!r}")
+            if user in grants:  # a second entry would silently replace the first
+                raise ValueError(f"REPLY_USERS names {user!r} twice: list its models once")
             if models == ANY_MODEL:
                 grants[user] = None
                 continue

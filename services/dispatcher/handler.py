@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 EnsureQueue = Callable[[QueueSpec], Awaitable[None]]
 
 
+def _header_text(env: Envelope, name: str) -> str | None:
+    value = env.headers.get(name)
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value if isinstance(value, str) else None
+
+
 def model_list(view: AgentView, provider_models: list[str], created: int) -> bytes:
     """OpenAI's list shape: `dummy`, every live local model, then provider models."""
     entries = [{"id": "dummy", "object": "model", "created": created, "owned_by": "router"}]
@@ -203,9 +210,18 @@ class DispatcherHandler:
     # --- jobs that came back from an agent queue --------------------------------------------
     async def on_returned(self, env: Envelope, _: Delivery) -> None:
         job = decode_job(env)
-        reason = env.headers.get("x-first-death-reason", "unknown")
-        if isinstance(reason, bytes):
-            reason = reason.decode()
+        reason = _header_text(env, "x-first-death-reason") or "unknown"
+        if _header_text(env, "x-first-death-queue") != self.topology.agent_queue(job.model):
+            # Only the model's own queue returns its jobs: an agent may put copies of a job
+            # into its own queues, and one for another model expiring there must not be
+            # answered 503 in the router's name (review 2026-11-29).
+            log.warning(
+                "returned job %s for %s dropped: it expired in %s, not its model's queue",
+                job.request_id,
+                job.model,
+                _header_text(env, "x-first-death-queue"),
+            )
+            return
         if job.remaining(self.clock()) <= 0 or self.cancellations.is_cancelled(job.request_id):
             log.info("returned job %s (%s) dropped: nobody waits", job.request_id, reason)
             return

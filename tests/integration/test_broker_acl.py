@@ -210,12 +210,23 @@ def test_an_agents_broker_user_is_confined_to_its_own_models(acl: Acl) -> None:
         message = aio_pika.Message(b"{}", user_id=acl.users["agent-a"])
         await exchange.publish(message, t.reply_queue("0" * 12))
 
+    async def hear_every_cancel(channel: aio_pika.abc.AbstractChannel) -> None:
+        # Review 2026-11-29: with no topic permission on `cancels`, an agent bound `#`.
+        queue = await channel.declare_queue(t.private_queue("cancel", "b" * 12), exclusive=True)
+        await queue.bind(t.cancel_exchange, routing_key="#")
+
+    async def hear_other_models_cancels(channel: aio_pika.abc.AbstractChannel) -> None:
+        queue = await channel.declare_queue(t.private_queue("cancel", "b" * 12), exclusive=True)
+        await queue.bind(t.cancel_exchange, routing_key="local_a")
+
     async def own_model(channel: aio_pika.abc.AbstractChannel) -> None:
         queue = await channel.declare_queue(t.agent_queue("local_b"), passive=True)
         tag = await queue.consume(_ignore)
         await queue.cancel(tag)
         exchange = await channel.get_exchange(t.requeue_exchange)
         await exchange.publish(aio_pika.Message(b"{}", expiration=0.001), queue.name)
+        cancels = await channel.declare_queue(t.private_queue("cancel", "b" * 12), exclusive=True)
+        await cancels.bind(t.cancel_exchange, routing_key="local_b")
 
     async def check() -> None:
         for action in (
@@ -224,6 +235,8 @@ def test_an_agents_broker_user_is_confined_to_its_own_models(acl: Acl) -> None:
             requeue_into_jobs,
             requeue_into_other_model,
             declare_shared_name,
+            hear_every_cancel,
+            hear_other_models_cancels,
         ):
             refusal = await _refused(url_b, action)
             assert isinstance(refusal, ChannelAccessRefused), action.__name__

@@ -110,6 +110,13 @@ def test_compose_services_use_least_privilege_broker_users(mode: Durability) -> 
     assert granted == {
         g.user: (g.permission.configure, g.permission.write, g.permission.read) for g in expected
     }
+    topics = {
+        (p["user"], p["exchange"]): (p["write"], p["read"])
+        for p in definitions["topic_permissions"]
+    }
+    assert topics == {
+        (g.user, topic.exchange): (topic.write, topic.read) for g in expected for topic in g.topics
+    }
     reply_users = services["api"]["environment"]["REPLY_USERS"]
     assert reply_users == f"{users['dispatcher']}=*,{users['agent']}={model}"
 

@@ -49,7 +49,17 @@ def test_no_reply_users_means_one_trusted_broker_user() -> None:
     assert trust.may_answer(None, "anything") and trust.is_router(None)
 
 
-@pytest.mark.parametrize("text", ["gpu1", "gpu1=", "=local_a", "gpu1=local a", "gpu1=|"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "gpu1",
+        "gpu1=",
+        "=local_a",
+        "gpu1=local a",
+        "gpu1=|",
+        "gpu1=local_a,gpu1=local_b",  # the second silently replaced the first
+    ],
+)
 def test_malformed_reply_users_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         ReplyTrust.parse(text)
@@ -95,9 +105,15 @@ def test_an_agent_may_read_only_its_models_and_write_only_replies() -> None:
         assert not matches(perm.write, name)
     assert not matches(perm.configure, T.jobs_queue)
     assert matches(perm.configure, T.private_queue("cancel", "0123456789ab"))
-    assert grant.topic is not None and grant.topic.exchange == T.requeue_exchange
-    assert matches(grant.topic.write, T.agent_queue("local_a"))
-    assert not matches(grant.topic.write, T.jobs_queue)
+    topics = {topic.exchange: topic for topic in grant.topics}
+    requeue, cancels = topics[T.requeue_exchange], topics[T.cancel_exchange]
+    assert matches(requeue.write, T.agent_queue("local_a"))
+    assert not matches(requeue.write, T.jobs_queue)
+    # It hears its own models' cancels only (review 2026-11-29: it could bind `#`).
+    assert matches(cancels.read, "local_a") and matches(cancels.read, "local.b")
+    for key in ("#", "*", "local_c", "local_a.x", "local_a2", "localxb"):
+        assert not matches(cancels.read, key)
+    assert cancels.write == "^$"
 
 
 def test_the_api_and_dispatcher_declare_only_their_own_queues() -> None:

@@ -270,6 +270,24 @@ def test_operator_commands_refuse_an_agent_model_no_agent_serves(
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["--agent", "gpu1=local_a", "--agent", "gpu1=local_b"],
+        ["--dispatcher", "router", "--agent", "router=local_a"],
+    ],
+)
+def test_broker_acl_refuses_a_user_named_twice(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    """RabbitMQ keeps one permission set per user: the second grant silently replaced the
+    first, and `gpu1` lost `local_a` (review 2026-11-29)."""
+    with pytest.raises(SystemExit) as exit_:
+        admin.broker_acl_main(argv)
+    assert exit_.value.code == 2
+    assert "a broker user may have one role and one --agent entry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("command", "variable"), [("dispatcher", "HEALTH_PORT"), ("agent", "AGENT_PORT")]
 )
 def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str) -> None:
