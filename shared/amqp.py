@@ -40,7 +40,7 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.messages import H_DELIVERIES, Envelope, MessageDecodeError
-from shared.topology import QueueSpec, declare_queue
+from shared.topology import QueueSpec, Topology, declare_queue, declare_requeue_route
 
 log = logging.getLogger(__name__)
 
@@ -256,16 +256,16 @@ class Broker:
         name: str,
         publish_timeout: float,
         declare_shared: bool = True,
-        requeue_exchange: str = "",
+        requeue_via: Topology | None = None,
     ) -> None:
         """`declare_shared=False` only passive-declares the queues given to `consume()` as
-        specs (least privilege: `router topology` created them). `requeue_exchange` is where
-        counted copies of redelivered messages go (see `consume`)."""
+        specs (least privilege: `router topology` created them). Counted copies of redelivered
+        messages go back through `requeue_via`'s routes (see `consume`)."""
         self._url = url
         self._name = name
         self.publish_timeout = publish_timeout
         self.declare_shared = declare_shared
-        self._requeue_exchange = requeue_exchange
+        self._requeue_via = requeue_via
         # Every message carries the user it was published as; the broker refuses a mismatch,
         # so a receiver can trust `user_id` (see shared.reply_trust).
         self.user = URL(url).user or "guest"
@@ -408,8 +408,10 @@ class Broker:
         """
         if isinstance(spec, QueueSpec):
             queue = await self.declare(channel, spec)
-            if redelivery_limit and self._requeue_exchange and self.declare_shared:
-                await queue.bind(self._requeue_exchange, routing_key=queue.name)
+            if redelivery_limit and self._requeue_via is not None:
+                await declare_requeue_route(
+                    channel, self._requeue_via, queue, passive=not self.declare_shared
+                )
         else:
             queue = spec
 
@@ -510,8 +512,8 @@ class Broker:
         await delivery.ack_now()
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         await underlay.queue_declare(queue_name, passive=True, timeout=self.publish_timeout)
-        # Through the requeue exchange (each work queue is bound to it under its own name):
-        # an agent's broker user may publish there only with its own queues' names.
+        # Through the queue's requeue route (`Topology.requeue_route`): an agent's broker user
+        # may publish only to its own models' requeue exchanges.
         await self._publish_copy(env, queue_name, persistent=persistent)
         return True
 
@@ -523,6 +525,10 @@ class Broker:
         is the confirm awaited that long: in a memory alarm the copy is routed once the alarm
         clears, and only a lost connection ends the wait sooner.
         """
+        if self._requeue_via is None:  # straight into the queue, by the default exchange
+            exchange, routing_key = "", queue_name
+        else:
+            exchange, routing_key = self._requeue_via.requeue_route(queue_name)
         loop = asyncio.get_running_loop()
         lifetime = env.expiration_ms / 1000 if env.expiration_ms else self.publish_timeout
         deadline = loop.time() + max(lifetime, self.publish_timeout)
@@ -531,8 +537,8 @@ class Broker:
             try:
                 await self.publish(
                     env,
-                    queue_name,
-                    exchange=self._requeue_exchange,
+                    routing_key,
+                    exchange=exchange,
                     persistent=persistent,
                     timeout=max(self.publish_timeout, deadline - loop.time()),
                 )

@@ -109,19 +109,22 @@ def agent_grant(user: str, t: Topology, models: list[str]) -> Grant:
     if bad:
         raise ValueError(f"model names not allowed in queue names: {bad}")
     p = re.escape(t.prefix)
-    own_queues = rf"{p}\.agent\.(" + "|".join(re.escape(m) for m in models) + ")"
+    own = "(" + "|".join(re.escape(m) for m in models) + ")"
+    own_queues = rf"{p}\.agent\.{own}"
+    # Counted copies go to each model's own requeue exchange, bound to that queue alone: an
+    # exchange the agent may declare (its cancel queue's name fits one too) and bind to those
+    # reaches nothing else (no write on the shared `requeue`, which routes to every queue).
+    own_requeues = rf"{p}\.requeue\.agent\.{own}"
     cancel = rf"{p}\.cancel\.{_ID}"
     return Grant(
         user,
         "agent",
         Permission(
             configure=_names(cancel),
-            write=_names(rf"{p}\.replies", rf"{p}\.completed", rf"{p}\.requeue", cancel),
+            write=_names(rf"{p}\.replies", rf"{p}\.completed", own_requeues, cancel),
             read=_names(own_queues, rf"{p}\.cancels", cancel),
         ),
         topics=(
-            # The requeue exchange routes by queue name: only its own queues' names.
-            TopicPermission(t.requeue_exchange, write=_names(own_queues), read=NOTHING),
             # Cancels are routed by model: it may bind (hear) only its own models' keys.
             TopicPermission(
                 t.cancel_exchange,

@@ -91,9 +91,23 @@ class Topology:
     @property
     def requeue_exchange(self) -> str:
         """Topic: a counted copy of a redelivered job back into its own queue (routing key =
-        the queue's name). A topic exchange so the broker can limit an agent's routing keys
-        to its own models' queues."""
+        the queue's name), for the queues dispatchers consume (`jobs`, provider queues)."""
         return f"{self.prefix}.requeue"
+
+    def agent_requeue_exchange(self, model: str) -> str:
+        """Fanout, bound to the model's agent queue alone: where its agents send counted
+        copies. One per model, not the shared `requeue` with a topic permission: RabbitMQ
+        does not check topic permissions on exchange-to-exchange routing, so an agent that
+        bound an exchange of its own to `requeue` could route a job into any queue."""
+        return f"{self.prefix}.requeue.agent.{model}"
+
+    def requeue_route(self, queue_name: str) -> tuple[str, str]:
+        """(exchange, routing key) of a counted copy of a message redelivered from
+        `queue_name`."""
+        agent_queues = f"{self.prefix}.agent."
+        if queue_name.startswith(agent_queues):
+            return self.agent_requeue_exchange(queue_name[len(agent_queues) :]), ""
+        return self.requeue_exchange, queue_name
 
     @property
     def dead_letter_exchange(self) -> str:
@@ -338,11 +352,28 @@ async def declare_topology(
 async def declare_work_queue(
     channel: AbstractChannel, topology: Topology, spec: QueueSpec, *, passive: bool = False
 ) -> AbstractQueue:
-    """An agent or provider queue, bound to the requeue exchange under its own name."""
+    """An agent or provider queue, with its route back for counted copies."""
     queue = await declare_queue(channel, spec, passive=passive)
-    if not passive:
-        await queue.bind(topology.requeue_exchange, routing_key=spec.name)
+    await declare_requeue_route(channel, topology, queue, passive=passive)
     return queue
+
+
+async def declare_requeue_route(
+    channel: AbstractChannel, topology: Topology, queue: AbstractQueue, *, passive: bool = False
+) -> None:
+    """Bind `queue` where its counted copies go (`Topology.requeue_route`), declaring an agent
+    queue's own exchange first; with `passive`, only check that exchange exists (a copy
+    published to a missing exchange would close the publishing channel)."""
+    exchange, routing_key = topology.requeue_route(queue.name)
+    if exchange != topology.requeue_exchange:
+        try:
+            await channel.declare_exchange(
+                exchange, ExchangeType.FANOUT, durable=topology.is_persistent, passive=passive
+            )
+        except ChannelNotFoundEntity as e:
+            raise BrokerEntityMissingError(_missing(f"exchange {exchange}")) from e
+    if not passive:
+        await queue.bind(exchange, routing_key=routing_key)
 
 
 def message_delivery_mode(topology: Topology) -> aio_pika.DeliveryMode:

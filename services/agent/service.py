@@ -95,7 +95,7 @@ class AgentService:
             name=f"agent-{settings.agent_name}-{self.process_id}",
             publish_timeout=settings.publish_timeout,
             declare_shared=settings.declare_topology,
-            requeue_exchange=self.topology.requeue_exchange,
+            requeue_via=self.topology,
         )
         self.cancellations = Cancellations()
         self.handler: AgentHandler | None = None

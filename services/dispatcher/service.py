@@ -88,7 +88,7 @@ class DispatcherService:
             name=f"dispatcher-{self.process_id}",
             publish_timeout=settings.publish_timeout,
             declare_shared=settings.declare_topology,
-            requeue_exchange=self.topology.requeue_exchange,
+            requeue_via=self.topology,
         )
         self.registry = Registry(
             AgentTable(settings.heartbeat_ttl),

@@ -332,9 +332,7 @@ async def test_a_recount_in_a_memory_alarm_leaves_the_consumers_acks_flowing(
     stalled until the alarm cleared (review 2026-11-29): the copy goes on the publishing one."""
     topology = Topology(namespace=new_namespace())
     publisher = Broker(rabbit.url, name="pub", publish_timeout=2.0)
-    consumer = Broker(
-        rabbit.url, name="con", publish_timeout=2.0, requeue_exchange=topology.requeue_exchange
-    )
+    consumer = Broker(rabbit.url, name="con", publish_timeout=2.0, requeue_via=topology)
     await publisher.connect()
     await consumer.connect()
     try:

@@ -218,9 +218,7 @@ async def test_a_redelivered_message_whose_counted_copy_finds_its_queue_full_is_
     topology = Topology(namespace=new_namespace(), jobs_max_length=2)
     spec = topology.jobs_queue_spec()
     publisher = Broker(URL, name="test-pub", publish_timeout=5)
-    consumer = Broker(
-        URL, name="test-con", publish_timeout=5, requeue_exchange=topology.requeue_exchange
-    )
+    consumer = Broker(URL, name="test-con", publish_timeout=5, requeue_via=topology)
     await publisher.connect()
     await consumer.connect()
     copy_handled = asyncio.Event()

@@ -210,6 +210,14 @@ def test_an_agents_broker_user_is_confined_to_its_own_models(acl: Acl) -> None:
         message = aio_pika.Message(b"{}", user_id=acl.users["agent-a"])
         await exchange.publish(message, t.reply_queue("0" * 12))
 
+    async def exchange_hop_into_jobs(channel: aio_pika.abc.AbstractChannel) -> None:
+        # Review 2026-11-29: an exchange under its cancel queue's name, bound as the source of
+        # `requeue`, routed with any key (topic permissions are not checked between exchanges).
+        hop = await channel.declare_exchange(t.private_queue("cancel", "c" * 12), auto_delete=True)
+        requeue = await channel.get_exchange(t.requeue_exchange)
+        await requeue.bind(hop, routing_key="#")  # `requeue` receives what `hop` is sent
+        await hop.publish(job, t.jobs_queue)
+
     async def hear_every_cancel(channel: aio_pika.abc.AbstractChannel) -> None:
         # Review 2026-11-29: with no topic permission on `cancels`, an agent bound `#`.
         queue = await channel.declare_queue(t.private_queue("cancel", "b" * 12), exclusive=True)
@@ -223,8 +231,8 @@ def test_an_agents_broker_user_is_confined_to_its_own_models(acl: Acl) -> None:
         queue = await channel.declare_queue(t.agent_queue("local_b"), passive=True)
         tag = await queue.consume(_ignore)
         await queue.cancel(tag)
-        exchange = await channel.get_exchange(t.requeue_exchange)
-        await exchange.publish(aio_pika.Message(b"{}", expiration=0.001), queue.name)
+        exchange = await channel.get_exchange(t.agent_requeue_exchange("local_b"))
+        await exchange.publish(aio_pika.Message(b"{}", expiration=0.001), "")
         cancels = await channel.declare_queue(t.private_queue("cancel", "b" * 12), exclusive=True)
         await cancels.bind(t.cancel_exchange, routing_key="local_b")
 
@@ -237,6 +245,7 @@ def test_an_agents_broker_user_is_confined_to_its_own_models(acl: Acl) -> None:
             declare_shared_name,
             hear_every_cancel,
             hear_other_models_cancels,
+            exchange_hop_into_jobs,
         ):
             refusal = await _refused(url_b, action)
             assert isinstance(refusal, ChannelAccessRefused), action.__name__

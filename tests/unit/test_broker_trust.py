@@ -105,10 +105,15 @@ def test_an_agent_may_read_only_its_models_and_write_only_replies() -> None:
         assert not matches(perm.write, name)
     assert not matches(perm.configure, T.jobs_queue)
     assert matches(perm.configure, T.private_queue("cancel", "0123456789ab"))
+    # Counted copies: its own models' requeue exchanges only, never the shared one (review
+    # 2026-11-29: an exchange of its own bound to `requeue` routed jobs into any queue).
+    assert matches(perm.write, T.agent_requeue_exchange("local_a"))
+    assert matches(perm.write, T.agent_requeue_exchange("local.b"))
+    assert not matches(perm.write, T.agent_requeue_exchange("local_c"))
+    assert not matches(perm.write, T.requeue_exchange)
     topics = {topic.exchange: topic for topic in grant.topics}
-    requeue, cancels = topics[T.requeue_exchange], topics[T.cancel_exchange]
-    assert matches(requeue.write, T.agent_queue("local_a"))
-    assert not matches(requeue.write, T.jobs_queue)
+    assert set(topics) == {T.cancel_exchange}
+    cancels = topics[T.cancel_exchange]
     # It hears its own models' cancels only (review 2026-11-29: it could bind `#`).
     assert matches(cancels.read, "local_a") and matches(cancels.read, "local.b")
     for key in ("#", "*", "local_c", "local_a.x", "local_a2", "localxb"):

@@ -59,3 +59,13 @@ def test_a_cancel_is_routed_by_its_model_and_every_dispatcher_hears_all() -> Non
     assert EVERY_CANCEL == "#"  # matches every key, the empty one included
     # An agent binds its models' names as they are: none may be a topic wildcard.
     assert not MODEL_NAME_RE.fullmatch("local.*") and not MODEL_NAME_RE.fullmatch("local.#")
+
+
+def test_a_counted_copy_goes_back_by_its_queues_own_route() -> None:
+    t = Topology(namespace="router")
+    assert t.requeue_route(t.jobs_queue) == (t.requeue_exchange, t.jobs_queue)
+    provider = t.provider_queue("openai")
+    assert t.requeue_route(provider) == (t.requeue_exchange, provider)
+    # An agent queue has an exchange of its own (an agent may write to no shared one).
+    route = t.requeue_route(t.agent_queue("local_a.b"))
+    assert route == (t.agent_requeue_exchange("local_a.b"), "")
