@@ -3,7 +3,8 @@
 A key is `<prefix>:<scope>:<model>:<sha256 of the canonical request>`. The model is there so
 the cache writer can check that whoever sent an answer may answer for that model (see
 `shared.reply_trust`); a name unfit for a key is replaced by a hash. The canonical request is the
-parsed body without the fields that never change the answer (`IGNORED_FIELDS`), serialised as
+parsed body without the fields that never change the answer (`IGNORED_FIELDS`) and those set to
+null (the default), serialised as
 compact JSON with sorted keys and integral floats written as integers, so `{"temperature": 0}`
 and `{"temperature": 0.0}` are one key. The scope is the caller's tenant (stamped on the job by
 the API, never read from the body), or one shared scope when `shared_namespace` is set.
@@ -92,8 +93,10 @@ def _normalised(value: Any) -> Any:
 
 
 def canonical_request(data: dict[str, Any]) -> bytes:
-    """The bytes the key hashes: the request minus `IGNORED_FIELDS`, keys sorted."""
-    kept = {k: _normalised(v) for k, v in data.items() if k not in IGNORED_FIELDS}
+    """The bytes the key hashes: the request minus `IGNORED_FIELDS` and the parameters set to
+    null, keys sorted. A null parameter is its default, as OpenAI reads it (the SDKs send
+    `"seed": null` for `seed=None`), so it and an absent one are one key."""
+    kept = {k: _normalised(v) for k, v in data.items() if k not in IGNORED_FIELDS and v is not None}
     return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
 
 

@@ -63,6 +63,18 @@ def test_everything_else_changes_the_key(extra: dict[str, Any]) -> None:
     assert key({**BASE, **extra}) != key(BASE)
 
 
+def test_a_parameter_set_to_null_is_the_same_key_as_one_left_out() -> None:
+    """The SDKs send `"seed": null` for `seed=None`, which OpenAI reads as no seed: a request
+    with it missed the entry of the same request without it (review 2026-11-29)."""
+    nulls = {"seed": None, "stop": None, "max_tokens": None, "tools": None, "future": None}
+    assert key({**BASE, **nulls}) == key(BASE)
+    # Only parameters: a null inside a message is part of what was said.
+    message = {"role": "assistant", "content": None, "tool_calls": []}
+    assert key({**BASE, "messages": [message]}) != key(
+        {**BASE, "messages": [{"role": "assistant", "tool_calls": []}]}
+    )
+
+
 def test_key_order_and_integral_floats_do_not_matter() -> None:
     one = {"temperature": 0, "messages": [{"content": "hi", "role": "user"}], "model": "m"}
     two = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.0}
