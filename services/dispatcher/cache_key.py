@@ -3,8 +3,8 @@
 A key is `<prefix>:<scope>:<model>:<sha256 of the canonical request>`. The model is there so
 the cache writer can check that whoever sent an answer may answer for that model (see
 `shared.reply_trust`); a name unfit for a key is replaced by a hash. The canonical request is the
-parsed body without the fields that never change the answer (`IGNORED_FIELDS`) and those set to
-null (the default), serialised as
+parsed body without the fields that never change the answer (`IGNORED_FIELDS`) and the sampling
+parameters set to null (their default: `NULL_IS_DEFAULT`), serialised as
 compact JSON with sorted keys and integral floats written as integers, so `{"temperature": 0}`
 and `{"temperature": 0.0}` are one key. The scope is the caller's tenant (stamped on the job by
 the API, never read from the body), or one shared scope when `shared_namespace` is set.
@@ -37,6 +37,22 @@ IGNORED_FIELDS = frozenset(
         "store",  # whether the provider keeps the completion
         "prompt_cache_key",  # a hint for the provider's own prompt cache
         "prompt_cache_retention",  # likewise
+    }
+)
+
+# Sampling parameters for which `null` is the default on OpenAI and vLLM alike (the SDKs send
+# `"seed": null` for `seed=None`): null or absent is one key. Not every field: vLLM defaults an
+# absent `tool_choice` to "auto" when tools are given, but not a null one.
+NULL_IS_DEFAULT = frozenset(
+    {
+        "seed",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "logprobs",
+        "top_logprobs",
     }
 )
 
@@ -93,10 +109,13 @@ def _normalised(value: Any) -> Any:
 
 
 def canonical_request(data: dict[str, Any]) -> bytes:
-    """The bytes the key hashes: the request minus `IGNORED_FIELDS` and the parameters set to
-    null, keys sorted. A null parameter is its default, as OpenAI reads it (the SDKs send
-    `"seed": null` for `seed=None`), so it and an absent one are one key."""
-    kept = {k: _normalised(v) for k, v in data.items() if k not in IGNORED_FIELDS and v is not None}
+    """The bytes the key hashes: the request minus `IGNORED_FIELDS` and the `NULL_IS_DEFAULT`
+    parameters set to null, keys sorted."""
+    kept = {
+        k: _normalised(v)
+        for k, v in data.items()
+        if k not in IGNORED_FIELDS and not (v is None and k in NULL_IS_DEFAULT)
+    }
     return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
 
 
