@@ -58,19 +58,44 @@ def is_cross_site_call(scope: Scope, allowed_origins: frozenset[str]) -> bool:
     Without client keys, any web page could otherwise make the router run jobs: a `POST` sent
     as a "simple" request (`text/plain`, no `Authorization`) needs no preflight, and CORS only
     keeps the page from reading the answer. Browsers name the page's origin on every `POST`;
-    SDKs, curl and agents send none. A page of the router's own host is not cross-site.
+    SDKs, curl and agents send none. A page of the router's own origin is not cross-site: the
+    browser says so (`Sec-Fetch-Site: same-origin`, which no page can set), or its origin
+    names the `Host` the request came to (a proxy may rewrite that one, hence the first).
     """
     if scope["method"] in SAFE_METHODS or "*" in allowed_origins:
         return False
-    origin = host = None
+    origin = host = fetch_site = None
     for name, value in scope["headers"]:
         if name == b"origin":
             origin = value.decode("latin-1")
         elif name == b"host":
             host = value.decode("latin-1")
-    if origin is None or origin in allowed_origins:
+        elif name == b"sec-fetch-site":
+            fetch_site = value
+    if origin is None or origin in allowed_origins or fetch_site == b"same-origin":
         return False
-    return host is None or origin.partition("://")[2] != host
+    return host is None or not _same_authority(origin, host)
+
+
+def _same_authority(origin: str, host: str) -> bool:
+    """Does the origin name the `Host` header's host and port? Case aside, and a port left
+    out is the scheme's default (`https://a.example` is `a.example:443`; a `Host` without a
+    port was reached on a default one, through whichever scheme)."""
+    scheme, _, origin_authority = origin.lower().partition("://")
+    origin_host, origin_port = _split_authority(origin_authority)
+    host_host, host_port = _split_authority(host.lower())
+    origin_port = origin_port or {"https": "443", "http": "80"}.get(scheme, "")
+    if not host_port:
+        return host_host == origin_host and origin_port in ("80", "443")
+    return (host_host, host_port) == (origin_host, origin_port)
+
+
+def _split_authority(authority: str) -> tuple[str, str]:
+    if authority.startswith("[") and "]" in authority:  # IPv6: its own colons are no port
+        address, _, rest = authority[1:].partition("]")
+        return f"[{address}]", rest.removeprefix(":")
+    host, _, port = authority.partition(":")
+    return host, port
 
 
 def error_response(exc: BaseException, request_id: str = "") -> Response:

@@ -130,7 +130,11 @@ async def test_a_page_of_an_origin_not_allowed_cannot_make_the_router_run_a_job(
     # jobs: CORS only keeps the page from reading the answer (review 2026-11-29).
     async with await cors_client(origins) as http:
         kwargs = dict(request_kwargs)
-        headers = {"origin": "https://evil.example", **kwargs.pop("headers", {})}
+        headers = {
+            "origin": "https://evil.example",
+            "sec-fetch-site": "cross-site",
+            **kwargs.pop("headers", {}),
+        }
         response = await http.post("/v1/chat/completions", headers=headers, **kwargs)
         assert response.status_code == 403
         error = response.json()["error"]
@@ -140,16 +144,25 @@ async def test_a_page_of_an_origin_not_allowed_cannot_make_the_router_run_a_job(
 
 
 @pytest.mark.parametrize(
-    ("origin", "host"),
+    ("origin", "host", "fetch_site"),
     [
-        (None, "api"),  # an SDK, curl or an agent: no origin
-        ("http://api", "api"),  # a page of the router's own host (its /docs)
-        ("https://router.example:8443", "router.example:8443"),  # the same behind TLS
+        (None, "api", None),  # an SDK, curl or an agent: no origin
+        ("http://api", "api", None),  # a page of the router's own host (its /docs)
+        ("https://router.example:8443", "router.example:8443", None),  # the same behind TLS
+        ("https://Router.example", "router.example:443", None),  # a default port written out
+        ("https://router.example", "router.example", None),  # or left out
+        ("http://[::1]:8000", "[::1]:8000", None),
+        # A proxy that rewrote Host (nginx's default): the browser's own word counts.
+        ("https://router.example", "127.0.0.1:8000", "same-origin"),
     ],
 )
-async def test_calls_that_are_not_cross_site_reach_the_route(origin: str | None, host: str) -> None:
+async def test_calls_that_are_not_cross_site_reach_the_route(
+    origin: str | None, host: str, fetch_site: str | None
+) -> None:
     async with await cors_client("") as http:
         headers = {"host": host, **({"origin": origin} if origin else {})}
+        if fetch_site:
+            headers["sec-fetch-site"] = fetch_site
         response = await http.post(
             "/v1/chat/completions", json={"model": "dummy", "messages": []}, headers=headers
         )
