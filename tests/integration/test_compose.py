@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
+from services.agent.settings import AgentSettings
+from services.api.server import WRITE_GRACE
+from services.api.settings import ApiSettings
+from services.dispatcher.settings import DispatcherSettings
 from shared.broker_acl import admin_grant, agent_grant, api_grant, dispatcher_grant
 from shared.settings import BrokerSettings, Durability
 from shared.topology import Topology
@@ -119,6 +123,21 @@ def test_compose_services_use_least_privilege_broker_users(mode: Durability) -> 
     }
     reply_users = services["api"]["environment"]["REPLY_USERS"]
     assert reply_users == f"{users['dispatcher']}=*,{users['agent']}={model}"
+
+
+def test_services_get_time_to_drain_before_docker_kills_them() -> None:
+    """Docker sends SIGKILL 10 s after SIGTERM unless told otherwise: it cut off the drain
+    (DRAIN_TIMEOUT 20 s), and with it the API's 503s and cancels (review 2026-11-29)."""
+    services = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    needed = max(
+        ApiSettings().drain_timeout + WRITE_GRACE,
+        DispatcherSettings().drain_timeout,
+        AgentSettings().drain_timeout,
+    )
+    for name in ("api", "dispatcher", "agent"):
+        grace = services[name].get("stop_grace_period", "10s")
+        assert re.fullmatch(r"\d+s", grace), grace
+        assert int(grace[:-1]) >= needed, f"{name}: {grace}, drains for up to {needed:g} s"
 
 
 def test_ensure_services_starts_a_broker_the_local_defaults_can_use() -> None:
