@@ -2,8 +2,9 @@
 
 It answers as a model would to the request's shape: `n` choices, and at most the request's
 token limit (`max_completion_tokens`, else `max_tokens`) of the placeholder, ending with
-`finish_reason` "length" when the limit cut it short. Code that checks its plumbing against
-`dummy` (`choices[1]`, a length stop) then sees what a real model would send.
+`finish_reason` "length" when the limit cut it short; a `stop` sequence ends it before that
+sequence (`finish_reason` "stop"). Code that checks its plumbing against `dummy`
+(`choices[1]`, a length stop, `stop=["world"]`) then sees what a real model would send.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ class DummyAnswer:
         pieces: tuple[str, ...] = _PIECES
         if limit is not None and 0 < limit < len(_PIECES):
             pieces = _PIECES[:limit]
+        stopped = _cut_at_stop(pieces, request.get("stop"))
         return cls(
             choices=choices if choices is not None and choices > 0 else 1,
-            pieces=pieces,
-            finish_reason="stop" if pieces == _PIECES else "length",
+            pieces=pieces if stopped is None else stopped,
+            finish_reason="stop" if stopped is not None or pieces == _PIECES else "length",
             # The prompt is the messages: the same conversation counts the same whether it is
             # streamed, sampled or limited (the whole body would count `stream_options` too).
             prompt_bytes=len(orjson.dumps(request.get("messages", ()))),
@@ -62,6 +64,23 @@ class DummyAnswer:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+
+def _cut_at_stop(pieces: tuple[str, ...], stop: object) -> tuple[str, ...] | None:
+    """The pieces before the first `stop` sequence (a string or a list of them), or None
+    when none occurs: a model stops before the sequence and does not send it."""
+    sequences = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    text = "".join(pieces)
+    found = [text.find(s) for s in sequences if isinstance(s, str) and s and s in text]
+    if not found:
+        return None
+    end, kept, start = min(found), [], 0
+    for piece in pieces:
+        if start >= end:
+            break
+        kept.append(piece[: end - start])
+        start += len(piece)
+    return tuple(kept)
 
 
 def completion(request_id: str, model: str, created: int, answer: DummyAnswer) -> bytes:

@@ -37,6 +37,32 @@ def test_a_token_limit_below_the_answer_stops_it_with_length(limit: str) -> None
     assert body["usage"]["completion_tokens"] == 1
 
 
+@pytest.mark.parametrize(
+    ("stop", "content"),
+    [
+        (["world"], "Hello "),  # OpenAI's own example of a stop sequence
+        ("o w", "Hell"),
+        (["xyz", "lo"], "Hel"),
+        (["Hello"], ""),
+        (["xyz"], PLACEHOLDER),  # not in the answer: no effect
+    ],
+)
+def test_a_stop_sequence_ends_the_answer_before_it(stop: object, content: str) -> None:
+    answer = DummyAnswer.for_request(request(stop=stop))
+    body = orjson.loads(completion("r1", "dummy", 1, answer))
+    [choice] = body["choices"]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (content, "stop")
+    events = stream_events("r1", "dummy", 1, answer, include_usage=False)
+    deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in events]
+    assert "".join(d.get("content", "") for d in deltas) == content
+
+
+def test_a_token_limit_reached_before_a_stop_sequence_is_a_length_stop() -> None:
+    answer = DummyAnswer.for_request(request(max_tokens=1, stop=["world"]))
+    body = orjson.loads(completion("r1", "dummy", 1, answer))
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
 def test_a_stream_of_n_choices_rebuilds_each_answer() -> None:
     events = stream_events(
         "r1", "dummy", 1, DummyAnswer.for_request(request(n=2, max_tokens=1)), include_usage=True
