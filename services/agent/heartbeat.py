@@ -101,13 +101,10 @@ class Registrar:
                 except AgentTokenRefusedError as e:
                     log.error("registration refused (%s): check AGENT_TOKEN and AGENT_NAME", e)
                     raise
-                except RegistrationRefusedError as e:
-                    if e.status not in PAYLOAD_REFUSALS:
-                        log.warning("registration failed (%s); retrying in %.1fs", e, delay)
-                    else:
+                except Exception as e:  # any failure, not only httpx's: the loop must go on
+                    if isinstance(e, RegistrationRefusedError) and e.status in PAYLOAD_REFUSALS:
                         log.error("registration refused (%s): the API will not list this agent", e)
                         raise
-                except Exception as e:  # any failure, not only httpx's: the loop must go on
                     log.warning("registration failed (%s); retrying in %.1fs", _reason(e), delay)
             await asyncio.sleep(delay)
             delay = next_backoff(delay, cap=self._max_backoff)

@@ -211,7 +211,8 @@ class DispatcherHandler:
     async def on_returned(self, env: Envelope, _: Delivery) -> None:
         job = decode_job(env)
         reason = _header_text(env, "x-first-death-reason") or "unknown"
-        if _header_text(env, "x-first-death-queue") != self.topology.agent_queue(job.model):
+        died_in = _header_text(env, "x-first-death-queue")
+        if died_in != self.topology.agent_queue(job.model):
             # Only the model's own queue returns its jobs: an agent may put copies of a job
             # into its own queues, and one for another model expiring there must not be
             # answered 503 in the router's name (review 2026-11-29).
@@ -219,7 +220,7 @@ class DispatcherHandler:
                 "returned job %s for %s dropped: it expired in %s, not its model's queue",
                 job.request_id,
                 job.model,
-                _header_text(env, "x-first-death-queue"),
+                died_in,
             )
             return
         if job.remaining(self.clock()) <= 0 or self.cancellations.is_cancelled(job.request_id):
