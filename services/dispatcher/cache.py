@@ -112,11 +112,25 @@ return 0
 # call took it. A deterministic miss takes its single-flight lock in the same call that found
 # no entry: one round trip, and two identical jobs in one batch still get one leader (the
 # script runs in order). A lock this owner holds already (its job delivered again, after a
-# crash or a requeue) counts as taken, its expiry renewed, as in `_ACQUIRE`.
+# crash or a requeue) counts as taken, its expiry renewed, as in `_ACQUIRE`. An entry asked
+# for again in the same batch (a burst of one popular request) is sent once: the later asks
+# get the number of the first instead, so a large answer is not copied N times into a reply
+# that must arrive within one timeout.
 _PROBE = """
 local found = {}
+local first = {}
 for i = 1, #KEYS / 2 do
-    local entry = redis.call("GET", KEYS[2 * i - 1])
+    local key = KEYS[2 * i - 1]
+    local entry
+    local present
+    if first[key] then
+        present = found[3 * first[key] - 2] ~= false
+        entry = present and first[key]
+    else
+        entry = redis.call("GET", key)
+        present = entry ~= false
+        first[key] = i
+    end
     local holder = redis.call("GET", KEYS[2 * i])
     local owner = ARGV[2 * i - 1]
     local mine = owner ~= "" and holder == owner
@@ -125,10 +139,10 @@ for i = 1, #KEYS / 2 do
         locked = 1
     end
     local taken = 0
-    if not entry and mine then
+    if not present and mine then
         redis.call("PEXPIRE", KEYS[2 * i], ARGV[2 * i])
         taken = 1
-    elseif not entry and not holder and owner ~= "" then
+    elseif not present and not holder and owner ~= "" then
         if redis.call("SET", KEYS[2 * i], owner, "NX", "PX", ARGV[2 * i]) then
             taken = 1
         end
@@ -204,6 +218,14 @@ class LockRequest:
 def _entry(found: object) -> bytes | None:
     """A cache entry as Redis returned it: bytes, or nil for none."""
     return found if isinstance(found, bytes) else None
+
+
+def _first_copy(entries: Sequence[object], found: object) -> object:
+    """`_PROBE` sends an entry asked for twice in one batch once: later asks get the number
+    (from 1) of the ask that holds it."""
+    if isinstance(found, int) and 1 <= found <= len(entries):
+        return entries[found - 1]
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +330,10 @@ class RedisStore:
 
     async def _probe_many(self, asks: Sequence[ProbeAsk]) -> list[Probe]:
         if all(ask.entry_only for ask in asks):
-            entries = await self._bounded(self._mget([ask.key for ask in asks]))
-            return [Probe(_entry(entry), False) for entry in entries]
+            # Each distinct key once (see `_PROBE` for why).
+            keys = list(dict.fromkeys(ask.key for ask in asks))
+            entries = dict(zip(keys, await self._bounded(self._mget(keys)), strict=True))
+            return [Probe(_entry(entries[ask.key]), False) for ask in asks]
         # The reads in one script: a write landing between them would look like a leader
         # that failed (no entry, no lock) and send a follower upstream.
         keys: list[str] = []
@@ -319,10 +343,11 @@ class RedisStore:
             args += (ask.lock.owner, ask.lock.ttl_ms) if ask.lock is not None else ("", 0)
         call = asyncio.ensure_future(self._eval(_PROBE, keys, args))
         found = await self._locking(call, asks, taken=lambda found: found[2::3])
+        entries = found[::3]
         return [
-            Probe(_entry(entry), ask.lock_state and bool(locked), bool(taken))
+            Probe(_entry(_first_copy(entries, entry)), ask.lock_state and bool(locked), bool(taken))
             for ask, entry, locked, taken in zip(
-                asks, found[::3], found[1::3], found[2::3], strict=True
+                asks, entries, found[1::3], found[2::3], strict=True
             )
         ]
 
@@ -635,9 +660,14 @@ class JobCache:
             log.warning("cache write skipped: %s", e)
 
 
-def cache_for(
-    settings: DispatcherSettings, *, cancellations: Cancellations, max_waiters: int
-) -> JobCache:
+def single_flight_waiters(prefetch: int) -> int:
+    """How many jobs may wait for a leader at once: half the prefetch, rounded down, so the
+    other half keeps the dispatcher routing. With a prefetch of 1 none may (a waiter would
+    hold the only slot, and every other request would wait behind it)."""
+    return prefetch // 2
+
+
+def cache_for(settings: DispatcherSettings, *, cancellations: Cancellations) -> JobCache:
     """The cache of one dispatcher process; inactive without REDIS_URL or with CACHE_TTL=0."""
     policy = CachePolicy(
         prefix=f"{settings.broker_namespace}:cache:v1",
@@ -654,6 +684,6 @@ def cache_for(
         policy,
         cancellations=cancellations,
         single_flight_wait=settings.cache_single_flight_wait,
-        max_waiters=max_waiters,
+        max_waiters=single_flight_waiters(settings.dispatcher_prefetch),
         trust=ReplyTrust.parse(settings.reply_users),
     )

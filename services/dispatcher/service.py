@@ -96,12 +96,7 @@ class DispatcherService:
             forget_after=settings.agent_forget_after,
         )
         self.cancellations = Cancellations()
-        # Single-flight waiters hold jobs unacked: never more than half the prefetch.
-        self.cache = cache_for(
-            settings,
-            cancellations=self.cancellations,
-            max_waiters=max(1, settings.dispatcher_prefetch // 2),
-        )
+        self.cache = cache_for(settings, cancellations=self.cancellations)
         self.providers = ProviderRuntime.from_settings(settings)
         self.handler: DispatcherHandler | None = None
 

@@ -151,6 +151,62 @@ async def test_probes_that_need_no_lock_state_read_the_entries_alone(
     assert await client.get(lock_key(keys[1])) == b"someone"
 
 
+async def test_a_burst_of_one_entry_carries_it_once_and_answers_every_probe(
+    redis: tuple[Redis, Keys], store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A popular large answer asked for by many jobs at once: N copies of it in one reply
+    used to outlast the batch's timeout and turn the cache off for everyone."""
+    client, key_named = redis
+    big, other, missing = key_named("big"), key_named("other"), key_named("missing")
+    entry = b"x" * 100_000
+    await client.set(big, entry)
+    await client.set(other, b"small")
+    replies: list[object] = []
+
+    def recording(call: Callable[..., Awaitable[object]]) -> Callable[..., Awaitable[object]]:
+        async def wrapped(*args: object) -> object:
+            reply = await call(*args)
+            replies.append(reply)
+            return reply
+
+        return wrapped
+
+    monkeypatch.setattr(store, "_mget", recording(store._mget))
+    monkeypatch.setattr(store, "_eval", recording(store._eval))
+
+    def entries_sent() -> int:
+        reply = cast(list[object], replies.pop())
+        return sum(isinstance(item, bytes) and item == entry for item in reply)
+
+    # Entries only (one MGET): each key asked for once.
+    probes = await asyncio.gather(
+        *(store.probe(key, lock_state=False) for key in [big, other, big, big, missing, big])
+    )
+    assert [probe.entry for probe in probes] == [entry, b"small", entry, entry, None, entry]
+    assert entries_sent() == 1
+    # With single flight (the probe script): every ask still gets its own lock state.
+    probes = await asyncio.gather(
+        store.probe(big),
+        store.probe(missing, LockRequest("r1", 5_000)),
+        store.probe(big, LockRequest("r2", 5_000)),
+        store.probe(missing, LockRequest("r3", 5_000)),
+        store.probe(big),
+        store.probe(other, LockRequest("r4", 5_000)),
+    )
+    assert store._probes.batches == 2
+    assert probes == [
+        Probe(entry, False),
+        Probe(None, False, acquired=True),
+        Probe(entry, False),
+        Probe(None, True),
+        Probe(entry, False),
+        Probe(b"small", False),
+    ]
+    assert entries_sent() == 1
+    assert await client.get(lock_key(missing)) == b"r1"
+    assert not await client.exists(lock_key(big))
+
+
 async def test_a_batch_with_a_single_flight_probe_reads_locks_only_for_it(
     redis: tuple[Redis, Keys], store: RedisStore
 ) -> None:

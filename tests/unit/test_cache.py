@@ -22,6 +22,7 @@ from services.dispatcher.cache import (
     LockRequest,
     Probe,
     Proceed,
+    single_flight_waiters,
 )
 from services.dispatcher.cache_key import CachePolicy
 from services.dispatcher.handler import DispatcherHandler
@@ -516,6 +517,17 @@ async def test_waiting_is_bounded_by_the_wait_and_by_the_number_of_waiters() -> 
     assert isinstance(over, Proceed)  # no second waiter: routed at once
     timed_out = await asyncio.wait_for(waiting, 1)
     assert isinstance(timed_out, Proceed) and timed_out.job.cache_status == "miss"
+
+
+def test_at_most_half_the_prefetch_waits_and_none_of_a_prefetch_of_one() -> None:
+    assert [single_flight_waiters(n) for n in (1, 2, 3, 64)] == [0, 1, 1, 32]
+
+
+async def test_with_no_waiters_allowed_an_identical_request_is_routed_at_once() -> None:
+    cache = make_cache(single_flight_wait=5, max_waiters=0)
+    await cache.lookup(job("r1", body=DETERMINISTIC))
+    follower = await asyncio.wait_for(cache.lookup(job("r2", body=DETERMINISTIC)), 0.5)
+    assert isinstance(follower, Proceed) and follower.job.cache_status == "miss"
 
 
 async def test_a_follower_waits_at_most_half_its_time_left() -> None:
