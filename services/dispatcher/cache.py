@@ -331,8 +331,9 @@ class RedisStore:
     async def _probe_many(self, asks: Sequence[ProbeAsk]) -> list[Probe]:
         if all(ask.entry_only for ask in asks):
             # Each distinct key once (see `_PROBE` for why).
-            keys = list(dict.fromkeys(ask.key for ask in asks))
-            entries = dict(zip(keys, await self._bounded(self._mget(keys)), strict=True))
+            distinct = list(dict.fromkeys(ask.key for ask in asks))
+            found = await self._bounded(self._mget(distinct))
+            entries = dict(zip(distinct, found, strict=True))
             return [Probe(_entry(entries[ask.key]), False) for ask in asks]
         # The reads in one script: a write landing between them would look like a leader
         # that failed (no entry, no lock) and send a follower upstream.
