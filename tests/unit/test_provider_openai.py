@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -9,8 +10,9 @@ import orjson
 import pytest
 
 from services.dispatcher.providers.base import ProviderRequest
-from services.dispatcher.providers.openai import OpenAIProvider, model_ids
+from services.dispatcher.providers.openai import OpenAIProvider, build_http_client, model_ids
 from services.dispatcher.providers.retry import RetryPolicy
+from services.dispatcher.providers.sse import MAX_EVENT_BYTES
 from shared.errors import GatewayTimeoutError, UpstreamError, UpstreamHTTPError
 
 KEY = "sk-unit-key"
@@ -268,3 +270,75 @@ async def test_list_models_failures_are_router_errors() -> None:
         await p.list_models()
     with pytest.raises(UpstreamError):
         model_ids(b"[]")
+
+
+async def test_a_5xx_marked_not_to_retry_is_not_sent_again() -> None:
+    upstream = Upstream(status(500, headers={"x-should-retry": "false"}), status(200, ANSWER))
+    p, _ = provider(upstream)
+    with pytest.raises(UpstreamError) as info:
+        await p.complete(request())
+    assert info.value.status == 502 and len(upstream.requests) == 1
+
+
+async def test_a_stream_event_past_the_limit_ends_the_stream_as_the_upstreams_failure() -> None:
+    huge = b"data: " + b"x" * (MAX_EVENT_BYTES + 1)
+    upstream = Upstream(sse(EVENTS[0], huge))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    got: list[bytes] = []
+    with pytest.raises(UpstreamError, match="larger than"):
+        async for event in stream.events():
+            got.append(event)
+    await stream.aclose()
+    assert got == EVENTS[:1]
+
+
+# What an upstream that does not speak HTTP properly sends, on a real socket: the aiohttp
+# transport raises errors of its own for these, which httpx's types do not cover.
+BROKEN_ANSWERS = {
+    "bad header": b"HTTP/1.1 200 OK\r\nBad Header Line\r\ncontent-length: 2\r\n\r\n{}",
+    "bad status line": b"HTTP/1.1 OK 200\r\ncontent-length: 2\r\n\r\n{}",
+    "bad chunk": b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    "corrupt gzip": (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+        b"content-length: 8\r\n\r\nnot gzip"
+    ),
+}
+
+
+@pytest.mark.parametrize("answer", list(BROKEN_ANSWERS))
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_that_is_not_valid_http_is_a_retried_502(answer: str, stream: bool) -> None:
+    calls = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        calls += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(BROKEN_ANSWERS[answer])
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = build_http_client(max_connections=4, connect_timeout=2.0)
+    p = OpenAIProvider(
+        client,
+        api_key=KEY,
+        base_url=f"http://127.0.0.1:{port}/v1",
+        policy=RetryPolicy(max_retries=1, backoff_base=0.01),
+        clock=lambda: 1000.0,  # `request()`'s deadline is 60 s after this
+    )
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(UpstreamError) as info:
+                if stream:
+                    opened = await p.stream(request(stream=True))
+                    await opened.aclose()
+                else:
+                    await p.complete(request())
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert info.value.status == 502 and calls == 2

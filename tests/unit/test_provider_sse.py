@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.dispatcher.providers.sse import SseSplitter
+from services.dispatcher.providers.sse import SseEventTooLargeError, SseSplitter
 
 EVENTS = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b'data: {"c":"x\\ny"}\n\n']
 BODY = b"".join(EVENTS) + b"data: [DONE]\n\n"
@@ -93,3 +93,23 @@ def test_an_event_that_only_mentions_error_is_an_event() -> None:
     splitter = SseSplitter()
     assert splitter.feed(b"".join(events)) == events
     assert not splitter.done and splitter.error is None
+
+
+def test_a_large_event_in_small_pieces_comes_out_whole() -> None:
+    """Every byte is scanned once: a megabyte event in 1 KiB reads (with `\\r\\n` endings
+    split between reads) arrives as it was sent."""
+    event = b"data: " + b"x" * 1_000_000 + b"\r\n\r\n"
+    splitter = SseSplitter()
+    out: list[bytes] = []
+    for i in range(0, len(event), 1023):
+        out += splitter.feed(event[i : i + 1023])
+    assert out == [b"data: " + b"x" * 1_000_000 + b"\n\n"]
+    assert splitter.pending == b""
+
+
+def test_an_event_past_the_limit_raises_instead_of_growing() -> None:
+    splitter = SseSplitter(max_event_bytes=100)
+    assert splitter.feed(b"data: " + b"x" * 90 + b"\n\n") == [b"data: " + b"x" * 90 + b"\n\n"]
+    splitter.feed(b"data: " + b"y" * 60)
+    with pytest.raises(SseEventTooLargeError):
+        splitter.feed(b"y" * 60)

@@ -119,10 +119,25 @@ def test_the_key_is_scrubbed_from_relayed_bodies() -> None:
 
 def test_a_401_is_the_routers_problem_not_relayed() -> None:
     body = orjson.dumps({"error": {"message": f"Incorrect API key provided: {KEY}", "type": "x"}})
-    error = upstream_error(401, body, {}, provider="openai", secret=KEY)
+    error = upstream_error(401, body, {"x-request-id": "req_1"}, provider="openai", secret=KEY)
     status, relayed, headers = to_openai_error(error)
     assert status == 502 and b"credentials" in relayed and KEY.encode() not in relayed
-    assert headers == {"x-should-retry": "false"}
+    # The upstream's request id stays: it is what the operator quotes to its support.
+    assert headers == {"x-should-retry": "false", "x-upstream-request-id": "req_1"}
+
+
+def test_a_5xx_the_upstream_marks_not_to_retry_is_final() -> None:
+    with pytest.raises(UpstreamError) as info:
+        check_response(500, b"{}", {"X-Should-Retry": "false"}, provider="openai")
+    assert not isinstance(info.value, RetryableFailure)
+    with pytest.raises(RetryableFailure):
+        check_response(500, b"{}", {"x-should-retry": "true"}, provider="openai")
+
+
+@pytest.mark.parametrize("body", [b'{"id":"x","choices":[', b'{"id":"x"}{"id":"y"}', b"{"])
+def test_a_2xx_whose_body_is_not_one_json_object_is_an_upstream_error(body: bytes) -> None:
+    with pytest.raises(UpstreamError, match="not JSON"):
+        check_response(200, body, {}, provider="o")
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,14 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import aiohttp
 import httpx
 import orjson
 from httpx_aiohttp import AiohttpTransport
 
 from services.dispatcher.providers.base import ProviderRequest, ProviderResponse
 from services.dispatcher.providers.retry import RetryableFailure, RetryPolicy, call_with_retries
-from services.dispatcher.providers.sse import SseSplitter
+from services.dispatcher.providers.sse import SseEventTooLargeError, SseSplitter
 from services.dispatcher.providers.upstream import (
     broken_stream,
     check_response,
@@ -33,6 +34,11 @@ from services.dispatcher.providers.upstream import (
 from shared.errors import UpstreamError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# What an exchange with the upstream can fail with besides an answer: httpx's transport
+# errors, a body its declared encoding cannot decode (`httpx.DecodingError`), and aiohttp's
+# errors for an answer that is not valid HTTP (a bad status line, header or chunk), which the
+# aiohttp transport passes on unmapped. All of them are the upstream's failure, not ours.
+HTTP_FAILURES = (httpx.RequestError, aiohttp.ClientError)
 USER_AGENT = "router/0.1"
 
 T = TypeVar("T")
@@ -109,7 +115,7 @@ class OpenAIProvider:
                 headers=self._headers("application/json"),
                 timeout=self._timeout(request.deadline),
             )
-        except httpx.TransportError as e:
+        except HTTP_FAILURES as e:
             raise transport_failure(e, provider=self.name) from e
         return check_response(
             response.status_code,
@@ -130,7 +136,7 @@ class OpenAIProvider:
         )
         try:
             response = await self._client.send(http_request, stream=True)
-        except httpx.TransportError as e:
+        except HTTP_FAILURES as e:
             raise transport_failure(e, provider=self.name) from e
         stream = OpenAIStream(response, provider=self.name, secret=self._api_key)
         try:
@@ -145,7 +151,7 @@ class OpenAIProvider:
             if "text/event-stream" not in response.headers.get("content-type", ""):
                 raise UpstreamError(f"The provider `{self.name}` did not answer with a stream.")
             await stream.start()
-        except httpx.TransportError as e:
+        except HTTP_FAILURES as e:
             await stream.aclose()
             raise transport_failure(e, provider=self.name) from e
         except BaseException:
@@ -161,7 +167,7 @@ class OpenAIProvider:
                 headers=self._headers("application/json"),
                 timeout=httpx.Timeout(self._connect_timeout),
             )
-        except httpx.TransportError as e:
+        except HTTP_FAILURES as e:
             raise transport_failure(e, provider=self.name).error from e
         if response.status_code != 200:
             raise upstream_error(response.status_code, b"", response.headers, provider=self.name)
@@ -220,7 +226,7 @@ class OpenAIStream:
                 return
             try:
                 more = await self._read_more()
-            except httpx.TransportError as e:
+            except HTTP_FAILURES as e:
                 raise broken_stream(e, provider=self._provider) from e
             if not more:
                 raise UpstreamError(f"The stream from the provider `{self._provider}` ended early.")
@@ -231,7 +237,10 @@ class OpenAIStream:
             data = await anext(self._chunks)
         except StopAsyncIteration:
             return False
-        self._ready.extend(self._splitter.feed(data))
+        try:
+            self._ready.extend(self._splitter.feed(data))
+        except SseEventTooLargeError as e:
+            raise UpstreamError(f"The provider `{self._provider}` sent {e}.") from e
         return True
 
     async def aclose(self) -> None:

@@ -82,6 +82,15 @@ def is_retryable_status(status: int) -> bool:
     return status == 408 or status >= 500
 
 
+def should_retry(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether a failed answer is worth another try: a retryable status the upstream does not
+    mark `x-should-retry: false` (OpenAI's SDKs obey that mark: such a 500 would fail again).
+    A `true` adds nothing: a 429 is left to the client, which knows its own budget.
+    `headers` lower-cased."""
+    said_no = headers.get(SHOULD_RETRY, "").strip().lower() == "false"
+    return is_retryable_status(status) and not said_no
+
+
 def parse_retry_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds the upstream asks us to wait: `retry-after-ms`, else `retry-after`.
 

@@ -5,6 +5,11 @@ from __future__ import annotations
 import orjson
 
 DONE = b"[DONE]"
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # the agent's limit for one event from its server
+
+
+class SseEventTooLargeError(ValueError):
+    """An event grew past the splitter's `max_event_bytes` without ending."""
 
 
 class SseSplitter:
@@ -16,46 +21,59 @@ class SseSplitter:
     API writes its own on the end message). An event whose data is a JSON object with an
     `error` (an upstream failing mid-stream) ends the stream too: it is not returned either but
     kept as `error`, its data, for the caller to relay as the stream's last event.
+
+    Each byte is normalised and searched once, so a large event arriving in many small reads
+    costs time in proportion to its size, and an event past `max_event_bytes` raises
+    SseEventTooLargeError instead of growing without bound.
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0  # no event ends before this offset of the buffer
+        self._cr_held = False  # the last piece ended in `\r`: its `\n` may come next
+        self._max = max_event_bytes
         self.done = False
         self.error: bytes | None = None
 
     def feed(self, data: bytes) -> list[bytes]:
         if self.done:
             return []
+        if self._cr_held:
+            data = b"\r" + data
+            self._cr_held = False
+        if b"\r" in data:
+            if data.endswith(b"\r"):
+                data = data[:-1]
+                self._cr_held = True
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         self._buffer += data
-        if b"\r" in self._buffer:
-            # Hold back a trailing \r: its \n may be in the next piece.
-            keep = self._buffer.endswith(b"\r")
-            text = self._buffer[:-1] if keep else self._buffer
-            self._buffer = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + (
-                b"\r" if keep else b""
-            )
         events: list[bytes] = []
         while not self.done:
-            end = self._buffer.find(b"\n\n")
+            end = self._buffer.find(b"\n\n", self._scanned)
             if end < 0:
+                # A `\n` at the very end may be the first half of the next blank line.
+                self._scanned = max(0, len(self._buffer) - 1)
                 break
-            raw = self._buffer[:end]
-            self._buffer = self._buffer[end + 2 :]
+            raw = bytes(self._buffer[:end])
+            del self._buffer[: end + 2]
+            self._scanned = 0
             data = event_data(raw).strip()
             if data == DONE or is_error(data):
                 self.error = None if data == DONE else data
                 self.done = True
-                self._buffer = b""
+                self._buffer.clear()
                 break
             if is_comment(raw):
                 continue
             events.append(raw + b"\n\n")
+        if len(self._buffer) > self._max:
+            raise SseEventTooLargeError(f"an event is larger than {self._max} bytes")
         return events
 
     @property
     def pending(self) -> bytes:
         """Bytes of an event not yet complete (a stream that ends here was cut)."""
-        return self._buffer
+        return bytes(self._buffer) + (b"\r" if self._cr_held else b"")
 
 
 def event_data(raw: bytes) -> bytes:

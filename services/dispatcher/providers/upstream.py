@@ -22,8 +22,8 @@ import orjson
 from services.dispatcher.providers.base import ProviderResponse
 from services.dispatcher.providers.retry import (
     RetryableFailure,
-    is_retryable_status,
     parse_retry_after,
+    should_retry,
 )
 from shared.errors import (
     GatewayTimeoutError,
@@ -112,7 +112,7 @@ def upstream_error(
         return UpstreamError(
             f"The provider `{provider}` rejected the router's credentials.",
             code="upstream_auth_failed",
-            headers={H_SHOULD_RETRY: "false"},
+            headers={**relayed, H_SHOULD_RETRY: "false"},
         )
     if status in (408, 504):
         return GatewayTimeoutError(
@@ -142,8 +142,9 @@ def raise_for_status(
     if 200 <= status < 300:
         return
     error = upstream_error(status, body, headers, provider=provider, secret=secret)
-    if is_retryable_status(status):
-        raise RetryableFailure(error, retry_after=parse_retry_after(_lowered(headers)))
+    lowered = _lowered(headers)
+    if should_retry(status, lowered):
+        raise RetryableFailure(error, retry_after=parse_retry_after(lowered))
     raise error
 
 
@@ -155,17 +156,26 @@ def check_response(
     A 2xx whose body is not a JSON object is an UpstreamError.
     """
     raise_for_status(status, body, headers, provider=provider, secret=secret)
-    if not body.lstrip().startswith(b"{"):
+    # Parsed whole, not sniffed: a cut or garbled body relayed as a 200 fails in the client's
+    # JSON parser, outside the SDK's error handling and retries.
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    if not isinstance(answer, dict):
         raise UpstreamError(f"The provider `{provider}` sent an answer that is not JSON.")
     return ProviderResponse(body=body, headers=relay_headers(headers))
 
 
-def transport_failure(exc: httpx.TransportError, *, provider: str) -> RetryableFailure:
-    """A connection error or timeout before any output, as a retryable failure (502 or 504)."""
+def transport_failure(exc: Exception, *, provider: str) -> RetryableFailure:
+    """A connection error or timeout before any output, or an answer that is not valid HTTP,
+    as a retryable failure (502 or 504)."""
     if is_timeout(exc):
         error: RouterError = GatewayTimeoutError(
             f"The provider `{provider}` did not answer in time."
         )
+    elif not isinstance(exc, httpx.TransportError):
+        error = UpstreamError(f"The provider `{provider}` sent an answer that is not valid HTTP.")
     else:
         error = UpstreamError(
             f"Could not reach the provider `{provider}`.", code="upstream_unreachable"
@@ -183,14 +193,14 @@ def stream_error(data: bytes, *, provider: str, secret: str = "") -> RouterError
     return UpstreamHTTPError(502, clean, message=error_message(clean))
 
 
-def broken_stream(exc: httpx.TransportError, *, provider: str) -> RouterError:
+def broken_stream(exc: Exception, *, provider: str) -> RouterError:
     """A stream that failed after its first event (too late to retry)."""
     if is_timeout(exc):
         return GatewayTimeoutError(f"The provider `{provider}` stopped sending output in time.")
     return UpstreamError(f"The stream from the provider `{provider}` was interrupted.")
 
 
-def is_timeout(exc: httpx.TransportError) -> bool:
+def is_timeout(exc: Exception) -> bool:
     """A real timeout: httpx-aiohttp maps some lost connections to `ConnectTimeout` too, so
     only a timeout with a timeout (or nothing) underneath counts."""
     cause = exc.__cause__
