@@ -101,6 +101,13 @@ class UpstreamError(RouterError):
     code = "upstream_error"
 
 
+class AnswerTooLargeError(UpstreamError):
+    """An answer (or one stream event) larger than a reply message may carry: the broker
+    would refuse the message by closing the publishing channel, under every other reply on it."""
+
+    code = "answer_too_large"
+
+
 class UpstreamHTTPError(RouterError):
     """An upstream's own error answer (a 4xx, or a stream's error event as a 502), relayed with
     its status, body and headers.

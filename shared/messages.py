@@ -359,6 +359,13 @@ def encode_rpc_result(request_id: str, body: bytes) -> Envelope:
     )
 
 
+# Message sizes. RabbitMQ refuses a message past its `max_message_size` (16 MiB by default on
+# RabbitMQ 4) by closing the channel it came on, failing every publish in flight there.
+MAX_REPLY_BYTES = 15 * 1024 * 1024  # default of MAX_REPLY_BYTES: one reply's body
+# The cache keeps no larger answer, so a `job.completed` of a larger one carries no body.
+MAX_CACHED_BODY = 4 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Completed:
     """A finished cacheable job: its whole answer (status 200), or (another status, empty body)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from shared.amqp import Broker
 from shared.completed import CompletedBatcher
 from shared.errors import (
+    AnswerTooLargeError,
     ReplyQueueGoneError,
     RouterError,
     ServiceUnavailableError,
@@ -24,7 +25,16 @@ from shared.errors import (
     to_openai_error,
 )
 from shared.http_headers import CACHE as CACHE_HEADER
-from shared.messages import Completed, Envelope, Job, Reply, ReplyKind, encode_reply
+from shared.messages import (
+    MAX_CACHED_BODY,
+    MAX_REPLY_BYTES,
+    Completed,
+    Envelope,
+    Job,
+    Reply,
+    ReplyKind,
+    encode_reply,
+)
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,11 @@ class ReplyPublisher:
     also reaches the cache writer, so producers need no code of their own for it: once the
     reply is out, a `job.completed` event (the whole answer, or only the status of an answer
     that is not whole) joins the process's next batch of them (`shared.completed`).
+
+    No reply body past `max_body` is published: the broker would refuse it by closing the
+    channel, failing every other reply in flight on it. A final answer that large is sent as
+    a 502 `answer_too_large` instead; a larger chunk (`StreamWriter` keeps its messages under
+    the limit, so only one event that large) raises AnswerTooLargeError.
     """
 
     def __init__(
@@ -78,15 +93,19 @@ class ReplyPublisher:
         completed: CompletedBatcher | None = None,
         replies_exchange: str = "",
         unroutable_retries: tuple[float, ...] = UNROUTABLE_RETRIES,
+        max_body: int = MAX_REPLY_BYTES,
     ) -> None:
         self._broker = broker
+        self.max_body = max_body
         self._unroutable_retries = unroutable_retries
         self._persistent = persistent
         self._completed = completed
         self._replies_exchange = replies_exchange
 
     @classmethod
-    def for_topology(cls, broker: Broker, topology: Topology) -> ReplyPublisher:
+    def for_topology(
+        cls, broker: Broker, topology: Topology, *, max_body: int = MAX_REPLY_BYTES
+    ) -> ReplyPublisher:
         """Replies through the replies exchange, feeding the cache writer."""
 
         async def publish_completed(env: Envelope) -> None:
@@ -97,9 +116,18 @@ class ReplyPublisher:
             persistent=topology.is_persistent,
             completed=CompletedBatcher(publish_completed),
             replies_exchange=topology.replies_exchange,
+            max_body=max_body,
         )
 
     async def __call__(self, job: Job, reply: Reply) -> None:
+        if len(reply.body) > self.max_body:
+            too_large = AnswerTooLargeError(
+                f"The answer is larger than the router carries ({len(reply.body)} bytes; "
+                f"MAX_REPLY_BYTES is {self.max_body})."
+            )
+            if reply.kind is not ReplyKind.FINAL:
+                raise too_large
+            reply = error_reply(job, too_large, attempt=reply.attempt, seq=reply.seq)
         reply = with_cache_header(job, reply)
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
         env = encode_reply(reply)
@@ -128,9 +156,11 @@ class ReplyPublisher:
         this job holds it (the request id is the lock's owner)."""
         if self._completed is None:
             return
-        if reply.kind is ReplyKind.FINAL and reply.status == 200:
+        whole = reply.kind is ReplyKind.FINAL and reply.status == 200
+        if whole and len(reply.body) <= MAX_CACHED_BODY:
             self._completed.add(Completed(cache_key, reply.body, request_id=request_id))
         else:
+            # Not kept (an error, or too large to cache): only the news that it ended.
             status = reply.status if reply.status != 200 else 500
             self._completed.add(Completed(cache_key, status=status, request_id=request_id))
 
@@ -177,9 +207,12 @@ class StreamWriter:
     returns (so the caller can ack the job once it is confirmed), and so is the next (the
     first token behind a role chunk); after that at most one message goes out per `window`
     seconds: an event after a quiet spell (or in the window's last quarter) is published at
-    once, a burst is gathered until the window since the last message has passed. `end()` and
-    `fail()` flush what is buffered and close the stream; a publish failure in the background
-    surfaces on the next call.
+    once, a burst is gathered until the window since the last message has passed. No message
+    holds more than `max_bytes` of events (unless one event is larger, which the publisher
+    refuses). `end()` and `fail()` flush what is buffered and close the stream; a publish
+    failure in the background surfaces on the next call. `fail()` after a failed publish drops
+    what is buffered and tries the error alone: the channel may be back, and the client then
+    ends at once instead of waiting out its idle timeout.
     """
 
     def __init__(
@@ -190,11 +223,13 @@ class StreamWriter:
         attempt: str,
         window: float = 0.005,
         http_headers: dict[str, str] | None = None,
+        max_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.job = job
         self.attempt = attempt
         self._publish = publish
         self._window = window
+        self._max_bytes = max_bytes
         self._http_headers = http_headers or {}
         self._seq = 0
         self._buffer: list[bytes] = []
@@ -202,6 +237,7 @@ class StreamWriter:
         self._last_publish = float("-inf")
         self._lock = asyncio.Lock()
         self._failure: BaseException | None = None
+        self._publish_failed = False
         self.closed = False
         # A chunk reached the broker (its publish returned, so it was confirmed): the client
         # may hold part of the answer, and the job must not run again (ack it, however it ends).
@@ -232,7 +268,7 @@ class StreamWriter:
         await self._close(Reply(ReplyKind.END, self.job.request_id, self.attempt))
 
     async def fail(self, exc: BaseException) -> None:
-        await self._close(error_reply(self.job, exc, attempt=self.attempt))
+        await self._close(error_reply(self.job, exc, attempt=self.attempt), failing=True)
 
     async def abandon(self) -> None:
         """Stop without a closing message (the job was cancelled: nobody listens)."""
@@ -256,7 +292,7 @@ class StreamWriter:
         except (RouterError, OSError):
             log.debug("could not publish the closing message", exc_info=True)
 
-    async def _close(self, last: Reply) -> None:
+    async def _close(self, last: Reply, *, failing: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
@@ -265,7 +301,11 @@ class StreamWriter:
             if not self._lock.locked():  # still waiting out the window: flush now instead
                 flusher.cancel()
             await asyncio.wait({flusher})
-        self._raise_failure()
+        if failing and self._publish_failed:
+            # A chunk is missing already: the client can only be told the stream failed.
+            self._buffer.clear()
+        else:
+            self._raise_failure()
         await self._flush()
         async with self._lock:
             await self._publish(self.job, _renumbered(last, self._seq))
@@ -290,27 +330,40 @@ class StreamWriter:
 
     async def _flush(self) -> None:
         async with self._lock:
-            if not self._buffer:
-                return
-            body = b"".join(self._buffer)
-            self._buffer.clear()
-            if self._seq > 0:
-                # The first message (often a role-only chunk) does not open a window: the
-                # first token right behind it goes out at once too. Time to first token is
-                # what users feel; one extra message per stream is the price.
-                self._last_publish = asyncio.get_running_loop().time()
-            headers = self._http_headers if self._seq == 0 else {}
-            reply = Reply(
-                ReplyKind.CHUNK,
-                self.job.request_id,
-                self.attempt,
-                body=body,
-                seq=self._seq,
-                http_headers=headers,
-            )
-            self._seq += 1
+            while self._buffer:
+                await self._publish_next()
+
+    async def _publish_next(self) -> None:
+        """Publish the buffered events that fit in one message (at least one)."""
+        count = size = 0
+        for event in self._buffer:
+            if count and size + len(event) > self._max_bytes:
+                break
+            count += 1
+            size += len(event)
+        body = b"".join(self._buffer[:count])
+        del self._buffer[:count]
+        if self._seq > 0:
+            # The first message (often a role-only chunk) does not open a window: the
+            # first token right behind it goes out at once too. Time to first token is
+            # what users feel; one extra message per stream is the price.
+            self._last_publish = asyncio.get_running_loop().time()
+        headers = self._http_headers if self._seq == 0 else {}
+        reply = Reply(
+            ReplyKind.CHUNK,
+            self.job.request_id,
+            self.attempt,
+            body=body,
+            seq=self._seq,
+            http_headers=headers,
+        )
+        self._seq += 1
+        try:
             await self._publish(self.job, reply)
-            self.output_confirmed = True
+        except BaseException:
+            self._publish_failed = True
+            raise
+        self.output_confirmed = True
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

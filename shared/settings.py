@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.messages import MAX_REPLY_BYTES
+
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -106,6 +108,22 @@ class BrokerSettings(BaseSettings):
         if level not in logging.getLevelNamesMapping() or level == "NOTSET":
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+
+class ReplySizeSettings(BaseSettings):
+    """How large a reply the services that answer jobs (dispatcher, agents) may publish."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
+
+    max_reply_bytes: int = Field(
+        MAX_REPLY_BYTES,
+        ge=8 * 1024 * 1024,
+        description="Largest answer one reply message carries (a JSON answer, or one stream "
+        "event): a larger one is a 502 answer_too_large. Keep it below the broker's "
+        "max_message_size (16 MiB by default on RabbitMQ 4), which refuses a larger message "
+        "by closing the publishing channel. At least 8 MiB: a cached answer (up to 4 MiB) is "
+        "replayed in one message.",
+    )
 
 
 class ReplyTrustSettings(BaseSettings):

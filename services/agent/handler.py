@@ -35,13 +35,15 @@ from services.agent.sse import SseDecoder, SseEventTooLargeError
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.errors import (
+    AnswerTooLargeError,
     DeadlineError,
     GatewayTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
+    RouterError,
     UpstreamError,
 )
-from shared.messages import Envelope, Job, Reply, ReplyKind, decode_job
+from shared.messages import MAX_REPLY_BYTES, Envelope, Job, Reply, ReplyKind, decode_job
 from shared.replies import Publish, StreamWriter, error_reply, new_attempt
 
 log = logging.getLogger(__name__)
@@ -79,7 +81,7 @@ class AgentHandler:
         concurrency: int | None = None,
         coalesce_window: float = 0.005,
         clock: Callable[[], float] = time.time,
-        max_event_bytes: int = 16 * 1024 * 1024,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.models = models
         self.concurrency = concurrency
@@ -89,7 +91,8 @@ class AgentHandler:
         self.cancellations = cancellations
         self.coalesce_window = coalesce_window
         self.clock = clock
-        self.max_event_bytes = max_event_bytes  # of one upstream SSE event
+        # Of one upstream SSE event, and of one chunk message: what one reply may carry.
+        self.max_reply_bytes = max_reply_bytes
         self.in_flight = 0
         self.hand_back_reason: str | None = None
 
@@ -240,7 +243,11 @@ class _Run:
     async def stream(self) -> None:
         job = self.job
         writer = StreamWriter(
-            job, self.h.publish, attempt=self.attempt, window=self.h.coalesce_window
+            job,
+            self.h.publish,
+            attempt=self.attempt,
+            window=self.h.coalesce_window,
+            max_bytes=self.h.max_reply_bytes,
         )
         try:
             await self._stream(writer)
@@ -262,11 +269,22 @@ class _Run:
             if writer.started:
                 await writer.fail(error)
                 self.outcome = f"failed mid-stream: {type(e).__name__}"
+            elif isinstance(error, AnswerTooLargeError):
+                await self._error(error)  # any agent of the model has the same limit
+                self.outcome = f"failed: {error.message}"
             else:
                 await self._unavailable(UpstreamUnavailableError(error.message))
         except TimeoutError:
             await writer.fail(GatewayTimeoutError("The model did not finish in time."))
             self.outcome = "failed: deadline"
+        except RouterError as e:
+            # A chunk the broker did not take (its channel closed, an event too large): the
+            # client learns now, if the channel is back, not at its idle timeout.
+            if not writer.output_confirmed:
+                raise  # nothing reached the client: the consumer requeues the job
+            with contextlib.suppress(RouterError, OSError):
+                await writer.fail(e)
+            self.outcome = f"failed mid-stream: {e.message}"
         except asyncio.CancelledError:
             cancelled = self.h.cancellations.is_cancelled(job.request_id)
             await writer.cut_off(by_client=cancelled, service="agent")
@@ -281,7 +299,7 @@ class _Run:
                 await self.h.publish(job, reply)
                 self.outcome = f"upstream error {failure.status}"
                 return
-            decoder = SseDecoder(self.h.max_event_bytes)
+            decoder = SseDecoder(self.h.max_reply_bytes)
             async for raw in response.chunks():
                 if await self._on_events(decoder.feed(raw), writer):
                     return
@@ -328,5 +346,8 @@ def _broken_stream_error(exc: Exception) -> UpstreamError:
     if isinstance(exc, StreamEndedError):
         return exc
     if isinstance(exc, SseEventTooLargeError):
-        return UpstreamError("The inference server sent a stream event larger than the limit.")
+        return AnswerTooLargeError(
+            "The inference server sent a stream event larger than the router carries "
+            "(MAX_REPLY_BYTES)."
+        )
     return UpstreamError("The inference server's stream broke off.")

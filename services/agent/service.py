@@ -208,7 +208,9 @@ class AgentService:
         t = self.topology
         # Answers to jobs that carry a cache key also go out as `job.completed` (cache writes,
         # single-flight release); see shared.replies.ReplyPublisher.
-        self.reply = ReplyPublisher.for_topology(self.broker, t)
+        self.reply = ReplyPublisher.for_topology(
+            self.broker, t, max_body=self.settings.max_reply_bytes
+        )
         self.handler = AgentHandler(
             models=self.models,
             upstream=self.upstream,
@@ -216,6 +218,7 @@ class AgentService:
             cancellations=self.cancellations,
             concurrency=self.settings.agent_concurrency,
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
+            max_reply_bytes=self.settings.max_reply_bytes,
         )
         control = await self.broker.channel(prefetch=256)
         if self.settings.declare_topology:

@@ -7,7 +7,7 @@ from enum import StrEnum
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from services.agent.models import parse_agent_models
-from shared.settings import BrokerSettings, check_url
+from shared.settings import BrokerSettings, ReplySizeSettings, check_url
 
 
 class Backend(StrEnum):
@@ -17,7 +17,7 @@ class Backend(StrEnum):
     VLLM_DOCKER = "vllm-docker"  # the agent starts `vllm/vllm-openai` itself and stops it
 
 
-class AgentSettings(BrokerSettings):
+class AgentSettings(BrokerSettings, ReplySizeSettings):
     agent_name: str = Field(
         "agent",
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",

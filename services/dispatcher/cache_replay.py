@@ -15,8 +15,10 @@ from typing import Any
 
 import orjson
 
+from shared.messages import MAX_CACHED_BODY
+
 COMPLETE_FINISH_REASONS = frozenset({"stop", "tool_calls", "function_call"})
-MAX_ENTRY_BYTES = 4 * 1024 * 1024
+MAX_ENTRY_BYTES = MAX_CACHED_BODY
 # Message fields replayed as one text delta, in this order (reasoning first, as servers send).
 TEXT_FIELDS = ("reasoning_content", "reasoning", "content", "refusal")
 # Top-level fields of a completion that every chunk of its stream repeats, when present.

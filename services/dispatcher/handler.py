@@ -36,6 +36,7 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.messages import (
+    MAX_REPLY_BYTES,
     Envelope,
     Job,
     decode_cancel,
@@ -87,6 +88,7 @@ class DispatcherHandler:
         coalesce_window: float = 0.005,
         clock: Callable[[], float] = time.time,
         cache: JobCache | None = None,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
     ) -> None:
         self.topology = topology
         self.broker = broker
@@ -99,7 +101,7 @@ class DispatcherHandler:
         self.clock = clock
         self.cache = cache
         # Answers to cacheable jobs this dispatcher finishes (dummy, providers) feed the cache.
-        self.reply = ReplyPublisher.for_topology(broker, topology)
+        self.reply = ReplyPublisher.for_topology(broker, topology, max_body=max_reply_bytes)
 
     # --- jobs ----------------------------------------------------------------------------------
     async def on_job(self, env: Envelope, _: Delivery) -> None:

@@ -120,6 +120,7 @@ class DispatcherService:
             provider_models=self.providers.models,
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
             cache=self.cache,
+            max_reply_bytes=self.settings.max_reply_bytes,
         )
         t = self.topology
         exchanges = {

@@ -9,10 +9,10 @@ from services.dispatcher.providers.routes import (
     KNOWN_PROVIDERS,
     parse_provider_routes,
 )
-from shared.settings import BrokerSettings, RedisSettings, ReplyTrustSettings
+from shared.settings import BrokerSettings, RedisSettings, ReplySizeSettings, ReplyTrustSettings
 
 
-class DispatcherSettings(BrokerSettings, RedisSettings, ReplyTrustSettings):
+class DispatcherSettings(BrokerSettings, RedisSettings, ReplyTrustSettings, ReplySizeSettings):
     dispatcher_prefetch: int = Field(
         64, ge=1, le=10_000, description="Jobs a dispatcher holds unacked at once."
     )

@@ -6,6 +6,7 @@ short heartbeat TTL, fake vLLM servers and agents as processes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -120,6 +121,38 @@ def test_a_photo_sized_request_reaches_the_server_whole(router: Router) -> None:
     assert completion.choices[0].message.content == content_of(3)
     [body] = fake.stats()["bodies"]
     assert body["messages"][0]["content"][1]["image_url"]["url"] == image
+
+
+def test_an_answer_past_the_reply_limit_is_a_502_that_spares_the_streams_beside_it(
+    router: Router,
+) -> None:
+    """An answer larger than a reply message may carry (`MAX_REPLY_BYTES`; the broker would
+    close the publishing channel under every other reply on it): a prompt the fake echoes
+    back, past an 8 MiB limit. It is answered 502 once, and a stream of the same agent goes on."""
+    fake = router.fake("--echo", "--token-rate", "40")
+    router.agent("a1", fake, AGENT_MODELS="local_m=m", MAX_REPLY_BYTES=str(8 * 1024 * 1024))
+    router.wait_listed("local_m")
+    words = " ".join(f"w{i}" for i in range(60))  # 60 tokens at 40 a second: 1.5 s
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        stream = pool.submit(
+            router.chat, "local_m", stream=True, messages=[{"role": "user", "content": words}]
+        )
+        wait_for(lambda: fake.stats()["in_flight"] == 1, timeout=5, message="no stream")
+        big = router.chat("local_m", messages=[{"role": "user", "content": "x" * 9_000_000}])
+        assert big.status_code == 502, big.text[:300]
+        assert big.json()["error"]["code"] == "answer_too_large"
+        # Streamed, the role chunk is out before the event that is too large: an error event.
+        big = router.chat(
+            "local_m", stream=True, messages=[{"role": "user", "content": "y" * 9_000_000}]
+        )
+        last = big.text.strip().rsplit("\n\n", 1)[-1]
+        assert last.startswith("data: ") and "[DONE]" not in last, last[:300]
+        assert json.loads(last[len("data: ") :])["error"]["code"] == "answer_too_large"
+        streamed = stream.result()
+    assert streamed.status_code == 200
+    assert streamed.text.endswith("data: [DONE]\n\n")
+    assert "error" not in streamed.text
+    assert fake.stats()["completed"] == 3  # each ran once: nothing requeued
 
 
 def test_upstream_error_keeps_its_status(router: Router) -> None:

@@ -319,22 +319,23 @@ async def test_event_over_the_limit_after_output_ends_with_an_error_event() -> N
         return response
 
     rig = await Rig(hello_then_huge).start()
-    rig.handler.max_event_bytes = 1000
+    rig.handler.max_reply_bytes = 1000
     await rig.run(rig.job(stream=True))
     assert rig.replies[0].kind is ReplyKind.CHUNK
     last = rig.replies[-1]
     assert (last.kind, last.status) == (ReplyKind.ERROR, 502)
-    assert "larger than the limit" in orjson.loads(last.body)["error"]["message"]
+    assert orjson.loads(last.body)["error"]["code"] == "answer_too_large"
 
 
-async def test_event_over_the_limit_before_output_requeues_once_then_answers_502() -> None:
+async def test_event_over_the_limit_before_output_answers_502_at_once() -> None:
+    """Not requeued: every agent of the model has the same limit."""
     rig = await Rig(sse(huge_event(2000), b"data: [DONE]\n\n")).start()
-    rig.handler.max_event_bytes = 1000
+    rig.handler.max_reply_bytes = 1000
     await rig.run(rig.job(stream=True))
-    assert rig.log == ["reject(requeue=True)"] and rig.replies == []
-    await rig.run(rig.job(stream=True), redelivered=True)
     [reply] = rig.replies
     assert (reply.kind, reply.status) == (ReplyKind.ERROR, 502)
+    assert orjson.loads(reply.body)["error"]["code"] == "answer_too_large"
+    assert "reject(requeue=True)" not in rig.log
 
 
 async def test_cancel_mid_stream_closes_the_upstream_call_without_a_reply() -> None:

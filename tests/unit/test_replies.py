@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import cast
 
+import orjson
 import pytest
 
 from shared.amqp import Broker
+from shared.completed import CompletedBatcher
 from shared.errors import (
+    AnswerTooLargeError,
     BrokerUnavailableError,
     ReplyQueueGoneError,
     UnroutableError,
     UpstreamError,
 )
-from shared.messages import Envelope, Job, Reply, ReplyKind
+from shared.messages import (
+    MAX_CACHED_BODY,
+    Envelope,
+    Job,
+    Reply,
+    ReplyKind,
+    decode_completed,
+    decode_reply,
+)
 from shared.replies import ReplyPublisher, StreamWriter
 
 JOB = Job(request_id="r1", model="m", reply_to="q", deadline=1e12, body=b"{}", stream=True)
@@ -211,3 +223,86 @@ async def test_an_answer_past_its_deadline_waits_only_the_publish_timeout() -> N
     with pytest.raises(BrokerUnavailableError):
         await publish.final(job, b"{}", attempt="a")
     assert broker.confirmed == 0
+
+
+class Taking:
+    """A broker that takes every message, as the envelopes it was given."""
+
+    publish_timeout = 1.0
+
+    def __init__(self) -> None:
+        self.sent: list[Envelope] = []
+
+    async def publish(self, env: Envelope, routing_key: str, **_: object) -> None:
+        self.sent.append(env)
+
+
+async def test_an_answer_past_the_reply_limit_is_sent_as_a_502_not_published() -> None:
+    """The broker would refuse it by closing the channel, failing every reply in flight on it."""
+    broker = Taking()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False, max_body=100)
+    await publish.final(a_job(), b"x" * 101, attempt="a")
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert (reply.kind, reply.status, reply.attempt) == (ReplyKind.ERROR, 502, "a")
+    assert orjson.loads(reply.body)["error"]["code"] == "answer_too_large"
+    await publish.final(a_job(), b"x" * 100, attempt="b")
+    assert decode_reply(broker.sent[-1]).body == b"x" * 100
+
+
+async def test_a_chunk_past_the_reply_limit_raises_and_is_not_published() -> None:
+    broker = Taking()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False, max_body=100)
+    with pytest.raises(AnswerTooLargeError):
+        await publish(JOB, Reply(ReplyKind.CHUNK, "r1", "a", body=b"x" * 101))
+    assert broker.sent == []
+
+
+async def test_a_burst_is_split_into_messages_within_the_limit_in_order() -> None:
+    out = Recorder()
+    writer = StreamWriter(JOB, out, attempt="a1", window=0.01, max_bytes=25)
+    await writer.send(b"data: first\n\n")
+    events = [f"data: {i:02}\n\n".encode() for i in range(7)]  # 10 bytes each
+    for event in events:
+        await writer.send(event)
+    await writer.end()
+    chunks = [r for r in out.sent if r.kind is ReplyKind.CHUNK]
+    assert all(len(r.body) <= 25 for r in chunks)
+    assert b"".join(r.body for r in chunks) == b"data: first\n\n" + b"".join(events)
+    assert [r.seq for r in out.sent] == list(range(len(out.sent)))
+
+
+async def test_a_failing_stream_after_a_lost_chunk_sends_its_error_alone() -> None:
+    """The channel that refused a chunk is back: the client gets the error now, not at its
+    idle timeout (the lost chunk's number tells the API it is gone)."""
+    out = Recorder()
+    refuse = [False, True]
+
+    async def publish(job: Job, reply: Reply) -> None:
+        if reply.kind is ReplyKind.CHUNK and refuse and refuse.pop(0):
+            raise BrokerUnavailableError()
+        await out(job, reply)
+
+    writer = StreamWriter(JOB, publish, attempt="a1", window=10)
+    await writer.send(b"data: 0\n\n")
+    with pytest.raises(BrokerUnavailableError):
+        await writer.send(b"data: 1\n\n")
+    await writer.fail(BrokerUnavailableError())
+    assert [(r.kind, r.seq) for r in out.sent] == [(ReplyKind.CHUNK, 0), (ReplyKind.ERROR, 2)]
+
+
+async def test_an_answer_too_large_to_cache_tells_the_cache_writer_only_that_it_ended() -> None:
+    """Its body in a `job.completed` would be a second large message, for nothing: the cache
+    keeps no answer past MAX_CACHED_BODY."""
+    events: list[Envelope] = []
+
+    async def publish_completed(env: Envelope) -> None:
+        events.append(env)
+
+    completed = CompletedBatcher(publish_completed, delay=0)
+    publish = ReplyPublisher(cast(Broker, Taking()), persistent=False, completed=completed)
+    job = dataclasses.replace(a_job(), cache_key="k")
+    await publish.final(job, b"x" * (MAX_CACHED_BODY + 1), attempt="a")
+    await publish.final(job, b"small", attempt="b")
+    await completed.flush()
+    got = [event for env in events for event in decode_completed(env)]
+    assert [(e.body, e.status) for e in got] == [(b"", 500), (b"small", 200)]

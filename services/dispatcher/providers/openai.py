@@ -21,7 +21,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from services.dispatcher.providers.base import ProviderRequest, ProviderResponse
 from services.dispatcher.providers.retry import RetryableFailure, RetryPolicy, call_with_retries
-from services.dispatcher.providers.sse import SseEventTooLargeError, SseSplitter
+from services.dispatcher.providers.sse import MAX_EVENT_BYTES, SseEventTooLargeError, SseSplitter
 from services.dispatcher.providers.upstream import (
     broken_stream,
     check_response,
@@ -31,7 +31,7 @@ from services.dispatcher.providers.upstream import (
     transport_failure,
     upstream_error,
 )
-from shared.errors import UpstreamError
+from shared.errors import AnswerTooLargeError, UpstreamError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # What an exchange with the upstream can fail with besides an answer: httpx's transport
@@ -70,6 +70,7 @@ class OpenAIProvider:
         policy: RetryPolicy | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
+        max_event_bytes: int = MAX_EVENT_BYTES,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -80,6 +81,7 @@ class OpenAIProvider:
         self._policy = policy or RetryPolicy()
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._max_event_bytes = max_event_bytes
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
@@ -138,7 +140,12 @@ class OpenAIProvider:
             response = await self._client.send(http_request, stream=True)
         except HTTP_FAILURES as e:
             raise transport_failure(e, provider=self.name) from e
-        stream = OpenAIStream(response, provider=self.name, secret=self._api_key)
+        stream = OpenAIStream(
+            response,
+            provider=self.name,
+            secret=self._api_key,
+            max_event_bytes=self._max_event_bytes,
+        )
         try:
             if not 200 <= response.status_code < 300:
                 raise_for_status(
@@ -197,12 +204,19 @@ class OpenAIStream:
     error, which the worker sends as the stream's last event), or when the stream breaks.
     """
 
-    def __init__(self, response: httpx.Response, *, provider: str, secret: str = "") -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        *,
+        provider: str,
+        secret: str = "",
+        max_event_bytes: int = MAX_EVENT_BYTES,
+    ) -> None:
         self._response = response
         self._provider = provider
         self._secret = secret
         self._chunks = response.aiter_bytes()
-        self._splitter = SseSplitter()
+        self._splitter = SseSplitter(max_event_bytes)
         self._ready: deque[bytes] = deque()
         self.headers = relay_headers(response.headers)
 
@@ -240,7 +254,7 @@ class OpenAIStream:
         try:
             self._ready.extend(self._splitter.feed(data))
         except SseEventTooLargeError as e:
-            raise UpstreamError(f"The provider `{self._provider}` sent {e}.") from e
+            raise AnswerTooLargeError(f"The provider `{self._provider}` sent {e}.") from e
         return True
 
     async def aclose(self) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import orjson
 
+from shared.messages import MAX_REPLY_BYTES
+
 DONE = b"[DONE]"
-MAX_EVENT_BYTES = 16 * 1024 * 1024  # the agent's limit for one event from its server
+MAX_EVENT_BYTES = MAX_REPLY_BYTES  # what one reply message carries (MAX_REPLY_BYTES)
 
 
 class SseEventTooLargeError(ValueError):

@@ -131,6 +131,7 @@ class ProviderWorker:
                         attempt=attempt,
                         window=self.coalesce_window,
                         http_headers=stream.headers,
+                        max_bytes=self.reply.max_body,
                     )
                     async for event in stream.events():
                         await writer.send(event)
