@@ -340,10 +340,13 @@ def decode_cancel(env: Envelope) -> str:
     return request_id
 
 
-def encode_rpc_models(request_id: str, reply_to: str) -> Envelope:
+def encode_rpc_models(request_id: str, reply_to: str, model: str | None = None) -> Envelope:
+    """Ask for the model list; with `model`, the list also holds that id if it reaches a
+    listed model under another name (`GET /v1/models/openai/gpt-4o`)."""
+    headers = _version() if model is None else {**_version(), H_MODEL: model}
     return Envelope(
         type=MessageType.RPC_MODELS,
-        headers=_version(),
+        headers=headers,
         correlation_id=request_id,
         reply_to=reply_to,
         expiration_ms=5_000,

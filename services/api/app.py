@@ -168,7 +168,7 @@ def create_app(settings: ApiSettings) -> RouterApp:
     async def retrieve_model(model: str, client: CurrentClient) -> Response:
         if not model or not client.allows(model):  # `/v1/models/`: no model is named ""
             raise ModelNotFoundError(model)
-        listing = orjson.loads(await bus.ask_models(settings.models_timeout))
+        listing = orjson.loads(await bus.ask_models(settings.models_timeout, model))
         for entry in listing.get("data", []):
             if entry.get("id") == model:
                 return Response(orjson.dumps(entry), media_type=JSON)

@@ -217,14 +217,15 @@ class ApiBus:
             encode_control(message), "", exchange=self.topology.control_exchange, mandatory=False
         )
 
-    async def ask_models(self, timeout: float) -> bytes:
-        """Ask any dispatcher for the model list (JSON bytes); 503 if none answers in time."""
+    async def ask_models(self, timeout: float, model: str | None = None) -> bytes:
+        """Ask any dispatcher for the model list (JSON bytes); 503 if none answers in time.
+        With `model`, the list also holds that id if it is another name of a listed one."""
         self._require_connection()
         request_id = uuid.uuid4().hex
         answer = self.replies.expect_result(request_id)
         try:
             await self._broker.publish(
-                encode_rpc_models(request_id, self.reply_queue), self.topology.rpc_queue
+                encode_rpc_models(request_id, self.reply_queue, model), self.topology.rpc_queue
             )
             async with asyncio.timeout(timeout):
                 return await answer

@@ -16,6 +16,7 @@ import orjson
 
 from services.dispatcher import dummy
 from services.dispatcher.cache import Hit, JobCache
+from services.dispatcher.providers.routes import is_listed_alias
 from services.dispatcher.registry import Registry
 from services.dispatcher.routing import (
     AgentView,
@@ -36,6 +37,7 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.messages import (
+    H_MODEL,
     MAX_REPLY_BYTES,
     Envelope,
     Job,
@@ -253,7 +255,11 @@ class DispatcherHandler:
         if not env.reply_to or not env.correlation_id:
             return
         now = self.clock()
-        body = model_list(self.registry.view(now), self.provider_models(), int(now))
+        provider_models = self.provider_models()
+        asked = _header_text(env, H_MODEL)
+        if asked and is_listed_alias(asked, provider_models, self.providers):
+            provider_models = [*provider_models, asked]
+        body = model_list(self.registry.view(now), provider_models, int(now))
         try:
             await self.broker.publish(
                 encode_rpc_result(env.correlation_id, body),

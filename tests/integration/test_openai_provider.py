@@ -354,6 +354,10 @@ def test_models_include_the_upstreams(rig: Rig, client: openai.OpenAI) -> None:
     wait_for(lambda: {"gpt-4o", "gpt-4o-mini"} <= listed(), timeout=5, message=str(listed()))
     assert "dummy" in listed()
     assert client.models.retrieve("gpt-4o").owned_by == "provider"
+    # A listed model is there under every name a chat request may use for it.
+    assert client.models.retrieve("openai/gpt-4o").id == "openai/gpt-4o"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("openai/gpt-unlisted")
 
 
 def test_without_a_key_openai_models_are_not_found(tmp_path: Path) -> None:

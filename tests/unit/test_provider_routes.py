@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.dispatcher.providers.routes import (
+    is_listed_alias,
     DEFAULT_ROUTES,
     active_rules,
     listed_models,
@@ -83,3 +84,21 @@ def test_listed_models_use_the_shortest_prefix_that_routes_back() -> None:
         "openai/local-llama",
     ]
     assert listed_models(ids, (), "openai") == []
+
+
+@pytest.mark.parametrize(
+    ("model", "routes", "listed", "expected"),
+    [
+        ("openai/gpt-4o", "openai/=openai,=openai", ["gpt-4o"], True),
+        ("gpt-4o", "openai/=openai,=openai", ["gpt-4o"], True),
+        ("openai/gpt-5", "openai/=openai,=openai", ["gpt-4o"], False),
+        ("openai/gpt-4o", "openai/=openai", ["openai/gpt-4o"], True),
+        ("gpt-4o", "openai/=openai", ["openai/gpt-4o"], False),  # no rule sends it anywhere
+        ("local_gpt-4o", "openai/=openai,=openai", ["gpt-4o"], False),
+        ("dummy", "=openai", ["dummy"], False),
+    ],
+)
+def test_a_listed_model_is_found_under_each_name_that_routes_to_it(
+    model: str, routes: str, listed: list[str], expected: bool
+) -> None:
+    assert is_listed_alias(model, listed, parse_provider_routes(routes)) is expected

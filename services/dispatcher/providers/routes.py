@@ -56,6 +56,15 @@ def upstream_model(model: str, rules: tuple[ProviderRule, ...], provider: str) -
     return None
 
 
+def is_listed_alias(model: str, listed: Iterable[str], rules: tuple[ProviderRule, ...]) -> bool:
+    """Whether `model` reaches a provider model that `listed` names under another prefix:
+    `openai/gpt-4o` where the list (one name per model, see `listed_models`) says `gpt-4o`."""
+    route = choose_route(model, _NO_AGENTS, rules)
+    if not isinstance(route, ToProvider):
+        return False
+    return any(choose_route(name, _NO_AGENTS, rules) == route for name in listed)
+
+
 def listed_models(
     upstream_ids: Iterable[str], rules: tuple[ProviderRule, ...], provider: str
 ) -> list[str]:
