@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.dispatcher.providers.routes import (
-    is_listed_alias,
     DEFAULT_ROUTES,
     active_rules,
+    is_listed_alias,
     listed_models,
     parse_provider_routes,
     upstream_model,
