@@ -107,6 +107,14 @@ class AnswerTooLargeError(UpstreamError):
 
     code = "answer_too_large"
 
+    @classmethod
+    def past(cls, size: int, limit: int) -> AnswerTooLargeError:
+        """An answer of `size` bytes (at least) against a limit of `limit`."""
+        return cls(
+            f"The answer is larger than the router carries ({size} bytes or more; "
+            f"MAX_REPLY_BYTES is {limit})."
+        )
+
 
 class UpstreamHTTPError(RouterError):
     """An upstream's own error answer (a 4xx, or a stream's error event as a 502), relayed with

@@ -121,10 +121,7 @@ class ReplyPublisher:
 
     async def __call__(self, job: Job, reply: Reply) -> None:
         if len(reply.body) > self.max_body:
-            too_large = AnswerTooLargeError(
-                f"The answer is larger than the router carries ({len(reply.body)} bytes; "
-                f"MAX_REPLY_BYTES is {self.max_body})."
-            )
+            too_large = AnswerTooLargeError.past(len(reply.body), self.max_body)
             if reply.kind is not ReplyKind.FINAL:
                 raise too_large
             reply = error_reply(job, too_large, attempt=reply.attempt, seq=reply.seq)

@@ -27,7 +27,7 @@ import orjson
 from yarl import URL
 
 from services.agent.models import served_names_from_listing
-from shared.errors import UpstreamError
+from shared.errors import AnswerTooLargeError, UpstreamError
 from shared.http_headers import upstream_hints
 
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
@@ -57,6 +57,26 @@ class Answer:
     status: int
     body: bytes
     hints: dict[str, str] = field(default_factory=dict)  # retry and rate-limit headers
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int | None) -> bytes:
+    """The whole body, or AnswerTooLargeError once it passes `limit` bytes: refused by its
+    `content-length` before a byte is read (vLLM sends one), else while it arrives."""
+    if limit is None:
+        return await response.read()
+    length = response.content_length
+    if length is not None:
+        if length > limit:
+            raise AnswerTooLargeError.past(length, limit)
+        return await response.read()
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.content.iter_any():
+        size += len(part)
+        if size > limit:
+            raise AnswerTooLargeError.past(size, limit)
+        parts.append(part)
+    return b"".join(parts)
 
 
 class UpstreamStream:
@@ -157,15 +177,16 @@ class VllmClient:
                 f"cannot list the server's models: {type(e).__name__}: {e}"
             ) from e
 
-    async def complete(self, body: bytes) -> Answer:
-        """POST a non-streaming chat completion. Raises UpstreamUnavailableError."""
+    async def complete(self, body: bytes, *, max_bytes: int | None = None) -> Answer:
+        """POST a non-streaming chat completion. Raises UpstreamUnavailableError, and
+        AnswerTooLargeError for a body past `max_bytes` (not read into memory whole)."""
         try:
             async with self._http().post(
                 self._chat_url, data=body, headers=JSON_HEADERS
             ) as response:
                 # Headers for the client of an error answer only: not on every 200.
                 hints = upstream_hints(response.headers) if response.status != 200 else {}
-                return Answer(response.status, await response.read(), hints)
+                return Answer(response.status, await _read_at_most(response, max_bytes), hints)
         except aiohttp.ClientError as e:
             raise UpstreamUnavailableError(_describe(e)) from e
 

@@ -217,9 +217,13 @@ class _Run:
         job = self.job
         try:
             async with asyncio.timeout(self.remaining):
-                answer = await self.h.upstream.complete(self.body)
+                answer = await self.h.upstream.complete(self.body, max_bytes=self.h.max_reply_bytes)
         except UpstreamUnavailableError as e:
             await self._unavailable(e)
+            return
+        except AnswerTooLargeError as e:
+            await self._error(e)  # any agent of the model has the same limit
+            self.outcome = f"failed: {e.message}"
             return
         except TimeoutError:
             await self._error(DeadlineError("The model did not answer in time."))

@@ -23,6 +23,7 @@ from services.agent.backend import (
 from services.agent.bodies import normalise_error
 from services.agent.service import AgentService, docker_spec, vllm_url
 from services.agent.settings import AgentSettings, Backend
+from shared.errors import AnswerTooLargeError
 from tests.support.upstream import UpstreamServer, answer, closed_port_url, drop, sse
 
 
@@ -155,6 +156,35 @@ async def test_an_answer_keeps_its_status_and_body() -> None:
         assert (reply.status, orjson.loads(reply.body)) == (400, {"message": "too long"})
         async with vllm.stream(b"{}") as response:
             assert (response.status, await response.read()) == (400, b'{"message":"too long"}')
+    finally:
+        await vllm.aclose()
+        await server.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_an_answer_past_the_limit_is_refused_without_reading_it_whole(chunked: bool) -> None:
+    """With a `content-length` (vLLM sends one) before a byte of the body; chunked, as soon as
+    the limit is passed."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "application/json"})
+        if chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = 4096 * 64
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):
+                await response.write(b"x" * 4096)
+        return response
+
+    server = await UpstreamServer(route).start()
+    vllm = VllmClient(server.url)
+    try:
+        with pytest.raises(AnswerTooLargeError):
+            await vllm.complete(b"{}", max_bytes=10_000)
+        reply = await vllm.complete(b"{}", max_bytes=4096 * 64)
+        assert len(reply.body) == 4096 * 64
     finally:
         await vllm.aclose()
         await server.close()

@@ -327,6 +327,16 @@ async def test_event_over_the_limit_after_output_ends_with_an_error_event() -> N
     assert orjson.loads(last.body)["error"]["code"] == "answer_too_large"
 
 
+async def test_a_json_answer_over_the_limit_answers_502_at_once() -> None:
+    rig = await Rig(answer(200, b'{"choices":"' + b"x" * 2000 + b'"}')).start()
+    rig.handler.max_reply_bytes = 1000
+    await rig.run(rig.job())
+    [reply] = rig.replies
+    assert (reply.kind, reply.status) == (ReplyKind.ERROR, 502)
+    assert orjson.loads(reply.body)["error"]["code"] == "answer_too_large"
+    assert "reject(requeue=True)" not in rig.log
+
+
 async def test_event_over_the_limit_before_output_answers_502_at_once() -> None:
     """Not requeued: every agent of the model has the same limit."""
     rig = await Rig(sse(huge_event(2000), b"data: [DONE]\n\n")).start()
