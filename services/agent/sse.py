@@ -15,10 +15,16 @@ class SseEventTooLargeError(ValueError):
 
 
 class SseDecoder:
-    """Feed raw bytes, get the `data` payload of every event completed so far."""
+    """Feed raw bytes, get the `data` payload of every event completed so far.
+
+    Each byte is normalised and split once (a line's start is kept apart until its end
+    arrives), so a multi-megabyte event arriving in many small reads costs time in proportion
+    to its size, not to its size squared: the agent's loop, and every other stream on it,
+    would stall behind it.
+    """
 
     def __init__(self, max_event_bytes: int = 16 * 1024 * 1024) -> None:
-        self._pending = b""
+        self._pending = bytearray()  # the start of a line whose end has not arrived
         self._after_cr = False  # the last read ended in `\r`: a `\n` next is its second half
         self._data: list[bytes] = []
         self._size = 0
@@ -31,33 +37,42 @@ class SseDecoder:
             self._after_cr = False
         if chunk:
             self._after_cr = chunk.endswith(b"\r")
-        text = self._pending + chunk
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
         events: list[bytes] = []
-        lines = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        self._pending = lines.pop()
+        if lines and self._pending:
+            self._pending += lines[0]
+            lines[0] = bytes(self._pending)
+            self._pending.clear()
+        for line in lines:
+            self._line(line, events)
+        self._pending += rest
         if len(self._pending) > self._max:
             raise SseEventTooLargeError("an SSE line is larger than the limit")
-        for line in lines:
-            if not line:
-                data = b"\n".join(self._data)
-                if data:
-                    events.append(data)
-                self._data.clear()
-                self._size = 0
-                continue
-            field, sep, value = line.partition(b":")
-            if field != b"data" or not sep:
-                continue  # a comment, another field, or a field without a value
-            if value.startswith(b" "):
-                value = value[1:]
-            self._size += len(value)
-            if self._size > self._max:
-                raise SseEventTooLargeError("an SSE event is larger than the limit")
-            self._data.append(value)
         return events
+
+    def _line(self, line: bytes, events: list[bytes]) -> None:
+        if not line:
+            data = b"\n".join(self._data)
+            if data:
+                events.append(data)
+            self._data.clear()
+            self._size = 0
+            return
+        field, sep, value = line.partition(b":")
+        if field != b"data" or not sep:
+            return  # a comment, another field, or a field without a value
+        if value.startswith(b" "):
+            value = value[1:]
+        self._size += len(value)
+        if self._size > self._max:
+            raise SseEventTooLargeError("an SSE event is larger than the limit")
+        self._data.append(value)
 
     def close(self) -> list[bytes]:
         """The last event when the stream ended without its blank line."""
         events = self.feed(b"\n\n") if self._pending or self._data else []
-        self._pending = b""
+        self._pending.clear()
         return events

@@ -85,3 +85,17 @@ def test_an_event_with_empty_data_is_skipped(empty: bytes) -> None:
     stream = b'data: {"a":1}\n\n' + empty + b"data: [DONE]\n\n"
     assert decode_all([stream]) == [b'{"a":1}', b"[DONE]"]
     assert decode_all([stream[i : i + 1] for i in range(len(stream))]) == [b'{"a":1}', b"[DONE]"]
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_a_large_event_in_small_reads_comes_out_whole(newline: bytes) -> None:
+    """A multi-line megabyte event in 1 KiB reads: each byte is split once, and the event
+    arrives as it was sent (its line breaks, split between reads, included)."""
+    lines = [b"x" * 300_000, b"y" * 300_000, b"z" * 400_000]
+    raw = b"".join(b"data: " + line + newline for line in lines) + newline
+    decoder = SseDecoder()
+    out: list[bytes] = []
+    for i in range(0, len(raw), 1021):
+        out += decoder.feed(raw[i : i + 1021])
+    assert out == [b"\n".join(lines)]
+    assert decoder.close() == []
