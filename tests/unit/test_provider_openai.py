@@ -216,6 +216,27 @@ async def test_a_stream_ending_without_done_is_an_error() -> None:
     await stream.aclose()
 
 
+@pytest.mark.parametrize("done", [b"data: [DONE]\n", b"data: [DONE]", b"data: [DONE]\r\n"])
+async def test_a_done_without_its_blank_line_still_ends_the_stream(done: bytes) -> None:
+    upstream = Upstream(sse(*EVENTS, done))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    assert [e async for e in stream.events()] == EVENTS
+    await stream.aclose()
+
+
+async def test_an_event_cut_from_its_blank_line_at_the_end_is_a_stream_cut_short() -> None:
+    upstream = Upstream(sse(*EVENTS[:2], b'data: {"id":"c","choices":[]}\n'))
+    p, _ = provider(upstream)
+    stream = await p.stream(request(stream=True))
+    got: list[bytes] = []
+    with pytest.raises(UpstreamError, match="ended early"):
+        async for event in stream.events():
+            got.append(event)
+    await stream.aclose()
+    assert got == EVENTS[:2]
+
+
 async def test_an_error_event_mid_stream_is_the_streams_error_and_its_end() -> None:
     """The upstream's error is what the stream raises (to be relayed as its last event): not
     an event followed by a second, "ended early" error."""

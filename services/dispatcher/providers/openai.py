@@ -243,6 +243,10 @@ class OpenAIStream:
             except HTTP_FAILURES as e:
                 raise broken_stream(e, provider=self._provider) from e
             if not more:
+                # A last `data: [DONE]` (or error event) cut from its blank line still ends
+                # the stream as it says; anything else unfinished is a stream cut short.
+                if self._splitter.feed(b"\n\n") == [] and self._splitter.done:
+                    continue
                 raise UpstreamError(f"The stream from the provider `{self._provider}` ended early.")
 
     async def _read_more(self) -> bool:
