@@ -66,16 +66,19 @@ def _throughput(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
         if LITELLM in t:
             row.append(_ratio(by.get(ROUTER), by.get(LITELLM)))
         body.append(row)
-    return ["## Throughput, JSON (requests/s)", "", *_table(header, body), *_retakes(s)]
+    table = _table(header, body)
+    return ["## Throughput, JSON (requests/s)", "", *table, *_retakes(s, "json_c")]
 
 
-def _retakes(s: dict[str, Any]) -> list[str]:
-    """Which LiteLLM runs were taken again because a worker sat idle (see series.py)."""
-    if not s.get("retakes"):
+def _retakes(s: dict[str, Any], series: str) -> list[str]:
+    """Which LiteLLM runs of the series named `series...` were taken again because a worker
+    sat idle (see series.py)."""
+    retakes = [r for r in s.get("retakes", []) if r[0].startswith(series)]
+    if not retakes:
         return []
+    still = ", one worker still idle: left out of its median"
     runs = "; ".join(
-        f"{key} round {rnd} ({n}x{', one worker still idle' if idle else ''})"
-        for key, rnd, n, idle in s["retakes"]
+        f"{key} round {rnd} ({n}x{still if idle else ''})" for key, rnd, n, idle in retakes
     )
     return [
         "",
@@ -92,7 +95,7 @@ def _streams(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:
         header.append("router/litellm")
         row.append(_ratio(s["streams"].get(ROUTER), s["streams"].get(LITELLM)))
     title = f"## Streams, c={meta['stream_concurrency']} (complete streams/s)"
-    return [title, "", *_table(header, [row])]
+    return [title, "", *_table(header, [row]), *_retakes(s, "streams")]
 
 
 def _ttft(meta: dict[str, Any], s: dict[str, Any]) -> list[str]:

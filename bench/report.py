@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.config import BenchConfig
 from bench.load import LoadResult
-from bench.series import DIRECT, FLOORS, LITELLM, ROUTER, Results, mode_target
+from bench.series import DIRECT, FLOORS, LITELLM, ROUTER, Results, idle_worker, mode_target
 
 
 def med(values: Iterable[float | None]) -> float | None:
@@ -52,19 +52,51 @@ class Target:
     goal: str
     check: Callable[[float], bool]
     unit: str
+    series: str = ""  # the series it is judged on, whose runs must have failed no request
+    against: tuple[str, ...] = (DIRECT,)  # what the router is compared with there
 
 
 TARGETS = [
-    Target("overhead_p50", "Router overhead p50, c=1", "<= 2.5 ms", lambda v: v <= 2.5, "ms"),
-    Target("overhead_p99", "Router overhead p99, c=1", "<= 8 ms", lambda v: v <= 8.0, "ms"),
-    Target("rps_c32_vs_litellm", "RPS at c=32 vs LiteLLM", ">= 4x", lambda v: v >= 4.0, "x"),
-    Target("streams_vs_litellm", "Streams/s vs LiteLLM", ">= 6x", lambda v: v >= 6.0, "x"),
-    Target("ttft_overhead", "TTFT overhead p50, c=1", "<= 3 ms", lambda v: v <= 3.0, "ms"),
-    Target("cache_overhead", "Cache-hit overhead p50, c=1", "<= 1.5 ms", lambda v: v <= 1.5, "ms"),
-    Target("cpu_ms", "Whole-path CPU per request", "<= 2.5 ms", lambda v: v <= 2.5, "ms"),
+    Target(
+        "overhead_p50", "Router overhead p50, c=1", "<= 2.5 ms", lambda v: v <= 2.5, "ms",
+        "json_c1",
+    ),
+    Target(
+        "overhead_p99", "Router overhead p99, c=1", "<= 8 ms", lambda v: v <= 8.0, "ms",
+        "json_c1",
+    ),
+    Target(
+        "rps_c32_vs_litellm", "RPS at c=32 vs LiteLLM", ">= 4x", lambda v: v >= 4.0, "x",
+        "json_c32", (LITELLM,),
+    ),
+    Target(
+        "streams_vs_litellm", "Streams/s vs LiteLLM", ">= 6x", lambda v: v >= 6.0, "x",
+        "streams", (LITELLM,),
+    ),
+    Target("ttft_overhead", "TTFT overhead p50, c=1", "<= 3 ms", lambda v: v <= 3.0, "ms", "ttft"),
+    Target(
+        "cache_overhead", "Cache-hit overhead p50, c=1", "<= 1.5 ms", lambda v: v <= 1.5, "ms",
+        "cache",
+    ),
+    Target(
+        "cpu_ms", "Whole-path CPU per request", "<= 2.5 ms", lambda v: v <= 2.5, "ms",
+        "json_c32", (),
+    ),
     Target("rss_growth", "RSS growth over the soak", "< 10%", lambda v: v < 10.0, "%"),
     Target("scaling", "Agent throughput 1 -> 4 agents", ">= 3.6x", lambda v: v >= 3.6, "x"),
-]
+]  # fmt: skip
+
+
+def failed(runs: Iterable[LoadResult]) -> int:
+    """Failed requests in `runs`, and one for each run that completed none: figures drawn
+    from such runs describe errors (a fast 404 is a low latency), not the path."""
+    return sum(r.errors + (0 if r.requests else 1) for r in runs)
+
+
+def two_worker_runs(runs: list[LoadResult]) -> list[LoadResult]:
+    """LiteLLM's runs with both workers working: one still idle after its retakes measured
+    one worker, half the throughput the comparison is about, and is left out."""
+    return [r for r in runs if not idle_worker(r)]
 
 
 def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
@@ -84,10 +116,10 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
         s[f"{t}_overhead_p50"] = overhead(results, "json_c1", t, lambda r: r.p50_ms)
         s[f"{t}_overhead_p99"] = overhead(results, "json_c1", t, lambda r: r.p99_ms)
     s["rps"] = {
-        c: {t: med([r.rps for r in results.get(f"json_c{c}", t)]) for t in targets}
+        c: {t: med([r.rps for r in _compared(results, f"json_c{c}", t)]) for t in targets}
         for c in config.json_concurrency
     }
-    s["streams"] = {t: med([r.rps for r in results.get("streams", t)]) for t in targets}
+    s["streams"] = {t: med([r.rps for r in _compared(results, "streams", t)]) for t in targets}
     s["ttft"] = {
         t: {
             "p50": med([r.ttft_p50_ms for r in results.get("ttft", t)]),
@@ -136,12 +168,34 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
     )
     s["soak"] = results.soak
     if results.soak:
-        growth = {
-            name: 100.0 * (results.soak["rss_after_mb"][name] - before) / before
-            for name, before in results.soak["rss_before_mb"].items()
-            if before > 0
+        before, after = results.soak["rss_before_mb"], results.soak["rss_after_mb"]
+        # A service with no RSS at either end was not running: it died (an out-of-memory
+        # kill is what a soak looks for), and its growth is not -100%.
+        s["soak_gone"] = sorted(n for n in before if not before[n] or not after.get(n))
+        s["rss_growth"] = {
+            name: 100.0 * (after[name] - mb) / mb
+            for name, mb in before.items()
+            if name not in s["soak_gone"]
         }
-        s["rss_growth"] = growth
+    s["failed"] = {
+        t.key: {
+            target: failed(results.get(t.series, target))
+            for target in (ROUTER, *t.against)
+            if results.get(t.series, target)
+        }
+        for t in TARGETS
+        if t.series
+    }
+    s["failed"]["scaling"] = {
+        f"{n} agents": failed(runs) for n, runs in sorted(results.scaling.items())
+    }
+    s["litellm_idle_only"] = [
+        series
+        for series in ("json_c32", "streams")
+        if results.get(series, LITELLM) and not two_worker_runs(results.get(series, LITELLM))
+    ]
+    cpu_runs = results.get("json_c32", ROUTER)
+    s["broker_counted"] = bool(cpu_runs) and all("rabbitmq" in r.cpu_ms for r in cpu_runs)
     values = {
         "overhead_p50": s[f"{ROUTER}_overhead_p50"],
         "overhead_p99": s[f"{ROUTER}_overhead_p99"],
@@ -155,12 +209,17 @@ def summarise(config: BenchConfig, results: Results) -> dict[str, Any]:
         else None,
         "ttft_overhead": s[f"{ROUTER}_ttft_overhead"],
         "cache_overhead": s.get("cache_overhead"),
-        "cpu_ms": s["cpu"].get(ROUTER, {}).get("whole path"),
+        "cpu_ms": s["cpu"].get(ROUTER, {}).get("whole path") if s["broker_counted"] else None,
         "rss_growth": max(s["rss_growth"].values()) if s.get("rss_growth") else None,
         "scaling": s["scaling_ratio"],
     }
     s["values"] = values
     return s
+
+
+def _compared(results: Results, series: str, target: str) -> list[LoadResult]:
+    runs = results.get(series, target)
+    return two_worker_runs(runs) if target == LITELLM and series != "json_c1" else runs
 
 
 def _cpu(results: Results, series: str) -> dict[str, dict[str, float | None]]:
@@ -281,6 +340,10 @@ def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, st
     rows = []
     for t in TARGETS:
         value = summary["values"].get(t.key)
+        refused = _refusal(t, summary)
+        if refused is not None:
+            rows.append((t.text, t.goal, *refused))
+            continue
         if value is None:
             why = _why_missing(t.key, summary)
             rows.append((t.text, t.goal, why, "n/a"))
@@ -295,6 +358,25 @@ def verdicts(config: BenchConfig, summary: dict[str, Any]) -> list[tuple[str, st
             measured += f" (only {100 * rate:.0f}% were hits)"
         rows.append((t.text, t.goal, measured, status))
     return rows
+
+
+def _refusal(t: Target, summary: dict[str, Any]) -> tuple[str, str] | None:
+    """(measured, status) for a target whose figure cannot stand, else None: the router
+    failed requests (missed: a failure is no speed), a baseline did (n/a: its figure is not
+    the path's), or a service died during the soak (missed)."""
+    failures = {name: n for name, n in summary.get("failed", {}).get(t.key, {}).items() if n}
+    if failures:
+        said = ", ".join(f"{name} {n}" for name, n in failures.items())
+        router_failed = ROUTER in failures or t.key == "scaling"
+        return f"failed requests ({said})", "missed" if router_failed else "n/a"
+    if t.key == "rss_growth" and summary.get("soak"):
+        gone = summary.get("soak_gone") or []
+        errors = summary["soak"].get("errors", 0)
+        if gone:
+            return f"{', '.join(gone)} not running after the soak", "missed"
+        if errors:
+            return f"{errors} failed requests in the soak", "missed"
+    return None
 
 
 def _digits_that_agree(value: float, check: Callable[[float], bool]) -> str:
@@ -312,4 +394,9 @@ def _why_missing(key: str, summary: dict[str, Any]) -> str:
         return "no LiteLLM (run `make bench-peers`)"
     if key == "cache_overhead":
         return summary.get("cache_note") or "no cache series"
+    if key == "cpu_ms" and summary["cpu"].get(ROUTER) and not summary.get("broker_counted"):
+        return "RabbitMQ's process not found: the whole path's CPU cannot be counted"
+    series = {"rps_c32_vs_litellm": "json_c32", "streams_vs_litellm": "streams"}.get(key)
+    if series in summary.get("litellm_idle_only", ()):
+        return "LiteLLM had a worker idle in every run"
     return "not measured"

@@ -571,3 +571,71 @@ def test_sigterm_stops_a_bench_run_through_its_cleanup() -> None:
     assert out == "cleaned up\n"
     assert err == "bench: stopped by SIGTERM, after its cleanup\n"  # no traceback
     assert child.returncode == 143
+
+
+def _verdict(results: Results, text: str, **summary: object) -> tuple[str, str]:
+    config = BenchConfig(json_concurrency=(1, 32))
+    s = summarise(config, results)
+    s.update(summary)
+    row = {row[0]: row for row in verdicts(config, s)}[text]
+    return row[2], row[3]
+
+
+def test_a_router_that_failed_requests_misses_its_target_whatever_its_speed() -> None:
+    """An error answered fast is a low latency: an all-404 router once read as met, with a
+    negative overhead."""
+    r = _results()
+    r.runs["json_c1"][ROUTER][1] = LoadResult(
+        requests=0, errors=6305, seconds=10.0, p50_ms=0.1, p99_ms=3.0
+    )
+    assert _verdict(r, "Router overhead p50, c=1") == ("failed requests (router 6306)", "missed")
+    assert _verdict(r, "RPS at c=32 vs LiteLLM")[1] == "met"  # another series: unaffected
+
+
+def test_a_baseline_that_failed_requests_leaves_its_target_unjudged() -> None:
+    r = _results()
+    r.runs["json_c32"][LITELLM][0] = LoadResult(
+        requests=1500, errors=40, seconds=10.0, p50_ms=100, p99_ms=200
+    )
+    assert _verdict(r, "RPS at c=32 vs LiteLLM") == ("failed requests (litellm 40)", "n/a")
+
+
+def test_a_service_gone_after_the_soak_misses_the_rss_target() -> None:
+    r = _results()
+    r.soak = {
+        "seconds": 600.0,
+        "requests": 1000,
+        "errors": 0,
+        "rss_before_mb": {"api": 60.0, "agent": 55.0},
+        "rss_after_mb": {"api": 60.5, "agent": 0.0},  # what /proc says of a dead pid
+        "rss_peak_mb": {"api": 61.0, "agent": 300.0},
+    }
+    assert _verdict(r, "RSS growth over the soak") == (
+        "agent not running after the soak",
+        "missed",
+    )
+    r.soak["rss_after_mb"]["agent"] = 55.2
+    assert _verdict(r, "RSS growth over the soak")[1] == "met"
+    r.soak["errors"] = 3
+    assert _verdict(r, "RSS growth over the soak") == ("3 failed requests in the soak", "missed")
+
+
+def test_whole_path_cpu_without_the_brokers_process_is_not_judged() -> None:
+    r = _results()
+    for run in r.runs["json_c32"][ROUTER]:
+        run.cpu_ms = {"api": 5000.0}
+    measured, status = _verdict(r, "Whole-path CPU per request")
+    assert status == "n/a" and "RabbitMQ" in measured
+
+
+def test_litellm_runs_with_a_worker_still_idle_are_left_out_of_its_median() -> None:
+    r = _results()
+    idle = {"litellm-1": 900.0, "litellm-2": 10.0}
+    for i in (0, 1):  # two of three rounds at one worker's pace
+        r.runs["json_c32"][LITELLM][i] = result(120, 100, 200, cpu_ms=idle)
+    assert _verdict(r, "RPS at c=32 vs LiteLLM") == ("5.00x", "met")  # 1000/200, not 1000/120
+    r.runs["json_c32"][LITELLM] = [result(120, 100, 200, cpu_ms=idle)] * 3
+    assert _verdict(r, "RPS at c=32 vs LiteLLM") == (
+        "LiteLLM had a worker idle in every run",
+        "n/a",
+    )
