@@ -118,6 +118,8 @@ class PipelinedRedis:
         self._auth = (
             (username or "default", password or "") if username or password is not None else None
         )
+        # Redis before 6 knows only AUTH <password>: the fallback for a URL without a user.
+        self._password_only = password if not username and password else None
         self._client_name = client_name
         self._connect_timeout = connect_timeout
         self._reply_timeout = reply_timeout
@@ -181,7 +183,9 @@ class PipelinedRedis:
         await asyncio.get_running_loop().create_connection(lambda: pipe, *self._address)
         # Pipelined with each other; the first refusal fails the connect.
         setup: list[asyncio.Future[Reply]] = []
-        if self._auth is not None:
+        if self._auth is not None and self._password_only is not None:
+            await _auth_either_way(pipe, self._auth, self._password_only)
+        elif self._auth is not None:
             setup.append(pipe.send(_pack(("AUTH", *self._auth))))
         if self._db:
             setup.append(pipe.send(_pack(("SELECT", self._db))))
@@ -206,6 +210,18 @@ def _pack(args: tuple[str | bytes | int, ...]) -> bytes:
     # hiredis's stub types its argument as a 1-tuple; it takes any number of items.
     packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
     return packed
+
+
+async def _auth_either_way(pipe: _Pipeline, auth: tuple[str, str], password: str) -> None:
+    """AUTH default <password>, or on a server too old for users (Redis 5, which says "wrong
+    number of arguments") AUTH <password>, as redis-py does. Awaited alone: the commands behind
+    a refused AUTH would fail with NOAUTH."""
+    try:
+        _checked(await pipe.send(_pack(("AUTH", *auth))))
+    except ResponseError as e:
+        if "wrong number of arguments" not in str(e).lower():
+            raise
+        _checked(await pipe.send(_pack(("AUTH", password))))
 
 
 def _checked(reply: Reply) -> Reply:

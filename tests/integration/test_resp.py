@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -171,6 +172,47 @@ async def test_a_password_without_a_user_works_on_a_server_without_passwords(
     one-argument form is refused there, and the cache would be off)."""
     async with opened(f"redis://:anything@{REDIS[0]}:{REDIS[1]}/0") as client:
         assert await client.call("PING") == b"PONG"
+
+
+@asynccontextmanager
+async def redis_5(password: str) -> AsyncIterator[int]:
+    """A server that speaks as Redis 5 with `requirepass`: `AUTH <password>` only (the
+    two-argument form is "wrong number of arguments"), NOAUTH for anything before it."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parser, authed = hiredis.Reader(), False
+        while data := await reader.read(4096):
+            parser.feed(data)
+            while (command := parser.gets()) is not False:
+                name = command[0].upper()
+                if name == b"AUTH" and len(command) != 2:
+                    writer.write(b"-ERR wrong number of arguments for 'auth' command\r\n")
+                elif name == b"AUTH":
+                    authed = command[1] == password.encode()
+                    writer.write(b"+OK\r\n" if authed else b"-ERR invalid password\r\n")
+                elif not authed:
+                    writer.write(b"-NOAUTH Authentication required.\r\n")
+                else:
+                    writer.write(b"+PONG\r\n" if name == b"PING" else b"+OK\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_password_without_a_user_works_on_redis_5_too() -> None:
+    """Redis before 6 has no users: `AUTH default <password>` is refused there, and the cache
+    would stay off. Without a user in the URL, the one-argument form follows, as in redis-py."""
+    async with redis_5("s3cret") as port:
+        async with opened(f"redis://:s3cret@127.0.0.1:{port}/2") as client:
+            assert await client.call("PING") == b"PONG"
+        async with opened(f"redis://:wrong@127.0.0.1:{port}/0") as client:
+            with pytest.raises(ResponseError, match="invalid password"):
+                await client.call("PING")
 
 
 async def test_a_user_without_a_password_and_a_client_name(direct: tuple[Redis, str]) -> None:
