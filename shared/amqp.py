@@ -195,6 +195,10 @@ _RAW = "_router_raw_delivery"
 # How long stopping waits for the broker to confirm consumer cancels: while it is away a robust
 # channel would wait for its return, and a stopping process must end.
 STOP_TIMEOUT = 2.0
+# Seconds between AMQP heartbeats, unless the URL sets `heartbeat`. A peer silent for three of
+# them is dead: 48 s for a connection that hangs (a dropped route, an expired NAT entry) rather
+# than closes, against 3 minutes on RabbitMQ's default of 60, with publishes waiting on it.
+HEARTBEAT = 15
 
 
 def _deliver_raw() -> None:
@@ -261,7 +265,11 @@ class Broker:
         """`declare_shared=False` only passive-declares the queues given to `consume()` as
         specs (least privilege: `router topology` created them). Counted copies of redelivered
         messages go back through `requeue_via`'s routes (see `consume`)."""
-        self._url = url
+        self._url = (
+            url
+            if "heartbeat" in URL(url).query
+            else str(URL(url).update_query(heartbeat=HEARTBEAT))
+        )
         self._name = name
         self.publish_timeout = publish_timeout
         self.declare_shared = declare_shared
@@ -331,6 +339,28 @@ class Broker:
             conn is not None and not conn.is_closed and conn.connected.is_set()
             for conn in (self._publish_conn, self._consume_conn)
         )
+
+    def _can_publish(self) -> bool:
+        conn, channel = self._publish_conn, self._publish_channel
+        return (
+            conn is not None
+            and not conn.is_closed
+            and conn.connected.is_set()
+            and channel is not None
+            and not channel.is_closed
+        )
+
+    async def publishing(self, timeout: float) -> bool:
+        """Whether publishing works, waiting up to `timeout` seconds for a lost publishing
+        connection (and its channel) to come back. The two connections reconnect on their
+        own: consuming may go on while nothing can be published."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self._can_publish():
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     async def channel(self, *, prefetch: int | None = None) -> AbstractChannel:
         """A new channel on the consuming connection (for declaring and consuming)."""
@@ -445,6 +475,19 @@ class Broker:
                     message.header.properties.correlation_id,
                 )
                 await _settle_quietly(delivery, requeue=False, ack=True)
+            except BrokerUnavailableError:
+                # A publish the broker did not take (the publishing connection lost, say, while
+                # this one still delivers): the broker's fault, not the message's, so it goes
+                # back to its queue however often it came, once publishing works again (or a
+                # while has passed: no loop spins on an outage). Rejected into the dead-letter
+                # queue instead, a job would be lost to a blip.
+                await self.publishing(self.publish_timeout)
+                log.warning(
+                    "%s %s back to its queue: the broker took no publish",
+                    message.header.properties.message_type,
+                    message.header.properties.correlation_id,
+                )
+                await _settle_quietly(delivery, requeue=True)
             except asyncio.CancelledError:
                 await _settle_quietly(delivery, requeue=True)
                 raise
@@ -509,6 +552,10 @@ class Broker:
             expiration_ms=max(1, int(expiration)) if expiration and expiration.isdigit() else None,
         )
         persistent = properties.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+        if not await self.publishing(self.publish_timeout):
+            # Acked now, its copy could not go out: left to the broker, uncounted, for later.
+            await delivery.reject(requeue=True)
+            return True
         await delivery.ack_now()
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
         await underlay.queue_declare(queue_name, passive=True, timeout=self.publish_timeout)
@@ -523,7 +570,7 @@ class Broker:
         A queue at its bound (others keep it full, as a dispatcher does under overload)
         refuses it; it is tried again as room frees, for as long as the message may live. So
         is the confirm awaited that long: in a memory alarm the copy is routed once the alarm
-        clears, and only a lost connection ends the wait sooner.
+        clears. A publishing connection lost meanwhile is waited for, within the same time.
         """
         if self._requeue_via is None:  # straight into the queue, by the default exchange
             exchange, routing_key = "", queue_name
@@ -543,15 +590,18 @@ class Broker:
                     timeout=max(self.publish_timeout, deadline - loop.time()),
                 )
                 return
-            except QueueFullError:
+            except (QueueFullError, BrokerUnavailableError) as e:
                 if loop.time() + delay > deadline:
                     log.error(
-                        "%s %s dropped: its queue %s stayed full for its whole lifetime",
+                        "%s %s dropped: its queue %s %s for its whole lifetime",
                         env.type,
                         env.correlation_id,
                         queue_name,
+                        "stayed full" if isinstance(e, QueueFullError) else "could not be reached",
                     )
                     raise
+                if isinstance(e, BrokerUnavailableError):
+                    await self.publishing(max(0.0, deadline - loop.time()))
             await asyncio.sleep(delay)
             delay = min(0.5, delay * 2)
 

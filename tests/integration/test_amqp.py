@@ -261,3 +261,56 @@ async def test_a_redelivered_message_whose_counted_copy_finds_its_queue_full_is_
         await consumer.stop_consuming()
         await consumer.close()
         await publisher.close()
+
+
+async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_lost() -> None:
+    """The two connections reconnect on their own: one that still delivers while the other
+    cannot publish hands the service jobs it cannot pass on (review 2026-11-29). A failed
+    hand-off was requeued once, then rejected for good; a redelivered job was acked and its
+    counted copy failed to go out. Each lost the job. Now a job whose handler the broker
+    failed goes back to its queue, however often it came, once publishing works again, and
+    a counted copy waits for the publishing connection."""
+    require_services()
+    topology = Topology(namespace=new_namespace())
+    spec = topology.jobs_queue_spec()
+    proxy = FaultProxy(RABBITMQ[1]).start()
+    publisher = Broker(URL, name="test-pub", publish_timeout=5)
+    # Through the proxy: its first connection is the publishing one (`Broker.connect`).
+    consumer = Broker(
+        f"amqp://guest:guest@{proxy.address}/", name="test-con", publish_timeout=1,
+        requeue_via=topology,
+    )  # fmt: skip
+    handled: dict[str, int] = {}
+    done = asyncio.Event()
+
+    async def handler(env: Envelope, _: Delivery) -> None:
+        """Passes each job on, as a dispatcher hands it off; it cannot while publishing is down."""
+        handled[env.message_id or ""] = handled.get(env.message_id or "", 0) + 1
+        await consumer.publish(Envelope(type="x", body=b"", headers={}), spec.name + ".out")
+        done.set()
+
+    try:
+        await publisher.connect()
+        await consumer.connect()
+        channel = await consumer.channel(prefetch=4)
+        await declare_topology(channel, topology)
+        await consumer.declare(channel, dataclasses.replace(spec, name=spec.name + ".out"))
+        await consumer.consume(channel, spec, handler, redelivery_limit=5)
+        proxy.refuse = True  # the publishing connection cannot come back...
+        proxy.reset(0)  # ...once it is cut; the consuming one goes on
+        job = Envelope(type="job", body=b"{}", headers={}, message_id="J", expiration_ms=30_000)
+        await publisher.publish(job, spec.name)
+        await asyncio.sleep(3.0)  # the job is taken (and fails) while nothing can be published
+        assert not done.is_set() and handled.get("J", 0) >= 1
+        proxy.heal()
+        await asyncio.wait_for(done.wait(), timeout=15)
+    finally:
+        await consumer.stop_consuming()
+        await consumer.close()
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            admin = await connection.channel()
+            for name in (spec.name, spec.name + ".out"):
+                await admin.queue_delete(name)
+        await publisher.close()
+        proxy.close()

@@ -10,7 +10,8 @@ read on every chunk, so a test flips them at any moment:
 - `refuse`: new connections are reset at once (a port nobody listens on);
 - `close_after`: forward this many bytes downstream on each new connection, then drop it
   (a peer dying mid-answer);
-- `reset_all()`: send a TCP RST on every open connection now.
+- `reset_all()`: send a TCP RST on every open connection now; `reset(n)` on the n-th
+  connection opened (from 0), if it is still open: one of a service's two broker connections.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class FaultProxy:
         self.port = 0
         self.connections_seen = 0
         self._links: set[_Link] = set()
+        self._opened: list[_Link] = []  # every link, in the order they were accepted
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.Server | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -81,6 +83,13 @@ class FaultProxy:
         for link in list(self._links):
             self._drop(link)
 
+    def reset(self, n: int) -> None:
+        async def reset_one() -> None:
+            if n < len(self._opened) and self._opened[n] in self._links:
+                self._drop(self._opened[n])
+
+        asyncio.run_coroutine_threadsafe(reset_one(), self._loop).result(10)
+
     def close(self) -> None:
         async def shutdown() -> None:
             if self._server is not None:
@@ -105,6 +114,7 @@ class FaultProxy:
             return
         link = _Link(writer, up_writer)
         self._links.add(link)
+        self._opened.append(link)
         link.tasks = [
             asyncio.create_task(self._pipe(reader, up_writer, link, down=False)),
             asyncio.create_task(self._pipe(up_reader, writer, link, down=True)),
