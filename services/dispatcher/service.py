@@ -55,14 +55,23 @@ class QueueDeclarer:
         self._timeout = timeout
         self._declared: set[str] = set()
         self._refused: dict[str, QueueArgumentsError] = {}
+        # One declare per queue at a time: a heartbeat and a job asking together would both
+        # be refused (and log it twice).
+        self._declaring: dict[str, asyncio.Lock] = {}
 
     async def __call__(self, spec: QueueSpec) -> None:
         if not self._enabled or spec.name in self._declared:
             return
+        async with self._declaring.setdefault(spec.name, asyncio.Lock()):
+            await self._declare_once(spec)
+
+    async def _declare_once(self, spec: QueueSpec) -> None:
+        if spec.name in self._declared:
+            return
         if spec.name in self._refused:
             raise self._refused[spec.name]
         # On a job's path: a broker that stops answering must fail the job's handling within
-        # the publish timeout, as a publish does (it is requeued once), not hold its delivery
+        # the publish timeout, as a publish does (it goes back to its queue), not hold its delivery
         # until the connection is judged dead minutes later.
         try:
             async with asyncio.timeout(self._timeout):

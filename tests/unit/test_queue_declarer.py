@@ -26,6 +26,7 @@ class Channel:
 
     async def declare_queue(self, name: str, **_: Any) -> None:
         self.declared.append(name)
+        await asyncio.sleep(0.01)  # the broker's round trip
         if self.stalled:
             await asyncio.Event().wait()
         if self.mismatched:
@@ -72,3 +73,15 @@ async def test_a_queue_with_other_arguments_is_logged_once_and_refused_from_then
     assert channel.declared == [SPEC.name]
     [record] = [r for r in caplog.records if r.levelname == "ERROR"]
     assert "received '10000' but current is '30000'" in record.getMessage()
+
+
+async def test_callers_asking_together_share_one_declare_and_its_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A heartbeat and a job for the same new queue at once: one declare, one error logged."""
+    channel = Channel(mismatched=True)
+    declarer = QueueDeclarer(channel, timeout=1)  # type: ignore[arg-type]
+    results = await asyncio.gather(declarer(SPEC), declarer(SPEC), return_exceptions=True)
+    assert all(isinstance(r, QueueArgumentsError) for r in results)
+    assert channel.declared == [SPEC.name]
+    assert caplog.text.count("exists with other arguments") == 1
