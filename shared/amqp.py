@@ -445,6 +445,9 @@ class Broker:
         else:
             queue = spec
 
+        # What sends a message back to its queue every time (see below); `()` catches nothing.
+        broker_failures: tuple[type[Exception], ...] = (BrokerUnavailableError,) if intake else ()
+
         async def on_message(message: DeliveredMessage) -> None:
             task = asyncio.current_task()
             if task is not None:
@@ -475,12 +478,13 @@ class Broker:
                     message.header.properties.correlation_id,
                 )
                 await _settle_quietly(delivery, requeue=False, ack=True)
-            except BrokerUnavailableError:
+            except broker_failures:
                 # A publish the broker did not take (the publishing connection lost, say, while
-                # this one still delivers): the broker's fault, not the message's, so it goes
+                # this one still delivers): the broker's fault, not the message's, so a job goes
                 # back to its queue however often it came, once publishing works again (or a
                 # while has passed: no loop spins on an outage). Rejected into the dead-letter
-                # queue instead, a job would be lost to a blip.
+                # queue instead, it would be lost to a blip. Not so for control and cancel
+                # messages (`intake=False`): a heartbeat handled minutes late would be a lie.
                 await self.publishing(self.publish_timeout)
                 log.warning(
                     "%s %s back to its queue: the broker took no publish",

@@ -13,7 +13,7 @@ import pytest
 
 from shared import amqp_writes
 from shared.amqp import STOP_TIMEOUT, Broker, Delivery
-from shared.errors import QueueFullError
+from shared.errors import BrokerUnavailableError, QueueFullError
 from shared.messages import Envelope
 from shared.topology import QueueSpec, Topology, declare_topology
 from tests.conftest import RABBITMQ, require_services
@@ -314,3 +314,31 @@ async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_l
                 await admin.queue_delete(name)
         await publisher.close()
         proxy.close()
+
+
+async def test_a_control_message_the_broker_failed_is_requeued_once_then_dropped() -> None:
+    """Only jobs go back to their queue every time the broker fails their handler: a heartbeat
+    handled minutes late, once the broker is back, would say an agent lives that may not."""
+    require_services()
+    name = f"{new_namespace()}.control"
+    broker = Broker(URL, name="test-control", publish_timeout=0.2)
+    seen = 0
+
+    async def failing(_: Envelope, __: Delivery) -> None:
+        nonlocal seen
+        seen += 1
+        raise BrokerUnavailableError()
+
+    try:
+        await broker.connect()
+        channel = await broker.channel(prefetch=4)
+        await broker.consume(channel, QueueSpec(name=name, durable=True), failing, intake=False)
+        await broker.publish(Envelope(type="control", body=b"", headers={}), name)
+        await asyncio.sleep(1.5)
+        assert seen == 2
+    finally:
+        await broker.stop_consuming()
+        await broker.close()
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            await (await connection.channel()).queue_delete(name)
