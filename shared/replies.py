@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from shared.amqp import Broker
 from shared.completed import CompletedBatcher
@@ -235,7 +235,8 @@ class StreamWriter:
         self._lock = asyncio.Lock()
         self._failure: BaseException | None = None
         self._publish_failed = False
-        self.closed = False
+        self.closed = False  # no event is taken any more
+        self._ended = False  # the closing message went out (or none is to go)
         # A chunk reached the broker (its publish returned, so it was confirmed): the client
         # may hold part of the answer, and the job must not run again (ack it, however it ends).
         # A first chunk whose publish failed reached nobody: the job may go back to its queue.
@@ -246,8 +247,13 @@ class StreamWriter:
         return self._seq > 0
 
     async def send(self, event: bytes) -> None:
+        await self.send_all((event,))
+
+    async def send_all(self, events: Sequence[bytes]) -> None:
+        """`send()` for events that arrived together: they leave together where they fit in
+        one message, and each stays whole."""
         self._raise_failure()
-        self._buffer.append(event)
+        self._buffer.extend(events)
         if self._flusher is not None:
             return  # a flush is already due: this event rides along
         # At most one message per window: an event after a quiet spell (the first one, or the
@@ -269,7 +275,7 @@ class StreamWriter:
 
     async def abandon(self) -> None:
         """Stop without a closing message (the job was cancelled: nobody listens)."""
-        self.closed = True
+        self.closed = self._ended = True
         if self._flusher is not None:
             self._flusher.cancel()
 
@@ -290,7 +296,9 @@ class StreamWriter:
             log.debug("could not publish the closing message", exc_info=True)
 
     async def _close(self, last: Reply, *, failing: bool = False) -> None:
-        if self.closed:
+        # An `end()` whose flush or closing message failed has not ended the stream: the
+        # caller's `fail()` next still tells the client.
+        if self._ended:
             return
         self.closed = True
         flusher = self._flusher
@@ -305,8 +313,14 @@ class StreamWriter:
             self._raise_failure()
         await self._flush()
         async with self._lock:
-            await self._publish(self.job, _renumbered(last, self._seq))
+            seq = self._seq
             self._seq += 1
+            try:
+                await self._publish(self.job, _renumbered(last, seq))
+            except BaseException:
+                self._publish_failed = True
+                raise
+        self._ended = True
 
     async def _flush_later(self, delay: float) -> None:
         try:

@@ -281,9 +281,18 @@ class _Run:
         except TimeoutError:
             await writer.fail(GatewayTimeoutError("The model did not finish in time."))
             self.outcome = "failed: deadline"
+        except AnswerTooLargeError as e:
+            # A chunk past MAX_REPLY_BYTES once framed and renamed (the decoder measures the
+            # event's data): any agent of the model would refuse it too, so no requeue.
+            if writer.output_confirmed:
+                with contextlib.suppress(RouterError, OSError):
+                    await writer.fail(e)
+            else:
+                await self._error(e)
+            self.outcome = f"failed: {e.message}"
         except RouterError as e:
-            # A chunk the broker did not take (its channel closed, an event too large): the
-            # client learns now, if the channel is back, not at its idle timeout.
+            # A chunk the broker did not take (its channel closed): the client learns now, if
+            # the channel is back, not at its idle timeout.
             if not writer.output_confirmed:
                 raise  # nothing reached the client: the consumer requeues the job
             with contextlib.suppress(RouterError, OSError):
@@ -314,10 +323,11 @@ class _Run:
     async def _on_events(self, events: list[bytes], writer: StreamWriter) -> bool:
         """Relay the events of one upstream read; True once the stream is over.
 
-        Chunks that arrived together leave together, in one `send()`: a server writes the
+        Chunks that arrived together leave together, in one `send_all()`: a server writes the
         role chunk and the first token at once, and sent one by one the token would wait
         for the role chunk's publish to be confirmed (a broker round trip of time to first
-        token). It also saves a send per event on a fast stream.
+        token). It also saves a send per event on a fast stream. Each stays a chunk of its
+        own to the writer, which splits messages between chunks at MAX_REPLY_BYTES.
         """
         chunks: list[bytes] = []
         for data in events:
@@ -341,9 +351,8 @@ class _Run:
         return False
 
     async def _send(self, chunks: list[bytes], writer: StreamWriter) -> None:
-        if not chunks:
-            return
-        await writer.send(b"".join(chunks))
+        if chunks:
+            await writer.send_all(chunks)
 
 
 def _broken_stream_error(exc: Exception) -> UpstreamError:

@@ -162,9 +162,8 @@ async def test_an_answer_keeps_its_status_and_body() -> None:
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-async def test_an_answer_past_the_limit_is_refused_without_reading_it_whole(chunked: bool) -> None:
-    """With a `content-length` (vLLM sends one) before a byte of the body; chunked, as soon as
-    the limit is passed."""
+async def test_an_answer_past_the_limit_is_refused(chunked: bool) -> None:
+    """With a `content-length` (vLLM sends one) or chunked; one at the limit is read whole."""
 
     async def route(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"content-type": "application/json"})

@@ -19,7 +19,7 @@ from services.agent.handler import AgentHandler
 from services.agent.models import parse_agent_models
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
-from shared.errors import BrokerUnavailableError
+from shared.errors import AnswerTooLargeError, BrokerUnavailableError
 from shared.messages import Job, Reply, ReplyKind, encode_job
 from tests.support.upstream import Route, UpstreamServer, answer, drop, sse
 
@@ -96,6 +96,7 @@ class Rig:
 
         self.server = UpstreamServer(handle)
         self.concurrency = concurrency
+        self.max_body: int | None = None  # as ReplyPublisher's: a chunk past it is refused
 
     async def start(self) -> Rig:
         await self.server.start()
@@ -117,6 +118,9 @@ class Rig:
         await self.server.close()
 
     async def publish(self, job: Job, reply: Reply) -> None:
+        if self.max_body is not None and len(reply.body) > self.max_body:
+            self.log.append(f"refused {reply.kind.value}")
+            raise AnswerTooLargeError.past(len(reply.body), self.max_body)
         self.log.append(f"publish {reply.kind.value}")
         self.replies.append(reply)
 
@@ -491,3 +495,26 @@ async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
             if predicate():
                 return
             await asyncio.sleep(0.005)
+
+
+async def test_events_under_the_limit_that_arrive_together_leave_in_messages_under_it() -> None:
+    """Two events of 600 bytes in one read, against a limit of 1000: two messages, not one
+    refused message of 1200."""
+    rig = await Rig(sse(huge_event(560) + huge_event(560), b"data: [DONE]\n\n")).start()
+    rig.handler.max_reply_bytes = rig.max_body = 1000
+    await rig.run(rig.job(stream=True))
+    assert [r.kind for r in rig.replies] == [ReplyKind.CHUNK, ReplyKind.CHUNK, ReplyKind.END]
+    assert "refused reply.chunk" not in rig.log
+
+
+async def test_a_first_event_too_large_once_framed_answers_502_without_a_requeue() -> None:
+    """The decoder measures an event's data; its chunk is framed (`data: ...\\n\\n`) and
+    renamed, so it may pass the limit the data kept to: answered at once, as any agent of
+    the model would refuse it too, not requeued to run on vLLM again."""
+    rig = await Rig(sse(huge_event(949), b"data: [DONE]\n\n")).start()
+    rig.handler.max_reply_bytes = rig.max_body = 1000
+    await rig.run(rig.job(stream=True))
+    assert "refused reply.chunk" in rig.log and "reject(requeue=True)" not in rig.log
+    [reply] = rig.replies
+    assert (reply.kind, reply.status) == (ReplyKind.ERROR, 502)
+    assert orjson.loads(reply.body)["error"]["code"] == "answer_too_large"

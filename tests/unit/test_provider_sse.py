@@ -96,8 +96,8 @@ def test_an_event_that_only_mentions_error_is_an_event() -> None:
 
 
 def test_a_large_event_in_small_pieces_comes_out_whole() -> None:
-    """Every byte is scanned once: a megabyte event in 1 KiB reads (with `\\r\\n` endings
-    split between reads) arrives as it was sent."""
+    """A megabyte event in 1 KiB reads (with `\\r\\n` endings split between reads) arrives
+    as it was sent."""
     event = b"data: " + b"x" * 1_000_000 + b"\r\n\r\n"
     splitter = SseSplitter()
     out: list[bytes] = []

@@ -306,3 +306,26 @@ async def test_an_answer_too_large_to_cache_tells_the_cache_writer_only_that_it_
     await completed.flush()
     got = [event for env in events for event in decode_completed(env)]
     assert [(e.body, e.status) for e in got] == [(b"", 500), (b"small", 200)]
+
+
+async def test_a_stream_whose_end_could_not_be_published_can_still_fail() -> None:
+    """`end()` flushes the last chunk, which the broker refused: the stream has not ended,
+    and the caller's `fail()` next still tells the client (it used to return at once)."""
+    out = Recorder()
+    refuse = [False, False, True]
+
+    async def publish(job: Job, reply: Reply) -> None:
+        if reply.kind is ReplyKind.CHUNK and refuse and refuse.pop(0):
+            raise BrokerUnavailableError()
+        await out(job, reply)
+
+    writer = StreamWriter(JOB, publish, attempt="a1", window=10)
+    for i in range(3):  # the first two go at once, the third waits out the window
+        await writer.send(f"data: {i}\n\n".encode())
+    with pytest.raises(BrokerUnavailableError):
+        await writer.end()
+    await writer.fail(BrokerUnavailableError())
+    sent = [(r.kind, r.seq) for r in out.sent]
+    assert sent == [(ReplyKind.CHUNK, 0), (ReplyKind.CHUNK, 1), (ReplyKind.ERROR, 3)]
+    await writer.fail(BrokerUnavailableError())  # closed now: nothing more
+    assert len(out.sent) == 3
