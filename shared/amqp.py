@@ -480,12 +480,13 @@ class Broker:
                 await _settle_quietly(delivery, requeue=False, ack=True)
             except broker_failures:
                 # A publish the broker did not take (the publishing connection lost, say, while
-                # this one still delivers): the broker's fault, not the message's, so a job goes
-                # back to its queue however often it came, once publishing works again (or a
-                # while has passed: no loop spins on an outage). Rejected into the dead-letter
-                # queue instead, it would be lost to a blip. Not so for control and cancel
-                # messages (`intake=False`): a heartbeat handled minutes late would be a lie.
-                await self.publishing(self.publish_timeout)
+                # this one still delivers): the broker's fault, not the message's, so a job is
+                # held until publishing works again (for as long as it may live: no loop spins
+                # on an outage, and a quorum queue counts one delivery per outage, not one per
+                # try), then goes back to its queue however often it came. Rejected into the
+                # dead-letter queue instead, it would be lost to a blip. Not so for control and
+                # cancel messages (`intake=False`): a heartbeat handled late would be a lie.
+                await self.publishing(max(self.publish_timeout, _lifetime(message)))
                 log.warning(
                     "%s %s back to its queue: the broker took no publish",
                     message.header.properties.message_type,
@@ -678,6 +679,12 @@ class Broker:
         self._publish_channel = None
         # Their channels closed with the connections; a start after this consumes afresh.
         self._consumers = []
+
+
+def _lifetime(message: DeliveredMessage) -> float:
+    """Seconds a message may live in its queue (its expiration), 0 for ever."""
+    expiration = message.header.properties.expiration
+    return int(expiration) / 1000 if expiration and expiration.isdigit() else 0.0
 
 
 async def _settle_quietly(delivery: Delivery, *, requeue: bool, ack: bool = False) -> None:

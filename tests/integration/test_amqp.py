@@ -15,6 +15,7 @@ from shared import amqp_writes
 from shared.amqp import STOP_TIMEOUT, Broker, Delivery
 from shared.errors import BrokerUnavailableError, QueueFullError
 from shared.messages import Envelope
+from shared.settings import Durability
 from shared.topology import QueueSpec, Topology, declare_topology
 from tests.conftest import RABBITMQ, require_services
 from tests.faults.harness.proxy import FaultProxy
@@ -263,21 +264,25 @@ async def test_a_redelivered_message_whose_counted_copy_finds_its_queue_full_is_
         await publisher.close()
 
 
-async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_lost() -> None:
+@pytest.mark.parametrize("mode", [Durability.DURABLE, Durability.QUORUM])
+async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_lost(
+    mode: Durability,
+) -> None:
     """The two connections reconnect on their own: one that still delivers while the other
     cannot publish hands the service jobs it cannot pass on (review 2026-11-29). A failed
     hand-off was requeued once, then rejected for good; a redelivered job was acked and its
     counted copy failed to go out. Each lost the job. Now a job whose handler the broker
-    failed goes back to its queue, however often it came, once publishing works again, and
-    a counted copy waits for the publishing connection."""
+    failed is held until publishing works again, then goes back to its queue however often it
+    came (a quorum queue, which counts deliveries itself, counts one for the outage, not one
+    per try), and a counted copy waits for the publishing connection."""
     require_services()
-    topology = Topology(namespace=new_namespace())
+    topology = Topology(namespace=new_namespace(), mode=mode)
     spec = topology.jobs_queue_spec()
     proxy = FaultProxy(RABBITMQ[1]).start()
     publisher = Broker(URL, name="test-pub", publish_timeout=5)
     # Through the proxy: its first connection is the publishing one (`Broker.connect`).
     consumer = Broker(
-        f"amqp://guest:guest@{proxy.address}/", name="test-con", publish_timeout=1,
+        f"amqp://guest:guest@{proxy.address}/", name="test-con", publish_timeout=0.5,
         requeue_via=topology,
     )  # fmt: skip
     handled: dict[str, int] = {}
@@ -295,12 +300,12 @@ async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_l
         channel = await consumer.channel(prefetch=4)
         await declare_topology(channel, topology)
         await consumer.declare(channel, dataclasses.replace(spec, name=spec.name + ".out"))
-        await consumer.consume(channel, spec, handler, redelivery_limit=5)
+        await consumer.consume(channel, spec, handler, redelivery_limit=topology.redelivery_limit)
         proxy.refuse = True  # the publishing connection cannot come back...
         proxy.reset(0)  # ...once it is cut; the consuming one goes on
         job = Envelope(type="job", body=b"{}", headers={}, message_id="J", expiration_ms=30_000)
         await publisher.publish(job, spec.name)
-        await asyncio.sleep(3.0)  # the job is taken (and fails) while nothing can be published
+        await asyncio.sleep(4.0)  # the job is taken (and fails) while nothing can be published
         assert not done.is_set() and handled.get("J", 0) >= 1
         proxy.heal()
         await asyncio.wait_for(done.wait(), timeout=15)
