@@ -62,7 +62,8 @@ async def test_many_running_streams_leave_room_for_more_calls_and_the_health_che
         return response
 
     server = await UpstreamServer(route).start()
-    settings = AgentSettings(vllm_url=server.url, agent_concurrency=8, upstream_connect_timeout=1)
+    # A generous connect timeout: under a loaded machine (the whole suite) 1 s was once too short.
+    settings = AgentSettings(vllm_url=server.url, agent_concurrency=8, upstream_connect_timeout=5)
     vllm = AgentService(settings).upstream  # as the agent builds it
     streams = contextlib.AsyncExitStack()
     try:
