@@ -286,6 +286,7 @@ class Broker:
         self._lost_callbacks: list[Callable[[], None]] = []
         self._closing = False
         self._restored = False
+        self._stopping = asyncio.Event()  # intake stopped: held messages go back at once
 
     def on_connection_lost(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a connection drops (not on `close()`); it must not block."""
@@ -307,6 +308,7 @@ class Broker:
         """Open both connections; raises BrokerUnavailableError if the broker does not answer."""
         try:
             self._closing = False
+            self._stopping.clear()
             # Reconnect every second (aio-pika's default is 5 s): full service sooner.
             self._publish_conn = await aio_pika.connect_robust(
                 self._url,
@@ -340,6 +342,20 @@ class Broker:
             for conn in (self._publish_conn, self._consume_conn)
         )
 
+    async def _hold(self, message: DeliveredMessage, delivery: Delivery, lifetime: float) -> None:
+        """Hold a message whose handler the broker failed until publishing works again (at
+        most `lifetime`, and no longer than intake runs), then send it back to its queue."""
+        try:
+            if not self._stopping.is_set():
+                await self.publishing(max(self.publish_timeout, lifetime), stop=self._stopping)
+        finally:  # a cancelled hold (the drain's end) gives the message back too
+            log.warning(
+                "%s %s back to its queue: the broker took no publish",
+                message.header.properties.message_type,
+                message.header.properties.correlation_id,
+            )
+            await _settle_quietly(delivery, requeue=True)
+
     def _can_publish(self) -> bool:
         conn, channel = self._publish_conn, self._publish_channel
         return (
@@ -350,16 +366,16 @@ class Broker:
             and not channel.is_closed
         )
 
-    async def publishing(self, timeout: float) -> bool:
-        """Whether publishing works, waiting up to `timeout` seconds for a lost publishing
-        connection (and its channel) to come back. The two connections reconnect on their
-        own: consuming may go on while nothing can be published."""
+    async def publishing(self, timeout: float, *, stop: asyncio.Event | None = None) -> bool:
+        """Whether publishing works, waiting up to `timeout` seconds (or until `stop` is set)
+        for a lost publishing connection (and its channel) to come back. The two connections
+        reconnect on their own: consuming may go on while nothing can be published."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while not self._can_publish():
-            if loop.time() >= deadline:
+            if loop.time() >= deadline or (stop is not None and stop.is_set()):
                 return False
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
         return True
 
     async def channel(self, *, prefetch: int | None = None) -> AbstractChannel:
@@ -447,6 +463,7 @@ class Broker:
 
         # What sends a message back to its queue every time (see below); `()` catches nothing.
         broker_failures: tuple[type[Exception], ...] = (BrokerUnavailableError,) if intake else ()
+        queue_ttl = _queue_ttl(spec)
 
         async def on_message(message: DeliveredMessage) -> None:
             task = asyncio.current_task()
@@ -481,18 +498,15 @@ class Broker:
             except broker_failures:
                 # A publish the broker did not take (the publishing connection lost, say, while
                 # this one still delivers): the broker's fault, not the message's, so a job is
-                # held until publishing works again (for as long as it may live: no loop spins
-                # on an outage, and a quorum queue counts one delivery per outage, not one per
-                # try), then goes back to its queue however often it came. Rejected into the
-                # dead-letter queue instead, it would be lost to a blip. Not so for control and
-                # cancel messages (`intake=False`): a heartbeat handled late would be a lie.
-                await self.publishing(max(self.publish_timeout, _lifetime(message)))
-                log.warning(
-                    "%s %s back to its queue: the broker took no publish",
-                    message.header.properties.message_type,
-                    message.header.properties.correlation_id,
-                )
-                await _settle_quietly(delivery, requeue=True)
+                # held until publishing works again (for as long as it may live in its queue:
+                # no loop spins on an outage, and a quorum queue counts one delivery per
+                # outage, not one per try), then goes back to its queue however often it came.
+                # Rejected into the dead-letter queue instead, it would be lost to a blip. Not
+                # so for control and cancel messages (`intake=False`): a heartbeat handled late
+                # would be a lie. A delivery its handler settled (a stream acked once its
+                # output was out) has nothing to hold.
+                if not delivery.settled:
+                    await self._hold(message, delivery, _lifetime(message, queue_ttl))
             except asyncio.CancelledError:
                 await _settle_quietly(delivery, requeue=True)
                 raise
@@ -634,6 +648,7 @@ class Broker:
         With `intake_only`, consumers registered with `intake=False` (cancels, control) keep
         running, so a draining service still hears that a client left.
         """
+        self._stopping.set()
         kept = [c for c in self._consumers if intake_only and not c[2]]
         stopped = [c for c in self._consumers if c not in kept]
         self._consumers = kept
@@ -681,10 +696,20 @@ class Broker:
         self._consumers = []
 
 
-def _lifetime(message: DeliveredMessage) -> float:
-    """Seconds a message may live in its queue (its expiration), 0 for ever."""
+def _queue_ttl(spec: QueueSpec | AbstractQueue) -> float | None:
+    """Seconds a message may live in the queue `spec` declares (`x-message-ttl`), if bounded."""
+    ttl = spec.arguments.get("x-message-ttl") if isinstance(spec, QueueSpec) else None
+    return ttl / 1000 if isinstance(ttl, int) else None
+
+
+def _lifetime(message: DeliveredMessage, queue_ttl: float | None) -> float:
+    """Seconds a message may live in its queue (its expiration, within the queue's TTL), 0
+    when unbounded. A requeued message keeps its time in the queue: past this it is gone."""
     expiration = message.header.properties.expiration
-    return int(expiration) / 1000 if expiration and expiration.isdigit() else 0.0
+    limits = [queue_ttl] if queue_ttl is not None else []
+    if expiration and expiration.isdigit():
+        limits.append(int(expiration) / 1000)
+    return min(limits, default=0.0)
 
 
 async def _settle_quietly(delivery: Delivery, *, requeue: bool, ack: bool = False) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aio_pika
 import pytest
@@ -347,3 +347,77 @@ async def test_a_control_message_the_broker_failed_is_requeued_once_then_dropped
         connection = await aio_pika.connect(URL)
         async with connection:
             await (await connection.channel()).queue_delete(name)
+
+
+@contextlib.asynccontextmanager
+async def cut_off_from_publishing(
+    topology: Topology, spec: QueueSpec, handler: Callable[[Envelope, Delivery], Awaitable[None]]
+) -> AsyncIterator[tuple[Broker, Broker]]:
+    """A consumer of `spec` whose publishing connection is cut, and cannot come back, while
+    its consuming one delivers; and a publisher beside it. Both closed afterwards."""
+    proxy = FaultProxy(RABBITMQ[1]).start()
+    publisher = Broker(URL, name="test-pub", publish_timeout=5)
+    consumer = Broker(f"amqp://guest:guest@{proxy.address}/", name="test-con", publish_timeout=0.5)
+    try:
+        await publisher.connect()
+        await consumer.connect()  # its first connection is the publishing one
+        channel = await consumer.channel(prefetch=4)
+        await declare_topology(channel, topology)
+        await consumer.consume(channel, spec, handler)
+        proxy.refuse = True
+        proxy.reset(0)
+        yield consumer, publisher
+    finally:
+        await consumer.stop_consuming()
+        await consumer.close()
+        await publisher.close()
+        proxy.close()
+
+
+async def failing_to_publish(_: Envelope, __: Delivery) -> None:
+    raise BrokerUnavailableError()
+
+
+async def test_a_held_job_goes_back_by_its_queues_ttl_not_its_own_deadline() -> None:
+    """An agent queue's jobs live AGENT_QUEUE_TTL there (then a dispatcher answers 503): one
+    held past that, up to its own 20 s, kept its client waiting for a 504 instead."""
+    require_services()
+    topology = Topology(namespace=new_namespace(), agent_queue_ttl_ms=2_000)
+    spec = topology.agent_queue_spec("local_m")
+    async with cut_off_from_publishing(topology, spec, failing_to_publish) as (_, publisher):
+        job = Envelope(type="job", body=b"{}", headers={}, message_id="J", expiration_ms=20_000)
+        started = time.monotonic()
+        await publisher.publish(job, spec.name)
+        returns = topology.returns_queue
+
+        async def returned() -> bool:
+            connection = await aio_pika.connect(URL)
+            async with connection:
+                queue = await (await connection.channel()).get_queue(returns)
+                return (queue.declaration_result.message_count or 0) > 0
+
+        while not await returned():
+            assert time.monotonic() - started < 8, "the job was held past its queue's TTL"
+            await asyncio.sleep(0.2)
+
+
+async def test_stopping_gives_held_jobs_back_at_once() -> None:
+    """A service stopped while it cannot publish: its drain does not wait out DRAIN_TIMEOUT
+    for jobs held for the publishing connection, and those jobs are back in their queue
+    before its connections close, for another consumer to take."""
+    require_services()
+    topology = Topology(namespace=new_namespace())
+    spec = topology.jobs_queue_spec()
+    async with cut_off_from_publishing(topology, spec, failing_to_publish) as (consumer, pub):
+        job = Envelope(type="job", body=b"{}", headers={}, message_id="J", expiration_ms=20_000)
+        await pub.publish(job, spec.name)
+        await asyncio.sleep(1.0)  # taken, failed, held
+        started = time.monotonic()
+        await consumer.stop_consuming()
+        await consumer.drain(5.0)
+        assert time.monotonic() - started < 2
+        await asyncio.sleep(0.3)  # the requeue reaches the broker
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            queue = await (await connection.channel()).get_queue(spec.name)
+            assert queue.declaration_result.message_count == 1
