@@ -28,16 +28,21 @@ async def ignore(_: Envelope, __: Delivery) -> None:
     return None
 
 
-@pytest.fixture
-async def consuming() -> AsyncIterator[tuple[Broker, str]]:
+@contextlib.asynccontextmanager
+async def consumer_of_its_own_queue(
+    handler: Callable[[Envelope, Delivery], Awaitable[None]] = ignore,
+    *,
+    publish_timeout: float = 5,
+    intake: bool = True,
+) -> AsyncIterator[tuple[Broker, str]]:
     """A broker consuming a queue of this test's own (durable, so deleting it is the only way
     it goes away)."""
     require_services()
     name = f"{new_namespace()}.probe"
-    broker = Broker(URL, name="test-amqp", publish_timeout=5)
+    broker = Broker(URL, name="test-amqp", publish_timeout=publish_timeout)
     await broker.connect()
     channel = await broker.channel(prefetch=10)
-    await broker.consume(channel, QueueSpec(name=name, durable=True), ignore)
+    await broker.consume(channel, QueueSpec(name=name, durable=True), handler, intake=intake)
     try:
         yield broker, name
     finally:
@@ -46,6 +51,12 @@ async def consuming() -> AsyncIterator[tuple[Broker, str]]:
         connection = await aio_pika.connect(URL)
         async with connection:
             await (await connection.channel()).queue_delete(name)
+
+
+@pytest.fixture
+async def consuming() -> AsyncIterator[tuple[Broker, str]]:
+    async with consumer_of_its_own_queue() as consumer:
+        yield consumer
 
 
 async def test_a_broker_closed_and_connected_again_consumes_only_what_it_consumes_now(
@@ -324,9 +335,6 @@ async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_l
 async def test_a_control_message_the_broker_failed_is_requeued_once_then_dropped() -> None:
     """Only jobs go back to their queue every time the broker fails their handler: a heartbeat
     handled minutes late, once the broker is back, would say an agent lives that may not."""
-    require_services()
-    name = f"{new_namespace()}.control"
-    broker = Broker(URL, name="test-control", publish_timeout=0.2)
     seen = 0
 
     async def failing(_: Envelope, __: Delivery) -> None:
@@ -334,19 +342,13 @@ async def test_a_control_message_the_broker_failed_is_requeued_once_then_dropped
         seen += 1
         raise BrokerUnavailableError()
 
-    try:
-        await broker.connect()
-        channel = await broker.channel(prefetch=4)
-        await broker.consume(channel, QueueSpec(name=name, durable=True), failing, intake=False)
+    async with consumer_of_its_own_queue(failing, publish_timeout=0.2, intake=False) as (
+        broker,
+        name,
+    ):
         await broker.publish(Envelope(type="control", body=b"", headers={}), name)
         await asyncio.sleep(1.5)
         assert seen == 2
-    finally:
-        await broker.stop_consuming()
-        await broker.close()
-        connection = await aio_pika.connect(URL)
-        async with connection:
-            await (await connection.channel()).queue_delete(name)
 
 
 @contextlib.asynccontextmanager

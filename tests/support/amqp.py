@@ -1,6 +1,9 @@
-"""aio-pika messages for tests that publish through aio-pika themselves (the router does not)."""
+"""aio-pika messages for tests that publish through aio-pika themselves (the router does not),
+and a stand-in broker that only records what it is asked to publish."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import aio_pika
 
@@ -21,3 +24,15 @@ def to_message(env: Envelope, *, persistent: bool, user_id: str | None = None) -
             aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
         ),
     )
+
+
+class RecordingBroker:
+    """Takes every publish at once (a `shared.amqp.Broker` in duck type): `sent` holds the
+    envelopes in order."""
+
+    def __init__(self, publish_timeout: float = 5.0) -> None:
+        self.publish_timeout = publish_timeout
+        self.sent: list[Envelope] = []
+
+    async def publish(self, env: Envelope, routing_key: str, **_: Any) -> None:
+        self.sent.append(env)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, cast
+from typing import cast
 
 from services.dispatcher.handler import DispatcherHandler
 from services.dispatcher.registry import AgentTable, Registry, SqliteStore
@@ -13,21 +13,12 @@ from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
 from shared.messages import Envelope, Job, decode_reply, encode_job
 from shared.topology import Topology
+from tests.support.amqp import RecordingBroker
 
 NO_DELIVERY = cast(Delivery, None)
 
 
-class Replies:
-    publish_timeout = 5.0
-
-    def __init__(self) -> None:
-        self.sent: list[Envelope] = []
-
-    async def publish(self, env: Envelope, routing_key: str, **_: Any) -> None:
-        self.sent.append(env)
-
-
-def handler(broker: Replies) -> DispatcherHandler:
+def handler(broker: RecordingBroker) -> DispatcherHandler:
     async def no_queue(_: object) -> None:
         pass
 
@@ -48,7 +39,7 @@ def returned(model: str, died_in: str) -> Envelope:
 
 
 async def test_a_job_that_waited_out_its_models_queue_is_answered_503() -> None:
-    broker = Replies()
+    broker = RecordingBroker()
     dispatcher = handler(broker)
     own_queue = dispatcher.topology.agent_queue("local_a")
     await dispatcher.on_returned(returned("local_a", own_queue), NO_DELIVERY)
@@ -60,7 +51,7 @@ async def test_a_job_that_expired_in_another_models_queue_is_not_answered() -> N
     """An agent may copy a job it saw into its own queues (the requeue exchange lets it): one
     for another model, expiring there, was answered 503 in the router's name, and the API,
     trusting the dispatcher, dropped the real answer (review 2026-11-29)."""
-    broker = Replies()
+    broker = RecordingBroker()
     dispatcher = handler(broker)
     other_queue = dispatcher.topology.agent_queue("local_b")
     await dispatcher.on_returned(returned("local_a", other_queue), NO_DELIVERY)

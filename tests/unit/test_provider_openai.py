@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import httpx
 import orjson
@@ -27,6 +28,7 @@ EVENTS = [
 SSE = {"content-type": "text/event-stream"}
 
 Handler = Callable[[httpx.Request], httpx.Response]
+E = TypeVar("E", bound=Exception)
 
 
 class Upstream:
@@ -86,6 +88,19 @@ def sse(*events: bytes, error: Exception | None = None) -> Handler:
             raise error
 
     return lambda _: httpx.Response(200, content=body(), headers=SSE)
+
+
+async def read_to_its_error(
+    p: OpenAIProvider, error: type[E], match: str | None = None
+) -> tuple[list[bytes], E]:
+    """Open a stream and read it to the error it must end in: the events before it, and it."""
+    stream = await p.stream(request(stream=True))
+    got: list[bytes] = []
+    with pytest.raises(error, match=match) as info:
+        async for event in stream.events():
+            got.append(event)
+    await stream.aclose()
+    return got, info.value
 
 
 async def test_json_request_and_answer_pass_through() -> None:
@@ -198,12 +213,7 @@ async def test_a_stream_failing_before_its_first_event_is_retried() -> None:
 async def test_a_stream_cut_after_its_first_event_is_an_error_not_a_retry() -> None:
     upstream = Upstream(sse(EVENTS[0], error=httpx.ReadError("reset")), sse(*EVENTS))
     p, _ = provider(upstream)
-    stream = await p.stream(request(stream=True))
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError, match="interrupted"):
-        async for event in stream.events():
-            got.append(event)
-    await stream.aclose()
+    got, _ = await read_to_its_error(p, UpstreamError, "interrupted")
     assert got == EVENTS[:1] and len(upstream.requests) == 1
 
 
@@ -228,12 +238,7 @@ async def test_a_done_without_its_blank_line_still_ends_the_stream(done: bytes) 
 async def test_an_event_cut_from_its_blank_line_at_the_end_is_a_stream_cut_short() -> None:
     upstream = Upstream(sse(*EVENTS[:2], b'data: {"id":"c","choices":[]}\n'))
     p, _ = provider(upstream)
-    stream = await p.stream(request(stream=True))
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError, match="ended early"):
-        async for event in stream.events():
-            got.append(event)
-    await stream.aclose()
+    got, _ = await read_to_its_error(p, UpstreamError, "ended early")
     assert got == EVENTS[:2]
 
 
@@ -246,15 +251,10 @@ async def test_an_error_event_mid_stream_is_the_streams_error_and_its_end() -> N
     )
     upstream = Upstream(sse(*EVENTS[:2], error_event))
     p, _ = provider(upstream)
-    stream = await p.stream(request(stream=True))
-    got: list[bytes] = []
-    with pytest.raises(UpstreamHTTPError) as info:
-        async for event in stream.events():
-            got.append(event)
-    await stream.aclose()
+    got, error = await read_to_its_error(p, UpstreamHTTPError)
     assert got == EVENTS[:2] and len(upstream.requests) == 1
-    assert info.value.status == 502
-    assert orjson.loads(info.value.body) == {
+    assert error.status == 502
+    assert orjson.loads(error.body) == {
         "error": {
             "message": "Sorry, [redacted]",
             "type": "server_error",
@@ -305,12 +305,7 @@ async def test_a_stream_event_past_the_limit_ends_the_stream_as_the_upstreams_fa
     huge = b"data: " + b"x" * (MAX_EVENT_BYTES + 1)
     upstream = Upstream(sse(EVENTS[0], huge))
     p, _ = provider(upstream)
-    stream = await p.stream(request(stream=True))
-    got: list[bytes] = []
-    with pytest.raises(UpstreamError, match="larger than"):
-        async for event in stream.events():
-            got.append(event)
-    await stream.aclose()
+    got, _ = await read_to_its_error(p, UpstreamError, "larger than")
     assert got == EVENTS[:1]
 
 

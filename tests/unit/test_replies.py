@@ -29,6 +29,7 @@ from shared.messages import (
     decode_reply,
 )
 from shared.replies import ReplyPublisher, StreamWriter
+from tests.support.amqp import RecordingBroker
 
 JOB = Job(request_id="r1", model="m", reply_to="q", deadline=1e12, body=b"{}", stream=True)
 
@@ -225,21 +226,9 @@ async def test_an_answer_past_its_deadline_waits_only_the_publish_timeout() -> N
     assert broker.confirmed == 0
 
 
-class Taking:
-    """A broker that takes every message, as the envelopes it was given."""
-
-    publish_timeout = 1.0
-
-    def __init__(self) -> None:
-        self.sent: list[Envelope] = []
-
-    async def publish(self, env: Envelope, routing_key: str, **_: object) -> None:
-        self.sent.append(env)
-
-
 async def test_an_answer_past_the_reply_limit_is_sent_as_a_502_not_published() -> None:
     """The broker would refuse it by closing the channel, failing every reply in flight on it."""
-    broker = Taking()
+    broker = RecordingBroker()
     publish = ReplyPublisher(cast(Broker, broker), persistent=False, max_body=100)
     await publish.final(a_job(), b"x" * 101, attempt="a")
     [reply] = [decode_reply(env) for env in broker.sent]
@@ -250,7 +239,7 @@ async def test_an_answer_past_the_reply_limit_is_sent_as_a_502_not_published() -
 
 
 async def test_a_chunk_past_the_reply_limit_raises_and_is_not_published() -> None:
-    broker = Taking()
+    broker = RecordingBroker()
     publish = ReplyPublisher(cast(Broker, broker), persistent=False, max_body=100)
     with pytest.raises(AnswerTooLargeError):
         await publish(JOB, Reply(ReplyKind.CHUNK, "r1", "a", body=b"x" * 101))
@@ -299,7 +288,7 @@ async def test_an_answer_too_large_to_cache_tells_the_cache_writer_only_that_it_
         events.append(env)
 
     completed = CompletedBatcher(publish_completed, delay=0)
-    publish = ReplyPublisher(cast(Broker, Taking()), persistent=False, completed=completed)
+    publish = ReplyPublisher(cast(Broker, RecordingBroker()), persistent=False, completed=completed)
     job = dataclasses.replace(a_job(), cache_key="k")
     await publish.final(job, b"x" * (MAX_CACHED_BODY + 1), attempt="a")
     await publish.final(job, b"small", attempt="b")
