@@ -46,7 +46,7 @@ class FakeConfig:
     token_rate: float = 0.0  # tokens per second; 0 sends everything at once
     reply: str | None = None  # fixed reply text (split into word tokens)
     api_key: str | None = None  # OpenAI flavour: required Bearer key (None = open)
-    max_model_len: int = 32768  # vLLM flavour: advertised in /v1/models
+    max_model_len: int = 32768  # vLLM flavour: advertised in /v1/models, and enforced
     echo: bool = False  # reply with the last message's text (overrides reply and tokens)
 
 
@@ -59,6 +59,7 @@ class ErrorKind(Enum):
     UNKNOWN_MODEL = "unknown_model"
     INVALID_PARAM = "invalid_param"
     STREAM_OPTIONS_WITHOUT_STREAM = "stream_options_without_stream"
+    CONTEXT_TOO_LONG = "context_too_long"
 
 
 class ApiError(Exception):
@@ -238,6 +239,7 @@ def parse_chat_request(
     model_required: bool,
     strict_stream_options: bool,
     usage_by_default: bool = False,
+    context_limit: int | None = None,
 ) -> ChatRequest:
     """Validate what the fake needs; `model_required=False` defaults to the first model.
 
@@ -245,7 +247,8 @@ def parse_chat_request(
     otherwise only a truthy one is refused, so `{}` passes (vLLM tests
     `data.get("stream_options") and not data.get("stream")`). `usage_by_default`: a
     `stream_options` object without `include_usage` asks for usage (vLLM's `StreamOptions`
-    defaults it to true; OpenAI's to false).
+    defaults it to true; OpenAI's to false). `context_limit` (vLLM's `max_model_len`): a
+    prompt, or a prompt and its `max_tokens`, that does not fit is refused, in vLLM's words.
     """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -275,16 +278,37 @@ def parse_chat_request(
     # vLLM tests `if stream_options:` on the parsed object: any object, `{}` included.
     usage_default = usage_by_default and options is not None
     options = options or {}
+    max_tokens = _max_tokens(body)
+    if context_limit is not None:
+        _check_context(count_prompt_tokens(messages), max_tokens, context_limit)
     return ChatRequest(
         model=model,
         messages=messages,
         stream=stream,
         include_usage=options.get("include_usage", usage_default) is True,
         include_obfuscation=options.get("include_obfuscation", True) is not False,
-        max_tokens=_max_tokens(body),
+        max_tokens=max_tokens,
         n=_int_param(body, "n", 1, 1, MAX_N) or 1,
         tool=_chosen_tool(body),
     )
+
+
+def _check_context(prompt: int, max_tokens: int | None, limit: int) -> None:
+    """vLLM's checks before it generates (`serving_chat.py`, `get_max_tokens`), worded as
+    it words them: the prompt alone, then the prompt with the tokens asked for."""
+    if prompt >= limit:
+        raise ApiError(
+            ErrorKind.CONTEXT_TOO_LONG,
+            f"This model's maximum context length is {limit} tokens. However, your request "
+            f"has {prompt} input tokens. Please reduce the length of the input messages.",
+        )
+    if max_tokens is not None and max_tokens > limit - prompt:
+        raise ApiError(
+            ErrorKind.CONTEXT_TOO_LONG,
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
+            f"model's maximum context length is {limit} tokens and your request has {prompt} "
+            f"input tokens ({max_tokens} > {limit} - {prompt}). None",
+        )
 
 
 def _max_tokens(body: JsonObj) -> int | None:

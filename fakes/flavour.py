@@ -36,6 +36,7 @@ class Flavour(Protocol):
     model_required: bool  # False: a request without "model" gets the first one
     strict_stream_options: bool  # see `fakes.core.parse_chat_request`
     usage_by_default: bool  # likewise
+    enforces_context: bool  # refuses what does not fit `max_model_len` (vLLM)
 
     def completion_id(self, request: web.Request) -> str:
         """A fresh `chatcmpl-...` id for one request."""

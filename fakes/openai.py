@@ -87,6 +87,7 @@ class OpenAIFlavour:
     model_required = True
     strict_stream_options = True  # any `stream_options` but null needs `stream`
     usage_by_default = False  # `stream_options: {}` asks for no usage chunk
+    enforces_context = False  # its models' limits are not modelled
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config

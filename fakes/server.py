@@ -131,6 +131,7 @@ class _ChatExchange:
             model_required=flavour.model_required,
             strict_stream_options=flavour.strict_stream_options,
             usage_by_default=flavour.usage_by_default,
+            context_limit=config.max_model_len if flavour.enforces_context else None,
         )
         pacing = pacing_for(config, self.request.headers)
         self.completion_id = flavour.completion_id(self.request)

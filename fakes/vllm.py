@@ -51,6 +51,7 @@ class VllmFlavour:
     model_required = False  # vLLM serves its (first) model when "model" is absent
     strict_stream_options = False  # vLLM accepts `stream_options: {}` without `stream`
     usage_by_default = True  # and reads `{}` as `{"include_usage": true}`
+    enforces_context = True  # a 400 for what does not fit max_model_len
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config

@@ -601,3 +601,29 @@ async def test_vllm_health_is_empty_200(vllm_fake: Fake) -> None:
     async with vllm_fake.http.get(f"{vllm_fake.url}/health") as resp:
         assert resp.status == 200
         assert await resp.read() == b""
+
+
+async def test_vllm_refuses_what_does_not_fit_its_context_as_vllm_does(vllm_fake: Fake) -> None:
+    """`max_model_len` (32768 here) bounds the prompt and the tokens asked for: vLLM's most
+    common 400 in production, in its words and shape."""
+    status, _, raw = await vllm_fake.raw_chat(
+        {"model": vllm_fake.model, "messages": MESSAGES, "max_tokens": 40_000}
+    )
+    assert status == 400
+    assert json.loads(raw) == {
+        "error": {
+            "message": "'max_tokens' or 'max_completion_tokens' is too large: 40000. This "
+            "model's maximum context length is 32768 tokens and your request has 8 input "
+            "tokens (40000 > 32768 - 8). None",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    }
+    long_prompt = [{"role": "user", "content": "word " * 40_000}]
+    with pytest.raises(openai.BadRequestError, match="However, your request has 40007 input"):
+        await vllm_fake.client.chat.completions.create(model=vllm_fake.model, messages=long_prompt)
+    answer = await vllm_fake.client.chat.completions.create(
+        model=vllm_fake.model, messages=MESSAGES, max_tokens=32_760
+    )
+    assert answer.choices[0].message.content
