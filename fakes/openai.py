@@ -57,6 +57,15 @@ _SERVER_MESSAGES = {
 }
 # Release timestamps /v1/models reports for the default models.
 _CREATED = {"gpt-4o": 1715367049, "gpt-4o-mini": 1721172741}
+# OpenAI answers an alias with the snapshot it resolved to: `gpt-4o` is `gpt-4o-2024-08-06`.
+_SNAPSHOTS = {"gpt-4o": "gpt-4o-2024-08-06", "gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
+
+
+def snapshot_of(model: str) -> str:
+    """The `model` an answer to a request for `model` carries."""
+    return _SNAPSHOTS.get(model, model)
+
+
 _RATE_LIMIT = {
     "x-ratelimit-limit-requests": "10000",
     "x-ratelimit-limit-tokens": "10000000",
@@ -181,7 +190,7 @@ class OpenAIFlavour:
             "id": c.id,
             "object": "chat.completion",
             "created": c.created,
-            "model": c.model,
+            "model": snapshot_of(c.model),
             "choices": choices,
             "usage": _usage(c),
             "service_tier": "default",
@@ -211,7 +220,7 @@ class OpenAIFlavour:
             "id": c.id,
             "object": "chat.completion.chunk",
             "created": c.created,
-            "model": c.model,
+            "model": snapshot_of(c.model),
             "service_tier": "default",
             "system_fingerprint": self._fingerprint,
         }

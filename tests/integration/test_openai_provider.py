@@ -135,7 +135,7 @@ def test_json_answers_equal_the_upstreams(fake: Rig, client: openai.OpenAI, mode
         response_format={"type": "json_object"},
         extra_body=extra,
     )
-    assert completion.model == "gpt-4o-mini"  # the upstream's name, prefix or not
+    assert completion.model == "gpt-4o-mini-2024-07-18"  # the upstream's snapshot, as OpenAI
     call = completion.choices[1].message.tool_calls[0]  # type: ignore[index]
     assert call.function.name == "get_weather"
     assert call.function.arguments == '{"city":"fake","days":1}'
@@ -195,7 +195,7 @@ def test_streams_equal_the_upstreams(fake: Rig, client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 16
     assert all(c.usage is None for c in chunks[:-1])
-    assert {c.model for c in chunks} == {"gpt-4o"}
+    assert {c.model for c in chunks} == {"gpt-4o-2024-08-06"}  # the upstream's snapshot
     assert fake.stats()["bodies"][0]["stream_options"] == {"include_usage": True}
 
 
