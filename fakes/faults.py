@@ -9,6 +9,10 @@ Contract: `POST /_fake/script` takes a JSON list (or one object) of steps:
   {"cut_after_chunks": 3}                   stream: 3 SSE events then drop the
                                             TCP connection (no [DONE]); JSON:
                                             drop it without any response
+  {"error_after_chunks": 3, "body": "msg"}  stream: 3 SSE events, then the flavour's
+                                            error event (its message "msg" or a
+                                            default) and the stream's end, as a
+                                            server failing mid-generation ends it
 Keys combine: {"delay": 1, "status": 503} waits, then fails.
 """
 
@@ -19,7 +23,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-_KEYS = frozenset({"ok", "status", "body", "headers", "delay", "cut_after_chunks"})
+_KEYS = frozenset(
+    {"ok", "status", "body", "headers", "delay", "cut_after_chunks", "error_after_chunks"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +37,7 @@ class FaultStep:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     cut_after_chunks: int | None = None
+    error_after_chunks: int | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> FaultStep:
@@ -51,10 +58,13 @@ class FaultStep:
         delay = raw.get("delay", 0.0)
         if not isinstance(delay, int | float) or isinstance(delay, bool) or delay < 0:
             raise ValueError(f"delay must be a number of seconds >= 0, got {delay!r}")
-        cut = raw.get("cut_after_chunks")
-        if cut is not None and (not _is_int(cut) or cut < 0):
-            raise ValueError(f"cut_after_chunks must be an integer >= 0, got {cut!r}")
-        return cls(status, raw.get("body"), dict(headers), float(delay), cut)
+        counts = {}
+        for key in ("cut_after_chunks", "error_after_chunks"):
+            count = raw.get(key)
+            if count is not None and (not _is_int(count) or count < 0):
+                raise ValueError(f"{key} must be an integer >= 0, got {count!r}")
+            counts[key] = count
+        return cls(status, raw.get("body"), dict(headers), float(delay), **counts)
 
 
 def _is_int(value: Any) -> bool:

@@ -74,6 +74,10 @@ class Flavour(Protocol):
         """Every SSE event of the stream, [DONE] included, tagged with its step."""
         ...
 
+    def stream_failure(self, message: str) -> list[bytes]:
+        """What ends a stream whose generation failed: the error event, and what follows."""
+        ...
+
     def models_body(self) -> bytes:
         """The `GET /v1/models` body."""
         ...

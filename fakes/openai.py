@@ -214,6 +214,11 @@ class OpenAIFlavour:
             "annotations": [],
         }
 
+    def stream_failure(self, message: str) -> list[bytes]:
+        # OpenAI ends a failing stream with an error event and no `[DONE]`.
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+        return [sse(body)]
+
     def stream_events(self, completion: Completion) -> list[Event]:
         c = completion
         head = {

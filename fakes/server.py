@@ -37,6 +37,7 @@ from fakes.flavour import JSON, SSE, Flavour, Reply
 from fakes.stats import Stats
 
 MAX_BODY = 64 * 2**20  # long chat histories exceed aiohttp's 1 MiB default
+DEFAULT_FAILURE = "The engine failed while generating."  # an `error_after_chunks` step's
 _NORMAL = FaultStep()
 
 
@@ -188,6 +189,12 @@ class _ChatExchange:
         cut = self.step.cut_after_chunks
         if cut is not None:
             events = events[:cut]
+        failed_after = self.step.error_after_chunks
+        if failed_after is not None:
+            message = self.step.body if isinstance(self.step.body, str) else DEFAULT_FAILURE
+            last = events[failed_after - 1][0] if failed_after else 0
+            events = events[:failed_after]
+            events += [(last, payload) for payload in self.flavour.stream_failure(message)]
         try:
             await response.prepare(self.request)
             await send_paced(response, events, token_rate)

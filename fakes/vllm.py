@@ -154,6 +154,9 @@ class VllmFlavour:
         message["reasoning"] = None
         return message
 
+    def stream_failure(self, message: str) -> list[bytes]:
+        return _stream_failure(message)
+
     def stream_events(self, completion: Completion) -> list[Event]:
         c = completion
         head = {
@@ -281,6 +284,13 @@ def _validation_message(error: ApiError) -> str:
 def _error(status: int, message: str, type_: str, param: str | None) -> Reply:
     body = {"error": {"message": message, "type": type_, "param": param, "code": status}}
     return Reply(status, orjson.dumps(body))
+
+
+def _stream_failure(message: str) -> list[bytes]:
+    # `chat_completion_stream_generator`: the exception as `create_streaming_error_response`
+    # words it (400, BadRequestError), then the `[DONE]` every stream ends with.
+    body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+    return [sse(body), DONE]
 
 
 async def _health(request: web.Request) -> web.Response:

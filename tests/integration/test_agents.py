@@ -155,6 +155,27 @@ def test_an_answer_past_the_reply_limit_is_a_502_that_spares_the_streams_beside_
     assert fake.stats()["completed"] == 3  # each ran once: nothing requeued
 
 
+def test_a_vllm_failing_mid_stream_reaches_the_client_as_its_error_event(
+    router: Router,
+) -> None:
+    """vLLM ends a stream whose generation failed with an error event and `[DONE]`: the
+    client gets the tokens before it, then that error, and no `[DONE]` of a stream that
+    succeeded."""
+    fake = router.fake("--tokens", "8")
+    router.agent("a1", fake, AGENT_MODELS="local_m=m")
+    router.wait_listed("local_m")
+    step = {"error_after_chunks": 3, "body": "CUDA error: out of memory"}
+    httpx.post(f"{fake.url}/_fake/script", json=[step], timeout=5).raise_for_status()
+    received = []
+    with sdk_client(router.api) as client:
+        stream = client.chat.completions.create(model="local_m", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError, match="CUDA error: out of memory"):
+            for chunk in stream:
+                received.append(chunk)
+    assert "".join(c.choices[0].delta.content or "" for c in received if c.choices)
+    assert all(c.model == "local_m" for c in received)
+
+
 def test_upstream_error_keeps_its_status(router: Router) -> None:
     fake = router.fake(models="m")
     router.agent("a1", fake, AGENT_MODELS="local_m")

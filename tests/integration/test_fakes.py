@@ -328,6 +328,36 @@ async def test_stream_cut_raises_connection_error_without_done(fake: Fake) -> No
     assert (stats["cut"], stats["completed"], stats["aborted"]) == (1, 0, 0)
 
 
+async def test_a_stream_failing_mid_generation_ends_as_its_server_ends_it(fake: Fake) -> None:
+    """vLLM: an error event (400, BadRequestError), then `[DONE]`; OpenAI: an error event,
+    and the stream's end. The SDK raises the server's message either way."""
+    await fake.control.script({"error_after_chunks": 3, "body": "CUDA error: out of memory"})
+    status, _, raw = await fake.raw_chat(
+        {"model": fake.model, "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200
+    events = raw.decode().split("\n\n")
+    assert events[-1] == ""
+    tail = events[3:-1]
+    error = json.loads(tail[0].removeprefix("data: "))["error"]
+    assert error["message"] == "CUDA error: out of memory"
+    if fake.flavour == "vllm":
+        assert (error["type"], error["code"], tail[1:]) == (
+            "BadRequestError",
+            400,
+            ["data: [DONE]"],
+        )
+    else:
+        assert (error["type"], error["code"], tail[1:]) == ("server_error", None, [])
+    await fake.control.script({"error_after_chunks": 1})
+    stream = await fake.client.chat.completions.create(
+        model=fake.model, messages=MESSAGES, stream=True
+    )
+    with pytest.raises(openai.APIError, match="The engine failed while generating"):
+        async for _ in stream:
+            pass
+
+
 async def test_json_cut_closes_without_response(fake: Fake) -> None:
     await fake.control.script({"cut_after_chunks": 0})
     with pytest.raises(openai.APIConnectionError):
