@@ -97,6 +97,7 @@ class ChatRequest:
     max_tokens: int | None
     n: int
     tool: tuple[str, Any, bool] | None  # (name, parameters schema, named choice)
+    top_logprobs: int | None = None  # None: no logprobs asked for; else how many alternatives
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "tool_calls"
     prompt_tokens: int
     completion_tokens: int  # summed over the n choices
+    top_logprobs: int | None = None  # see ChatRequest
 
     @property
     def text(self) -> str:
@@ -290,6 +292,9 @@ def parse_chat_request(
         max_tokens=max_tokens,
         n=_int_param(body, "n", 1, 1, MAX_N) or 1,
         tool=_chosen_tool(body),
+        top_logprobs=(_int_param(body, "top_logprobs", 0, 0, 20) or 0)
+        if body.get("logprobs") is True
+        else None,
     )
 
 
@@ -309,6 +314,18 @@ def _check_context(prompt: int, max_tokens: int | None, limit: int) -> None:
             f"model's maximum context length is {limit} tokens and your request has {prompt} "
             f"input tokens ({max_tokens} > {limit} - {prompt}). None",
         )
+
+
+def token_logprob(token: str, top: int) -> JsonObj:
+    """One content token's logprob entry, as OpenAI and vLLM write it: the token, a
+    deterministic logprob, its UTF-8 bytes, and `top` alternatives (the token itself first)."""
+    entry = _logprob(token, -0.0625)
+    alternatives = [entry] + [_logprob(f"{token}~{k}", -1.0 - k) for k in range(1, top)]
+    return {**entry, "top_logprobs": alternatives[:top]}
+
+
+def _logprob(token: str, logprob: float) -> JsonObj:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
 
 def _max_tokens(body: JsonObj) -> int | None:
@@ -440,4 +457,5 @@ def plan_completion(
         finish_reason=finish,
         prompt_tokens=count_prompt_tokens(request.messages),
         completion_tokens=per_choice * request.n,
+        top_logprobs=request.top_logprobs if tool_call is None else None,
     )

@@ -32,7 +32,17 @@ import orjson
 from aiohttp import web
 
 from fakes.cli import build_parser, config_from_args, run
-from fakes.core import DONE, ApiError, Completion, ErrorKind, Event, FakeConfig, JsonObj, sse
+from fakes.core import (
+    DONE,
+    ApiError,
+    Completion,
+    ErrorKind,
+    Event,
+    FakeConfig,
+    JsonObj,
+    sse,
+    token_logprob,
+)
 from fakes.flavour import Reply
 from fakes.server import build_app
 
@@ -181,7 +191,7 @@ class OpenAIFlavour:
             {
                 "index": i,
                 "message": self._message(c, i),
-                "logprobs": None,
+                "logprobs": _logprobs(c, c.tokens),
                 "finish_reason": c.finish_reason,
             }
             for i in range(c.n)
@@ -238,8 +248,11 @@ class OpenAIFlavour:
                 obj["obfuscation"] = self._obfuscation()
             return sse(obj)
 
-        def choice(i: int, delta: JsonObj, finish: str | None = None) -> list[JsonObj]:
-            return [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        def choice(
+            i: int, delta: JsonObj, finish: str | None = None, token: str | None = None
+        ) -> list[JsonObj]:
+            logprobs = None if token is None else _logprobs(c, (token,))
+            return [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
 
         events: list[Event] = []
         call = c.tool_call
@@ -247,7 +260,9 @@ class OpenAIFlavour:
             first: JsonObj = {"role": "assistant", "content": "", "refusal": None}
             events.extend((0, chunk(choice(i, first))) for i in range(c.n))
             for step, token in enumerate(c.tokens):
-                events.extend((step, chunk(choice(i, {"content": token}))) for i in range(c.n))
+                events.extend(
+                    (step, chunk(choice(i, {"content": token}, token=token))) for i in range(c.n)
+                )
             last = max(len(c.tokens) - 1, 0)
         else:
             for i in range(c.n):
@@ -293,6 +308,12 @@ class OpenAIFlavour:
 
     def extra_routes(self) -> list[web.RouteDef]:
         return []
+
+
+def _logprobs(c: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
+    if c.top_logprobs is None:
+        return None
+    return {"content": [token_logprob(t, c.top_logprobs) for t in tokens], "refusal": None}
 
 
 def _usage(c: Completion) -> JsonObj:

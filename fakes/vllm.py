@@ -27,7 +27,17 @@ import orjson
 from aiohttp import web
 
 from fakes.cli import build_parser, config_from_args, run
-from fakes.core import DONE, ApiError, Completion, ErrorKind, Event, FakeConfig, JsonObj, sse
+from fakes.core import (
+    DONE,
+    ApiError,
+    Completion,
+    ErrorKind,
+    Event,
+    FakeConfig,
+    JsonObj,
+    sse,
+    token_logprob,
+)
 from fakes.flavour import Reply
 from fakes.server import build_app
 
@@ -105,7 +115,7 @@ class VllmFlavour:
             {
                 "index": i,
                 "message": self._message(c, i),
-                "logprobs": None,
+                "logprobs": _logprobs(c, c.tokens),
                 "finish_reason": c.finish_reason,
                 "stop_reason": None,
                 "token_ids": None,
@@ -166,11 +176,13 @@ class VllmFlavour:
             "model": c.model,
         }
 
-        def chunk(index: int, delta: JsonObj, finish: str | None = None) -> bytes:
+        def chunk(
+            index: int, delta: JsonObj, finish: str | None = None, token: str | None = None
+        ) -> bytes:
             choice: JsonObj = {
                 "index": index,
                 "delta": delta,
-                "logprobs": None,
+                "logprobs": None if token is None else _logprobs(c, (token,)),
                 "finish_reason": finish,
             }
             if finish is not None:
@@ -186,7 +198,9 @@ class VllmFlavour:
             last = len(c.tokens) - 1
             for step, token in enumerate(c.tokens):
                 finish = c.finish_reason if step == last and c.finish_reason == "length" else None
-                events.extend((step, chunk(i, {"content": token}, finish)) for i in range(c.n))
+                events.extend(
+                    (step, chunk(i, {"content": token}, finish, token)) for i in range(c.n)
+                )
             if c.finish_reason != "length":
                 # The EOS token: empty text, but it is what carries finish_reason.
                 step = max(last, 0)
@@ -238,6 +252,13 @@ class VllmFlavour:
 
     def extra_routes(self) -> list[web.RouteDef]:
         return [web.get("/health", _health)]
+
+
+def _logprobs(c: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
+    # vLLM's `ChatCompletionLogProbs`: `content` only (no `refusal`).
+    if c.top_logprobs is None:
+        return None
+    return {"content": [token_logprob(t, c.top_logprobs) for t in tokens]}
 
 
 def _first_choice(index: int) -> JsonObj:

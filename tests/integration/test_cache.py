@@ -261,11 +261,13 @@ def test_max_age_refuses_an_answer_older_than_it(cache: CacheStack) -> None:
     )
 
 
-@pytest.mark.parametrize("tools", [False, True], ids=["text", "tool-calls"])
+@pytest.mark.parametrize("shape", ["text", "tool-calls", "logprobs"])
 def test_a_stream_after_a_json_call_is_replayed_from_the_cache(
-    cache: CacheStack, tools: bool
+    cache: CacheStack, shape: str
 ) -> None:
-    body = question(tools=[WEATHER_TOOL]) if tools else question()
+    tools = shape == "tool-calls"
+    extra = {"logprobs": True, "top_logprobs": 2} if shape == "logprobs" else {}
+    body = question(tools=[WEATHER_TOOL], **extra) if tools else question(**extra)
     first = cache.chat(body)
     assert first.status_code == 200
     answer = first.json()
@@ -293,6 +295,15 @@ def test_a_stream_after_a_json_call_is_replayed_from_the_cache(
     message = answer["choices"][0]["message"]
     if not tools:
         assert "".join(c.delta.content or "" for c in choices) == message["content"]
+        # The upstream's own logprobs (the fake vLLM's, as vLLM writes them), replayed.
+        replayed = [
+            entry.model_dump()
+            for c in choices
+            if c.logprobs is not None and c.logprobs.content
+            for entry in c.logprobs.content
+        ]
+        stored = (answer["choices"][0]["logprobs"] or {}).get("content") or []
+        assert replayed == stored and bool(stored) == bool(extra)
         return
     calls = [call for c in choices for call in c.delta.tool_calls or []]
     assert [(c.id, c.function.name, c.function.arguments) for c in calls] == [  # type: ignore[union-attr]

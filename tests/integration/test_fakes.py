@@ -659,3 +659,30 @@ async def test_vllm_refuses_what_does_not_fit_its_context_as_vllm_does(vllm_fake
         model=vllm_fake.model, messages=MESSAGES, max_tokens=32_760
     )
     assert answer.choices[0].message.content
+
+
+async def test_logprobs_asked_for_come_with_each_token(fake: Fake) -> None:
+    """Both servers give each content token its logprob, bytes and `top_logprobs`
+    alternatives, in the answer and in each stream chunk; the strict SDK reads them."""
+    answer = await fake.client.chat.completions.create(
+        model=fake.model, messages=MESSAGES, logprobs=True, top_logprobs=2
+    )
+    [choice] = answer.choices
+    assert choice.logprobs is not None and choice.logprobs.content is not None
+    tokens = choice.logprobs.content
+    assert "".join(t.token for t in tokens) == choice.message.content
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in tokens)
+    assert all(t.bytes == list(t.token.encode()) for t in tokens)
+    stream = await fake.client.chat.completions.create(
+        model=fake.model, messages=MESSAGES, logprobs=True, stream=True
+    )
+    streamed = [
+        entry.token
+        async for chunk in stream
+        for c in chunk.choices
+        if c.logprobs is not None and c.logprobs.content
+        for entry in c.logprobs.content
+    ]
+    assert "".join(streamed) == choice.message.content
+    plain = await fake.client.chat.completions.create(model=fake.model, messages=MESSAGES)
+    assert plain.choices[0].logprobs is None
