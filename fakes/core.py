@@ -60,6 +60,7 @@ class ErrorKind(Enum):
     INVALID_PARAM = "invalid_param"
     STREAM_OPTIONS_WITHOUT_STREAM = "stream_options_without_stream"
     CONTEXT_TOO_LONG = "context_too_long"
+    UNKNOWN_ARGUMENT = "unknown_argument"
 
 
 class ApiError(Exception):
@@ -242,6 +243,7 @@ def parse_chat_request(
     strict_stream_options: bool,
     usage_by_default: bool = False,
     context_limit: int | None = None,
+    known_fields: frozenset[str] | None = None,
 ) -> ChatRequest:
     """Validate what the fake needs; `model_required=False` defaults to the first model.
 
@@ -251,7 +253,14 @@ def parse_chat_request(
     `stream_options` object without `include_usage` asks for usage (vLLM's `StreamOptions`
     defaults it to true; OpenAI's to false). `context_limit` (vLLM's `max_model_len`): a
     prompt, or a prompt and its `max_tokens`, that does not fit is refused, in vLLM's words.
+    `known_fields` (OpenAI): a field outside them is refused, as OpenAI refuses it.
     """
+    if known_fields is not None:
+        for name in body:
+            if name not in known_fields:
+                raise ApiError(
+                    ErrorKind.UNKNOWN_ARGUMENT, f"Unrecognized request argument supplied: {name}"
+                )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(ErrorKind.MISSING_MESSAGES, "Missing required parameter: 'messages'.")

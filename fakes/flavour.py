@@ -37,6 +37,7 @@ class Flavour(Protocol):
     strict_stream_options: bool  # see `fakes.core.parse_chat_request`
     usage_by_default: bool  # likewise
     enforces_context: bool  # refuses what does not fit `max_model_len` (vLLM)
+    known_fields: frozenset[str] | None  # the request fields it takes; None: any (vLLM)
 
     def completion_id(self, request: web.Request) -> str:
         """A fresh `chatcmpl-...` id for one request."""

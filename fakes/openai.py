@@ -67,6 +67,18 @@ _SERVER_MESSAGES = {
 }
 # Release timestamps /v1/models reports for the default models.
 _CREATED = {"gpt-4o": 1715367049, "gpt-4o-mini": 1721172741}
+# The Chat Completions request body's fields, as OpenAI documents them.
+_REQUEST_FIELDS = frozenset(
+    {
+        "messages", "model", "audio", "frequency_penalty", "function_call", "functions",
+        "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata",
+        "modalities", "n", "parallel_tool_calls", "prediction", "presence_penalty",
+        "prompt_cache_key", "prompt_cache_retention", "reasoning_effort", "response_format",
+        "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+        "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p",
+        "user", "verbosity", "web_search_options",
+    }
+)  # fmt: skip
 # OpenAI answers an alias with the snapshot it resolved to: `gpt-4o` is `gpt-4o-2024-08-06`.
 _SNAPSHOTS = {"gpt-4o": "gpt-4o-2024-08-06", "gpt-4o-mini": "gpt-4o-mini-2024-07-18"}
 
@@ -107,6 +119,7 @@ class OpenAIFlavour:
     strict_stream_options = True  # any `stream_options` but null needs `stream`
     usage_by_default = False  # `stream_options: {}` asks for no usage chunk
     enforces_context = False  # its models' limits are not modelled
+    known_fields: frozenset[str] | None = _REQUEST_FIELDS  # others: "Unrecognized request argument"
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config
@@ -162,7 +175,7 @@ class OpenAIFlavour:
         if kind is ErrorKind.MISSING_MESSAGES:
             code = "missing_required_parameter"
             return _error(400, error.message, param="messages", code=code)
-        if kind is ErrorKind.MISSING_MODEL:
+        if kind in (ErrorKind.MISSING_MODEL, ErrorKind.UNKNOWN_ARGUMENT):
             return _error(400, error.message)
         return _error(400, error.message, param=error.param, code="invalid_value")
 

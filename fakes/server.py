@@ -133,6 +133,7 @@ class _ChatExchange:
             strict_stream_options=flavour.strict_stream_options,
             usage_by_default=flavour.usage_by_default,
             context_limit=config.max_model_len if flavour.enforces_context else None,
+            known_fields=flavour.known_fields,
         )
         pacing = pacing_for(config, self.request.headers)
         self.completion_id = flavour.completion_id(self.request)

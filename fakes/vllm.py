@@ -62,6 +62,7 @@ class VllmFlavour:
     strict_stream_options = False  # vLLM accepts `stream_options: {}` without `stream`
     usage_by_default = True  # and reads `{}` as `{"include_usage": true}`
     enforces_context = True  # a 400 for what does not fit max_model_len
+    known_fields: frozenset[str] | None = None  # vLLM takes fields it does not know (logs them)
 
     def __init__(self, config: FakeConfig) -> None:
         self._config = config

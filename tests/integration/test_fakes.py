@@ -686,3 +686,20 @@ async def test_logprobs_asked_for_come_with_each_token(fake: Fake) -> None:
     assert "".join(streamed) == choice.message.content
     plain = await fake.client.chat.completions.create(model=fake.model, messages=MESSAGES)
     assert plain.choices[0].logprobs is None
+
+
+async def test_openai_refuses_a_field_it_does_not_know_and_vllm_takes_it(fake: Fake) -> None:
+    body = {"model": fake.model, "messages": MESSAGES, "top_k": 5}
+    status, _, raw = await fake.raw_chat(body)
+    if fake.flavour == "vllm":
+        assert status == 200
+        return
+    assert status == 400
+    assert json.loads(raw) == {
+        "error": {
+            "message": "Unrecognized request argument supplied: top_k",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }

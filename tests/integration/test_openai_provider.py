@@ -126,7 +126,7 @@ def comparable(completion: dict[str, Any]) -> list[Any]:
 
 @pytest.mark.parametrize("model", ["gpt-4o-mini", "openai/gpt-4o-mini"])
 def test_json_answers_equal_the_upstreams(fake: Rig, client: openai.OpenAI, model: str) -> None:
-    extra = {"x_unknown_param": {"kept": [1, 2.5, None]}, "logprobs": True}
+    extra = {"logprobs": True, "top_logprobs": 1}
     completion = client.chat.completions.create(
         model=model,
         messages=MESSAGES,
@@ -151,6 +151,24 @@ def test_json_answers_equal_the_upstreams(fake: Rig, client: openai.OpenAI, mode
     assert comparable(completion.model_dump(exclude_unset=True)) == comparable(
         fake.direct(sent).json()
     )
+
+
+def test_a_field_the_router_does_not_know_reaches_the_provider_as_it_is(
+    fake: Rig, client: openai.OpenAI
+) -> None:
+    """Unknown fields are passed on, untouched: OpenAI refuses one it does not know either
+    (a vLLM sampling parameter sent to a cloud model, say), and its 400 reaches the client."""
+    extra = {"top_k": 5, "x_unknown_param": {"kept": [1, 2.5, None]}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_body=extra)
+    assert info.value.message.endswith("Unrecognized request argument supplied: top_k")
+    assert (info.value.type, info.value.param, info.value.code) == (
+        "invalid_request_error",
+        None,
+        None,
+    )
+    [sent] = fake.stats()["bodies"]
+    assert {k: sent[k] for k in extra} == extra
 
 
 def test_plain_content_and_rate_headers_are_relayed(fake: Rig, client: openai.OpenAI) -> None:
