@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from services.api.agent_auth import parse_token_pairs
 from services.api.app import create_app
 from services.api.client_auth import load_entries
-from services.api.server import WRITE_GRACE, DrainingServer
+from services.api.server import WRITE_GRACE, DrainingServer, DroppedStreamFilter
 from services.api.settings import ApiSettings
 from shared.logs import configure_logging, secret_values
 from shared.runner import settle_heap
@@ -27,6 +29,7 @@ def main() -> None:
         settings.log_level, "api", secrets=secret_values(settings, *credential_values(settings))
     )
     app = create_app(settings)
+    logging.getLogger("uvicorn.error").addFilter(DroppedStreamFilter())
     settle_heap()
     config = uvicorn.Config(
         app,

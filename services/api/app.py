@@ -192,16 +192,18 @@ def create_app(settings: ApiSettings) -> RouterApp:
     async def heartbeat(request: Request) -> Response:
         return await agents.heartbeat(request)
 
-    @app.get(
+    @app.api_route(
         "/health",
+        methods=["GET", "HEAD"],  # HEAD: load balancers' and uptime monitors' checks
         summary="The process is up",
         responses={200: json_response("Up", status_schema("ok"))},
     )
     async def health() -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
 
-    @app.get(
+    @app.api_route(
         "/ready",
+        methods=["GET", "HEAD"],
         summary="Connected to the broker and consuming replies",
         responses={200: json_response("Ready", status_schema("ready")), **error_responses(503)},
     )

@@ -69,6 +69,9 @@ class ApiBus:
             self._broker.on_connection_lost(self._fail_waiting)
         self._connector: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        # Set once the process stops waiting for answers (`end_waiting`): jobs after it would
+        # run for nobody, so their requests get the same error at once.
+        self._stopped_with: RouterError | None = None
 
     async def start(self) -> None:
         """Connect now if the broker answers, else keep trying in the background."""
@@ -157,6 +160,8 @@ class ApiBus:
         no reply queue (in transient mode it is re-declared only when the consuming connection
         returns), and the client would wait out its deadline for nothing.
         """
+        if self._stopped_with is not None:
+            raise self._stopped_with
         if not self.is_ready:
             raise BrokerUnavailableError()
         env = encode_job(job, now=time.time())
@@ -178,6 +183,7 @@ class ApiBus:
         """The process is stopping: every call still waiting for its answer ends with `error`
         now, and its job is cancelled, since nobody will read what it would answer. Returns
         how many calls there were."""
+        self._stopped_with = error
         calls = self.replies.waiting()
         for call in calls:
             self.cancel_soon(call)

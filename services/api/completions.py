@@ -152,7 +152,9 @@ class CompletionsEndpoint:
                 handed_to_stream = isinstance(response, SseRelay)
                 return response
             return await self._json(call, started)
-        except ClientGoneError:
+        except (ClientGoneError, asyncio.CancelledError):
+            # Cancelled: the server cut the request off (its stop's last seconds); its job,
+            # if it went out, must not run on for nobody.
             self.bus.cancel_soon(call)
             raise
         finally:

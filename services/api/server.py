@@ -23,6 +23,18 @@ log = logging.getLogger(__name__)
 
 # After the drain, how long the 503s may take to reach their clients before uvicorn cancels.
 WRITE_GRACE = 5.0
+# What uvicorn logs, as an ERROR, for a response the app left unfinished.
+UNFINISHED_RESPONSE = "ASGI callable returned without completing response."
+
+
+class DroppedStreamFilter(logging.Filter):
+    """Drops uvicorn's ERROR for an unfinished response: the API leaves one unfinished only on
+    purpose, for a stream whose client stopped reading (dropped at its deadline:
+    `services.api.sse`), and logs that itself as the warning it is. As an ERROR, each such
+    client paged whoever alerts on errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != UNFINISHED_RESPONSE
 
 
 def stopping_error() -> RouterError:

@@ -27,6 +27,7 @@ DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"
 NO_OUTPUT = "No output from the model in time."
 STOPPED = "The model stopped sending output in time."
+UNFINISHED = "The model did not finish in time."  # REQUEST_TIMEOUT, while it still sent
 SSE_HEADERS = {
     "content-type": "text/event-stream; charset=utf-8",
     "cache-control": "no-cache",
@@ -123,7 +124,7 @@ class SseRelay(Response):
         until, late = self._limits.first_chunk_by, NO_OUTPUT
         if self._first is not None:
             yield self._first
-            until, late = self._quiet_until(), STOPPED
+            until, late = self._quiet_until()
         while True:
             try:
                 reply = await self._call.next(min(self._ping_interval, until - time.monotonic()))
@@ -137,10 +138,15 @@ class SseRelay(Response):
                 yield error_event(e)
                 return
             yield reply
-            until, late = self._quiet_until(), STOPPED
+            until, late = self._quiet_until()
 
-    def _quiet_until(self) -> float:
-        return min(time.monotonic() + self._limits.idle, self._limits.deadline)
+    def _quiet_until(self) -> tuple[float, str]:
+        """When the next reply is due, and what the client is told if it is not: the idle
+        limit's words, or the request's deadline's when that comes first."""
+        idle_end = time.monotonic() + self._limits.idle
+        if idle_end < self._limits.deadline:
+            return idle_end, STOPPED
+        return self._limits.deadline, UNFINISHED
 
     async def _events(self) -> AsyncIterator[bytes]:
         async with contextlib.aclosing(self._replies()) as replies:

@@ -172,3 +172,12 @@ async def test_a_refusal_outside_the_chat_route_is_logged_under_its_request_id(
         f"POST /heartbeat: request {request_id} answered 401 invalid_api_key: "
         "Missing agent token: send `Authorization: Bearer <token>`."
     ]
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+async def test_the_probes_answer_head_as_load_balancers_send_it(path: str) -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        head, get = await client.head(path), await client.get(path)
+    assert head.status_code == get.status_code != 405

@@ -1,17 +1,21 @@
-"""An API whose broker cannot be used keeps saying so while it answers 503, not only once."""
+"""The API's bus and server around the broker: a broker that cannot be used is said again
+while the API answers 503; a job the broker may still route is cancelled; a stopping API
+refuses new jobs; uvicorn's error for a stream dropped on purpose is filtered."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
 
 from services.api import bus as bus_module
 from services.api.bus import ApiBus
+from services.api.server import DroppedStreamFilter, stopping_error
 from services.api.settings import ApiSettings
 from shared.amqp import Broker, broker_address
-from shared.errors import BrokerUnavailableError
+from shared.errors import BrokerUnavailableError, ServiceUnavailableError
 from shared.messages import Envelope, Job, MessageType
 from shared.topology import cancel_routing_key, topology_for
 
@@ -71,3 +75,34 @@ async def test_a_job_whose_publish_timed_out_is_cancelled_behind_it(
         (MessageType.JOB, topology.jobs_queue),
         (MessageType.CANCEL, cancel_routing_key("local_m")),
     ]
+
+
+async def test_a_job_after_the_api_stopped_waiting_is_refused_and_never_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past DRAIN_TIMEOUT the API answers what still waits 503 `api_stopping`; a request whose
+    body arrived only then got its job published, ran for nobody, and was cut off with a 500."""
+    settings = ApiSettings(rabbitmq_url="amqp://guest:guest@127.0.0.1:1/")
+    bus = ApiBus(settings, topology_for(settings))
+    published: list[str] = []
+
+    async def publish(env: Envelope, routing_key: str, **kwargs: object) -> None:
+        published.append(env.type)
+
+    monkeypatch.setattr(Broker, "is_consuming", property(lambda _: True))
+    monkeypatch.setattr(bus._broker, "publish", publish)
+    assert bus.end_waiting(stopping_error()) == 0
+    job = Job(request_id="r1", model="local_m", reply_to="q", deadline=time.time() + 60, body=b"{}")
+    with pytest.raises(ServiceUnavailableError) as info:
+        await bus.submit(job)
+    assert info.value.code == "api_stopping" and published == []
+
+
+def test_only_uvicorns_error_for_a_dropped_stream_is_filtered() -> None:
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, message, None, None)
+
+    drop = DroppedStreamFilter()
+    assert not drop.filter(record("ASGI callable returned without completing response."))
+    assert drop.filter(record("ASGI callable returned without starting response."))
+    assert drop.filter(record("Exception in ASGI application"))

@@ -67,12 +67,14 @@ async def test_a_failed_start_still_finishes_the_call() -> None:
     assert finished == [False]
 
 
-def silent_relay(*, idle: float, ping_interval: float) -> tuple[PendingCall, SseRelay]:
+def silent_relay(
+    *, idle: float, ping_interval: float, total: float = 30
+) -> tuple[PendingCall, SseRelay]:
     """A stream whose first chunk came; what follows is up to the test."""
     call = PendingCall("r1", "local_m")
     first = Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, 0, 200, {})
     call.attempt, call.next_seq = "a1", 1  # as the first reply leaves them
-    limits = StreamLimits(total=30, ttft=30, idle=idle, now=time.monotonic())
+    limits = StreamLimits(total=total, ttft=total, idle=idle, now=time.monotonic())
 
     async def on_finish(completed: bool) -> None:
         pass
@@ -120,3 +122,11 @@ async def test_a_pause_past_the_idle_limit_ends_with_an_error_event_after_its_pi
     events = body.split(b"\n\n")[:-1]
     assert events[0] + b"\n\n" == CHUNK and events[1:-1] and set(events[1:-1]) == {b": ping"}
     assert b"stopped sending output" in events[-1] and sse.DONE not in body
+
+
+async def test_a_stream_cut_by_the_requests_deadline_says_so_not_that_the_model_paused() -> None:
+    """REQUEST_TIMEOUT came before the idle limit would have: the error names the deadline."""
+    _, relay = silent_relay(idle=5, ping_interval=0.05, total=0.3)
+    body = await body_of(relay)
+    last = body.split(b"\n\n")[-2]
+    assert b"did not finish in time" in last and b"stopped sending" not in last
