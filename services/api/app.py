@@ -192,18 +192,16 @@ def create_app(settings: ApiSettings) -> RouterApp:
     async def heartbeat(request: Request) -> Response:
         return await agents.heartbeat(request)
 
-    @app.api_route(
+    @app.get(
         "/health",
-        methods=["GET", "HEAD"],  # HEAD: load balancers' and uptime monitors' checks
         summary="The process is up",
         responses={200: json_response("Up", status_schema("ok"))},
     )
     async def health() -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
 
-    @app.api_route(
+    @app.get(
         "/ready",
-        methods=["GET", "HEAD"],
         summary="Connected to the broker and consuming replies",
         responses={200: json_response("Ready", status_schema("ready")), **error_responses(503)},
     )
@@ -212,6 +210,11 @@ def create_app(settings: ApiSettings) -> RouterApp:
             return Response(b'{"status":"ready"}', media_type=JSON)
         body = error_body("Not connected to the broker.", "server_error", code="not_ready")
         return Response(body, status_code=503, media_type=JSON)
+
+    # HEAD too, as load balancers and uptime monitors send it (not in the document: the same
+    # answers as GET, without a body).
+    for path, probe in (("/health", health), ("/ready", ready)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
