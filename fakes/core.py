@@ -291,7 +291,17 @@ def parse_chat_request(
     options = options or {}
     max_tokens = _max_tokens(body)
     if context_limit is not None:
-        _check_context(count_prompt_tokens(messages), max_tokens, context_limit)
+        prompt = count_prompt_tokens(messages)
+        _check_context(prompt, max_tokens, context_limit)
+        if max_tokens is None:  # vLLM's default: what the context has room for
+            max_tokens = context_limit - prompt
+    top_logprobs = _int_param(body, "top_logprobs", 0, 0, 20) or 0
+    if top_logprobs and body.get("logprobs") is not True:
+        raise ApiError(
+            ErrorKind.INVALID_PARAM,
+            "when using `top_logprobs`, `logprobs` must be set to true.",
+            "top_logprobs",
+        )
     return ChatRequest(
         model=model,
         messages=messages,
@@ -301,9 +311,7 @@ def parse_chat_request(
         max_tokens=max_tokens,
         n=_int_param(body, "n", 1, 1, MAX_N) or 1,
         tool=_chosen_tool(body),
-        top_logprobs=(_int_param(body, "top_logprobs", 0, 0, 20) or 0)
-        if body.get("logprobs") is True
-        else None,
+        top_logprobs=top_logprobs if body.get("logprobs") is True else None,
     )
 
 

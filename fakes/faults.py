@@ -9,10 +9,12 @@ Contract: `POST /_fake/script` takes a JSON list (or one object) of steps:
   {"cut_after_chunks": 3}                   stream: 3 SSE events then drop the
                                             TCP connection (no [DONE]); JSON:
                                             drop it without any response
-  {"error_after_chunks": 3, "body": "msg"}  stream: 3 SSE events, then the flavour's
-                                            error event (its message "msg" or a
-                                            default) and the stream's end, as a
-                                            server failing mid-generation ends it
+  {"error_after_chunks": 3, "body": "msg"}  stream: 3 SSE events (at most all but
+                                            [DONE]), then the flavour's error event
+                                            (its message "msg" or a default) and the
+                                            stream's end, as a server failing
+                                            mid-generation ends it; streams only, and
+                                            not with cut_after_chunks
 Keys combine: {"delay": 1, "status": 503} waits, then fails.
 """
 
@@ -64,6 +66,8 @@ class FaultStep:
             if count is not None and (not _is_int(count) or count < 0):
                 raise ValueError(f"{key} must be an integer >= 0, got {count!r}")
             counts[key] = count
+        if None not in counts.values():
+            raise ValueError("cut_after_chunks and error_after_chunks end a stream two ways")
         return cls(status, raw.get("body"), dict(headers), float(delay), **counts)
 
 

@@ -193,6 +193,8 @@ class _ChatExchange:
         failed_after = self.step.error_after_chunks
         if failed_after is not None:
             message = self.step.body if isinstance(self.step.body, str) else DEFAULT_FAILURE
+            # Before the stream's own end: the error is what ends it.
+            failed_after = min(failed_after, len(events) - 1)
             last = events[failed_after - 1][0] if failed_after else 0
             events = events[:failed_after]
             events += [(last, payload) for payload in self.flavour.stream_failure(message)]

@@ -703,3 +703,38 @@ async def test_openai_refuses_a_field_it_does_not_know_and_vllm_takes_it(fake: F
             "code": None,
         }
     }
+
+
+async def test_an_error_after_more_chunks_than_the_stream_has_still_ends_it(fake: Fake) -> None:
+    await fake.control.script({"error_after_chunks": 500})
+    status, _, raw = await fake.raw_chat(
+        {"model": fake.model, "messages": MESSAGES, "stream": True}
+    )
+    events = raw.decode().split("\n\n")[:-1]
+    assert status == 200 and events.count("data: [DONE]") == (1 if fake.flavour == "vllm" else 0)
+    error_at = next(i for i, e in enumerate(events) if e.startswith('data: {"error"'))
+    assert all("[DONE]" not in e for e in events[:error_at])
+    with pytest.raises(ValueError, match="two ways"):
+        FaultStep.parse({"error_after_chunks": 1, "cut_after_chunks": 2})
+
+
+async def test_vllm_generates_no_further_than_its_context_by_default() -> None:
+    """Without `max_tokens` vLLM asks for what the context has room for: past it, `length`."""
+    async with running(fake_vllm.create_app(FakeConfig(max_model_len=40))) as url:
+        client = sdk_client(url)
+        try:
+            answer = await client.chat.completions.create(
+                model="mistral-7b-instruct", messages=[{"role": "user", "content": "w " * 30}]
+            )
+        finally:
+            await client.close()
+    assert answer.usage is not None and answer.usage.total_tokens == 40
+    assert answer.choices[0].finish_reason == "length"
+
+
+async def test_top_logprobs_without_logprobs_is_a_400(fake: Fake) -> None:
+    status, _, raw = await fake.raw_chat(
+        {"model": fake.model, "messages": MESSAGES, "top_logprobs": 3}
+    )
+    assert status == 400
+    assert json.loads(raw)["error"]["param"] == "top_logprobs"
