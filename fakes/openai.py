@@ -31,18 +31,9 @@ from http import HTTPStatus
 import orjson
 from aiohttp import web
 
+from fakes import core
 from fakes.cli import build_parser, config_from_args, run
-from fakes.core import (
-    DONE,
-    ApiError,
-    Completion,
-    ErrorKind,
-    Event,
-    FakeConfig,
-    JsonObj,
-    sse,
-    token_logprob,
-)
+from fakes.core import DONE, ApiError, Completion, ErrorKind, Event, FakeConfig, JsonObj, sse
 from fakes.flavour import Reply
 from fakes.server import build_app
 
@@ -326,7 +317,7 @@ class OpenAIFlavour:
 def _logprobs(c: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
     if c.top_logprobs is None:
         return None
-    return {"content": [token_logprob(t, c.top_logprobs) for t in tokens], "refusal": None}
+    return {"content": [core.token_logprob(t, c.top_logprobs) for t in tokens], "refusal": None}
 
 
 def _usage(c: Completion) -> JsonObj:

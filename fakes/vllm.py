@@ -26,18 +26,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from fakes import core
 from fakes.cli import build_parser, config_from_args, run
-from fakes.core import (
-    DONE,
-    ApiError,
-    Completion,
-    ErrorKind,
-    Event,
-    FakeConfig,
-    JsonObj,
-    sse,
-    token_logprob,
-)
+from fakes.core import DONE, ApiError, Completion, ErrorKind, Event, FakeConfig, JsonObj, sse
 from fakes.flavour import Reply
 from fakes.server import build_app
 
@@ -259,7 +250,7 @@ def _logprobs(c: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
     # vLLM's `ChatCompletionLogProbs`: `content` only (no `refusal`).
     if c.top_logprobs is None:
         return None
-    return {"content": [token_logprob(t, c.top_logprobs) for t in tokens]}
+    return {"content": [core.token_logprob(t, c.top_logprobs) for t in tokens]}
 
 
 def _first_choice(index: int) -> JsonObj:
