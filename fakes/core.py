@@ -333,7 +333,16 @@ def _check_context(prompt: int, max_tokens: int | None, limit: int) -> None:
         )
 
 
-def token_logprob(token: str, top: int) -> JsonObj:
+def content_logprobs(completion: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
+    """The `logprobs` of a choice made of `tokens` (vLLM's `ChatCompletionLogProbs`; OpenAI
+    adds `refusal`), None when the request asked for none."""
+    top = completion.top_logprobs
+    if top is None:
+        return None
+    return {"content": [_token_logprob(token, top) for token in tokens]}
+
+
+def _token_logprob(token: str, top: int) -> JsonObj:
     """One content token's logprob entry, as OpenAI and vLLM write it: the token, a
     deterministic logprob, its UTF-8 bytes, and `top` alternatives (the token itself first)."""
     entry = _logprob(token, -0.0625)

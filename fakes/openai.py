@@ -315,9 +315,8 @@ class OpenAIFlavour:
 
 
 def _logprobs(c: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
-    if c.top_logprobs is None:
-        return None
-    return {"content": [core.token_logprob(t, c.top_logprobs) for t in tokens], "refusal": None}
+    logprobs = core.content_logprobs(c, tokens)
+    return None if logprobs is None else {**logprobs, "refusal": None}
 
 
 def _usage(c: Completion) -> JsonObj:

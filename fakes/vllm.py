@@ -107,7 +107,7 @@ class VllmFlavour:
             {
                 "index": i,
                 "message": self._message(c, i),
-                "logprobs": _logprobs(c, c.tokens),
+                "logprobs": core.content_logprobs(c, c.tokens),
                 "finish_reason": c.finish_reason,
                 "stop_reason": None,
                 "token_ids": None,
@@ -174,7 +174,7 @@ class VllmFlavour:
             choice: JsonObj = {
                 "index": index,
                 "delta": delta,
-                "logprobs": None if token is None else _logprobs(c, (token,)),
+                "logprobs": None if token is None else core.content_logprobs(c, (token,)),
                 "finish_reason": finish,
             }
             if finish is not None:
@@ -244,13 +244,6 @@ class VllmFlavour:
 
     def extra_routes(self) -> list[web.RouteDef]:
         return [web.get("/health", _health)]
-
-
-def _logprobs(c: Completion, tokens: tuple[str, ...]) -> JsonObj | None:
-    # vLLM's `ChatCompletionLogProbs`: `content` only (no `refusal`).
-    if c.top_logprobs is None:
-        return None
-    return {"content": [core.token_logprob(t, c.top_logprobs) for t in tokens]}
 
 
 def _first_choice(index: int) -> JsonObj:

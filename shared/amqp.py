@@ -346,8 +346,7 @@ class Broker:
         """Hold a message whose handler the broker failed until publishing works again (at
         most `lifetime`, and no longer than intake runs), then send it back to its queue."""
         try:
-            if not self._stopping.is_set():
-                await self.publishing(max(self.publish_timeout, lifetime), stop=self._stopping)
+            await self.publishing(max(self.publish_timeout, lifetime), stop=self._stopping)
         finally:  # a cancelled hold (the drain's end) gives the message back too
             log.warning(
                 "%s %s back to its queue: the broker took no publish",

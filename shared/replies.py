@@ -246,8 +246,9 @@ class StreamWriter:
     def started(self) -> bool:
         return self._seq > 0
 
-    async def send(self, event: bytes) -> None:
-        await self.send_all((event,))
+    def send(self, event: bytes) -> Awaitable[None]:
+        # No coroutine of its own: a frame per event on the stream's hot path, for nothing.
+        return self.send_all((event,))
 
     async def send_all(self, events: Sequence[bytes]) -> None:
         """`send()` for events that arrived together: they leave together where they fit in
@@ -313,13 +314,7 @@ class StreamWriter:
             self._raise_failure()
         await self._flush()
         async with self._lock:
-            seq = self._seq
-            self._seq += 1
-            try:
-                await self._publish(self.job, _renumbered(last, seq))
-            except BaseException:
-                self._publish_failed = True
-                raise
+            await self._publish_numbered(_renumbered(last, self._seq))
         self._ended = True
 
     async def _flush_later(self, delay: float) -> None:
@@ -368,13 +363,18 @@ class StreamWriter:
             seq=self._seq,
             http_headers=headers,
         )
+        await self._publish_numbered(reply)
+        self.output_confirmed = True
+
+    async def _publish_numbered(self, reply: Reply) -> None:
+        """Publish `reply`, numbered as the stream's next message. Its number is used even if
+        the publish fails (the message may still arrive); a failure is remembered for `fail()`."""
         self._seq += 1
         try:
             await self._publish(self.job, reply)
         except BaseException:
             self._publish_failed = True
             raise
-        self.output_confirmed = True
 
     def _raise_failure(self) -> None:
         if self._failure is not None:

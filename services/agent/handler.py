@@ -268,28 +268,26 @@ class _Run:
                 await self._relay(writer)
         except UpstreamUnavailableError as e:
             await self._unavailable(e)
-        except (UpstreamBrokenError, StreamEndedError, BodyError, SseEventTooLargeError) as e:
+        except (UpstreamBrokenError, StreamEndedError, BodyError) as e:
             error = _broken_stream_error(e)
             if writer.started:
                 await writer.fail(error)
                 self.outcome = f"failed mid-stream: {type(e).__name__}"
-            elif isinstance(error, AnswerTooLargeError):
-                await self._error(error)  # any agent of the model has the same limit
-                self.outcome = f"failed: {error.message}"
             else:
                 await self._unavailable(UpstreamUnavailableError(error.message))
         except TimeoutError:
             await writer.fail(GatewayTimeoutError("The model did not finish in time."))
             self.outcome = "failed: deadline"
-        except AnswerTooLargeError as e:
-            # A chunk past MAX_REPLY_BYTES once framed and renamed (the decoder measures the
-            # event's data): any agent of the model would refuse it too, so no requeue.
+        except (AnswerTooLargeError, SseEventTooLargeError) as e:
+            # An event past MAX_REPLY_BYTES (the decoder measures its data), or a chunk past it
+            # once framed and renamed: any agent of the model would refuse it too, so no requeue.
+            error = e if isinstance(e, AnswerTooLargeError) else _event_too_large()
             if writer.output_confirmed:
                 with contextlib.suppress(RouterError, OSError):
-                    await writer.fail(e)
+                    await writer.fail(error)
             else:
-                await self._error(e)
-            self.outcome = f"failed: {e.message}"
+                await self._error(error)
+            self.outcome = f"failed: {error.message}"
         except RouterError as e:
             # A chunk the broker did not take (its channel closed): the client learns now, if
             # the channel is back, not at its idle timeout.
@@ -358,9 +356,10 @@ class _Run:
 def _broken_stream_error(exc: Exception) -> UpstreamError:
     if isinstance(exc, StreamEndedError):
         return exc
-    if isinstance(exc, SseEventTooLargeError):
-        return AnswerTooLargeError(
-            "The inference server sent a stream event larger than the router carries "
-            "(MAX_REPLY_BYTES)."
-        )
     return UpstreamError("The inference server's stream broke off.")
+
+
+def _event_too_large() -> AnswerTooLargeError:
+    return AnswerTooLargeError(
+        "The inference server sent a stream event larger than the router carries (MAX_REPLY_BYTES)."
+    )
