@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from services.api.agent_auth import AgentCredentials, parse_token_pairs
 from services.api.agents import AgentEndpoints
@@ -234,6 +235,20 @@ def create_app(settings: ApiSettings) -> RouterApp:
     return app
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path. Starlette's 405 names only the first
+    route's, and the probes serve HEAD from a route of their own."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if (
+            isinstance(route, Route)
+            and route.methods
+            and route.matches(request.scope)[0] != Match.NONE
+        ):
+            methods |= route.methods
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI error object; nothing else (no traceback) ever does."""
 
@@ -241,11 +256,13 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RouterError)  # a refused agent token on /heartbeat, say
         return refusal_response(exc, uuid.uuid4().hex, request.method, request.url.path)
 
-    async def on_http_error(_: Request, exc: Exception) -> Response:
+    async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        headers = dict(exc.headers or {})  # a 405's `Allow`
+        headers = dict(exc.headers or {})
         mapped: RouterError
         if exc.status_code == 405:
+            headers = {k: v for k, v in headers.items() if k.lower() != "allow"}
+            headers["allow"] = ", ".join(allowed_methods(request))
             mapped = MethodNotAllowedError("Method not allowed for this route.", headers=headers)
         elif exc.status_code == 404:
             mapped = NotFoundError("Unknown route.", headers=headers)

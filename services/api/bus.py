@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from services.api.rpc import PendingCall, ReplyRouter
 from services.api.settings import ApiSettings
@@ -70,8 +71,9 @@ class ApiBus:
         self._connector: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Set once the process stops waiting for answers (`end_waiting`): jobs after it would
-        # run for nobody, so their requests get the same error at once.
-        self._stopped_with: RouterError | None = None
+        # run for nobody, so their requests get the same error at once (a new one each: one
+        # exception raised again and again would gather every raise's traceback).
+        self._stopped_with: Callable[[], RouterError] | None = None
 
     async def start(self) -> None:
         """Connect now if the broker answers, else keep trying in the background."""
@@ -125,7 +127,9 @@ class ApiBus:
     def _fail_waiting(self) -> None:
         log.warning("broker connection lost in transient mode: failing waiting requests")
         self.replies.fail_all(
-            BrokerUnavailableError("The broker connection was lost; the request was not kept.")
+            lambda: BrokerUnavailableError(
+                "The broker connection was lost; the request was not kept."
+            )
         )
 
     @property
@@ -161,7 +165,7 @@ class ApiBus:
         returns), and the client would wait out its deadline for nothing.
         """
         if self._stopped_with is not None:
-            raise self._stopped_with
+            raise self._stopped_with()
         if not self.is_ready:
             raise BrokerUnavailableError()
         env = encode_job(job, now=time.time())
@@ -179,15 +183,15 @@ class ApiBus:
             self._cancel_soon(job.request_id, job.model)
             raise
 
-    def end_waiting(self, error: RouterError) -> int:
-        """The process is stopping: every call still waiting for its answer ends with `error`
-        now, and its job is cancelled, since nobody will read what it would answer. Returns
-        how many calls there were."""
+    def end_waiting(self, error: Callable[[], RouterError]) -> int:
+        """The process is stopping: every call still waiting for its answer ends now with an
+        `error()`, and its job is cancelled, since nobody will read what it would answer.
+        Returns how many calls there were."""
         self._stopped_with = error
         calls = self.replies.waiting()
         for call in calls:
             self.cancel_soon(call)
-            call.fail(error)
+            call.fail(error())
         return len(calls)
 
     def cancel_soon(self, call: PendingCall) -> None:

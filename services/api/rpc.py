@@ -160,10 +160,11 @@ class ReplyRouter:
         """The calls still waiting for (more of) their answer."""
         return list(self._calls.values())
 
-    def fail_all(self, exc: BaseException) -> None:
-        """Fail every waiting call (their replies can no longer arrive)."""
+    def fail_all(self, error: Callable[[], BaseException]) -> None:
+        """Fail every waiting call (their replies can no longer arrive), each with an error of
+        its own: one exception raised in many tasks would gather every task's traceback."""
         for call in self._calls.values():
-            call.fail(exc)
+            call.fail(error())
 
     def expect_result(self, request_id: str) -> asyncio.Future[bytes]:
         """A one-shot RPC answer (the model list), removed from the table when done."""

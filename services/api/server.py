@@ -54,7 +54,7 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn.Config,
         *,
         drain_timeout: float,
-        end_waiting: Callable[[RouterError], int],
+        end_waiting: Callable[[Callable[[], RouterError]], int],
     ) -> None:
         super().__init__(config)
         self.drain_timeout = drain_timeout
@@ -69,6 +69,6 @@ class DrainingServer(uvicorn.Server):
 
     async def _end_waiting_later(self) -> None:
         await asyncio.sleep(self.drain_timeout)
-        ended = self.end_waiting(stopping_error())
+        ended = self.end_waiting(stopping_error)
         if ended:
             log.info("stopping: %d requests still waiting ended with 503 api_stopping", ended)

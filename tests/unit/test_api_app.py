@@ -181,3 +181,12 @@ async def test_the_probes_answer_head_as_load_balancers_send_it(path: str) -> No
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         head, get = await client.head(path), await client.get(path)
     assert head.status_code == get.status_code != 405
+
+
+async def test_a_405_on_a_probe_names_head_too() -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.post("/health")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"

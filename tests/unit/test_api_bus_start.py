@@ -91,11 +91,15 @@ async def test_a_job_after_the_api_stopped_waiting_is_refused_and_never_publishe
 
     monkeypatch.setattr(Broker, "is_consuming", property(lambda _: True))
     monkeypatch.setattr(bus._broker, "publish", publish)
-    assert bus.end_waiting(stopping_error()) == 0
+    assert bus.end_waiting(stopping_error) == 0
     job = Job(request_id="r1", model="local_m", reply_to="q", deadline=time.time() + 60, body=b"{}")
     with pytest.raises(ServiceUnavailableError) as info:
         await bus.submit(job)
     assert info.value.code == "api_stopping" and published == []
+    with pytest.raises(ServiceUnavailableError) as again:
+        await bus.submit(job)
+    # A new error each time: one raised again and again gathers every raise's traceback.
+    assert again.value is not info.value
 
 
 def test_only_uvicorns_error_for_a_dropped_stream_is_filtered() -> None:

@@ -63,10 +63,13 @@ async def test_rpc_results_resolve_once() -> None:
 async def test_fail_all_fails_every_waiting_call() -> None:
     router = ReplyRouter()
     first, second = router.open("r1"), router.open("r2")
-    router.fail_all(StreamOrderError("gone"))
+    router.fail_all(lambda: StreamOrderError("gone"))
+    raised = []
     for call in (first, second):
-        with pytest.raises(StreamOrderError):
+        with pytest.raises(StreamOrderError) as info:
             await call.next(1)
+        raised.append(info.value)
+    assert raised[0] is not raised[1]  # each its own traceback
 
 
 # --- chunks for calls that have ended: the backend streams for nobody ------------------------
