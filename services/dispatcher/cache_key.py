@@ -97,10 +97,18 @@ class CachePolicy:
         return match["model"] if match else None
 
 
+class InexactNumberError(ValueError):
+    """The parsed request may differ from what was sent: orjson reads an integer literal past
+    64 bits as the nearest float, so `...890` and `...891` would share one key."""
+
+
 def _normalised(value: Any) -> Any:
     # 1.0 and 1 are one key; past 64 bits a float stays a float (orjson writes no bigger int).
-    if isinstance(value, float) and value.is_integer() and -(2**63) <= value < 2**63:
-        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        if value >= 2**64 or value <= -(2**63):  # where orjson's ints end: maybe a lost int
+            raise InexactNumberError(value)
+        if value < 2**63:
+            return int(value)
     if isinstance(value, dict):
         return {k: _normalised(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -110,7 +118,8 @@ def _normalised(value: Any) -> Any:
 
 def canonical_request(data: dict[str, Any]) -> bytes:
     """The bytes the key hashes: the request minus `IGNORED_FIELDS` and the `NULL_IS_DEFAULT`
-    parameters set to null, keys sorted."""
+    parameters set to null, keys sorted. Raises InexactNumberError for a request that may hold
+    an integer past 64 bits (a whole float out of that range, `1e30` too)."""
     kept = {
         k: _normalised(v)
         for k, v in data.items()
@@ -209,8 +218,12 @@ def plan_request(
     store = not control.no_store and not stream
     if not lookup and not store:
         return BYPASS
+    try:
+        key = cache_key(data, tenant=tenant, policy=policy)
+    except InexactNumberError:
+        return BYPASS  # rare, and a key that could collide would serve another's answer
     return CachePlan(
-        key=cache_key(data, tenant=tenant, policy=policy),
+        key=key,
         lookup=lookup,
         store=store,
         deterministic=deterministic,

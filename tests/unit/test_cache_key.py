@@ -218,3 +218,17 @@ def test_deterministic_only_bypasses_sampled_requests() -> None:
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"x"'])
 def test_an_unreadable_body_bypasses(body: bytes) -> None:
     assert plan(body=body) == BYPASS
+
+
+def test_integers_past_64_bits_bypass_the_cache_rather_than_share_a_key() -> None:
+    """orjson reads them as the nearest float: the two seeds below would be one key."""
+
+    def body(literal: str) -> bytes:
+        return b'{"model":"m","messages":[],"seed":' + literal.encode() + b"}"
+
+    assert plan(body=body("123456789012345678901234567890")) == BYPASS
+    assert plan(body=body("-9223372036854775809")) == BYPASS
+    # Every integer orjson keeps exactly is still keyed, and each on its own.
+    edges = ["18446744073709551615", "-9223372036854775807", "9223372036854775808"]
+    keys = {plan(body=body(literal)).key for literal in edges}
+    assert None not in keys and len(keys) == len(edges)
