@@ -221,10 +221,11 @@ def test_an_unreadable_body_bypasses(body: bytes) -> None:
 
 
 def test_integers_past_64_bits_bypass_the_cache_rather_than_share_a_key() -> None:
-    """orjson reads them as the nearest float: the two seeds below would be one key."""
+    """orjson reads them as the nearest float, so two such requests would be one key (the API
+    bounds `seed`, but not a tool's JSON schema or an unknown field)."""
 
     def body(literal: str) -> bytes:
-        return b'{"model":"m","messages":[],"seed":' + literal.encode() + b"}"
+        return b'{"model":"m","messages":[],"x_limit":' + literal.encode() + b"}"
 
     assert plan(body=body("123456789012345678901234567890")) == BYPASS
     assert plan(body=body("-9223372036854775809")) == BYPASS
