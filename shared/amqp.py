@@ -451,6 +451,10 @@ class Broker:
         the limit it is rejected into the dead-letter queue. So a message that crashes its
         consumer process every time ends parked, never looping.
         """
+        if intake:
+            # Intake runs again (an agent's watchdog resumes it): jobs the broker fails are
+            # held for the publishing connection again, not bounced straight back.
+            self._stopping.clear()
         if isinstance(spec, QueueSpec):
             queue = await self.declare(channel, spec)
             if redelivery_limit and self._requeue_via is not None:

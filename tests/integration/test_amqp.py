@@ -403,6 +403,30 @@ async def test_a_held_job_goes_back_by_its_queues_ttl_not_its_own_deadline() -> 
             await asyncio.sleep(0.2)
 
 
+async def test_intake_resumed_after_a_pause_holds_jobs_again() -> None:
+    """An agent's watchdog pauses intake while its server is unhealthy and resumes it. The
+    pause left the broker "stopping" for good: a job the broker failed then went back to its
+    queue at once, to be taken and failed again in a loop, instead of waiting for the
+    publishing connection (review 2026-11-29)."""
+    require_services()
+    topology = Topology(namespace=new_namespace())
+    spec = topology.jobs_queue_spec()
+    taken = 0
+
+    async def failing(_: Envelope, __: Delivery) -> None:
+        nonlocal taken
+        taken += 1
+        raise BrokerUnavailableError()
+
+    async with cut_off_from_publishing(topology, spec, failing) as (consumer, publisher):
+        await consumer.stop_consuming(intake_only=True)  # the watchdog's pause...
+        await consumer.consume(await consumer.channel(prefetch=4), spec, failing)  # ...resumed
+        job = Envelope(type="job", body=b"{}", headers={}, message_id="J", expiration_ms=20_000)
+        await publisher.publish(job, spec.name)
+        await asyncio.sleep(1.5)
+        assert taken == 1  # held, not bounced
+
+
 async def test_stopping_gives_held_jobs_back_at_once() -> None:
     """A service stopped while it cannot publish: its drain does not wait out DRAIN_TIMEOUT
     for jobs held for the publishing connection, and those jobs are back in their queue
