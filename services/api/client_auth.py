@@ -70,7 +70,7 @@ def _digest(key: str) -> bytes:
 def parse_entry(entry: str, where: str) -> tuple[Client, str]:
     """`id:key` or `id:key:m1|m2` -> (Client, key). Raises ClientKeyConfigError."""
     client_id, sep, rest = entry.partition(":")
-    key, _, models_text = rest.partition(":")
+    key, models_sep, models_text = rest.partition(":")
     client_id, key = client_id.strip(), key.strip()
     if not sep or not CLIENT_ID_RE.fullmatch(client_id):
         raise ClientKeyConfigError(f"{where}: the id must match {CLIENT_ID_RE.pattern}")
@@ -80,7 +80,13 @@ def parse_entry(entry: str, where: str) -> tuple[Client, str]:
             "without spaces, ':' or ','"
         )
     models: frozenset[str] | None = None
-    if models_text.strip():
+    if models_sep:
+        # Fail closed: `id:key:${MODELS}` with MODELS unset must not grant every model.
+        if not models_text.strip():
+            raise ClientKeyConfigError(
+                f"{where} (id {client_id}): an empty model list after the second ':' "
+                "(leave the ':' out to allow every model)"
+            )
         names = [m.strip() for m in models_text.split("|")]
         if not all(names):
             raise ClientKeyConfigError(f"{where} (id {client_id}): an empty model name")

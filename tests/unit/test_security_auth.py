@@ -56,6 +56,8 @@ def test_entries_parse_with_and_without_models() -> None:
         "al ice:sk-0123456789",  # id charset
         "alice:short",  # key under 8 characters
         "alice:sk-0123456789:a||b",  # empty model name
+        "alice:sk-0123456789:",  # an empty model list is not "every model"
+        "alice:sk-0123456789: ",
         "alice:sk-01234 56789",  # space inside the key
     ],
 )
