@@ -8,7 +8,6 @@ settings once in `__main__` and passes them down.
 
 from __future__ import annotations
 
-import logging
 import sys
 from enum import StrEnum
 from typing import TypeVar
@@ -20,6 +19,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from shared.messages import MAX_REPLY_BYTES
 
 S = TypeVar("S", bound=BaseSettings)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 
 
 def load_settings(cls: type[S], service: str) -> S:
@@ -105,7 +107,9 @@ class BrokerSettings(BaseSettings):
     @classmethod
     def _known_level(cls, value: str) -> str:
         level = value.strip().upper()
-        if level not in logging.getLevelNamesMapping() or level == "NOTSET":
+        # logging knows WARN and FATAL too, uvicorn does not: they are read as their full names.
+        level = LOG_LEVEL_ALIASES.get(level, level)
+        if level not in LOG_LEVELS:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
+import uvicorn
 from pydantic_settings import BaseSettings
 
 from services import admin, cli
@@ -198,6 +199,13 @@ def test_a_setting_the_service_could_not_use_is_refused_at_start(
 
 def test_a_log_level_is_read_in_any_case() -> None:
     assert AgentSettings(log_level="debug").log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(("given", "level"), [("warn", "WARNING"), ("Fatal", "CRITICAL")])
+def test_logging_aliases_are_read_as_the_names_uvicorn_knows(given: str, level: str) -> None:
+    """`LOG_LEVEL=warn` passed the check (logging knows WARN) and crashed the API in uvicorn."""
+    assert ApiSettings(log_level=given).log_level == level
+    uvicorn.Config(app=None, log_level=level.lower(), log_config=None).configure_logging()
 
 
 def test_a_startup_error_is_one_logged_line_and_exit_1(
