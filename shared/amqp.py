@@ -228,6 +228,9 @@ _deliver_raw()
 
 
 Handler = Callable[[Envelope, Delivery], Awaitable[None]]
+# Told of a message its handler failed for good (see `Broker.consume`): a job's client can then
+# hear of it now, instead of waiting out its deadline for an answer that will not come.
+GiveUp = Callable[[Envelope, Exception], Awaitable[None]]
 
 
 def _consumer_alive(queue: AbstractQueue, tag: str) -> bool:
@@ -437,6 +440,7 @@ class Broker:
         no_ack: bool = False,
         intake: bool = True,
         redelivery_limit: int = 0,
+        on_give_up: GiveUp | None = None,
     ) -> AbstractQueue:
         """Consume a queue: each message runs `handler` in its own task.
 
@@ -450,6 +454,10 @@ class Broker:
         is republished with its count in `x-router-deliveries` and the original acked; past
         the limit it is rejected into the dead-letter queue. So a message that crashes its
         consumer process every time ends parked, never looping.
+
+        `on_give_up(env, exc)` runs when a handler's exception is final: the message is not
+        requeued (it failed before), or the handler had settled it (a stream acked once its
+        output went out) and nothing will run it again.
         """
         if intake:
             # Intake runs again (an agent's watchdog resumes it): jobs the broker fails are
@@ -473,6 +481,7 @@ class Broker:
             if task is not None:
                 self._inflight.add(task)
             delivery = Delivery(Received(message, self._acks), settled=no_ack)
+            env: Envelope | None = None
             try:
                 recount = redelivery_limit and message.redelivered and not no_ack
                 if recount and await self._recount(
@@ -513,15 +522,17 @@ class Broker:
             except asyncio.CancelledError:
                 await _settle_quietly(delivery, requeue=True)
                 raise
-            except Exception:
-                requeue = not delivery.redelivered
+            except Exception as e:
+                final = delivery.settled or delivery.redelivered
                 log.exception(
                     "handler failed on %s %s (requeue=%s)",
                     message.header.properties.message_type,
                     message.header.properties.correlation_id,
-                    requeue,
+                    not final,
                 )
-                await _settle_quietly(delivery, requeue=requeue)
+                await _settle_quietly(delivery, requeue=not final)
+                if final and on_give_up is not None and env is not None:
+                    await _give_up_quietly(on_give_up, env, e)
             finally:
                 if task is not None:
                     self._inflight.discard(task)
@@ -713,6 +724,15 @@ def _lifetime(message: DeliveredMessage, queue_ttl: float | None) -> float:
     if expiration and expiration.isdigit():
         limits.append(int(expiration) / 1000)
     return min(limits, default=0.0)
+
+
+async def _give_up_quietly(on_give_up: GiveUp, env: Envelope, exc: Exception) -> None:
+    try:
+        await on_give_up(env, exc)
+    except Exception:
+        log.warning(
+            "could not answer %s after its handler failed", env.correlation_id, exc_info=True
+        )
 
 
 async def _settle_quietly(delivery: Delivery, *, requeue: bool, ack: bool = False) -> None:

@@ -18,6 +18,7 @@ from shared.amqp import Broker
 from shared.completed import CompletedBatcher
 from shared.errors import (
     AnswerTooLargeError,
+    InternalError,
     ReplyQueueGoneError,
     RouterError,
     ServiceUnavailableError,
@@ -33,6 +34,7 @@ from shared.messages import (
     Job,
     Reply,
     ReplyKind,
+    decode_job,
     encode_reply,
 )
 from shared.topology import Topology
@@ -182,6 +184,13 @@ class ReplyPublisher:
 
     async def error(self, job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> None:
         await self(job, error_reply(job, exc, attempt=attempt, seq=seq))
+
+    async def give_up(self, env: Envelope, _: Exception) -> None:
+        """`Broker.consume`'s hook for a job its handler failed for good (a bug, or input
+        nothing can handle): its client gets a 500 now, not a 504 at its deadline, and a
+        single-flight lock it held is released."""
+        job = decode_job(env)
+        await self.error(job, InternalError(job.request_id), attempt=new_attempt())
 
 
 def error_reply(job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> Reply:

@@ -260,6 +260,7 @@ class AgentService:
                     self._model_queues.get(model) or self.topology.agent_queue_spec(model),
                     self.handler.on_job,
                     redelivery_limit=self.topology.redelivery_limit,
+                    on_give_up=self.reply.give_up if self.reply is not None else None,
                 )
                 return
             except BrokerEntityMissingError as e:  # the channel closed with it

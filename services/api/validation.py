@@ -249,8 +249,29 @@ def _without_union_tags(
     return tuple(part for part in loc if isinstance(part, int) or part in fields)
 
 
+# orjson reads 1024 levels of nesting but writes only 254, and the dispatcher and agents write
+# a body again (its cache key, the model's served name): a job nested deeper failed there, twice,
+# and its client waited out REQUEST_TIMEOUT. Real requests (tool schemas included) stay far below.
+MAX_JSON_DEPTH = 128
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """How deep `value` nests lists and objects, counting only up to `limit` + 1."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object body; 400 for anything else (invalid UTF-8 and lone surrogates too)."""
+    """Parse a JSON object body; 400 for anything else (invalid UTF-8 and lone surrogates too,
+    and nesting past MAX_JSON_DEPTH)."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -261,6 +282,14 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         ) from e
     if not isinstance(data, dict):
         raise InvalidRequestError("The request body must be a JSON object.", code="invalid_type")
+    # Only a body with that many brackets can nest that deep: counting them costs next to nothing.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and (
+        nesting_depth(data, MAX_JSON_DEPTH) > MAX_JSON_DEPTH
+    ):
+        raise InvalidRequestError(
+            f"The JSON body nests lists and objects more than {MAX_JSON_DEPTH} levels deep.",
+            code="invalid_json",
+        )
     return data
 
 

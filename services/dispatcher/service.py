@@ -149,7 +149,10 @@ class DispatcherService:
         await cancel.bind(exchanges[t.cancel_exchange], routing_key=EVERY_CANCEL)
         await self.broker.consume(control_channel, cancel, handler.on_cancel, intake=False)
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
-        await self.broker.consume(control_channel, t.returns_queue_spec(), handler.on_returned)
+        await self.broker.consume(
+            control_channel, t.returns_queue_spec(), handler.on_returned,
+            on_give_up=handler.reply.give_up,
+        )  # fmt: skip
         if self.cache.is_active:
             # Auto-ack: a cache write is best effort (acked either way), so an ack frame per
             # answered request would buy nothing. Each write is bounded by CACHE_TIMEOUT_MS.
@@ -167,7 +170,11 @@ class DispatcherService:
         )
         jobs_channel = await self.broker.channel(prefetch=self.settings.dispatcher_prefetch)
         await self.broker.consume(
-            jobs_channel, t.jobs_queue_spec(), handler.on_job, redelivery_limit=t.redelivery_limit
+            jobs_channel,
+            t.jobs_queue_spec(),
+            handler.on_job,
+            redelivery_limit=t.redelivery_limit,
+            on_give_up=handler.reply.give_up,
         )
         log.info(
             "dispatcher %s consuming %s (%s mode, %d agents known)",

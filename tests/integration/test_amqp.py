@@ -12,7 +12,7 @@ import aio_pika
 import pytest
 
 from shared import amqp_writes
-from shared.amqp import STOP_TIMEOUT, Broker, Delivery
+from shared.amqp import STOP_TIMEOUT, Broker, Delivery, GiveUp
 from shared.errors import BrokerUnavailableError, QueueFullError
 from shared.messages import Envelope
 from shared.settings import Durability
@@ -34,6 +34,7 @@ async def consumer_of_its_own_queue(
     *,
     publish_timeout: float = 5,
     intake: bool = True,
+    on_give_up: GiveUp | None = None,
 ) -> AsyncIterator[tuple[Broker, str]]:
     """A broker consuming a queue of this test's own (durable, so deleting it is the only way
     it goes away)."""
@@ -42,7 +43,8 @@ async def consumer_of_its_own_queue(
     broker = Broker(URL, name="test-amqp", publish_timeout=publish_timeout)
     await broker.connect()
     channel = await broker.channel(prefetch=10)
-    await broker.consume(channel, QueueSpec(name=name, durable=True), handler, intake=intake)
+    spec = QueueSpec(name=name, durable=True)
+    await broker.consume(channel, spec, handler, intake=intake, on_give_up=on_give_up)
     try:
         yield broker, name
     finally:
@@ -330,6 +332,46 @@ async def test_jobs_taken_while_only_the_publishing_connection_is_down_are_not_l
                 await admin.queue_delete(name)
         await publisher.close()
         proxy.close()
+
+
+async def test_a_message_its_handler_fails_twice_is_given_up_once() -> None:
+    """A job that crashes its handler (a bug, or input nothing can handle) ran twice and went
+    to the dead-letter queue without a word: its client waited out REQUEST_TIMEOUT. The hook
+    hears of it once, on the second failure, with the exception."""
+    tries = 0
+    given_up: list[tuple[str | None, Exception]] = []
+
+    async def crashing(_: Envelope, __: Delivery) -> None:
+        nonlocal tries
+        tries += 1
+        raise ValueError("a bug")
+
+    async def give_up(env: Envelope, exc: Exception) -> None:
+        given_up.append((env.message_id, exc))
+
+    async with consumer_of_its_own_queue(crashing, on_give_up=give_up) as (broker, name):
+        await broker.publish(Envelope(type="job", body=b"", headers={}, message_id="J"), name)
+        await asyncio.sleep(1.0)
+    assert tries == 2
+    assert [(message_id, str(exc)) for message_id, exc in given_up] == [("J", "a bug")]
+
+
+async def test_a_message_its_handler_settled_is_given_up_at_its_first_failure() -> None:
+    """A stream is acked once its output went out, so nothing runs it again: its client must
+    hear of a failure after that at once."""
+    given_up: list[str | None] = []
+
+    async def acks_then_crashes(_: Envelope, delivery: Delivery) -> None:
+        await delivery.ack()
+        raise ValueError("a bug")
+
+    async def give_up(env: Envelope, _: Exception) -> None:
+        given_up.append(env.message_id)
+
+    async with consumer_of_its_own_queue(acks_then_crashes, on_give_up=give_up) as (broker, q):
+        await broker.publish(Envelope(type="job", body=b"", headers={}, message_id="J"), q)
+        await asyncio.sleep(1.0)
+    assert given_up == ["J"]
 
 
 async def test_a_control_message_the_broker_failed_is_requeued_once_then_dropped() -> None:

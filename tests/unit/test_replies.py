@@ -27,6 +27,7 @@ from shared.messages import (
     ReplyKind,
     decode_completed,
     decode_reply,
+    encode_job,
 )
 from shared.replies import ReplyPublisher, StreamWriter
 from tests.support.amqp import RecordingBroker
@@ -318,3 +319,15 @@ async def test_a_stream_whose_end_could_not_be_published_can_still_fail() -> Non
     assert sent == [(ReplyKind.CHUNK, 0), (ReplyKind.CHUNK, 1), (ReplyKind.ERROR, 3)]
     await writer.fail(BrokerUnavailableError())  # closed now: nothing more
     assert len(out.sent) == 3
+
+
+async def test_a_job_given_up_is_answered_with_a_500_naming_its_request_id() -> None:
+    broker = RecordingBroker()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    job = Job(request_id="r9", model="m", reply_to="reply.q", deadline=time.time() + 60, body=b"{}")
+    await publish.give_up(encode_job(job, now=time.time()), ValueError("a bug"))
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert (reply.kind, reply.status, reply.request_id) == (ReplyKind.ERROR, 500, "r9")
+    error = orjson.loads(reply.body)["error"]
+    assert error["type"] == "server_error" and "r9" in error["message"]
+    assert "a bug" not in error["message"]  # a bug's details stay in the log

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.api.validation import (
+    MAX_JSON_DEPTH,
     ChatRequestParser,
     EdgeLimits,
     invalid_request,
@@ -24,6 +25,33 @@ def test_valid_body_keeps_its_raw_bytes() -> None:
     view = ChatRequestParser().parse(body)
     assert view.body is body
     assert (view.model, view.stream, view.include_usage) == ("m", False, False)
+
+
+def nested(depth: int, where: str = "x_deep") -> bytes:
+    """A body whose `where` field makes the whole body `depth` levels deep (objects in lists)."""
+    inner = "[" * (depth - 1) + "]" * (depth - 1)
+    return b'{"model":"m","messages":[{"role":"user","content":"hi"}],"%s":%s}' % (
+        where.encode(),
+        inner.encode(),
+    )
+
+
+def test_a_body_nested_past_the_limit_is_a_400() -> None:
+    """Accepted, it failed where the dispatcher or agent writes the body again (orjson writes
+    254 levels at most) and its client waited out REQUEST_TIMEOUT."""
+    ChatRequestParser().parse(nested(MAX_JSON_DEPTH))
+    with pytest.raises(InvalidRequestError) as info:
+        ChatRequestParser().parse(nested(MAX_JSON_DEPTH + 1))
+    assert info.value.status == 400 and info.value.code == "invalid_json"
+    # What is accepted can be written again (a cache key, the served model's name).
+    orjson.dumps(orjson.loads(nested(MAX_JSON_DEPTH)))
+
+
+def test_many_brackets_side_by_side_are_not_depth() -> None:
+    flat = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x":[%s]}' % b",".join(
+        [b"[{}]"] * 500
+    )
+    assert ChatRequestParser().parse(flat).model == "m"
 
 
 def test_stream_options() -> None:

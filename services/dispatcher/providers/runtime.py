@@ -102,6 +102,7 @@ class ProviderRuntime:
                 topology.provider_queue_spec(name),
                 worker.on_job,
                 redelivery_limit=topology.redelivery_limit,
+                on_give_up=reply.give_up,
             )
             log.info("consuming %s (prefetch %d)", topology.provider_queue(name), prefetch)
 
