@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-import uvicorn
+import uvicorn.config
 from pydantic_settings import BaseSettings
 
 from services import admin, cli
@@ -205,7 +205,7 @@ def test_a_log_level_is_read_in_any_case() -> None:
 def test_logging_aliases_are_read_as_the_names_uvicorn_knows(given: str, level: str) -> None:
     """`LOG_LEVEL=warn` passed the check (logging knows WARN) and crashed the API in uvicorn."""
     assert ApiSettings(log_level=given).log_level == level
-    uvicorn.Config(app=None, log_level=level.lower(), log_config=None).configure_logging()
+    assert level.lower() in uvicorn.config.LOG_LEVELS  # what the API passes on
 
 
 def test_a_startup_error_is_one_logged_line_and_exit_1(
