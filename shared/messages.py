@@ -266,6 +266,9 @@ AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 LOCAL_MODEL_PATTERN = r"^local[A-Za-z0-9._:/@+-]{0,123}$"
 
 AgentName = Annotated[str, StringConstraints(pattern=AGENT_NAME_PATTERN)]
+# One agent process: replicas may share a name (and its token), so the registry tells them
+# apart by this id, new at each start. Empty from agents that predate it.
+AgentInstance = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{0,64}$")]
 LocalModel = Annotated[str, StringConstraints(pattern=LOCAL_MODEL_PATTERN)]
 
 
@@ -281,6 +284,11 @@ class AgentRegistration(BaseModel):
     name: AgentName
     endpoint: str = Field("", max_length=512, pattern=r"^[\x21-\x7e]*$")
     models: list[LocalModel] = Field(min_length=1, max_length=MAX_AGENT_MODELS)
+    instance: AgentInstance = ""
+
+    def to_json(self) -> bytes:
+        """Without the fields left at their defaults, as `AgentHeartbeat.to_json`."""
+        return self.model_dump_json(exclude_defaults=True).encode()
 
 
 class AgentHeartbeat(BaseModel):
@@ -293,6 +301,7 @@ class AgentHeartbeat(BaseModel):
     models: list[LocalModel] | None = Field(None, max_length=MAX_AGENT_MODELS)
     load: StrictFloat | None = Field(None, ge=0, le=1_000_000)  # not true, nor "5"
     leaving: StrictBool = False
+    instance: AgentInstance = ""
 
     def to_json(self) -> bytes:
         """Without the fields left at their defaults: a heartbeat without `leaving` reads the
@@ -302,7 +311,7 @@ class AgentHeartbeat(BaseModel):
 
 def encode_control(message: AgentRegistration | AgentHeartbeat) -> Envelope:
     if isinstance(message, AgentRegistration):
-        kind, body = MessageType.AGENT_REGISTER, message.model_dump_json().encode()
+        kind, body = MessageType.AGENT_REGISTER, message.to_json()
     else:
         kind, body = MessageType.AGENT_HEARTBEAT, message.to_json()
     return Envelope(type=kind, body=body, headers=_version())

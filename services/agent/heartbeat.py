@@ -90,7 +90,7 @@ class Registrar:
         while True:
             if self._is_attached():
                 try:
-                    await self._post("/register", self.registration.model_dump_json().encode())
+                    await self._post("/register", self.registration.to_json())
                     self.registered.set()
                     log.info(
                         "registered as %s serving %s",
@@ -138,6 +138,7 @@ class Registrar:
         try:
             message = AgentHeartbeat(
                 name=self.registration.name,
+                instance=self.registration.instance,
                 models=self.registration.models,
                 load=self._load(),
             )
@@ -157,7 +158,9 @@ class Registrar:
         that does not answer lets the agent go after the TTL, as before."""
         if not self.registered.is_set():
             return
-        message = AgentHeartbeat(name=self.registration.name, leaving=True)
+        message = AgentHeartbeat(
+            name=self.registration.name, instance=self.registration.instance, leaving=True
+        )
         try:
             async with asyncio.timeout(timeout):
                 await self._post("/heartbeat", message.to_json())

@@ -281,6 +281,7 @@ class AgentService:
                 name=s.agent_name,
                 endpoint=f"http://{host}:{self.port}",
                 models=self.models.router_ids,
+                instance=self.process_id,
             ),
             interval=s.heartbeat_interval,
             is_attached=self.is_attached,

@@ -26,12 +26,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class AgentRecord:
+    """One agent process: its name (replicas may share one, and its token) and its `instance`,
+    new at each start (empty from agents that predate it). `left`: it said it was stopping."""
+
     name: str
     endpoint: str
     models: tuple[str, ...]
     registered_at: float
     last_heartbeat: float
     load: float | None = None
+    instance: str = ""
+    left: bool = False
+
+    @property
+    def key(self) -> AgentKey:
+        return (self.name, self.instance)
+
+
+AgentKey = tuple[str, str]  # (name, instance)
 
 
 class LiveModels(Set[str]):
@@ -63,7 +75,8 @@ class LiveModels(Set[str]):
 
 
 class AgentTable:
-    """Agents by name and the last heartbeat of each model, judged against one TTL.
+    """Agent processes by (name, instance) and the last heartbeat of each model, judged
+    against one TTL. A model is live while any process serving it is.
 
     A warm-up covers the time this table cannot know who is alive: while it hears no
     registrations and heartbeats (before a dispatcher starts, while its control channel is
@@ -80,14 +93,14 @@ class AgentTable:
         self.ttl = ttl
         self._warm_until = -math.inf  # never listened yet: no warm-up
         self._carried: frozenset[str] = frozenset()
-        self._agents: dict[str, AgentRecord] = {}
+        self._agents: dict[AgentKey, AgentRecord] = {}
         self._model_last_seen: dict[str, float] = {}
 
     def start_listening(self, now: float) -> None:
         """Registrations and heartbeats reach this table from `now` on: warm up for one TTL."""
         if self._warm_until == -math.inf:  # a (re)started dispatcher: live at the file's last write
-            last_heard = max((r.last_heartbeat for r in self._agents.values()), default=now)
-            self._carried = self._live_at(last_heard)
+            staying = [r.last_heartbeat for r in self._agents.values() if not r.left]
+            self._carried = self._live_at(max(staying, default=now))
         self._warm_until = now + self.ttl
 
     def stop_listening(self, now: float) -> None:
@@ -99,21 +112,29 @@ class AgentTable:
         self._warm_until = math.inf
 
     def _live_at(self, when: float) -> frozenset[str]:
+        """The models some process served at `when`, but for those that said they were
+        leaving: one that left just before a dispatcher stopped is not carried into its
+        restart's warm-up (its jobs would wait out AGENT_QUEUE_TTL for a 503)."""
         cutoff = when - self.ttl
-        return frozenset(m for m, seen in self._model_last_seen.items() if seen >= cutoff)
+        return frozenset(
+            model
+            for record in self._agents.values()
+            if not record.left and record.last_heartbeat >= cutoff
+            for model in record.models
+        )
 
     def __len__(self) -> int:
         return len(self._agents)
 
-    def get(self, name: str) -> AgentRecord | None:
-        return self._agents.get(name)
+    def get(self, name: str, instance: str = "") -> AgentRecord | None:
+        return self._agents.get((name, instance))
 
     def records(self) -> list[AgentRecord]:
         return list(self._agents.values())
 
     def put(self, record: AgentRecord) -> None:
-        previous = self._agents.get(record.name)
-        self._agents[record.name] = record
+        previous = self._agents.get(record.key)
+        self._agents[record.key] = record
         if previous is None or (
             previous.models == record.models and record.last_heartbeat >= previous.last_heartbeat
         ):
@@ -133,6 +154,7 @@ class AgentTable:
             models=tuple(dict.fromkeys(message.models)),
             registered_at=now,
             last_heartbeat=now,
+            instance=message.instance,
         )
         self.put(record)
         return record
@@ -144,9 +166,10 @@ class AgentTable:
         starts with an empty file converges within one heartbeat interval. A `leaving` one
         (the agent is stopping) is dated one TTL back, just expired: its models stop being
         routed to it at once instead of a TTL later, and stay known (503 until an agent serves
-        them again, not 404), and the agent is forgotten on the usual schedule.
+        them again, not 404), and the agent is forgotten on the usual schedule. It retires only
+        its own process: a replica of the same name keeps the models live.
         """
-        known = self._agents.get(message.name)
+        known = self._agents.get((message.name, message.instance))
         models = tuple(dict.fromkeys(message.models)) if message.models is not None else None
         heard = math.nextafter(now - self.ttl, -math.inf) if message.leaving else now
         if known is None:
@@ -157,6 +180,8 @@ class AgentTable:
                 registered_at=now,
                 last_heartbeat=heard,
                 load=message.load,
+                instance=message.instance,
+                left=message.leaving,
             )
         else:
             record = replace(
@@ -164,15 +189,16 @@ class AgentTable:
                 models=models if models is not None else known.models,
                 last_heartbeat=heard,
                 load=message.load if message.load is not None else known.load,
+                left=message.leaving,
             )
         self.put(record)
         return record
 
-    def forget_silent_since(self, cutoff: float) -> list[str]:
-        """Drop the agents not heard from since `cutoff`; their names."""
-        gone = [name for name, r in self._agents.items() if r.last_heartbeat < cutoff]
-        for name in gone:
-            del self._agents[name]
+    def forget_silent_since(self, cutoff: float) -> list[AgentKey]:
+        """Drop the agent processes not heard from since `cutoff`; their keys."""
+        gone = [key for key, r in self._agents.items() if r.last_heartbeat < cutoff]
+        for key in gone:
+            del self._agents[key]
         if gone:
             self._reindex()
         return gone
@@ -192,19 +218,41 @@ class AgentTable:
         last_seen: dict[str, float] = {}
         for record in self._agents.values():
             for model in record.models:
-                last_seen[model] = max(last_seen.get(model, 0.0), record.last_heartbeat)
+                last_seen[model] = max(last_seen.get(model, -math.inf), record.last_heartbeat)
         self._model_last_seen = last_seen
 
 
+# One row per agent process. Files written before instances existed have a table `agents`
+# keyed by name alone: its rows move over (as instance "") when the file is opened.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS agents (
-    name TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS agent_processes (
+    name TEXT NOT NULL,
+    instance TEXT NOT NULL,
     endpoint TEXT NOT NULL,
     models TEXT NOT NULL,
     registered_at REAL NOT NULL,
     last_heartbeat REAL NOT NULL,
-    load REAL
+    load REAL,
+    left INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (name, instance)
 )
+"""
+MIGRATE_BY_NAME = """
+INSERT OR IGNORE INTO agent_processes
+    (name, instance, endpoint, models, registered_at, last_heartbeat, load)
+SELECT name, '', endpoint, models, registered_at, last_heartbeat, load FROM agents
+"""
+UPSERT = """
+INSERT INTO agent_processes
+    (name, instance, endpoint, models, registered_at, last_heartbeat, load, left)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(name, instance) DO UPDATE SET
+    endpoint=excluded.endpoint, models=excluded.models, registered_at=excluded.registered_at,
+    last_heartbeat=excluded.last_heartbeat, load=excluded.load, left=excluded.left
+"""
+SELECT_ALL = """
+SELECT name, instance, endpoint, models, registered_at, last_heartbeat, load, left
+FROM agent_processes
 """
 
 
@@ -218,41 +266,56 @@ class SqliteStore:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(SCHEMA)
+            self._create()
         except (OSError, sqlite3.Error) as e:
             raise StartupError(f"REGISTRY_PATH {path} cannot hold the registry: {e}") from e
 
+    def _create(self) -> None:
+        # One transaction: dispatchers sharing the file may open it at once.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(SCHEMA)
+            old = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'agents'"
+            ).fetchone()
+            if old:
+                self._db.execute(MIGRATE_BY_NAME)
+                self._db.execute("DROP TABLE agents")
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
     def save(self, record: AgentRecord) -> None:
         self._db.execute(
-            "INSERT INTO agents (name, endpoint, models, registered_at, last_heartbeat, load) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET endpoint=excluded.endpoint,"
-            " models=excluded.models, registered_at=excluded.registered_at,"
-            " last_heartbeat=excluded.last_heartbeat, load=excluded.load",
+            UPSERT,
             (
                 record.name,
+                record.instance,
                 record.endpoint,
                 orjson.dumps(record.models).decode(),
                 record.registered_at,
                 record.last_heartbeat,
                 record.load,
+                int(record.left),
             ),
         )
 
-    def delete(self, names: list[str]) -> None:
-        self._db.executemany("DELETE FROM agents WHERE name = ?", [(name,) for name in names])
+    def delete(self, keys: list[AgentKey]) -> None:
+        self._db.executemany("DELETE FROM agent_processes WHERE name = ? AND instance = ?", keys)
 
     def load_all(self) -> list[AgentRecord]:
-        rows = self._db.execute(
-            "SELECT name, endpoint, models, registered_at, last_heartbeat, load FROM agents"
-        ).fetchall()
+        rows = self._db.execute(SELECT_ALL).fetchall()
         return [
             AgentRecord(
                 name=row[0],
-                endpoint=row[1],
-                models=tuple(orjson.loads(row[2])),
-                registered_at=row[3],
-                last_heartbeat=row[4],
-                load=row[5],
+                instance=row[1],
+                endpoint=row[2],
+                models=tuple(orjson.loads(row[3])),
+                registered_at=row[4],
+                last_heartbeat=row[5],
+                load=row[6],
+                left=bool(row[7]),
             )
             for row in rows
         ]

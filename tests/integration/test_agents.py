@@ -274,6 +274,25 @@ def test_an_agent_that_stops_leaves_the_registry_at_once(router: Router) -> None
     assert "left the registry" in agent.service.log()
 
 
+def test_a_replica_that_stops_leaves_its_model_to_the_replica_of_the_same_name(
+    router: Router,
+) -> None:
+    """Replicas share a name and its token (`--scale agent=N`, a rolling restart). The one
+    leaving marked the whole name dead: its model answered 503 `no_live_agent` until the
+    other's next heartbeat (review 2026-11-29)."""
+    fake = router.fake()
+    # Heartbeats far apart: a wrong 503 would last until the survivor's next one.
+    staying = router.agent("a1", fake, AGENT_MODELS="local_m", HEARTBEAT_INTERVAL="1.2")
+    leaving = router.agent("a1", fake, AGENT_MODELS="local_m", HEARTBEAT_INTERVAL="1.2")
+    router.wait_listed("local_m")
+    leaving.service.signal(signal.SIGTERM)
+    wait_for(lambda: "left the registry" in leaving.service.log(), timeout=10, interval=0.05)
+    statuses = [router.chat("local_m").status_code for _ in range(5)]
+    assert statuses == [200] * 5
+    assert "local_m" in router.models()
+    assert staying.service.is_running()
+
+
 def test_a_restarted_dispatcher_routes_the_jobs_that_waited_for_it(router: Router) -> None:
     """The agents kept serving while the only dispatcher was down for longer than the TTL:
     the job queued meanwhile goes to them, though the registry the dispatcher reloads has

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.dispatcher.registry import AgentTable, Registry, SqliteStore
+from services.dispatcher.registry import AgentRecord, AgentTable, Registry, SqliteStore
 from shared.messages import AgentHeartbeat, AgentRegistration
 
 REG = AgentRegistration(name="gpu1", endpoint="http://gpu1:5000", models=["local_a", "local_b"])
@@ -171,6 +172,64 @@ def test_a_leaving_agent_is_dead_at_once_and_its_models_stay_known() -> None:
     assert table.view(105).live == {"local_a", "local_b"}  # back after its restart
 
 
+def test_a_replica_leaving_retires_only_its_own_process() -> None:
+    """Replicas may share a name (and its token): a rolling restart, `--scale agent=N`. The
+    leaving one marked the whole name dead, and the other's model answered 503 until its next
+    heartbeat (review 2026-11-29)."""
+    table = AgentTable(ttl=10)
+    for instance in ("p1", "p2"):
+        table.register(AgentRegistration(name="pool", models=["local_a"], instance=instance), 100)
+    table.heartbeat(AgentHeartbeat(name="pool", instance="p1", leaving=True), now=101)
+    assert table.view(101).live == {"local_a"}
+    table.heartbeat(AgentHeartbeat(name="pool", instance="p2", leaving=True), now=102)
+    assert table.view(102).live == set()
+
+
+def test_replicas_of_one_name_serving_other_models_do_not_replace_each_others_snapshot() -> None:
+    table = AgentTable(ttl=10)
+    table.heartbeat(AgentHeartbeat(name="pool", instance="p1", models=["local_a"]), now=100)
+    table.heartbeat(AgentHeartbeat(name="pool", instance="p2", models=["local_b"]), now=101)
+    assert table.view(105).live == {"local_a", "local_b"}
+
+
+def test_a_model_whose_last_agent_left_is_not_carried_into_a_restart(tmp_path: Path) -> None:
+    """The warm-up carries the models live when the file was last written; one whose only
+    agent had left was carried too, and its jobs waited out AGENT_QUEUE_TTL for a 503
+    instead of getting `no_live_agent` at once (review 2026-11-29)."""
+    path = str(tmp_path / "r")
+    registry = Registry(AgentTable(ttl=10), SqliteStore(path))
+    registry.record(REG, now=100)  # local_a, local_b
+    registry.record(AgentRegistration(name="gpu2", models=["local_b"]), now=100)
+    registry.record(AgentHeartbeat(name="gpu1", leaving=True), now=103)
+    registry.close()
+    reopened = Registry(AgentTable(ttl=10), SqliteStore(path))
+    reopened.table.start_listening(104)
+    view = reopened.view(104)
+    assert view.warming_up and view.live == {"local_b"} and "local_a" in view.known
+    reopened.close()
+
+
+def test_a_file_written_before_instances_is_read_and_moved_over(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE agents (name TEXT PRIMARY KEY, endpoint TEXT NOT NULL, models TEXT "
+            "NOT NULL, registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL, load REAL)"
+        )
+        db.execute("INSERT INTO agents VALUES ('gpu1', 'http://g', '[\"local_a\"]', 1, 2, 0.5)")
+    registry = Registry(AgentTable(ttl=10), SqliteStore(str(path)))
+    assert registry.table.records() == [
+        AgentRecord("gpu1", "http://g", ("local_a",), 1, 2, load=0.5, instance="", left=False)
+    ]
+    registry.record(AgentHeartbeat(name="gpu1"), now=5)  # the same agent, not yet restarted
+    assert [r.last_heartbeat for r in registry.table.records()] == [5]
+    registry.close()
+    with sqlite3.connect(path) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "agents" not in tables
+    assert [r.key for r in SqliteStore(str(path)).load_all()] == [("gpu1", "")]
+
+
 def test_a_leaving_agent_is_forgotten_on_the_usual_schedule(tmp_path: Path) -> None:
     registry = Registry(AgentTable(ttl=10), SqliteStore(str(tmp_path / "r")), forget_after=100)
     registry.record(REG, now=0)
@@ -192,8 +251,9 @@ def test_a_model_dropped_by_its_last_agent_is_no_longer_live() -> None:
 _OPS = st.lists(
     st.tuples(
         st.sampled_from(["gpu1", "gpu2", "gpu3"]),
+        st.sampled_from(["", "p1", "p2"]),  # replicas of one name
         st.none() | st.lists(st.sampled_from(["local_a", "local_b", "local_c"]), max_size=3),
-        st.booleans(),
+        st.sampled_from(["register", "heartbeat", "leave"]),
         st.integers(0, 40),
     ),
     max_size=30,
@@ -202,16 +262,22 @@ _OPS = st.lists(
 
 @given(_OPS, st.integers(0, 60))
 def test_the_liveness_index_matches_a_scan_of_every_agent(
-    ops: list[tuple[str, list[str] | None, bool, int]], at: int
+    ops: list[tuple[str, str, list[str] | None, str, int]], at: int
 ) -> None:
     """Heartbeats update the per-model index in place; after any sequence it must say what a
     scan of every agent's record says."""
     table = AgentTable(ttl=10)
-    for name, models, is_registration, now in ops:
-        if is_registration:
-            table.register(AgentRegistration(name=name, models=models or ["local_a"]), now=now)
+    for name, instance, models, kind, now in ops:
+        if kind == "register":
+            registration = AgentRegistration(
+                name=name, models=models or ["local_a"], instance=instance
+            )
+            table.register(registration, now=now)
         else:
-            table.heartbeat(AgentHeartbeat(name=name, models=models), now=now)
+            heartbeat = AgentHeartbeat(
+                name=name, instance=instance, models=models, leaving=kind == "leave"
+            )
+            table.heartbeat(heartbeat, now=now)
     records = table.records()
     view = table.view(at)
     assert view.known == {m for r in records for m in r.models}

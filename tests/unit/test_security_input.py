@@ -224,7 +224,7 @@ def test_heartbeats_are_bounded(payload: dict[str, Any]) -> None:
 def test_registry_sql_is_parameterised(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite3"
     store = SqliteStore(str(path))
-    hostile = "x'); DROP TABLE agents; --"
+    hostile = "x'); DROP TABLE agent_processes; --"
     record = AgentRecord(
         name=hostile,
         endpoint="http://a/?q=' OR '1'='1",
@@ -238,7 +238,7 @@ def test_registry_sql_is_parameterised(tmp_path: Path) -> None:
     store.close()
     with sqlite3.connect(path) as db:
         tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
-    assert "agents" in tables
+    assert "agent_processes" in tables
 
 
 def test_registry_source_builds_no_sql_from_values() -> None:
