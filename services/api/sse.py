@@ -119,10 +119,13 @@ class SseRelay(Response):
     async def _replies(self) -> AsyncGenerator[Reply | bytes, None]:
         """The call's replies in turn, and a ping for each `ping_interval` of silence, before
         the first or between two (a model reasoning, a long prefill): proxies cut connections
-        idle for 60 s (nginx, AWS ALB). Ends with an error event at a deadline, or when the call
-        fails."""
+        idle for 60 s (nginx, AWS ALB). A stream committed early pings at once: its first body
+        bytes leave with the headers, for proxies that time out the first byte. Ends with an
+        error event at a deadline, or when the call fails."""
         until, late = self._limits.first_chunk_by, NO_OUTPUT
-        if self._first is not None:
+        if self._first is None:
+            yield PING
+        else:
             yield self._first
             until, late = self._quiet_until()
         while True:

@@ -38,11 +38,20 @@ def slow_first_chunk(tmp_path: Path) -> Iterator[Router]:
 
 
 def stream_raw(api: str, model: str) -> tuple[int, float, bytes]:
+    status, committed, _, raw = stream_timed(api, model)
+    return status, committed, raw
+
+
+def stream_timed(api: str, model: str) -> tuple[int, float, float, bytes]:
+    """The status, when the headers came and when the first body bytes did, and the body."""
     body = {"model": model, "messages": MESSAGES, "stream": True}
     started = time.monotonic()
     with httpx.stream("POST", f"{api}/v1/chat/completions", json=body, timeout=20) as response:
         committed = time.monotonic() - started
-        return response.status_code, committed, b"".join(response.iter_raw())
+        pieces = response.iter_raw()
+        first = next(pieces, b"")
+        first_bytes = time.monotonic() - started
+        return response.status_code, committed, first_bytes, first + b"".join(pieces)
 
 
 def test_a_slow_first_chunk_commits_early_and_pings(slow_first_chunk: Router) -> None:
@@ -50,10 +59,12 @@ def test_a_slow_first_chunk_commits_early_and_pings(slow_first_chunk: Router) ->
     fake = router.fake("--latency", "2.5", "--tokens", "3")
     router.agent("a1", fake, AGENT_MODELS="local_m")
     router.wait_listed("local_m")
-    status, committed, raw = stream_raw(router.api, "local_m")
+    status, committed, first_bytes, raw = stream_timed(router.api, "local_m")
     assert status == 200
     assert committed >= 0.8  # not before STREAM_KEEPALIVE_AFTER (1 s): the status was kept free
     assert raw.startswith(b": ping\n\n")  # the headers left before the model's first token
+    # ... and the ping with them, not a ping interval later (proxies time out the first byte)
+    assert first_bytes - committed < 0.5
     assert raw.endswith(b"data: [DONE]\n\n")
     with sdk_client(router.api) as client:  # the SDK skips comments and validates the rest
         chunks = list(

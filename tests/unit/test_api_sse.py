@@ -130,3 +130,25 @@ async def test_a_stream_cut_by_the_requests_deadline_says_so_not_that_the_model_
     body = await body_of(relay)
     last = body.split(b"\n\n")[-2]
     assert b"did not finish in time" in last and b"stopped sending" not in last
+
+
+async def test_a_stream_committed_early_pings_with_its_headers_not_an_interval_later() -> None:
+    """The commit (STREAM_KEEPALIVE_AFTER without output) sends a ping at once: a proxy that
+    times out the first body byte must not wait another whole interval for it."""
+    call = PendingCall("r1", "local_m")
+    limits = StreamLimits(total=30, ttft=30, idle=30, now=time.monotonic())
+
+    async def on_finish(completed: bool) -> None:
+        pass
+
+    relay = SseRelay(call, None, limits, headers={}, ping_interval=5, on_finish=on_finish)
+
+    async def answer() -> None:  # well within the first interval
+        await asyncio.sleep(0.2)
+        call.deliver(Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, 0, 200, {}))
+        call.deliver(Reply(ReplyKind.END, "r1", "a1", b"", 1, 200, {}))
+
+    answering = asyncio.create_task(answer())
+    body = await body_of(relay)
+    await answering
+    assert body == sse.PING + CHUNK + sse.DONE
