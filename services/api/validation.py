@@ -61,6 +61,14 @@ def _json_integer(value: Any) -> Any:
 NO_COERCION = BeforeValidator(_json_integer)
 
 
+def _json_string(value: Any) -> Any:
+    """A JSON string, before a `Literal` checks its value: pydantic calls `"role": 5` a wrong
+    value, and OpenAI a wrong type (`invalid_type`)."""
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a valid string")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeLimits:
     """Bounds a request must keep (MAX_MESSAGES, MAX_TOKENS_LIMIT)."""
@@ -72,7 +80,7 @@ class EdgeLimits:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    role: Role
+    role: Annotated[Role, BeforeValidator(_json_string)]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 

@@ -172,6 +172,19 @@ def user(**fields: object) -> list[dict[str, object]]:
             "Invalid type for 'messages[0]': expected an object, but got a string instead.",
         ),
         (
+            {"messages": [{"role": 5, "content": "hi"}]},
+            "messages[0].role",
+            "invalid_type",  # OpenAI's code for a wrong JSON type, not pydantic's wrong literal
+            "Invalid type for 'messages[0].role': expected a string, but got an integer instead.",
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            "messages[0].role",
+            "invalid_value",
+            "Invalid value for 'messages[0].role': Input should be 'system', 'developer', "
+            "'user', 'assistant', 'tool' or 'function'.",
+        ),
+        (
             {"messages": [{"content": "hi"}]},
             "messages[0].role",
             "missing_required_parameter",
