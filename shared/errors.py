@@ -61,12 +61,22 @@ class NotFoundError(RouterError):
 
 
 class ModelNotFoundError(NotFoundError):
+    """A chat request's model, as OpenAI's chat endpoint words it (`param` null)."""
+
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(
-            f"The model `{model}` does not exist or you do not have access to it.", param="model"
-        )
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.")
+
+
+class RetrievedModelNotFoundError(NotFoundError):
+    """`GET /v1/models/{id}` of a model the caller cannot see, as OpenAI's retrieve words it:
+    another message than the chat endpoint's, and `param` "model"."""
+
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist", param="model")
 
 
 class MethodNotAllowedError(RouterError):

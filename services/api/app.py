@@ -44,8 +44,8 @@ from services.api.sse import ClientGoneError
 from shared.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
-    ModelNotFoundError,
     NotFoundError,
+    RetrievedModelNotFoundError,
     RouterError,
     error_body,
 )
@@ -168,12 +168,12 @@ def create_app(settings: ApiSettings) -> RouterApp:
     )
     async def retrieve_model(model: str, client: CurrentClient) -> Response:
         if not model or not client.allows(model):  # `/v1/models/`: no model is named ""
-            raise ModelNotFoundError(model)
+            raise RetrievedModelNotFoundError(model)
         listing = orjson.loads(await bus.ask_models(settings.models_timeout, model))
         for entry in listing.get("data", []):
             if entry.get("id") == model:
                 return Response(orjson.dumps(entry), media_type=JSON)
-        raise ModelNotFoundError(model)
+        raise RetrievedModelNotFoundError(model)
 
     agent_ok = json_response("Accepted and published", status_schema("ok"))
 

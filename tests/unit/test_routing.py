@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from services.dispatcher.routing import (
@@ -13,7 +14,7 @@ from services.dispatcher.routing import (
     ToProvider,
     choose_route,
 )
-from shared.errors import ModelNotFoundError, ServiceUnavailableError
+from shared.errors import ModelNotFoundError, ServiceUnavailableError, to_openai_error
 
 AGENTS = AgentView(live=frozenset({"local_a"}), known=frozenset({"local_a", "local_dead"}))
 OPENAI = (ProviderRule("openai/", "openai"), ProviderRule("", "openai"))
@@ -53,7 +54,22 @@ def test_unservable_models_are_404(model: str, providers: tuple[ProviderRule, ..
     route = choose_route(model, AGENTS, providers)
     assert isinstance(route, Refuse)
     assert isinstance(route.error, ModelNotFoundError)
-    assert route.error.param == "model"
+    assert route.error.param is None  # as OpenAI's chat endpoint: the retrieve's says "model"
+
+
+def test_an_unknown_model_is_answered_as_openais_chat_endpoint_answers_it() -> None:
+    route = choose_route("local_nope", AGENTS, OPENAI)
+    assert isinstance(route, Refuse)
+    status, body, _ = to_openai_error(route.error)
+    assert status == 404
+    assert orjson.loads(body) == {
+        "error": {
+            "message": "The model `local_nope` does not exist or you do not have access to it.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "model_not_found",
+        }
+    }
 
 
 def test_unknown_local_model_while_warming_up_is_503_not_404() -> None:

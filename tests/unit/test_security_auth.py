@@ -235,9 +235,18 @@ async def test_a_model_outside_the_key_is_403_before_any_job(http: httpx.AsyncCl
 
 
 async def test_retrieving_a_model_outside_the_key_is_404(http: httpx.AsyncClient) -> None:
+    """Worded as OpenAI's `GET /v1/models/{id}` words a model it does not have (not as its
+    chat endpoint does)."""
     response = await http.get("/v1/models/gpt-4o", headers={"authorization": f"Bearer {BOB}"})
     assert response.status_code == 404
-    assert response.json()["error"]["code"] == "model_not_found"
+    assert response.json() == {
+        "error": {
+            "message": "The model 'gpt-4o' does not exist",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
 
 
 async def test_an_allowed_request_gets_past_auth(http: httpx.AsyncClient) -> None:
