@@ -79,6 +79,16 @@ class RetrievedModelNotFoundError(NotFoundError):
         super().__init__(f"The model '{model}' does not exist", param="model")
 
 
+class UnknownRouteError(RouterError):
+    """A method and path no route serves, as OpenAI words it (`code` null)."""
+
+    status = 404
+    type = "invalid_request_error"
+
+    def __init__(self, method: str, path: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"Invalid URL ({method} {path})", headers=headers)
+
+
 class MethodNotAllowedError(RouterError):
     status = 405
     type = "invalid_request_error"

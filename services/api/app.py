@@ -44,9 +44,9 @@ from services.api.sse import ClientGoneError
 from shared.errors import (
     InvalidRequestError,
     MethodNotAllowedError,
-    NotFoundError,
     RetrievedModelNotFoundError,
     RouterError,
+    UnknownRouteError,
     error_body,
 )
 from shared.messages import AgentHeartbeat, AgentRegistration
@@ -265,7 +265,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["allow"] = ", ".join(allowed_methods(request))
             mapped = MethodNotAllowedError("Method not allowed for this route.", headers=headers)
         elif exc.status_code == 404:
-            mapped = NotFoundError("Unknown route.", headers=headers)
+            mapped = UnknownRouteError(request.method, request.url.path, headers=headers)
         else:
             kind = InvalidRequestError if exc.status_code < 500 else RouterError
             mapped = kind(str(exc.detail), headers=headers)

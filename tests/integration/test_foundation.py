@@ -174,7 +174,13 @@ def test_wrong_method_is_405(api_url: str) -> None:
 
 
 def test_unknown_route_is_404(api_url: str) -> None:
-    _assert_openai_error(httpx.get(f"{api_url}/v1/nothing-here"), 404)
+    error = _assert_openai_error(httpx.get(f"{api_url}/v1/nothing-here"), 404)
+    assert error == {  # as OpenAI words it
+        "message": "Invalid URL (GET /v1/nothing-here)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
 
 
 def test_unknown_model_is_a_404_not_a_wait_for_the_deadline(client: openai.OpenAI) -> None:

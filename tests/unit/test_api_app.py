@@ -120,6 +120,27 @@ async def test_a_405_names_the_allowed_methods() -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
+    [("GET", "/v1/foo"), ("POST", "/v1/embeddings"), ("DELETE", "/"), ("POST", "/v1/chat")],
+)
+async def test_an_unknown_route_is_openais_invalid_url(method: str, path: str) -> None:
+    app = create_app(ApiSettings(rabbitmq_url=NO_BROKER))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        response = await client.request(method, path, params={"x": "1"})
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": f"Invalid URL ({method} {path})",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
     [("POST", "/v1/chat/completions/"), ("GET", "/v1/models/"), ("GET", "/health/")],
 )
 async def test_a_path_with_a_stray_slash_is_not_found_not_redirected(
