@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import uvloop
@@ -48,8 +49,15 @@ def run_service(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> N
         await main(stop)
 
     settle_heap()
-    try:
+    with startup_errors_reported():
         uvloop.run(wrapper())
+
+
+@contextlib.contextmanager
+def startup_errors_reported() -> Iterator[None]:
+    """A `StartupError` raised inside ends the process with its message and exit code 1."""
+    try:
+        yield
     except StartupError as e:
         log.error("cannot start: %s", e)
         raise SystemExit(1) from None

@@ -9,11 +9,18 @@ import uvicorn
 from services.api.agent_auth import parse_token_pairs
 from services.api.app import create_app
 from services.api.client_auth import load_entries
-from services.api.server import WRITE_GRACE, DrainingServer, DroppedStreamFilter
+from services.api.server import (
+    WRITE_GRACE,
+    DrainingServer,
+    DroppedStreamFilter,
+    listening_sockets,
+)
 from services.api.settings import ApiSettings
 from shared.logs import configure_logging, secret_values
-from shared.runner import settle_heap
+from shared.runner import settle_heap, startup_errors_reported
 from shared.settings import load_settings
+
+log = logging.getLogger(__name__)
 
 
 def credential_values(settings: ApiSettings) -> list[str]:
@@ -28,6 +35,11 @@ def main() -> None:
     configure_logging(
         settings.log_level, "api", secrets=secret_values(settings, *credential_values(settings))
     )
+    # Before the app: a port in use is one line and exit code 1, with nothing connected yet.
+    with startup_errors_reported():
+        sockets = listening_sockets(settings.api_host, settings.api_port)
+    # uvicorn says where it listens only when it binds the port itself.
+    log.info("listening on %s:%d", settings.api_host, settings.api_port)
     app = create_app(settings)
     logging.getLogger("uvicorn.error").addFilter(DroppedStreamFilter())
     settle_heap()
@@ -49,7 +61,7 @@ def main() -> None:
     server = DrainingServer(
         config, drain_timeout=settings.drain_timeout, end_waiting=app.state.bus.end_waiting
     )
-    server.run()
+    server.run(sockets=sockets)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings
 
 from services import admin, cli
 from services.agent.settings import AgentSettings
+from services.api.server import listening_sockets
 from services.api.settings import ApiSettings
 from services.dispatcher.settings import DispatcherSettings
 from shared import runner
@@ -295,11 +296,11 @@ def test_broker_acl_refuses_a_user_named_twice(
     assert "a broker user may have one role and one --agent entry" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    ("command", "variable"), [("dispatcher", "HEALTH_PORT"), ("agent", "AGENT_PORT")]
-)
-def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str) -> None:
-    """Not a traceback: the line names the address and the variable that chose it."""
+def run_on_a_taken_port(
+    command: str, variable: str
+) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """`router command` with `variable` naming a port another socket listens on, and every
+    other address a closed port: (the port, what the command did)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -307,6 +308,7 @@ def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str
         env = {
             **os.environ,
             variable: str(port),
+            "API_HOST": "127.0.0.1",
             "AGENT_HOST": "127.0.0.1",
             "VLLM_URL": "http://127.0.0.1:1/v1",
             "ROUTER_URL": "http://127.0.0.1:1",
@@ -320,10 +322,36 @@ def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str
             timeout=30,
             check=False,
         )
+    return port, done
+
+
+@pytest.mark.parametrize(
+    ("command", "variable"), [("dispatcher", "HEALTH_PORT"), ("agent", "AGENT_PORT")]
+)
+def test_a_health_port_in_use_is_one_line_and_exit_1(command: str, variable: str) -> None:
+    """Not a traceback: the line names the address and the variable that chose it."""
+    port, done = run_on_a_taken_port(command, variable)
     assert done.returncode == 1, done.stderr
     assert "cannot serve /health on " in done.stderr and f":{port}: " in done.stderr
     assert f"choose another {variable}" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_api_port_in_use_is_one_line_and_exit_1_before_anything_else() -> None:
+    """uvicorn bound the port only after the API's startup: the API had tried the broker (and
+    with one up, declared its reply queue) when it exited 3 with uvicorn's own error line."""
+    port, done = run_on_a_taken_port("api", "API_PORT")
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()  # not even the warnings of the app it did not build
+    assert line.endswith(
+        f"cannot start: cannot serve the API on 127.0.0.1:{port}: Address already in use "
+        "(choose another API_PORT)"
+    )
+
+
+def test_an_api_host_that_is_not_this_hosts_names_api_host() -> None:
+    with pytest.raises(StartupError, match=r"on 192\.0\.2\.1:8000: .*\(choose another API_HOST\)"):
+        listening_sockets("192.0.2.1", 8000)  # TEST-NET-1: never a local address
 
 
 @pytest.mark.parametrize(
