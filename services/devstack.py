@@ -5,7 +5,8 @@ the agent fronts the shipped fake vLLM (`API_PORT` + 100), so `local_*` models a
 box; with no `OPENAI_API_KEY` the dispatcher is pointed at the shipped fake OpenAI (`API_PORT` +
 200). The agent's `/health` is on `AGENT_PORT`, else `API_PORT` + 300: every port follows
 `API_PORT`, so a second stack (with its own `BROKER_NAMESPACE` and `REGISTRY_PATH`) needs only
-another `API_PORT`. The agent
+another `API_PORT`; a port already in use stops it before anything starts, with one line naming
+the port and the variable to change. The agent
 (`AGENT_NAME`, default `dev-agent`) uses `AGENT_TOKEN`, else its own entry in `AGENT_TOKENS`,
 else the token derived from `AGENT_TOKEN_SECRET`; with no agent credentials configured, a
 secret is generated for this run. Processes run under honcho's manager: Ctrl-C stops them all.
@@ -20,8 +21,12 @@ import sys
 from honcho.manager import Manager
 
 from services.api.agent_auth import derive_agent_token, parse_token_pairs
+from shared.runner import listen
 
 DEV_AGENT = "dev-agent"
+Processes = list[tuple[str, str, dict[str, str]]]  # (name, command, extra env) of each
+# The dev stack's ports follow API_PORT: the fakes', and the agent's /health unless AGENT_PORT.
+VLLM_OFFSET, OPENAI_OFFSET, AGENT_OFFSET = 100, 200, 300
 
 
 def _cmd(*args: str) -> str:
@@ -67,7 +72,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
     # honcho kills what still runs 5 s after Ctrl-C: drain inside that, so the API answers
     # its waiting requests 503 and cancels their jobs instead of being killed with them.
     env.setdefault("DRAIN_TIMEOUT", "3")
-    vllm_port, openai_port = api_port + 100, api_port + 200
+    vllm_port, openai_port = api_port + VLLM_OFFSET, api_port + OPENAI_OFFSET
     notes: dict[str, str] = {}
     processes: list[tuple[str, str, dict[str, str]]] = []
     agent_name = env.get("AGENT_NAME") or DEV_AGENT
@@ -95,7 +100,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
         "AGENT_NAME": agent_name,
         "AGENT_TOKEN": agent_token,
         "ROUTER_URL": env.get("ROUTER_URL", f"http://127.0.0.1:{api_port}"),
-        "AGENT_PORT": env.get("AGENT_PORT") or str(api_port + 300),
+        "AGENT_PORT": env.get("AGENT_PORT") or str(api_port + AGENT_OFFSET),
     }
     if not env.get("VLLM_URL"):
         processes.append(
@@ -109,12 +114,54 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
     return env, processes
 
 
+def servers(env: dict[str, str], processes: Processes) -> list[tuple[str, str, int, str]]:
+    """(process, host, port, where the port comes from) of each server the planned stack
+    starts, with the addresses each binds by default."""
+    api_port = int(env["API_PORT"])
+    offsets = {"fake-vllm": VLLM_OFFSET, "fake-openai": OPENAI_OFFSET}
+    found = []
+    for name, _, extra in processes:
+        if name == "api":
+            found.append((name, env.get("API_HOST", "127.0.0.1"), api_port, "API_PORT"))
+        elif name in offsets:
+            found.append(
+                (name, "127.0.0.1", api_port + offsets[name], f"API_PORT + {offsets[name]}")
+            )
+        elif name == "agent":
+            origin = "AGENT_PORT" if env.get("AGENT_PORT") else f"API_PORT + {AGENT_OFFSET}"
+            found.append((name, env.get("AGENT_BIND", "0.0.0.0"), int(extra["AGENT_PORT"]), origin))
+    return found
+
+
+def busy_port(env: dict[str, str], processes: Processes) -> str | None:
+    """What keeps the planned stack from starting (a port in use), or None. Checked before
+    anything starts: honcho stops every process once one exits, and the fakes died of a port
+    in use with a traceback."""
+    for name, host, port, origin in servers(env, processes):
+        try:
+            sockets = listen(host, port)
+        except OSError as e:
+            setting = origin.split()[0]  # the variable to change: API_PORT or AGENT_PORT
+            follows = ": every port of the dev stack follows it" if setting == "API_PORT" else ""
+            return (
+                f"cannot start {name} on {host}:{port} ({origin}): {e.strerror or e} "
+                f"(choose another {setting}{follows})"
+            )
+        for sock in sockets:
+            sock.close()
+    return None
+
+
 def main(argv: list[str]) -> None:
     try:
         env, processes = plan(dict(os.environ))
     except ValueError as e:
         print(f"router dev: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    busy = busy_port(env, processes)
+    if busy is not None:
+        print(f"router dev: {busy}", file=sys.stderr, flush=True)
+        sys.exit(1)
     manager = Manager()
     for name, command, extra in processes:
         manager.add_process(name, command, env={**env, "PYTHONUNBUFFERED": "1", **extra})

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -28,6 +29,31 @@ class StartupError(Exception):
     """The service cannot start for a reason its operator must fix, which the message names
     (a registry file that cannot be opened, no Docker engine): one line and exit code 1, not a
     traceback."""
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on host:port, one per address `host` names, as asyncio's servers
+    (uvicorn's, aiohttp's) open them; raises OSError where it cannot listen."""
+    sockets: list[socket.socket] = []
+    try:
+        # `host or None`: an empty host is every interface, as for asyncio's servers.
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # As asyncio's: a restart binds past its predecessor's connections in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen()  # the port is ours from now on; connections wait in the backlog
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def settle_heap() -> None:

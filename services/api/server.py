@@ -19,7 +19,7 @@ from collections.abc import Callable
 import uvicorn
 
 from shared.errors import RouterError, ServiceUnavailableError
-from shared.runner import StartupError
+from shared.runner import StartupError, listen
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +45,14 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     with exit code 3 and its own log line, once it had joined the broker.
 
     An address it cannot listen on is a `StartupError` naming the variable to change."""
-    sockets: list[socket.socket] = []
     try:
-        # `host or None`: an empty host is every interface, as for uvicorn's own bind.
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
-            # As asyncio's: a restart binds past its predecessor's connections in TIME_WAIT.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen()  # the port is ours from now on; requests wait in the backlog
+        return listen(host, port)
     except OSError as e:
-        for sock in sockets:
-            sock.close()
         setting = "API_PORT" if e.errno in (errno.EADDRINUSE, errno.EACCES) else "API_HOST"
         reason = e.strerror or str(e)
         raise StartupError(
             f"cannot serve the API on {host}:{port}: {reason} (choose another {setting})"
         ) from None
-    return sockets
 
 
 def stopping_error() -> RouterError:

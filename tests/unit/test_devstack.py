@@ -1,11 +1,18 @@
-"""`router dev`'s plan: which processes run, and an agent token the API will accept."""
+"""`router dev`'s plan: which processes run, an agent token the API will accept, and a port in
+use found before anything starts."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
+
 import pytest
 
+from services import devstack
 from services.api.agent_auth import AgentCredentials, derive_agent_token, parse_token_pairs
 from services.devstack import DEV_AGENT, plan
+from shared.runner import listen
 
 
 def agent_env(environ: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
@@ -93,3 +100,67 @@ def test_every_port_follows_the_api_port() -> None:
         assert extras["agent"]["ROUTER_URL"] == f"http://127.0.0.1:{expected}"
         assert extras["agent"]["AGENT_PORT"] == str(expected + 300)
     assert agent_env({"AGENT_PORT": "5001"})[1]["AGENT_PORT"] == "5001"
+
+
+def no_manager() -> None:
+    raise AssertionError("router dev started its processes")
+
+
+@contextlib.contextmanager
+def a_dev_port_taken(offset: int) -> Iterator[int]:
+    """An API_PORT whose dev stack's ports are free but the one at `offset` from it, which
+    another socket listens on for the block."""
+    for base in range(23_000, 30_000, 11):
+        held: list[socket.socket] = []
+        try:
+            for other in (0, 100, 200, 300):
+                held += listen("127.0.0.1", base + other)
+        except OSError:
+            for sock in held:
+                sock.close()
+            continue
+        for sock in held:
+            if sock.getsockname()[1] != base + offset:
+                sock.close()
+        try:
+            yield base
+        finally:
+            for sock in held:
+                sock.close()
+        return
+    raise RuntimeError("no free port range for a dev stack")
+
+
+@pytest.mark.parametrize(
+    ("offset", "env", "said"),
+    [
+        (100, {}, "fake-vllm on 127.0.0.1:{port} (API_PORT + 100)"),
+        (200, {}, "fake-openai on 127.0.0.1:{port} (API_PORT + 200)"),
+        (300, {"AGENT_PORT": "{port}"}, "agent on 0.0.0.0:{port} (AGENT_PORT)"),
+    ],
+)
+def test_a_port_in_use_is_one_line_naming_it_and_nothing_starts(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    offset: int,
+    env: dict[str, str],
+    said: str,
+) -> None:
+    """The fake vLLM and fake OpenAI died of a port in use with an OSError traceback, and
+    honcho then stopped every other process: the port is now checked before anything starts."""
+    for name in ("OPENAI_API_KEY", "VLLM_URL", "AGENT_PORT", "AGENT_BIND", "API_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(devstack, "Manager", no_manager)
+    with a_dev_port_taken(offset) as base:
+        port = base + offset
+        monkeypatch.setenv("API_PORT", str(base))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value.format(port=port))
+        with pytest.raises(SystemExit) as exit_:
+            devstack.main([])
+    assert exit_.value.code == 1
+    setting = "AGENT_PORT" if env else "API_PORT: every port of the dev stack follows it"
+    assert capsys.readouterr().err.splitlines() == [
+        f"router dev: cannot start {said.format(port=port)}: Address already in use "
+        f"(choose another {setting})"
+    ]
