@@ -10,8 +10,10 @@ in a thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import shlex
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -153,6 +155,25 @@ class DockerClient(Protocol):
 Probe = Callable[[], Awaitable[bool]]
 
 
+async def abandoned_on_cancel(call: Callable[[], object], name: str) -> None:
+    """`call()` in a daemon thread of its own, `name`; a cancel stops waiting for it and leaves
+    it running. Not `asyncio.to_thread`: the loop's executor, and the interpreter at exit, wait
+    for its threads, so an agent stopped during a multi-GB image pull logged "stopped" and
+    lived on until the pull ended."""
+    done: concurrent.futures.Future[object] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not done.set_running_or_notify_cancel():  # cancelled before it began
+            return
+        try:  # running, the future is no longer cancelled with the awaiting task
+            done.set_result(call())
+        except BaseException as e:
+            done.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await asyncio.wrap_future(done)
+
+
 class VllmContainer:
     def __init__(
         self,
@@ -198,7 +219,9 @@ class VllmContainer:
         except docker.errors.ImageNotFound:
             log.info("pulling %s", self.spec.image)
             # Not settled: a pull left running after a cancel creates no container.
-            await asyncio.to_thread(self._client.images.pull, self.spec.image)
+            await abandoned_on_cancel(
+                lambda: self._client.images.pull(self.spec.image), f"pull {self.spec.image}"
+            )
             await self._settled(self._create_in_thread)
 
     def _create_in_thread(self) -> None:

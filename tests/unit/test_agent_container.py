@@ -341,6 +341,42 @@ async def test_cancelled_while_pulling_creates_nothing() -> None:
     assert client.containers.create_kwargs is None and vllm.container is None
 
 
+def test_a_stop_while_pulling_does_not_wait_for_the_pull() -> None:
+    """The pull ran in the loop's executor, which `asyncio.run` waits for as it closes (and the
+    interpreter at exit): an agent stopped during a multi-GB pull logged "stopped" and lived
+    on until the pull ended (review: SIGTERM at 3 s, exit at 60.8 s). The cancelled pull is
+    left to a daemon thread, which holds up neither."""
+    pulling, release = threading.Event(), threading.Event()
+    pullers: list[threading.Thread] = []
+
+    def pull(repository: str) -> None:
+        pullers.append(threading.current_thread())
+        pulling.set()
+        release.wait(30)  # set only once the test has its answer
+
+    async def start_then_stop() -> None:
+        vllm, client = lifecycle(StandInContainer([]), Probe(0))
+        client.containers.image_missing = True
+        client.images.pull = pull  # type: ignore[method-assign]
+        starting = asyncio.create_task(vllm.start())
+        assert await asyncio.to_thread(pulling.wait, 5), "the pull never started"
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(starting, 1)
+
+    before = set(threading.enumerate())
+    agent = threading.Thread(target=asyncio.run, args=(start_then_stop(),), daemon=True)
+    agent.start()
+    try:
+        agent.join(5)
+        assert not agent.is_alive(), "the stopped agent's loop waited for the pull"
+        assert pullers and pullers[0].daemon and pullers[0].is_alive()
+        left = [t for t in set(threading.enumerate()) - before if not t.daemon]
+        assert left == [], "a thread the interpreter would wait for at exit"
+    finally:
+        release.set()
+
+
 async def test_stop_logs_a_container_that_cannot_be_removed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
