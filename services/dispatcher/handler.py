@@ -7,6 +7,7 @@ broker confirmed that.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -21,11 +22,14 @@ from services.dispatcher.registry import Registry
 from services.dispatcher.routing import (
     AgentView,
     AnswerDummy,
+    AwaitRegistry,
     ProviderRule,
     Refuse,
+    Route,
     ToAgent,
     ToProvider,
     choose_route,
+    warming_up_error,
 )
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
@@ -53,6 +57,9 @@ from shared.topology import QueueArgumentsError, QueueSpec, Topology
 log = logging.getLogger(__name__)
 
 EnsureQueue = Callable[[QueueSpec], Awaitable[None]]
+
+# How often a job waiting for the registry's warm-up looks again (a heartbeat lands any time).
+REGISTRY_POLL = 0.05
 
 
 def _header_text(env: Envelope, name: str) -> str | None:
@@ -91,6 +98,7 @@ class DispatcherHandler:
         clock: Callable[[], float] = time.time,
         cache: JobCache | None = None,
         max_reply_bytes: int = MAX_REPLY_BYTES,
+        max_registry_waiters: int = 0,
     ) -> None:
         self.topology = topology
         self.broker = broker
@@ -102,6 +110,10 @@ class DispatcherHandler:
         self.coalesce_window = coalesce_window
         self.clock = clock
         self.cache = cache
+        # Jobs waiting for the warm-up hold prefetch slots: a few at most, or jobs for other
+        # models (or unknown ones, sent in a burst) would stall behind them.
+        self.max_registry_waiters = max_registry_waiters
+        self._registry_waiters = 0
         # Answers to cacheable jobs this dispatcher finishes (dummy, providers) feed the cache.
         self.reply = ReplyPublisher.for_topology(broker, topology, max_body=max_reply_bytes)
 
@@ -134,7 +146,12 @@ class DispatcherHandler:
                 # A cancel heard during the lookup found no lock to release: it was not taken yet.
                 await self.cache.on_cancel(job.request_id)
                 return
-        route = choose_route(job.model, self.registry.view(now), self.providers)
+        route: Route | None = choose_route(job.model, self.registry.view(now), self.providers)
+        if isinstance(route, AwaitRegistry):
+            route = await self._after_warm_up(job)
+            if route is None:
+                log.info("job %s dropped: cancelled by its client", job.request_id)
+                return
         if isinstance(route, AnswerDummy):
             await self._answer_dummy(job, int(now))
         elif isinstance(route, ToAgent):
@@ -143,6 +160,8 @@ class DispatcherHandler:
             await self._hand_off(job, self.topology.provider_queue_spec(route.provider))
         elif isinstance(route, Refuse):
             await self.reply.error(job, route.error, attempt=new_attempt())
+        else:
+            await self.reply.error(job, warming_up_error(), attempt=new_attempt())
         log.info(
             "job %s model=%s route=%s stream=%s %.2fms",
             job.request_id,
@@ -151,6 +170,25 @@ class DispatcherHandler:
             job.stream,
             (time.perf_counter() - started) * 1000,
         )
+
+    async def _after_warm_up(self, job: Job) -> Route | None:
+        """Where a job goes once its model was heard of, the warm-up ended or the job's
+        deadline passed, whichever comes first (None: its client cancelled it meanwhile). A
+        503 at once failed a live model's requests on a dispatcher just added, until its
+        agents' next heartbeat (up to HEARTBEAT_INTERVAL)."""
+        route: Route = AwaitRegistry(job.model)
+        if self._registry_waiters >= self.max_registry_waiters:
+            return route
+        self._registry_waiters += 1
+        try:
+            while isinstance(route, AwaitRegistry) and job.remaining(self.clock()) > 0:
+                await asyncio.sleep(REGISTRY_POLL)
+                if self.cancellations.is_cancelled(job.request_id):
+                    return None
+                route = choose_route(job.model, self.registry.view(self.clock()), self.providers)
+            return route
+        finally:
+            self._registry_waiters -= 1
 
     async def _answer_from_cache(self, hit: Hit) -> None:
         job, attempt = hit.job, new_attempt()

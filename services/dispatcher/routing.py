@@ -35,7 +35,23 @@ class Refuse:
     error: RouterError
 
 
-Route = AnswerDummy | ToAgent | ToProvider | Refuse
+@dataclass(frozen=True, slots=True)
+class AwaitRegistry:
+    """A local model this dispatcher has not heard of while it warms up: its agents' next
+    heartbeat may simply not have reached it yet (a dispatcher just added, a fresh file)."""
+
+    model: str
+
+
+Route = AnswerDummy | ToAgent | ToProvider | Refuse | AwaitRegistry
+
+
+def warming_up_error() -> RouterError:
+    return ServiceUnavailableError(
+        "This dispatcher is still learning which agents are alive; retry shortly.",
+        code="registry_warming_up",
+        headers={"retry-after": "1"},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +89,7 @@ def choose_route(model: str, agents: AgentView, providers: tuple[ProviderRule, .
                 )
             )
         if agents.warming_up:
-            return Refuse(
-                ServiceUnavailableError(
-                    "This dispatcher is still learning which agents are alive; retry shortly.",
-                    code="registry_warming_up",
-                    headers={"retry-after": "1"},
-                )
-            )
+            return AwaitRegistry(model)
         return Refuse(ModelNotFoundError(model))
     for rule in providers:
         if model.startswith(rule.prefix) and len(model) > len(rule.prefix):

@@ -130,6 +130,8 @@ class DispatcherService:
             coalesce_window=self.settings.stream_coalesce_ms / 1000,
             cache=self.cache,
             max_reply_bytes=self.settings.max_reply_bytes,
+            # A quarter: the cache's single-flight waiters may hold half the prefetch beside.
+            max_registry_waiters=self.settings.dispatcher_prefetch // 4,
         )
         t = self.topology
         exchanges = {

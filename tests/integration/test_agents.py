@@ -22,7 +22,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from fakes.core import FakeConfig, reply_tokens
 from tests.integration.conftest import sdk_client
-from tests.support.procs import wait_for
+from tests.support.procs import free_port, wait_for, wait_http
 from tests.support.rig import MESSAGES, TTL, Router
 
 pytestmark = pytest.mark.integration
@@ -368,6 +368,22 @@ def test_agent_tokens_are_checked(router: Router) -> None:
     assert "registration refused (/register answered 403" in log
     assert "Traceback" not in log  # an operator's mistake, said once: not a bug's stack
     assert "local_m" not in router.models()
+
+
+def test_a_dispatcher_added_beside_a_running_one_fails_no_live_models_request(
+    router: Router,
+) -> None:
+    """A new dispatcher (a fresh registry file) answered 503 `registry_warming_up` for a live
+    model until the agents' next heartbeat reached it (review 2026-11-29)."""
+    router.agent("a1", router.fake(), AGENT_MODELS="local_m", HEARTBEAT_INTERVAL="2.5")
+    router.wait_listed("local_m")
+    port = free_port()
+    added = router.stack.start_dispatcher(router.tmp, HEARTBEAT_TTL=str(TTL), HEALTH_PORT=str(port))
+    wait_http(f"http://127.0.0.1:{port}/ready", service=added)
+    with ThreadPoolExecutor(max_workers=8) as pool:  # both dispatchers take some
+        statuses = [r.status_code for r in pool.map(lambda _: router.chat("local_m"), range(8))]
+    assert statuses == [200] * 8
+    assert "route=ToAgent" in added.log()  # the new one took its share
 
 
 def test_two_apis_and_two_dispatchers_agree(router: Router) -> None:

@@ -8,11 +8,13 @@ import pytest
 from services.dispatcher.routing import (
     AgentView,
     AnswerDummy,
+    AwaitRegistry,
     ProviderRule,
     Refuse,
     ToAgent,
     ToProvider,
     choose_route,
+    warming_up_error,
 )
 from shared.errors import ModelNotFoundError, ServiceUnavailableError, to_openai_error
 
@@ -72,9 +74,7 @@ def test_an_unknown_model_is_answered_as_openais_chat_endpoint_answers_it() -> N
     }
 
 
-def test_unknown_local_model_while_warming_up_is_503_not_404() -> None:
+def test_unknown_local_model_while_warming_up_waits_for_the_registry_not_404() -> None:
     warming = AgentView(live=frozenset(), known=frozenset(), warming_up=True)
-    route = choose_route("local_new", warming)
-    assert isinstance(route, Refuse)
-    assert isinstance(route.error, ServiceUnavailableError)
-    assert route.error.code == "registry_warming_up"
+    assert choose_route("local_new", warming) == AwaitRegistry("local_new")
+    assert warming_up_error().code == "registry_warming_up"
