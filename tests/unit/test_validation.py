@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from services.api.validation import (
-    MAX_JSON_DEPTH,
+    MAX_JSON_VALUES,
+    ORJSON_MAX_DEPTH,
     ChatRequestParser,
     EdgeLimits,
     invalid_request,
@@ -27,27 +28,43 @@ def test_valid_body_keeps_its_raw_bytes() -> None:
     assert (view.model, view.stream, view.include_usage) == ("m", False, False)
 
 
-def nested(depth: int, where: str = "x_deep") -> bytes:
-    """A body whose `where` field makes the whole body `depth` levels deep (objects in lists)."""
+def nested(depth: int) -> bytes:
+    """A body `depth` levels deep (the object, then lists in lists in its field `x_deep`)."""
     inner = "[" * (depth - 1) + "]" * (depth - 1)
-    return b'{"model":"m","messages":[{"role":"user","content":"hi"}],"%s":%s}' % (
-        where.encode(),
-        inner.encode(),
+    return b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x_deep":%s}' % (
+        inner.encode()
     )
 
 
-def test_a_body_nested_past_the_limit_is_a_400() -> None:
+def test_a_body_nested_deeper_than_the_services_can_write_is_a_400() -> None:
     """Accepted, it failed where the dispatcher or agent writes the body again (orjson writes
     254 levels at most) and its client waited out REQUEST_TIMEOUT."""
-    ChatRequestParser().parse(nested(MAX_JSON_DEPTH))
+    ChatRequestParser().parse(nested(ORJSON_MAX_DEPTH))
+    orjson.dumps(orjson.loads(nested(ORJSON_MAX_DEPTH)))  # what passes can be written again
     with pytest.raises(InvalidRequestError) as info:
-        ChatRequestParser().parse(nested(MAX_JSON_DEPTH + 1))
+        ChatRequestParser().parse(nested(ORJSON_MAX_DEPTH + 1))
     assert info.value.status == 400 and info.value.code == "invalid_json"
-    # What is accepted can be written again (a cache key, the served model's name).
-    orjson.dumps(orjson.loads(nested(MAX_JSON_DEPTH)))
 
 
-def test_many_brackets_side_by_side_are_not_depth() -> None:
+def test_a_body_of_too_many_values_is_refused_before_it_is_parsed() -> None:
+    """12 MiB of `[],` parsed to four million lists: 600 MB and 15 s of the API's and the
+    dispatcher's loops for one request within MAX_BODY_BYTES (review 2026-11-29)."""
+    many = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x":[%s]}' % b",".join(
+        [b"[]"] * MAX_JSON_VALUES
+    )
+    with pytest.raises(InvalidRequestError) as info:
+        ChatRequestParser().parse(many)
+    assert info.value.code == "invalid_json" and "values" in info.value.message
+
+
+def test_brackets_and_commas_inside_strings_are_not_values() -> None:
+    """A long prompt (a pasted CSV file, code) holds far more of them than any limit."""
+    text = 'a, b, "c", [d], {e}, \\, " ' * (MAX_JSON_VALUES // 4)
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": text}]})
+    assert ChatRequestParser().parse(body).model == "m"
+
+
+def test_many_lists_side_by_side_are_not_depth() -> None:
     flat = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"x":[%s]}' % b",".join(
         [b"[{}]"] * 500
     )
