@@ -9,6 +9,7 @@ aio-pika reconnects) and maps failures to the router's errors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -485,7 +486,7 @@ class Broker:
             try:
                 recount = redelivery_limit and message.redelivered and not no_ack
                 if recount and await self._recount(
-                    channel, queue.name, message, delivery, redelivery_limit
+                    channel, queue.name, message, delivery, redelivery_limit, on_give_up=on_give_up
                 ):
                     return
                 env = envelope_of(message)
@@ -549,8 +550,11 @@ class Broker:
         message: DeliveredMessage,
         delivery: Delivery,
         limit: int,
+        *,
+        on_give_up: GiveUp | None = None,
     ) -> bool:
-        """Handle a redelivered message's count; True if it was settled here.
+        """Handle a redelivered message's count; True if it was settled here. One past the
+        limit is parked, and `on_give_up` told: a job's client hears of it now.
 
         The original is acked, then a passive declare of its queue on the same channel makes a
         round trip: the broker handles a channel's frames in order, so once it answers, the ack
@@ -572,6 +576,11 @@ class Broker:
                 deliveries - 1,
             )
             await delivery.reject(requeue=False)
+            if on_give_up is not None:
+                with contextlib.suppress(MessageDecodeError):  # nobody to tell
+                    parked = envelope_of(message)
+                    error = RuntimeError(f"delivered {deliveries - 1} times")
+                    await _give_up_quietly(on_give_up, parked, error)
             return True
         headers[H_DELIVERIES] = deliveries
         expiration = properties.expiration  # milliseconds, as text

@@ -571,8 +571,9 @@ class JobCache:
             self._leading.popitem(last=False)
 
     async def on_cancel(self, request_id: str) -> None:
-        """A cancelled job computes no answer: release its lock now, so its waiters (such as
-        the same request retried by its client) are routed at once instead of waiting it out."""
+        """A cancelled job (or one given up on) computes no answer: release its lock now, so
+        its waiters (such as the same request retried by its client) are routed at once
+        instead of waiting it out."""
         lead = self._leading.pop(request_id, None)
         if lead is None or self.store is None or lead[1] <= self.clock():
             return

@@ -34,6 +34,7 @@ from services.dispatcher.routing import (
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
 from shared.errors import (
+    InternalError,
     QueueFullError,
     RateLimitError,
     RouterError,
@@ -67,6 +68,22 @@ def _header_text(env: Envelope, name: str) -> str | None:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value if isinstance(value, str) else None
+
+
+def latest_death(env: Envelope) -> tuple[str | None, str | None]:
+    """(queue, reason) of a dead-lettered message's last death, from the `x-death` entry the
+    broker wrote. Not `x-first-death-*`: RabbitMQ keeps a publisher's own values of those when
+    the message already carries `x-death`, so an agent could forge them (review 2026-11-29)."""
+    deaths = env.headers.get("x-death")
+    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
+        return None, None
+
+    def text(value: object) -> str | None:
+        if isinstance(value, bytes):
+            return value.decode(errors="replace")
+        return value if isinstance(value, str) else None
+
+    return text(deaths[0].get("queue")), text(deaths[0].get("reason"))
 
 
 def model_list(view: AgentView, provider_models: list[str], created: int) -> bytes:
@@ -171,6 +188,14 @@ class DispatcherHandler:
             (time.perf_counter() - started) * 1000,
         )
 
+    async def give_up(self, env: Envelope, exc: Exception) -> None:
+        """`Broker.consume`'s hook for a job this dispatcher failed for good: answer its
+        client 500 now, and release the single-flight lock its cache lookup may have taken
+        (the job as the API published it names no cache key, so its answer cannot)."""
+        if self.cache is not None:
+            await self.cache.on_cancel(decode_job(env).request_id)
+        await self.reply.give_up(env, exc)
+
     async def _after_warm_up(self, job: Job) -> Route | None:
         """Where a job goes once its model was heard of, the warm-up ended or the job's
         deadline passed, whichever comes first (None: its client cancelled it meanwhile). A
@@ -252,8 +277,7 @@ class DispatcherHandler:
     # --- jobs that came back from an agent queue --------------------------------------------
     async def on_returned(self, env: Envelope, _: Delivery) -> None:
         job = decode_job(env)
-        reason = _header_text(env, "x-first-death-reason") or "unknown"
-        died_in = _header_text(env, "x-first-death-queue")
+        died_in, reason = latest_death(env)
         if died_in != self.topology.agent_queue(job.model):
             # Only the model's own queue returns its jobs: an agent may put copies of a job
             # into its own queues, and one for another model expiring there must not be
@@ -265,15 +289,24 @@ class DispatcherHandler:
                 died_in,
             )
             return
+        if reason == "rejected":
+            # Its agent gave up on it (a handler that failed twice, a crash loop it counted)
+            # and answered the client itself.
+            log.info("returned job %s dropped: rejected, and answered by its agent", job.request_id)
+            return
         if job.remaining(self.clock()) <= 0 or self.cancellations.is_cancelled(job.request_id):
             log.info("returned job %s (%s) dropped: nobody waits", job.request_id, reason)
             return
         log.info("job %s returned from its agent queue (%s)", job.request_id, reason)
-        error = ServiceUnavailableError(
-            f"No agent serving `{job.model}` took the request in time; retry shortly.",
-            code="no_agent_available",
-            headers={"retry-after": "1"},
-        )
+        error: RouterError
+        if reason == "delivery_limit":  # a quorum queue's count of agents it crashed
+            error = InternalError(job.request_id)
+        else:
+            error = ServiceUnavailableError(
+                f"No agent serving `{job.model}` took the request in time; retry shortly.",
+                code="no_agent_available",
+                headers={"retry-after": "1"},
+            )
         await self.reply.error(job, error, attempt=new_attempt())
 
     # --- control, cancel, rpc ----------------------------------------------------------------

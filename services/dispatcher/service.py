@@ -153,7 +153,7 @@ class DispatcherService:
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
         await self.broker.consume(
             control_channel, t.returns_queue_spec(), handler.on_returned,
-            on_give_up=handler.reply.give_up,
+            on_give_up=handler.give_up,
         )  # fmt: skip
         if self.cache.is_active:
             # Auto-ack: a cache write is best effort (acked either way), so an ack frame per
@@ -176,7 +176,7 @@ class DispatcherService:
             t.jobs_queue_spec(),
             handler.on_job,
             redelivery_limit=t.redelivery_limit,
-            on_give_up=handler.reply.give_up,
+            on_give_up=handler.give_up,
         )
         log.info(
             "dispatcher %s consuming %s (%s mode, %d agents known)",

@@ -356,6 +356,37 @@ async def test_a_message_its_handler_fails_twice_is_given_up_once() -> None:
     assert [(message_id, str(exc)) for message_id, exc in given_up] == [("J", "a bug")]
 
 
+async def test_a_message_parked_by_its_count_is_given_up() -> None:
+    """A job that kills its consumer process every time ends parked by its count: its client
+    must hear of it then, not at its deadline."""
+    require_services()
+    name = f"{new_namespace()}.probe"
+    broker = Broker(URL, name="test-amqp", publish_timeout=5)
+    given_up: list[str | None] = []
+
+    async def crashing(_: Envelope, __: Delivery) -> None:
+        raise ValueError("a bug")  # as a killed process would, it makes the broker redeliver
+
+    async def give_up(env: Envelope, _: Exception) -> None:
+        given_up.append(env.message_id)
+
+    await broker.connect()
+    try:
+        channel = await broker.channel(prefetch=10)
+        spec = QueueSpec(name=name, durable=True)
+        # Failed once, it comes back redelivered: one delivery past this limit.
+        await broker.consume(channel, spec, crashing, redelivery_limit=1, on_give_up=give_up)
+        await broker.publish(Envelope(type="job", message_id="J"), name)
+        await asyncio.sleep(1.0)
+    finally:
+        await broker.stop_consuming()
+        await broker.close()
+        connection = await aio_pika.connect(URL)
+        async with connection:
+            await (await connection.channel()).queue_delete(name)
+    assert given_up == ["J"]
+
+
 async def test_a_message_its_handler_settled_is_given_up_at_its_first_failure() -> None:
     """A stream is acked once its output went out, so nothing runs it again: its client must
     hear of a failure after that at once."""

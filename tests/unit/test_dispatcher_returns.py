@@ -31,11 +31,16 @@ def handler(broker: RecordingBroker) -> DispatcherHandler:
     )
 
 
-def returned(model: str, died_in: str) -> Envelope:
+def returned(
+    model: str, died_in: str, reason: str = "expired", *, forged: dict[str, str] | None = None
+) -> Envelope:
+    """A job as the returns queue gets it: the broker's `x-death` entry of its last death
+    first (and `x-first-death-*` headers, which a publisher may have set itself)."""
     job = Job(request_id="r1", model=model, reply_to="q", deadline=time.time() + 60, body=b"{}")
     env = encode_job(job, now=time.time())
-    headers = {**env.headers, "x-first-death-reason": "expired", "x-first-death-queue": died_in}
-    return dataclasses.replace(env, headers=headers)
+    death = {"queue": died_in, "reason": reason, "count": 1}
+    first = forged or {"x-first-death-reason": reason, "x-first-death-queue": died_in}
+    return dataclasses.replace(env, headers={**env.headers, "x-death": [death], **first})
 
 
 async def test_a_job_that_waited_out_its_models_queue_is_answered_503() -> None:
@@ -56,3 +61,37 @@ async def test_a_job_that_expired_in_another_models_queue_is_not_answered() -> N
     other_queue = dispatcher.topology.agent_queue("local_b")
     await dispatcher.on_returned(returned("local_a", other_queue), NO_DELIVERY)
     assert broker.sent == []
+
+
+async def test_a_forged_first_death_header_does_not_count() -> None:
+    """RabbitMQ keeps a publisher's own `x-first-death-*` when the message carries `x-death`:
+    an agent could make a job it rejected in its queue look expired in another model's
+    (review 2026-11-29). The broker's latest `x-death` entry is what counts."""
+    broker = RecordingBroker()
+    dispatcher = handler(broker)
+    other_queue = dispatcher.topology.agent_queue("local_b")
+    forged = {
+        "x-first-death-reason": "expired",
+        "x-first-death-queue": dispatcher.topology.agent_queue("local_a"),
+    }
+    await dispatcher.on_returned(returned("local_a", other_queue, forged=forged), NO_DELIVERY)
+    assert broker.sent == []
+
+
+async def test_a_job_its_agent_rejected_is_not_answered_again() -> None:
+    """Its agent gave up on it and answered 500 itself; a 503 beside it raced that answer."""
+    broker = RecordingBroker()
+    dispatcher = handler(broker)
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    await dispatcher.on_returned(returned("local_a", own_queue, "rejected"), NO_DELIVERY)
+    assert broker.sent == []
+
+
+async def test_a_job_past_a_quorum_queues_delivery_limit_is_a_500_not_retry_shortly() -> None:
+    """It crashed its agents every time: retrying it would crash them again."""
+    broker = RecordingBroker()
+    dispatcher = handler(broker)
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    await dispatcher.on_returned(returned("local_a", own_queue, "delivery_limit"), NO_DELIVERY)
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert reply.status == 500
