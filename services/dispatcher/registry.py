@@ -94,6 +94,7 @@ class AgentTable:
         self._warm_until = -math.inf  # never listened yet: no warm-up
         self._carried: frozenset[str] = frozenset()
         self._agents: dict[AgentKey, AgentRecord] = {}
+        self._instances: dict[str, set[str]] = {}  # name -> its processes' instances
         self._model_last_seen: dict[str, float] = {}
 
     def start_listening(self, now: float) -> None:
@@ -135,6 +136,7 @@ class AgentTable:
     def put(self, record: AgentRecord) -> None:
         previous = self._agents.get(record.key)
         self._agents[record.key] = record
+        self._instances.setdefault(record.name, set()).add(record.instance)
         if previous is None or (
             previous.models == record.models and record.last_heartbeat >= previous.last_heartbeat
         ):
@@ -194,14 +196,38 @@ class AgentTable:
         self.put(record)
         return record
 
+    def retire_dead_namesakes(self, record: AgentRecord, now: float) -> list[AgentKey]:
+        """Drop the dead processes (expired, or gone with a leave) of the name `record`'s
+        live process belongs to; their keys. A restarted agent is a new instance: its
+        predecessor's record would otherwise keep the models it no longer serves known (503
+        "retry shortly") for AGENT_FORGET_AFTER, where they had been unknown (404) at once."""
+        if record.left:
+            return []
+        cutoff = now - self.ttl
+        gone = [
+            (record.name, instance)
+            for instance in self._instances.get(record.name, ())
+            if instance != record.instance
+            and self._agents[(record.name, instance)].last_heartbeat < cutoff
+        ]
+        self._remove(gone)
+        return gone
+
     def forget_silent_since(self, cutoff: float) -> list[AgentKey]:
         """Drop the agent processes not heard from since `cutoff`; their keys."""
         gone = [key for key, r in self._agents.items() if r.last_heartbeat < cutoff]
-        for key in gone:
-            del self._agents[key]
-        if gone:
-            self._reindex()
+        self._remove(gone)
         return gone
+
+    def _remove(self, keys: list[AgentKey]) -> None:
+        for name, instance in keys:
+            del self._agents[(name, instance)]
+            instances = self._instances[name]
+            instances.discard(instance)
+            if not instances:
+                del self._instances[name]
+        if keys:
+            self._reindex()
 
     def view(self, now: float) -> AgentView:
         """Views over the index, not copies of it: a job asks about one model, and copying
@@ -237,10 +263,16 @@ CREATE TABLE IF NOT EXISTS agent_processes (
     PRIMARY KEY (name, instance)
 )
 """
+# The newer row wins: a dispatcher that predates instances may have written `agents` again
+# after a newer one moved its rows over.
 MIGRATE_BY_NAME = """
-INSERT OR IGNORE INTO agent_processes
+INSERT INTO agent_processes
     (name, instance, endpoint, models, registered_at, last_heartbeat, load)
-SELECT name, '', endpoint, models, registered_at, last_heartbeat, load FROM agents
+SELECT name, '', endpoint, models, registered_at, last_heartbeat, load FROM agents WHERE true
+ON CONFLICT(name, instance) DO UPDATE SET
+    endpoint=excluded.endpoint, models=excluded.models, registered_at=excluded.registered_at,
+    last_heartbeat=excluded.last_heartbeat, load=excluded.load, left=0
+WHERE excluded.last_heartbeat > agent_processes.last_heartbeat
 """
 UPSERT = """
 INSERT INTO agent_processes
@@ -352,6 +384,9 @@ class Registry:
         else:
             record = self.table.heartbeat(message, now)
         self.store.save(record)
+        retired = self.table.retire_dead_namesakes(record, now)
+        if retired:
+            self.store.delete(retired)
         return record
 
     def view(self, now: float) -> AgentView:

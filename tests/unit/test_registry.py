@@ -192,6 +192,38 @@ def test_replicas_of_one_name_serving_other_models_do_not_replace_each_others_sn
     assert table.view(105).live == {"local_a", "local_b"}
 
 
+def test_a_restarted_agent_retires_its_predecessors_record(tmp_path: Path) -> None:
+    """A restart is a new instance: the old record kept a model the agent no longer serves
+    known (503 "retry shortly") for AGENT_FORGET_AFTER, a day, instead of 404 (review
+    2026-11-29)."""
+    registry = Registry(AgentTable(ttl=10), SqliteStore(str(tmp_path / "r")))
+    old = AgentRegistration(name="gpu1", models=["local_a"], instance="old")
+    registry.record(old, now=100)
+    registry.record(AgentHeartbeat(name="gpu1", instance="old", leaving=True), now=101)
+    registry.record(AgentRegistration(name="gpu1", models=["local_b"], instance="new"), now=102)
+    view = registry.view(103)
+    assert (view.live, view.known) == ({"local_b"}, {"local_b"})
+    assert [r.key for r in registry.store.load_all()] == [("gpu1", "new")]
+    registry.close()
+
+
+def test_a_crashed_agents_record_goes_once_its_successor_outlives_its_ttl() -> None:
+    registry = Registry(AgentTable(ttl=10), SqliteStore(":memory:"))
+    registry.record(AgentRegistration(name="gpu1", models=["local_a"], instance="old"), now=100)
+    registry.record(AgentRegistration(name="gpu1", models=["local_b"], instance="new"), now=105)
+    assert registry.view(106).known == {"local_a", "local_b"}  # it may still be alive
+    registry.record(AgentHeartbeat(name="gpu1", instance="new"), now=111)  # "old" silent > TTL
+    assert registry.view(112).known == {"local_b"}
+
+
+def test_a_live_replica_of_the_same_name_is_kept() -> None:
+    registry = Registry(AgentTable(ttl=10), SqliteStore(":memory:"))
+    registry.record(AgentRegistration(name="pool", models=["local_a"], instance="p1"), now=100)
+    registry.record(AgentRegistration(name="pool", models=["local_b"], instance="p2"), now=100)
+    registry.record(AgentHeartbeat(name="pool", instance="p1"), now=105)
+    assert registry.view(106).live == {"local_a", "local_b"}
+
+
 def test_a_model_whose_last_agent_left_is_not_carried_into_a_restart(tmp_path: Path) -> None:
     """The warm-up carries the models live when the file was last written; one whose only
     agent had left was carried too, and its jobs waited out AGENT_QUEUE_TTL for a 503
@@ -228,6 +260,24 @@ def test_a_file_written_before_instances_is_read_and_moved_over(tmp_path: Path) 
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     assert "agents" not in tables
     assert [r.key for r in SqliteStore(str(path)).load_all()] == [("gpu1", "")]
+
+
+def test_a_file_written_again_by_an_older_dispatcher_keeps_the_newer_row(tmp_path: Path) -> None:
+    """An older dispatcher sharing the file recreates `agents` and writes there: moved over
+    again, its fresher row must win, not be dropped with the table (review 2026-11-29)."""
+    path = tmp_path / "r.sqlite3"
+    store = SqliteStore(str(path))
+    store.save(AgentRecord("gpu1", "", ("local_a",), 1, 2))
+    store.close()
+    with sqlite3.connect(path) as db:  # the older dispatcher
+        db.execute(
+            "CREATE TABLE agents (name TEXT PRIMARY KEY, endpoint TEXT NOT NULL, models TEXT "
+            "NOT NULL, registered_at REAL NOT NULL, last_heartbeat REAL NOT NULL, load REAL)"
+        )
+        db.execute("INSERT INTO agents VALUES ('gpu1', '', '[\"local_b\"]', 1, 9, NULL)")
+    assert [(r.models, r.last_heartbeat) for r in SqliteStore(str(path)).load_all()] == [
+        (("local_b",), 9)
+    ]
 
 
 def test_a_leaving_agent_is_forgotten_on_the_usual_schedule(tmp_path: Path) -> None:
@@ -272,12 +322,13 @@ def test_the_liveness_index_matches_a_scan_of_every_agent(
             registration = AgentRegistration(
                 name=name, models=models or ["local_a"], instance=instance
             )
-            table.register(registration, now=now)
+            record = table.register(registration, now=now)
         else:
             heartbeat = AgentHeartbeat(
                 name=name, instance=instance, models=models, leaving=kind == "leave"
             )
-            table.heartbeat(heartbeat, now=now)
+            record = table.heartbeat(heartbeat, now=now)
+        table.retire_dead_namesakes(record, now)  # as `Registry.record` does
     records = table.records()
     view = table.view(at)
     assert view.known == {m for r in records for m in r.models}
