@@ -219,6 +219,15 @@ def test_rewrite_model_changes_only_the_model() -> None:
     assert list(orjson.loads(rewritten)) == list(expected)  # order kept
 
 
-def test_rewrite_model_keeps_the_exact_bytes_when_the_name_is_the_same() -> None:
-    body = b'{ "model" : "gpt-4o",\n "messages": [] }'
-    assert rewrite_model(body, "gpt-4o", "gpt-4o") is body
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"gpt-4o","model":"gpt-4o-mini","messages":[]}',
+        b'{"mod\\u0065l":"gpt-4o","model":"gpt-4o-mini","messages":[]}',
+    ],
+)
+def test_a_key_given_twice_reaches_the_upstream_as_the_router_read_it(body: bytes) -> None:
+    """The router checks the last copy (as orjson reads it) against a client key's models; an
+    upstream that read the first would have served a model the key may not use."""
+    sent = rewrite_model(body, "gpt-4o-mini", "gpt-4o-mini")
+    assert sent == b'{"model":"gpt-4o-mini","messages":[]}'

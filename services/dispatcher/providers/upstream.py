@@ -5,7 +5,7 @@
   `RetryableFailure`; anything else the error the client gets (`upstream_error`).
 - `transport_failure`: a connection error or timeout as a `RetryableFailure`.
 - `stream_error`, `broken_stream`: how a stream that has begun fails.
-- `rewrite_model`: the body with `model` set to the upstream's name, else untouched bytes.
+- `rewrite_model`: the body as the router read it, `model` set to the upstream's name.
 
 No message built here quotes the upstream's key, URL or an exception's text: `scrub` removes
 the key from any upstream body before it is relayed.
@@ -210,13 +210,15 @@ def is_timeout(exc: Exception) -> bool:
 
 
 def rewrite_model(body: bytes, model: str, upstream_model: str) -> bytes:
-    """The body with `model` set to `upstream_model`; the very same bytes when they are equal.
+    """The body with `model` set to `upstream_model`, written again even when the name is the
+    same: a body with a key twice (`{"model":"gpt-4o","model":"gpt-4o-mini"}`) was checked
+    against a client key's models by its last copy, as orjson reads it, and an upstream that
+    reads the first would have served another model (review 2026-11-29). Written again, it
+    says what the router read. Costs a few microseconds per kilobyte, once per provider call.
 
     Only `model` changes: every other field (tools, n, response_format, stream_options,
     unknown ones) is kept, in order.
     """
-    if model == upstream_model:
-        return body
     data = orjson.loads(body)
     data["model"] = upstream_model
     return orjson.dumps(data)
