@@ -66,7 +66,7 @@ def test_compose_file_is_valid() -> None:
     assert services["api"]["build"]["dockerfile"].endswith("Dockerfile")
 
 
-@pytest.mark.parametrize("mode", [Durability.DURABLE, Durability.QUORUM])
+@pytest.mark.parametrize("mode", list(Durability))
 def test_one_variable_switches_the_whole_stack_between_durable_and_quorum(
     mode: Durability,
 ) -> None:
@@ -82,7 +82,7 @@ def test_one_variable_switches_the_whole_stack_between_durable_and_quorum(
     assert len(mounted) == 1 and f"definitions-{mode.value}.json" in mounted[0], mounted
 
 
-@pytest.mark.parametrize("mode", [Durability.DURABLE, Durability.QUORUM])
+@pytest.mark.parametrize("mode", list(Durability))
 def test_compose_services_use_least_privilege_broker_users(mode: Durability) -> None:
     """Each service has its own broker user in vhost `router`, and the committed definitions
     grant exactly what `router broker-acl` computes for them today (no drift), in each mode."""
