@@ -17,7 +17,7 @@ from services.api.settings import ApiSettings
 from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Broker
 from shared.errors import BrokerUnavailableError, to_openai_error
-from shared.logs import REDACTED, SecretRedactor, configure_logging, secret_values
+from shared.logs import REDACTED, SecretRedactor, configure_logging, one_line, secret_values
 from tests.support.procs import free_port
 
 SECRET = "canary-Zq81xT0pLm"
@@ -81,6 +81,36 @@ def test_configured_handlers_redact_messages_args_and_tracebacks(captured: io.St
     assert SECRET not in output
     assert output.count(REDACTED) >= 4
     assert "RuntimeError" in output  # the traceback is kept, only the secret is gone
+
+
+FORGED = "\n2026-11-29 07:50:00,000 ERROR dispatcher services.dispatcher.cache: FORGED LINE"
+
+
+def test_a_client_string_cannot_write_a_log_line_of_its_own(captured: io.StringIO) -> None:
+    model = f"gpt-4o-mini{FORGED}\r\x00\x1b[31m{SECRET}"
+    logging.getLogger("services.dispatcher.handler").info("job %s model=%s", "abc", model)
+    output = captured.getvalue()
+    assert output.count("\n") == 1, output  # one record, one line
+    assert "model=gpt-4o-mini\\n2026-11-29 07:50:00,000 ERROR" in output
+    assert "FORGED LINE\\r\\x00\\x1b[31m***" in output  # escaped, and still redacted
+    assert SECRET not in output
+
+
+def test_control_characters_are_escaped_and_text_is_kept() -> None:
+    assert one_line("a\tb\x7fc\x85d\u2028e") == "a\\tb\\x7fc\\x85d\\u2028e"
+    text = "résumé 中文 ✓ C:\\path [x]"
+    assert one_line(text) is text
+
+
+def test_a_traceback_keeps_its_lines(captured: io.StringIO) -> None:
+    try:
+        raise RuntimeError(f"failed with {SECRET}")
+    except RuntimeError:
+        logging.getLogger("some.library").exception("boom\n%s", "forged")
+    lines = captured.getvalue().splitlines()
+    assert lines[0].endswith("boom\\nforged")
+    assert lines[1] == "Traceback (most recent call last):"
+    assert lines[-1] == f"RuntimeError: failed with {REDACTED}"
 
 
 def test_broker_client_loggers_stay_at_warning(captured: io.StringIO) -> None:
