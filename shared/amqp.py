@@ -290,16 +290,19 @@ class Broker:
         self._lost_callbacks: list[Callable[[], None]] = []
         self._closing = False
         self._restored = False
+        self._lost = False  # logged as lost, not yet as back
+        self._address = broker_address(url)
         self._stopping = asyncio.Event()  # intake stopped: held messages go back at once
 
     def on_connection_lost(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a connection drops (not on `close()`); it must not block."""
         self._lost_callbacks.append(callback)
 
-    def _connection_closed(self, *_: Any) -> None:
+    def _connection_closed(self, _: Any = None, exc: BaseException | None = None) -> None:
         self._restored = False
         if self._closing:
             return
+        self._log_lost(exc)
         for callback in self._lost_callbacks:
             callback()
 
@@ -307,11 +310,28 @@ class Broker:
         # Fired by aio-pika after every channel was re-opened and its queues, bindings and
         # consumers re-declared: only now do reply queues exist again.
         self._restored = self.is_connected
+        if self._restored and self._lost:
+            self._lost = False
+            log.info("%s: connected to the broker at %s again", self._name, self._address)
+
+    def _log_lost(self, exc: BaseException | None) -> None:
+        """One line per outage, however many connections it closed (the client library's own
+        lines about it are DEBUG: see shared.logs.QuietReconnects)."""
+        if self._lost:
+            return
+        self._lost = True
+        log.warning(
+            "%s: lost the broker at %s (%s); reconnecting every second",
+            self._name,
+            self._address,
+            f"{type(exc).__name__}: {exc}" if exc is not None else "closed",
+        )
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Open both connections; raises BrokerUnavailableError if the broker does not answer."""
         try:
             self._closing = False
+            self._lost = False
             self._stopping.clear()
             # Reconnect every second (aio-pika's default is 5 s): full service sooner.
             self._publish_conn = await aio_pika.connect_robust(

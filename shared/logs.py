@@ -10,11 +10,14 @@ name, a path), and a raw newline in it would let a client write a line of its ow
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from aiormq.exceptions import AMQPError, ConnectionClosed
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
@@ -91,6 +94,73 @@ class DropRepeatedConnectFailures(logging.Filter):
         return not str(record.msg).startswith("error when creating transport")
 
 
+# The broker's reply code when it closes a connection itself: a restart, a node shutting down,
+# an operator's `rabbitmqctl close_connection`. The robust connection reconnects from it.
+CONNECTION_FORCED = 320
+# How often the same reconnect warning is logged during an outage (the rest go to DEBUG).
+RETRY_WARNING_INTERVAL = 60.0
+
+
+def _demote(record: logging.LogRecord) -> bool:
+    """Make `record` a DEBUG record: shown only when the service logs at DEBUG."""
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def _dropped(exc: BaseException | None) -> bool:
+    """`exc` ended a connection the way a broker restart or a lost network does: not an AMQP
+    error of the client's own (a malformed frame is one, and stays visible)."""
+    if isinstance(exc, AMQPError):
+        return type(exc) is ConnectionClosed and exc.args[:1] == (CONNECTION_FORCED,)
+    return isinstance(exc, (OSError, asyncio.IncompleteReadError))
+
+
+def _heals_itself(record: logging.LogRecord) -> bool:
+    """aio-pika's and aiormq's ERROR and traceback records of a connection the broker closed,
+    which the robust connection reopens on its own (the service logs the loss itself)."""
+    msg, args = str(record.msg), record.args if isinstance(record.args, tuple) else ()
+    if msg.startswith("Unexpected connection close from remote"):
+        return args[1:2] == (CONNECTION_FORCED,)
+    if msg.startswith("Cancelling cause reader exited abnormally"):
+        return _dropped(record.exc_info[1] if record.exc_info else None)
+    if msg.startswith("Callback %r error") and len(args) == 3:
+        # A robust channel's close handler finding its connection gone: it is restored later.
+        closed = args[1] == "ChannelInvalidStateError" or str(args[2]).endswith(" closed")
+        return closed and "RobustChannel._on_close" in repr(args[0])
+    return False
+
+
+class QuietReconnects(logging.Filter):
+    """A filter on the broker client's loggers: a broker restart is no ERROR, and an outage is
+    not a line per connection per second.
+
+    Records of a connection the broker closed become DEBUG records (see `_heals_itself`);
+    aio-pika's "Connection attempt ... failed" warning is logged once per
+    `RETRY_WARNING_INTERVAL` for the same text, its repeats in between as DEBUG. The service's
+    own Broker logs one WARNING when it loses the broker and one INFO when it is back."""
+
+    def __init__(self, interval: float = RETRY_WARNING_INTERVAL) -> None:
+        super().__init__()
+        self._interval = interval
+        self._last_logged: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _heals_itself(record):
+            return _demote(record)
+        if str(record.msg).startswith("Connection attempt to"):
+            return self._now_and_then(record)
+        return True
+
+    def _now_and_then(self, record: logging.LogRecord) -> bool:
+        message, now = record.getMessage(), time.monotonic()
+        if now - self._last_logged.get(message, -self._interval) < self._interval:
+            return _demote(record)
+        if len(self._last_logged) > 100:  # a few texts per outage: bounded all the same
+            self._last_logged.clear()
+        self._last_logged[message] = now
+        return True
+
+
 def url_password(url: str) -> str | None:
     try:
         return urlsplit(url).password
@@ -113,6 +183,11 @@ def secret_values(settings: BaseSettings, *extra: str) -> list[str]:
     return [v for v in values if v]
 
 
+def _add_once(logger: logging.Logger, new: logging.Filter) -> None:
+    if not any(type(f) is type(new) for f in logger.filters):
+        logger.addFilter(new)
+
+
 def configure_logging(level: str, service: str, *, secrets: Iterable[str] = ()) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -126,9 +201,11 @@ def configure_logging(level: str, service: str, *, secrets: Iterable[str] = ()) 
     # DEBUG: keep them at WARNING whatever the service's level.
     for noisy in ("aio_pika", "aiormq", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-    aiormq_connection = logging.getLogger("aiormq.connection")
-    if not any(isinstance(f, DropRepeatedConnectFailures) for f in aiormq_connection.filters):
-        aiormq_connection.addFilter(DropRepeatedConnectFailures())
+    _add_once(logging.getLogger("aiormq.connection"), DropRepeatedConnectFailures())
+    # A logger's filters see only its own records: each logger that writes them gets one.
+    quiet = QuietReconnects()
+    for name in ("aiormq.connection", "aio_pika.tools", "aio_pika.robust_connection"):
+        _add_once(logging.getLogger(name), quiet)
     logging.getLogger(__name__).debug(
         "%s logs at %s; %d secret values are redacted", service, level.upper(), len(redactor)
     )
