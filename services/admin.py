@@ -33,8 +33,14 @@ from shared.broker_acl import (
 )
 from shared.errors import BrokerUnavailableError
 from shared.messages import LOCAL_MODEL_PATTERN
+from shared.runner import StartupError
 from shared.settings import BrokerSettings, load_settings
-from shared.topology import declare_topology, declare_work_queue, topology_for
+from shared.topology import (
+    broker_refusals_stop_start,
+    declare_topology,
+    declare_work_queue,
+    topology_for,
+)
 
 TOPOLOGY_HELP = (
     "Declare the shared exchanges and queues, every provider queue and the named agent "
@@ -56,13 +62,14 @@ async def declare_all(
     broker = Broker(settings.rabbitmq_url, name="router-topology", publish_timeout=5.0)
     await broker.connect()
     try:
-        channel = await broker.channel()
-        await declare_topology(channel, t)
-        specs = [t.provider_queue_spec(p) for p in providers]
-        specs += [t.agent_queue_spec(m) for m in agent_models]
-        for spec in specs:
-            await declare_work_queue(channel, t, spec)
-        return [spec.name for spec in specs]
+        with broker_refusals_stop_start():  # a user without rights: one line, not a traceback
+            channel = await broker.channel()
+            await declare_topology(channel, t)
+            specs = [t.provider_queue_spec(p) for p in providers]
+            specs += [t.agent_queue_spec(m) for m in agent_models]
+            for spec in specs:
+                await declare_work_queue(channel, t, spec)
+            return [spec.name for spec in specs]
     finally:
         await broker.close()
 
@@ -106,6 +113,8 @@ def topology_main(argv: list[str]) -> None:
         parser.error(str(e))
     except BrokerUnavailableError as e:
         parser.exit(1, f"router topology: {e.message}\n")
+    except StartupError as e:  # refused: a user without rights, a queue with other arguments
+        parser.exit(1, f"router topology: {e}\n")
     t = topology_for(settings)
     print(f"declared the shared topology {t.prefix}.* and: {', '.join(names)}")
 

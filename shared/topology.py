@@ -7,13 +7,16 @@ of mode) gets fresh names instead of a PRECONDITION_FAILED against queues an old
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, ExchangeType
 from aio_pika.exceptions import ChannelNotFoundEntity, ChannelPreconditionFailed
+from aiormq.exceptions import ChannelAccessRefused
 
 from shared.errors import BrokerEntityMissingError
 from shared.runner import StartupError
@@ -267,6 +270,26 @@ class QueueArgumentsError(StartupError):
     """A queue exists with other arguments than this service declares it with: the services
     disagree on a setting that is part of them (AGENT_QUEUE_TTL), or the queue predates a
     change of it. Nothing this service does can use that queue until an operator acts."""
+
+
+class BrokerRefusedError(StartupError):
+    """The broker refused what a service needs to start: its user lacks a permission, or a
+    name exists with other properties. Retrying cannot help; an operator must act."""
+
+
+@contextlib.contextmanager
+def broker_refusals_stop_start() -> Iterator[None]:
+    """A refusal raised inside becomes a `BrokerRefusedError` (one `cannot start` line, exit
+    code 1, not aiormq's traceback): the broker's own words name the resource and the user."""
+    try:
+        yield
+    except ChannelAccessRefused as e:
+        raise BrokerRefusedError(
+            f"the broker refused: {e} (the permissions `router broker-acl` prints are made "
+            "for one BROKER_NAMESPACE and DURABILITY: run it with this service's)"
+        ) from e
+    except ChannelPreconditionFailed as e:  # a name that exists with other properties
+        raise BrokerRefusedError(f"the broker refused: {e}") from e
 
 
 async def declare_queue(

@@ -47,7 +47,13 @@ from shared.errors import BrokerEntityMissingError, BrokerUnavailableError
 from shared.messages import AgentRegistration, Envelope, decode_cancel
 from shared.replies import ReplyPublisher
 from shared.runner import StartupError
-from shared.topology import cancel_routing_key, declare_queue, declare_topology, topology_for
+from shared.topology import (
+    broker_refusals_stop_start,
+    cancel_routing_key,
+    declare_queue,
+    declare_topology,
+    topology_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +160,8 @@ class AgentService:
             await self._start_container()
         self.models = await self._learn_models()
         await self._connect()
-        await self._consume()
+        with broker_refusals_stop_start():  # a missing permission: one line, not a traceback
+            await self._consume()
         self._start_heartbeats()
         self._watchdog = asyncio.create_task(self._watch_upstream())
 

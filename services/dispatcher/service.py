@@ -27,6 +27,7 @@ from shared.topology import (
     EVERY_CANCEL,
     QueueArgumentsError,
     QueueSpec,
+    broker_refusals_stop_start,
     declare_queue,
     declare_topology,
     topology_for,
@@ -229,7 +230,8 @@ async def run(settings: DispatcherSettings, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             try:
-                await service.start()
+                with broker_refusals_stop_start():  # a missing permission is no outage
+                    await service.start()
                 break
             except RouterError as e:
                 log.warning("dispatcher cannot start yet (%s); retrying in 2 s", e.message)

@@ -378,3 +378,50 @@ def _passive(name: str) -> Any:
         await channel.declare_queue(name, passive=True)
 
     return check
+
+
+def _router(acl: Acl, role: str, *argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`router <argv>` as `role`'s broker user, in the acl's namespace, run to its end."""
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv],
+        env={
+            **os.environ,
+            "BROKER_NAMESPACE": acl.topology.namespace,
+            "LOG_LEVEL": "INFO",
+            "CACHE_TTL": "0",
+            **acl.service_env(role),
+            **env,
+        },
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_user_without_the_rights_stops_a_service_with_one_line(acl: Acl, tmp_path: Path) -> None:
+    """A dispatcher on the API's user (or grants made for another DURABILITY) used to end in
+    aiormq's 86-line ChannelAccessRefused traceback: now one line naming user and queue."""
+    done = _router(acl, "api", "dispatcher", REGISTRY_PATH=str(tmp_path / "registry.sqlite3"))
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if "cannot start" in line]
+    assert "ACCESS_REFUSED" in line and acl.users["api"] in line
+    assert f"{acl.topology.prefix}.control." in line  # the queue it was refused
+
+
+def test_topology_refused_is_one_line_and_exit_1(acl: Acl) -> None:
+    """`router topology` as a user that may not declare, or over agent queues made with
+    another AGENT_QUEUE_TTL, ended in a traceback; now one line each, exit code 1."""
+    done = _router(acl, "api", "topology")
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("router topology: the broker refused: ACCESS_REFUSED")
+    assert acl.users["api"] in line
+
+    done = _router(acl, "admin", "topology", *AGENT_MODEL_ARGS, AGENT_QUEUE_TTL="10")
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"router topology: queue {acl.topology.agent_queue('local_a')} exists")
+    assert "AGENT_QUEUE_TTL" in line
