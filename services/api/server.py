@@ -11,10 +11,13 @@ and the process exits on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
@@ -77,6 +80,23 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.drain_timeout = drain_timeout
         self.end_waiting = end_waiting
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """As uvicorn's, but without raising the caught signal again once shut down: uvicorn
+        does, so a graceful stop ended by that signal (exit -15, 143 in Docker) or, for
+        SIGINT, with a KeyboardInterrupt traceback. Stopped so, the API exits 0, as the
+        dispatcher and the agent do."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach the main thread only
+            return
+        stops = (signal.SIGINT, signal.SIGTERM)
+        before = {sig: signal.signal(sig, self.handle_exit) for sig in stops}
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         drain = asyncio.create_task(self._end_waiting_later())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from services.api.settings import ApiSettings
 from tests.integration.conftest import sdk_client
-from tests.support.procs import Stack, free_port, wait_for, wait_http
+from tests.support.procs import Stack, free_port, running_stack, wait_for, wait_http
 
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
@@ -311,3 +312,15 @@ def test_an_idle_connection_is_closed_after_the_keepalive_timeout(isolated: Stac
         assert http_get(sock, "/health") == b"HTTP/1.1 200 OK"
         time.sleep(2)
         assert sock.recv(1) == b""  # the API closed it
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_api_exits_0_without_a_traceback(sig: signal.Signals) -> None:
+    """uvicorn raised the signal it caught again after its graceful shutdown: SIGTERM ended
+    the API by signal (-15; 143 in Docker), Ctrl-C with a KeyboardInterrupt traceback."""
+    with running_stack({"LOG_LEVEL": "INFO"}) as stack:
+        stack.start_api(DRAIN_TIMEOUT="1")
+        [api] = stack.services
+        api.signal(sig)
+        assert api.process is not None and api.process.wait(20) == 0, api.log()[-2000:]
+        assert "Traceback" not in api.log()
