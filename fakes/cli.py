@@ -26,7 +26,9 @@ def build_parser(
     """Flags of one fake; `api_key` adds --api-key with that default."""
     parser = argparse.ArgumentParser(prog=prog, description=f"Fake upstream LLM server ({prog}).")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=port, help=f"bind port (default {port})")
+    parser.add_argument(
+        "--port", type=_port, default=port, help=f"bind port (default {port}; 0: any free port)"
+    )
     parser.add_argument(
         "--models", default=models, help=f"comma-separated served models ({models})"
     )
@@ -41,6 +43,17 @@ def build_parser(
         shown = api_key or "none: no key needed"
         parser.add_argument("--api-key", default=api_key, help=f"required Bearer key ({shown})")
     return parser
+
+
+def _port(text: str) -> int:
+    """A port for --port: out of range, the OS would take it modulo 65536 (65600 is 64)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0-65535; 0: any free port)")
+    return port
 
 
 def config_from_args(args: argparse.Namespace) -> FakeConfig:

@@ -6,7 +6,8 @@ box; with no `OPENAI_API_KEY` the dispatcher is pointed at the shipped fake Open
 200). The agent's `/health` is on `AGENT_PORT`, else `API_PORT` + 300: every port follows
 `API_PORT`, so a second stack (with its own `BROKER_NAMESPACE` and `REGISTRY_PATH`) needs only
 another `API_PORT`; a port already in use stops it before anything starts, with one line naming
-the port and the variable to change. The agent
+the port and the variable to change, and so does a port out of range or two servers of the
+stack on one port. The agent
 (`AGENT_NAME`, default `dev-agent`) uses `AGENT_TOKEN`, else its own entry in `AGENT_TOKENS`,
 else the token derived from `AGENT_TOKEN_SECRET`; with no agent credentials configured, a
 secret is generated for this run. Processes run under honcho's manager: Ctrl-C stops them all.
@@ -27,6 +28,7 @@ DEV_AGENT = "dev-agent"
 Processes = list[tuple[str, str, dict[str, str]]]  # (name, command, extra env) of each
 # The dev stack's ports follow API_PORT: the fakes', and the agent's /health unless AGENT_PORT.
 VLLM_OFFSET, OPENAI_OFFSET, AGENT_OFFSET = 100, 200, 300
+MAX_PORT = 65535
 
 
 def _cmd(*args: str) -> str:
@@ -67,7 +69,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
 
     Raises ValueError on agent credentials it cannot use (see `_agent_token`)."""
     env = dict(environ)
-    api_port = int(env.get("API_PORT") or "8000")
+    api_port = _port(env, "API_PORT", 8000)
     env["API_PORT"] = str(api_port)  # every other port follows it
     # honcho kills what still runs 5 s after Ctrl-C: drain inside that, so the API answers
     # its waiting requests 503 and cancels their jobs instead of being killed with them.
@@ -100,7 +102,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
         "AGENT_NAME": agent_name,
         "AGENT_TOKEN": agent_token,
         "ROUTER_URL": env.get("ROUTER_URL", f"http://127.0.0.1:{api_port}"),
-        "AGENT_PORT": env.get("AGENT_PORT") or str(api_port + AGENT_OFFSET),
+        "AGENT_PORT": str(_port(env, "AGENT_PORT", api_port + AGENT_OFFSET, lowest=0)),
     }
     if not env.get("VLLM_URL"):
         processes.append(
@@ -109,6 +111,7 @@ def plan(environ: dict[str, str]) -> tuple[dict[str, str], list[tuple[str, str, 
         agent_env["VLLM_URL"] = f"http://127.0.0.1:{vllm_port}/v1"
         notes["vllm"] = f"no VLLM_URL: the agent fronts the fake vLLM on :{vllm_port}"
     processes.append(("agent", _cmd("agent"), agent_env))
+    check_ports(env, processes)
     for note in notes.values():
         print(f"router dev: {note}", flush=True)
     return env, processes
@@ -131,6 +134,47 @@ def servers(env: dict[str, str], processes: Processes) -> list[tuple[str, str, i
             origin = "AGENT_PORT" if env.get("AGENT_PORT") else f"API_PORT + {AGENT_OFFSET}"
             found.append((name, env.get("AGENT_BIND", "0.0.0.0"), int(extra["AGENT_PORT"]), origin))
     return found
+
+
+def _port(env: dict[str, str], variable: str, default: int, *, lowest: int = 1) -> int:
+    """`variable`'s port, else `default` (checked with the ports that follow API_PORT);
+    ValueError naming it when it is set to something else than a port."""
+    text = env.get(variable)
+    if not text:
+        return default
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not lowest <= port <= MAX_PORT:
+        raise ValueError(f"{variable}: {text!r} is not a port ({lowest}-{MAX_PORT})")
+    return port
+
+
+def check_ports(env: dict[str, str], processes: Processes) -> None:
+    """Raises ValueError, naming the variable to change, when a port that follows API_PORT is
+    past 65535 (the OS would wrap it: 65600 is port 64) or two servers of the stack would
+    listen on one port (each checked alone, both looked free)."""
+    found = servers(env, processes)
+    api_port = int(env["API_PORT"])
+    following = [port for _, _, port, origin in found if origin.startswith("API_PORT")]
+    if max(following) > MAX_PORT:
+        highest = MAX_PORT - (max(following) - api_port)
+        raise ValueError(
+            f"API_PORT: {api_port} puts the dev stack's ports past {MAX_PORT} (they follow it "
+            f"up to + {max(following) - api_port}): choose an API_PORT of at most {highest}"
+        )
+    taken: dict[int, tuple[str, str]] = {}
+    for name, _, port, origin in found:
+        if port in taken:  # the explicit AGENT_PORT comes last: it is the one to change
+            other, other_origin = taken[port]
+            setting = origin.split()[0]
+            raise ValueError(
+                f"{setting}: {name} ({origin}) and {other} ({other_origin}) would both listen "
+                f"on port {port}: choose another {setting}"
+            )
+        if port:  # 0: a free port picked at start
+            taken[port] = (name, origin)
 
 
 def busy_port(env: dict[str, str], processes: Processes) -> str | None:

@@ -33,7 +33,10 @@ class StartupError(Exception):
 
 def listen(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on host:port, one per address `host` names, as asyncio's servers
-    (uvicorn's, aiohttp's) open them; raises OSError where it cannot listen."""
+    (uvicorn's, aiohttp's) open them; raises OSError where it cannot listen, ValueError for a
+    port outside 0-65535 (getaddrinfo would take it modulo 65536: 65600 is port 64)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is not in 0-65535")
     sockets: list[socket.socket] = []
     try:
         # `host or None`: an empty host is every interface, as for asyncio's servers.

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from fakes.cli import build_parser
 from services import devstack
 from services.api.agent_auth import AgentCredentials, derive_agent_token, parse_token_pairs
 from services.devstack import DEV_AGENT, plan
@@ -164,3 +165,64 @@ def test_a_port_in_use_is_one_line_naming_it_and_nothing_starts(
         f"router dev: cannot start {said.format(port=port)}: Address already in use "
         f"(choose another {setting})"
     ]
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"API_PORT": "abc"}, "API_PORT: 'abc' is not a port (1-65535)"),
+        ({"API_PORT": "70000"}, "API_PORT: '70000' is not a port (1-65535)"),
+        ({"AGENT_PORT": "-1"}, "AGENT_PORT: '-1' is not a port (0-65535)"),
+        (
+            {"API_PORT": "65500"},
+            "API_PORT: 65500 puts the dev stack's ports past 65535 (they follow it up to "
+            "+ 300): choose an API_PORT of at most 65235",
+        ),
+        (
+            {"API_PORT": "19411", "AGENT_PORT": "19511"},
+            "AGENT_PORT: agent (AGENT_PORT) and fake-vllm (API_PORT + 100) would both listen "
+            "on port 19511: choose another AGENT_PORT",
+        ),
+    ],
+)
+def test_a_port_the_stack_cannot_use_is_one_line_naming_it_and_nothing_starts(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    said: str,
+) -> None:
+    """API_PORT=abc was int()'s message, not naming the variable; API_PORT=65500 passed while
+    the fakes listened on 65600 % 65536 = 64; an AGENT_PORT on the fake vLLM's port passed the
+    check, which bound each port alone. Each is now one line before anything starts."""
+    for name in ("OPENAI_API_KEY", "VLLM_URL", "AGENT_PORT", "API_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(devstack, "Manager", no_manager)
+    monkeypatch.setattr(devstack, "listen", lambda *_: pytest.fail("a port was bound"))
+    with pytest.raises(SystemExit) as exit_:
+        devstack.main([])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"router dev: {said}"]
+
+
+def test_the_highest_api_port_whose_stack_fits_is_taken() -> None:
+    env, processes = plan({"API_PORT": "65235"})
+    assert max(port for *_, port, _ in devstack.servers(env, processes)) == 65535
+
+
+def test_listen_refuses_a_port_out_of_range_instead_of_wrapping_it() -> None:
+    with pytest.raises(ValueError, match="port 65600 is not in 0-65535"):
+        listen("127.0.0.1", 65600)
+
+
+@pytest.mark.parametrize("port", ["65600", "-1", "x"])
+def test_a_fakes_port_out_of_range_is_refused(
+    port: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = build_parser("fake", port=8100, models="m")
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--port", port])
+    assert exit_.value.code == 2
+    assert f"argument --port: {port!r} is not a port (0-65535" in capsys.readouterr().err
+    assert parser.parse_args(["--port", "0"]).port == 0  # any free port, as before
