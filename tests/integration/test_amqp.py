@@ -35,6 +35,7 @@ async def consumer_of_its_own_queue(
     publish_timeout: float = 5,
     intake: bool = True,
     on_give_up: GiveUp | None = None,
+    redelivery_limit: int = 0,
 ) -> AsyncIterator[tuple[Broker, str]]:
     """A broker consuming a queue of this test's own (durable, so deleting it is the only way
     it goes away)."""
@@ -44,7 +45,14 @@ async def consumer_of_its_own_queue(
     await broker.connect()
     channel = await broker.channel(prefetch=10)
     spec = QueueSpec(name=name, durable=True)
-    await broker.consume(channel, spec, handler, intake=intake, on_give_up=on_give_up)
+    await broker.consume(
+        channel,
+        spec,
+        handler,
+        intake=intake,
+        on_give_up=on_give_up,
+        redelivery_limit=redelivery_limit,
+    )
     try:
         yield broker, name
     finally:
@@ -359,9 +367,6 @@ async def test_a_message_its_handler_fails_twice_is_given_up_once() -> None:
 async def test_a_message_parked_by_its_count_is_given_up() -> None:
     """A job that kills its consumer process every time ends parked by its count: its client
     must hear of it then, not at its deadline."""
-    require_services()
-    name = f"{new_namespace()}.probe"
-    broker = Broker(URL, name="test-amqp", publish_timeout=5)
     given_up: list[str | None] = []
 
     async def crashing(_: Envelope, __: Delivery) -> None:
@@ -370,20 +375,13 @@ async def test_a_message_parked_by_its_count_is_given_up() -> None:
     async def give_up(env: Envelope, _: Exception) -> None:
         given_up.append(env.message_id)
 
-    await broker.connect()
-    try:
-        channel = await broker.channel(prefetch=10)
-        spec = QueueSpec(name=name, durable=True)
-        # Failed once, it comes back redelivered: one delivery past this limit.
-        await broker.consume(channel, spec, crashing, redelivery_limit=1, on_give_up=give_up)
+    # Failed once, it comes back redelivered: one delivery past this limit.
+    async with consumer_of_its_own_queue(crashing, on_give_up=give_up, redelivery_limit=1) as (
+        broker,
+        name,
+    ):
         await broker.publish(Envelope(type="job", message_id="J"), name)
         await asyncio.sleep(1.0)
-    finally:
-        await broker.stop_consuming()
-        await broker.close()
-        connection = await aio_pika.connect(URL)
-        async with connection:
-            await (await connection.channel()).queue_delete(name)
     assert given_up == ["J"]
 
 
