@@ -54,7 +54,24 @@ def test_a_body_of_too_many_values_is_refused_before_it_is_parsed() -> None:
     )
     with pytest.raises(InvalidRequestError) as info:
         ChatRequestParser().parse(many)
-    assert info.value.code == "invalid_json" and "values" in info.value.message
+    assert info.value.code == "invalid_json" and "lists, objects and commas" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b'"' + b'\\"' * 200_000,  # a string never closed, full of escaped quotes
+        b'"a\\' * 200_000,  # quotes, each opening a string cut by a backslash
+    ],
+)
+def test_a_string_never_closed_is_refused_in_linear_time(tail: bytes) -> None:
+    """The string search failed from every quote of a body without a closing one: 164 KB
+    held the API's loop for 25 s; this 1 MB body would have taken hours (pytest's timeout
+    ends a regression)."""
+    body = b'{"model":"m","x":[' + b"," * (MAX_JSON_VALUES + 1) + tail
+    with pytest.raises(InvalidRequestError) as info:
+        ChatRequestParser().parse(body)
+    assert info.value.code == "invalid_json"
 
 
 def test_brackets_and_commas_inside_strings_are_not_values() -> None:
