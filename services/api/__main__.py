@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import uvicorn
 
@@ -62,6 +63,8 @@ def main() -> None:
         config, drain_timeout=settings.drain_timeout, end_waiting=app.state.bus.end_waiting
     )
     server.run(sockets=sockets)
+    if server.force_exit:  # a second signal cut the drain short: not a clean stop
+        sys.exit(1)
 
 
 if __name__ == "__main__":

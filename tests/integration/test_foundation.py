@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -324,3 +326,25 @@ def test_a_stopped_api_exits_0_without_a_traceback(sig: signal.Signals) -> None:
         api.signal(sig)
         assert api.process is not None and api.process.wait(20) == 0, api.log()[-2000:]
         assert "Traceback" not in api.log()
+
+
+def test_an_api_forced_to_stop_by_a_second_signal_does_not_exit_0() -> None:
+    """A second signal cuts the drain short: requests still waiting are dropped, so the exit
+    must not say the stop was clean."""
+    with running_stack({"LOG_LEVEL": "INFO"}) as stack:
+        url = stack.start_api(DRAIN_TIMEOUT="30")  # no dispatcher: a request waits
+        [api] = stack.services
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(
+                httpx.post,
+                f"{url}/v1/chat/completions",
+                json={"model": "dummy", "messages": MESSAGES},
+                timeout=20,
+            )
+            time.sleep(0.5)
+            api.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            api.signal(signal.SIGINT)
+            assert api.process is not None and api.process.wait(20) == 1, api.log()[-2000:]
+            with contextlib.suppress(httpx.HTTPError):
+                waiting.result()
