@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from shared.errors import error_body
+from shared.request_bodies import dump_request, load_request
 
 # An error type in OpenAI's style (`invalid_request_error`, `insufficient_quota`) is kept.
 _OPENAI_TYPE = re.compile(r"[a-z][a-z0-9_]*")
@@ -57,14 +58,19 @@ def for_server(body: bytes, served: str, *, include_usage: bool) -> bytes:
     """The request as the inference server gets it: its served model name, and a stream's
     `stream_options.include_usage` spelled out as the router read it. vLLM reads a missing
     `include_usage` as true where OpenAI reads false, so a client's `stream_options: {}` would
-    bring it a usage chunk it did not ask for (and a cache replay would not). Raises
-    BodyError."""
-    payload = _load_object(body)
+    bring it a usage chunk it did not ask for (and a cache replay would not). Every other
+    value as sent, integers past 64 bits included. Raises BodyError."""
+    try:
+        payload = load_request(body)
+    except ValueError as e:
+        raise BodyError("body is not JSON") from e
+    if not isinstance(payload, dict):
+        raise BodyError("body is not a JSON object")
     payload["model"] = served
     options = payload.get("stream_options")
     if payload.get("stream") is True and isinstance(options, dict):
         payload["stream_options"] = {**options, "include_usage": include_usage}
-    return orjson.dumps(payload)
+    return dump_request(payload)
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,3 +140,18 @@ def test_error_text_is_kept_when_only_a_string() -> None:
         "param": None,
         "code": None,
     }
+
+
+@pytest.mark.parametrize("literal", [b"123456789012345678901234567890", b"-9223372036854775809"])
+def test_a_number_orjson_cannot_keep_reaches_the_server_as_sent(literal: bytes) -> None:
+    """An integer past 64 bits left as the nearest float; the served name still changes."""
+    body = b'{"model":"local_m","messages":[],"vllm_xargs":{"x":%s}}' % literal
+    sent = for_server(body, "served-m", include_usage=False)
+    assert sent == b'{"model":"served-m","messages":[],"vllm_xargs":{"x":%s}}' % literal
+
+
+def test_a_body_without_such_numbers_is_written_by_orjson() -> None:
+    body = b'{"model":"local_m","messages":[],"temperature":0.7,"seed":9223372036854775807}'
+    assert for_server(body, "served-m", include_usage=False) == (
+        b'{"model":"served-m","messages":[],"temperature":0.7,"seed":9223372036854775807}'
+    )

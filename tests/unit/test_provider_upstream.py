@@ -231,3 +231,10 @@ def test_a_key_given_twice_reaches_the_upstream_as_the_router_read_it(body: byte
     upstream that read the first would have served a model the key may not use."""
     sent = rewrite_model(body, "gpt-4o-mini", "gpt-4o-mini")
     assert sent == b'{"model":"gpt-4o-mini","messages":[]}'
+
+
+def test_an_integer_past_64_bits_reaches_the_upstream_as_sent() -> None:
+    """Written again by orjson, it left as the nearest float (`1.2345678901234568e+29`)."""
+    body = b'{"model":"gpt-4o","messages":[],"x_trace":123456789012345678901234567890}'
+    sent = rewrite_model(body, "gpt-4o", "gpt-4o")
+    assert sent == body

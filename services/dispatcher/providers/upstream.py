@@ -35,6 +35,7 @@ from shared.errors import (
 from shared.http_headers import SHOULD_RETRY as H_SHOULD_RETRY
 from shared.http_headers import UPSTREAM_REQUEST_ID as H_UPSTREAM_REQUEST_ID
 from shared.http_headers import upstream_hints
+from shared.request_bodies import dump_request, load_request
 
 # Client errors that the same request will meet again: the SDKs must not retry them.
 _FINAL_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
@@ -214,14 +215,15 @@ def rewrite_model(body: bytes, model: str, upstream_model: str) -> bytes:
     same: a body with a key twice (`{"model":"gpt-4o","model":"gpt-4o-mini"}`) was checked
     against a client key's models by its last copy, as orjson reads it, and an upstream that
     reads the first would have served another model (review 2026-11-29). Written again, it
-    says what the router read. Costs a few microseconds per kilobyte, once per provider call.
+    says what the router read (integers past 64 bits included: see `shared.request_bodies`).
+    Costs a few microseconds per kilobyte, once per provider call.
 
     Only `model` changes: every other field (tools, n, response_format, stream_options,
     unknown ones) is kept, in order.
     """
-    data = orjson.loads(body)
+    data = load_request(body)
     data["model"] = upstream_model
-    return orjson.dumps(data)
+    return dump_request(data)
 
 
 def _lowered(headers: Mapping[str, str]) -> dict[str, str]:

@@ -1,0 +1,44 @@
+"""A request body read and written again exactly: the agent (served model name) and provider
+workers (upstream model name) change one field and must keep the rest as the client sent it.
+
+orjson reads an integer past 64 bits as the nearest float, and writes no such integer: a body
+that may hold one is read and written by the standard library instead, which keeps every
+integer (rare, and then a few times slower).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+
+def may_hold_a_lost_integer(value: Any) -> bool:
+    """A whole float out of orjson's integer range: maybe an integer literal it could not
+    keep (or a literal like `1e30`, which the slow path keeps as it was too)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, float) and (item >= 2**64 or item <= -(2**63)):
+            return item.is_integer()
+    return False
+
+
+def load_request(body: bytes) -> Any:
+    """The parsed body; raises orjson.JSONDecodeError (a ValueError) for what is not JSON."""
+    data = orjson.loads(body)
+    if may_hold_a_lost_integer(data):
+        return json.loads(body)
+    return data
+
+
+def dump_request(data: Any) -> bytes:
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:  # an integer past 64 bits that `load_request` kept
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
