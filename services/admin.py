@@ -62,7 +62,10 @@ async def declare_all(
     broker = Broker(settings.rabbitmq_url, name="router-topology", publish_timeout=5.0)
     await broker.connect()
     try:
-        with broker_refusals_stop_start():  # a user without rights: one line, not a traceback
+        # A user without rights: one line, not a traceback.
+        with broker_refusals_stop_start(
+            "`router topology` declares every shared name: run it as the vhost's administrator"
+        ):
             channel = await broker.channel()
             await declare_topology(channel, t)
             specs = [t.provider_queue_spec(p) for p in providers]

@@ -277,17 +277,21 @@ class BrokerRefusedError(StartupError):
     name exists with other properties. Retrying cannot help; an operator must act."""
 
 
+SERVICE_GRANTS_HINT = (
+    "the permissions `router broker-acl` prints are made for one BROKER_NAMESPACE and "
+    "DURABILITY: run it with this service's"
+)
+
+
 @contextlib.contextmanager
-def broker_refusals_stop_start() -> Iterator[None]:
+def broker_refusals_stop_start(hint: str = SERVICE_GRANTS_HINT) -> Iterator[None]:
     """A refusal raised inside becomes a `BrokerRefusedError` (one `cannot start` line, exit
-    code 1, not aiormq's traceback): the broker's own words name the resource and the user."""
+    code 1, not aiormq's traceback): the broker's own words name the resource and the user;
+    `hint` says what to check when a permission is missing."""
     try:
         yield
     except ChannelAccessRefused as e:
-        raise BrokerRefusedError(
-            f"the broker refused: {e} (the permissions `router broker-acl` prints are made "
-            "for one BROKER_NAMESPACE and DURABILITY: run it with this service's)"
-        ) from e
+        raise BrokerRefusedError(f"the broker refused: {e} ({hint})") from e
     except ChannelPreconditionFailed as e:  # a name that exists with other properties
         raise BrokerRefusedError(f"the broker refused: {e}") from e
 
