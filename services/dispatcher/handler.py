@@ -34,7 +34,6 @@ from services.dispatcher.routing import (
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
 from shared.errors import (
-    InternalError,
     QueueFullError,
     RateLimitError,
     RouterError,
@@ -298,15 +297,14 @@ class DispatcherHandler:
             log.info("returned job %s (%s) dropped: nobody waits", job.request_id, reason)
             return
         log.info("job %s returned from its agent queue (%s)", job.request_id, reason)
-        error: RouterError
-        if reason == "delivery_limit":  # a quorum queue's count of agents it crashed
-            error = InternalError(job.request_id)
-        else:
-            error = ServiceUnavailableError(
-                f"No agent serving `{job.model}` took the request in time; retry shortly.",
-                code="no_agent_available",
-                headers={"retry-after": "1"},
-            )
+        # Past a quorum queue's delivery limit, it crashed its agents or was handed back by
+        # them (paused, stopping) too often: the queue counts both alike, so still a 503.
+        what = "could finish the request" if reason == "delivery_limit" else "took the request"
+        error = ServiceUnavailableError(
+            f"No agent serving `{job.model}` {what} in time; retry shortly.",
+            code="no_agent_available",
+            headers={"retry-after": "1"},
+        )
         await self.reply.error(job, error, attempt=new_attempt())
 
     # --- control, cancel, rpc ----------------------------------------------------------------

@@ -87,11 +87,12 @@ async def test_a_job_its_agent_rejected_is_not_answered_again() -> None:
     assert broker.sent == []
 
 
-async def test_a_job_past_a_quorum_queues_delivery_limit_is_a_500_not_retry_shortly() -> None:
-    """It crashed its agents every time: retrying it would crash them again."""
+async def test_a_job_past_a_quorum_queues_delivery_limit_is_still_a_503() -> None:
+    """The queue counts a crash and a hand-back (an agent paused or stopping) alike: retrying
+    may well succeed, so not a 500."""
     broker = RecordingBroker()
     dispatcher = handler(broker)
     own_queue = dispatcher.topology.agent_queue("local_a")
     await dispatcher.on_returned(returned("local_a", own_queue, "delivery_limit"), NO_DELIVERY)
     [reply] = [decode_reply(env) for env in broker.sent]
-    assert reply.status == 500
+    assert reply.status == 503 and b"could finish the request" in reply.body
