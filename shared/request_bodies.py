@@ -3,7 +3,9 @@ workers (upstream model name) change one field and must keep the rest as the cli
 
 orjson reads an integer past 64 bits as the nearest float, and writes no such integer: a body
 that may hold one is read and written by the standard library instead, which keeps every
-integer (rare, and then a few times slower).
+integer (rare, and then a few times slower). Finding out costs a walk of the parsed values
+(about 2 us for a 2 KB chat body); a large body is first searched at C speed for the 19
+digits in a row such an integer needs (about 1 ms per MB), and walked only if it has them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import json
 from typing import Any
 
 import orjson
+
+# Below this many bytes the walk is cheaper than the search for a run of digits.
+SEARCH_FIRST_FROM = 16 * 1024
+_DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LOST_INTEGER_DIGITS = b"0" * 19  # -9223372036854775809, the first one below orjson's range
 
 
 def may_hold_a_lost_integer(value: Any) -> bool:
@@ -32,6 +39,9 @@ def may_hold_a_lost_integer(value: Any) -> bool:
 def load_request(body: bytes) -> Any:
     """The parsed body; raises orjson.JSONDecodeError (a ValueError) for what is not JSON."""
     data = orjson.loads(body)
+    searched = len(body) >= SEARCH_FIRST_FROM
+    if searched and _LOST_INTEGER_DIGITS not in body.translate(_DIGITS_AS_ZERO):
+        return data
     if may_hold_a_lost_integer(data):
         return json.loads(body)
     return data

@@ -63,7 +63,7 @@ def main() -> None:
         config, drain_timeout=settings.drain_timeout, end_waiting=app.state.bus.end_waiting
     )
     server.run(sockets=sockets)
-    if server.force_exit:  # a second signal cut the drain short: not a clean stop
+    if server.force_exit:  # a second Ctrl-C cut the drain short: not a clean stop
         sys.exit(1)
 
 

@@ -216,7 +216,7 @@ def rewrite_model(body: bytes, model: str, upstream_model: str) -> bytes:
     against a client key's models by its last copy, as orjson reads it, and an upstream that
     reads the first would have served another model (review 2026-11-29). Written again, it
     says what the router read (integers past 64 bits included: see `shared.request_bodies`).
-    Costs a few microseconds per kilobyte, once per provider call.
+    Costs a few microseconds for a chat body, once per provider call.
 
     Only `model` changes: every other field (tools, n, response_format, stream_options,
     unknown ones) is kept, in order.
