@@ -83,7 +83,13 @@ def run(app: web.Application, host: str, port: int, name: str) -> None:
 
 
 async def _serve_forever(app: web.Application, host: str, port: int, name: str) -> None:
-    runner, actual = await serve(app, host, port, shutdown_timeout=5.0)
+    try:
+        runner, actual = await serve(app, host, port, shutdown_timeout=5.0)
+    except OSError as e:  # a port in use: one line, as the services say it, not a traceback
+        reason = e.strerror or str(e)
+        message = f"{name}: cannot listen on {host}:{port}: {reason} (choose another --port)"
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

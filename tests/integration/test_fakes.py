@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -738,3 +741,23 @@ async def test_top_logprobs_without_logprobs_is_a_400(fake: Fake) -> None:
     )
     assert status == 400
     assert json.loads(raw)["error"]["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("fake", ["fake-vllm", "fake-openai"])
+def test_a_fake_on_a_port_in_use_says_so_in_one_line(fake: str) -> None:
+    """It died with aiohttp's OSError traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", fake, "--port", str(port)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert done.returncode == 1, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"{fake}: cannot listen on 127.0.0.1:{port}: ")
+    assert line.endswith("(choose another --port)")
