@@ -22,13 +22,12 @@ import sys
 from honcho.manager import Manager
 
 from services.api.agent_auth import derive_agent_token, parse_token_pairs
-from shared.runner import listen
+from shared.runner import MAX_PORT, listen
 
 DEV_AGENT = "dev-agent"
 Processes = list[tuple[str, str, dict[str, str]]]  # (name, command, extra env) of each
 # The dev stack's ports follow API_PORT: the fakes', and the agent's /health unless AGENT_PORT.
 VLLM_OFFSET, OPENAI_OFFSET, AGENT_OFFSET = 100, 200, 300
-MAX_PORT = 65535
 
 
 def _cmd(*args: str) -> str:

@@ -21,9 +21,15 @@ _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LOST_INTEGER_DIGITS = b"0" * 19  # -9223372036854775809, the first one below orjson's range
 
 
+def past_orjson_integers(value: float) -> bool:
+    """Whether `value` lies where orjson's integers end (u64 above, i64 below): there a
+    parsed float may be an integer literal it could not keep (or a literal like `1e30`).
+    Every float that large is whole."""
+    return value >= 2**64 or value <= -(2**63)
+
+
 def may_hold_a_lost_integer(value: Any) -> bool:
-    """A whole float out of orjson's integer range: maybe an integer literal it could not
-    keep (or a literal like `1e30`, which the slow path keeps as it was too)."""
+    """Whether any float in the parsed `value` is `past_orjson_integers`."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -31,8 +37,8 @@ def may_hold_a_lost_integer(value: Any) -> bool:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-        elif isinstance(item, float) and (item >= 2**64 or item <= -(2**63)):
-            return item.is_integer()
+        elif isinstance(item, float) and past_orjson_integers(item):
+            return True
     return False
 
 

@@ -31,12 +31,15 @@ class StartupError(Exception):
     traceback."""
 
 
+MAX_PORT = 65535
+
+
 def listen(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on host:port, one per address `host` names, as asyncio's servers
     (uvicorn's, aiohttp's) open them; raises OSError where it cannot listen, ValueError for a
     port outside 0-65535 (getaddrinfo would take it modulo 65536: 65600 is port 64)."""
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is not in 0-65535")
+    if not 0 <= port <= MAX_PORT:
+        raise ValueError(f"port {port} is not in 0-{MAX_PORT}")
     sockets: list[socket.socket] = []
     try:
         # `host or None`: an empty host is every interface, as for asyncio's servers.

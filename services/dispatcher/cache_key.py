@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from shared.http_headers import parse_cache_control
+from shared.request_bodies import past_orjson_integers
 from shared.topology import MODEL_NAME_RE
 
 # Fields that change how an answer travels or is accounted, never what it says.
@@ -105,7 +106,7 @@ class InexactNumberError(ValueError):
 def _normalised(value: Any) -> Any:
     # 1.0 and 1 are one key; past 64 bits a float stays a float (orjson writes no bigger int).
     if isinstance(value, float) and value.is_integer():
-        if value >= 2**64 or value <= -(2**63):  # where orjson's ints end: maybe a lost int
+        if past_orjson_integers(value):  # maybe an integer orjson could not keep
             raise InexactNumberError(value)
         if value < 2**63:
             return int(value)

@@ -62,11 +62,15 @@ EnsureQueue = Callable[[QueueSpec], Awaitable[None]]
 REGISTRY_POLL = 0.05
 
 
-def _header_text(env: Envelope, name: str) -> str | None:
-    value = env.headers.get(name)
+def _text(value: object) -> str | None:
+    """A header value as text (the AMQP client gives long strings as bytes or str)."""
     if isinstance(value, bytes):
         return value.decode(errors="replace")
     return value if isinstance(value, str) else None
+
+
+def _header_text(env: Envelope, name: str) -> str | None:
+    return _text(env.headers.get(name))
 
 
 def latest_death(env: Envelope) -> tuple[str | None, str | None]:
@@ -76,13 +80,7 @@ def latest_death(env: Envelope) -> tuple[str | None, str | None]:
     deaths = env.headers.get("x-death")
     if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
         return None, None
-
-    def text(value: object) -> str | None:
-        if isinstance(value, bytes):
-            return value.decode(errors="replace")
-        return value if isinstance(value, str) else None
-
-    return text(deaths[0].get("queue")), text(deaths[0].get("reason"))
+    return _text(deaths[0].get("queue")), _text(deaths[0].get("reason"))
 
 
 def model_list(view: AgentView, provider_models: list[str], created: int) -> bytes:

@@ -153,9 +153,8 @@ class DispatcherService:
         await self.broker.consume(control_channel, cancel, handler.on_cancel, intake=False)
         await self.broker.consume(control_channel, t.rpc_queue_spec(), handler.on_rpc)
         await self.broker.consume(
-            control_channel, t.returns_queue_spec(), handler.on_returned,
-            on_give_up=handler.give_up,
-        )  # fmt: skip
+            control_channel, t.returns_queue_spec(), handler.on_returned, on_give_up=handler.give_up
+        )
         if self.cache.is_active:
             # Auto-ack: a cache write is best effort (acked either way), so an ack frame per
             # answered request would buy nothing. Each write is bounded by CACHE_TIMEOUT_MS.

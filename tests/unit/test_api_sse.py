@@ -96,17 +96,23 @@ async def body_of(relay: SseRelay) -> bytes:
     return b"".join(sent)
 
 
+def chunk_then_end_later(call: PendingCall, delay: float, *, seq: int) -> asyncio.Task[None]:
+    """After `delay` s, a chunk numbered `seq` and the stream's end arrive for `call`."""
+
+    async def deliver() -> None:
+        await asyncio.sleep(delay)
+        call.deliver(Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, seq, 200, {}))
+        call.deliver(Reply(ReplyKind.END, "r1", "a1", b"", seq + 1, 200, {}))
+
+    return asyncio.create_task(deliver())
+
+
 async def test_a_pause_between_chunks_is_filled_with_pings_and_the_stream_goes_on() -> None:
     """A model that pauses mid-answer (reasoning, a tool call being prepared): the connection
     gets a ping every `ping_interval`, so no proxy cuts it for idleness."""
     call, relay = silent_relay(idle=5, ping_interval=0.05)
 
-    async def resume() -> None:
-        await asyncio.sleep(0.3)
-        call.deliver(Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, 1, 200, {}))
-        call.deliver(Reply(ReplyKind.END, "r1", "a1", b"", 2, 200, {}))
-
-    resuming = asyncio.create_task(resume())
+    resuming = chunk_then_end_later(call, 0.3, seq=1)
     body = await body_of(relay)
     await resuming
     first, rest = body.split(CHUNK, 1)
@@ -143,12 +149,7 @@ async def test_a_stream_committed_early_pings_with_its_headers_not_an_interval_l
 
     relay = SseRelay(call, None, limits, headers={}, ping_interval=5, on_finish=on_finish)
 
-    async def answer() -> None:  # well within the first interval
-        await asyncio.sleep(0.2)
-        call.deliver(Reply(ReplyKind.CHUNK, "r1", "a1", CHUNK, 0, 200, {}))
-        call.deliver(Reply(ReplyKind.END, "r1", "a1", b"", 1, 200, {}))
-
-    answering = asyncio.create_task(answer())
+    answering = chunk_then_end_later(call, 0.2, seq=0)  # well within the first interval
     body = await body_of(relay)
     await answering
     assert body == sse.PING + CHUNK + sse.DONE
