@@ -34,6 +34,13 @@ cache (`x-cache: bypass`) and opens a breaker that skips lookups for `BREAKER_CO
 so a dead Redis costs at most one timeout per second and not one per request. Writes are not
 skipped: the locks they free may be other dispatchers' leaders'. redis-py reconnects on the next
 command once Redis is back.
+
+Refused writes: Redis may answer reads while it refuses writes (out of memory under
+`noeviction`, its default policy; a replica after a failover, `READONLY`; an ACL). The scripts
+write through `redis.pcall`, so a refusal costs only what it touches: a lock not taken is a miss
+without single flight, and an entry not stored wakes its waiters with `fail`, so they are
+routed at once rather than after `single_flight_wait`. Neither opens the breaker: the entries
+already stored are still served.
 """
 
 from __future__ import annotations
@@ -84,20 +91,28 @@ BREAKER_COOLDOWN = 1.0
 # whoever holds it (as every event did then).
 _RELEASE = """
 if ARGV[1] == "" or redis.call("GET", KEYS[1]) == ARGV[1] then
-    redis.call("DEL", KEYS[1])
+    redis.pcall("DEL", KEYS[1])
     redis.call("PUBLISH", KEYS[2], ARGV[2])
 end
 return 0
 """
 # KEYS: lock; ARGV: owner, ttl in ms. Takes a free lock, or one this owner holds already (its
-# job delivered again): the job leads again instead of waiting for itself.
+# job delivered again): the job leads again instead of waiting for itself. 1: taken; 0: another
+# owner holds it; -1: Redis refused to write it (see "Refused writes" in the module docstring).
 _ACQUIRE = """
 local holder = redis.call("GET", KEYS[1])
 if holder == ARGV[1] then
-    redis.call("PEXPIRE", KEYS[1], ARGV[2])
+    redis.pcall("PEXPIRE", KEYS[1], ARGV[2])
     return 1
 end
-if not holder and redis.call("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2]) then
+if holder then
+    return 0
+end
+local set = redis.pcall("SET", KEYS[1], ARGV[1], "NX", "PX", ARGV[2])
+if type(set) == "table" and set.err then
+    return -1
+end
+if set then
     return 1
 end
 return 0
@@ -140,10 +155,11 @@ for i = 1, #KEYS / 2 do
     end
     local taken = 0
     if not present and mine then
-        redis.call("PEXPIRE", KEYS[2 * i], ARGV[2 * i])
+        redis.pcall("PEXPIRE", KEYS[2 * i], ARGV[2 * i])
         taken = 1
     elseif not present and not holder and owner ~= "" then
-        if redis.call("SET", KEYS[2 * i], owner, "NX", "PX", ARGV[2 * i]) then
+        local set = redis.pcall("SET", KEYS[2 * i], owner, "NX", "PX", ARGV[2 * i])
+        if set and not set.err then
             taken = 1
         end
     end
@@ -153,21 +169,31 @@ for i = 1, #KEYS / 2 do
 end
 return found
 """
-# KEYS: entry, lock, ...; ARGV: the `ok` message, then body, ttl, done channel, owner per
-# entry. Any finished job may store the entry and wake the key's waiters (the entry is there
-# for them), but it frees the lock only if it holds it: another leader may hold it by now.
-# Owner "": as in `_RELEASE`.
+# KEYS: entry, lock, ...; ARGV: the `ok` and `fail` messages, then body, ttl, done channel,
+# owner per entry. Any finished job may store the entry and wake the key's waiters (the entry is
+# there for them), but it frees the lock only if it holds it: another leader may hold it by now.
+# Owner "": as in `_RELEASE`. An entry Redis refuses to store ("Refused writes" above) wakes
+# its waiters with `fail`, so they are routed at once, and the script goes on with the others;
+# it returns the first refusal's message, or "" when every entry was stored.
 _WRITE = """
+local refused = ""
 for i = 1, #KEYS / 2 do
-    local a = 2 + (i - 1) * 4
-    redis.call("SET", KEYS[2 * i - 1], ARGV[a], "EX", ARGV[a + 1])
+    local a = 3 + (i - 1) * 4
+    local set = redis.pcall("SET", KEYS[2 * i - 1], ARGV[a], "EX", ARGV[a + 1])
+    local news = ARGV[1]
+    if type(set) == "table" and set.err then
+        news = ARGV[2]
+        if refused == "" then
+            refused = set.err
+        end
+    end
     local owner = ARGV[a + 3]
     if owner == "" or redis.call("GET", KEYS[2 * i]) == owner then
-        redis.call("DEL", KEYS[2 * i])
+        redis.pcall("DEL", KEYS[2 * i])
     end
-    redis.call("PUBLISH", ARGV[a + 2], ARGV[1])
+    redis.call("PUBLISH", ARGV[a + 2], news)
 end
-return 0
+return refused
 """
 OK = b"ok"
 FAIL = b"fail"
@@ -179,6 +205,10 @@ BYPASS = "bypass"
 
 class CacheUnavailableError(Exception):
     """Redis did not answer in time, or at all."""
+
+
+class CacheWriteRefusedError(Exception):
+    """Redis answered, but refused to store an entry (see "Refused writes" above)."""
 
 
 class Breaker:
@@ -248,7 +278,7 @@ class CacheStore(Protocol):
     async def probe(
         self, key: str, lock: LockRequest | None = None, *, lock_state: bool = True
     ) -> Probe: ...
-    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool: ...
+    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool | None: ...
     async def wait(self, key: str, timeout: float) -> bytes | None: ...
     async def write(self, key: str, body: bytes, ttl: int, owner: str | None) -> None: ...
     async def abandon(self, key: str, owner: str | None) -> None: ...
@@ -407,11 +437,13 @@ class RedisStore:
                 log.info("locks a script took too late are left to expire: %s", e)
                 return
 
-    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool:
-        """Take the lock if it is free or `owner` holds it already (renewing its expiry)."""
+    async def acquire(self, key: str, owner: str, ttl_ms: int) -> bool | None:
+        """Take the lock if it is free or `owner` holds it already (renewing its expiry).
+        False: another owner holds it; None: Redis refused to write it."""
         call = asyncio.ensure_future(self._eval(_ACQUIRE, [lock_key(key)], [owner, ttl_ms]))
         ask = ProbeAsk(key, LockRequest(owner, ttl_ms))
-        return bool(await self._locking(call, [ask], taken=lambda took: [took]))
+        took = await self._locking(call, [ask], taken=lambda took: [took == 1])
+        return None if took == -1 else took == 1
 
     async def wait(self, key: str, timeout: float) -> bytes | None:
         """The entry once another job wrote it; None when its lock went away without one
@@ -448,11 +480,13 @@ class RedisStore:
 
     async def _write_many(self, entries: Sequence[tuple[str, bytes, int, str]]) -> list[None]:
         keys: list[str] = []
-        args: list[bytes | str | int] = [OK]
+        args: list[bytes | str | int] = [OK, FAIL]
         for key, body, ttl, owner in entries:
             keys += (key, lock_key(key))
             args += (body, ttl, done_channel(key), owner)
-        await self._bounded(self._eval(_WRITE, keys, args))
+        refused = await self._bounded(self._eval(_WRITE, keys, args))
+        if refused:
+            raise CacheWriteRefusedError(f"redis: {refused.decode(errors='replace')}")
         return [None] * len(entries)
 
     async def abandon(self, key: str, owner: str | None) -> None:
@@ -550,9 +584,10 @@ class JobCache:
                 return hit
             locked, acquired = probe.locked, probe.acquired
         if lock is not None and not locked and not acquired:
-            # Not looked up (`no-cache`), or an unreadable entry was found: lock on its own.
-            acquired = await store.acquire(key, lock.owner, lock.ttl_ms)
-            locked = not acquired
+            # Not looked up (`no-cache`), an unreadable entry was found, or Redis refused the
+            # probe's lock: lock on its own (a refusal again: no single flight, nobody to follow).
+            took = await store.acquire(key, lock.owner, lock.ttl_ms)
+            acquired, locked = took is True, took is False
         if acquired:
             self._lead(job.request_id, key, now=now, expires=now + ttl)
         if locked and plan.lookup and single_flight:
@@ -657,6 +692,9 @@ class JobCache:
                 )
             else:
                 await self.store.abandon(event.cache_key, event.request_id)
+        except CacheWriteRefusedError as e:
+            # Redis still answers: the entries it holds are still worth serving.
+            log.warning("cache write refused: %s", e)
         except CacheUnavailableError as e:
             self.breaker.failed()
             log.warning("cache write skipped: %s", e)

@@ -29,6 +29,7 @@ from services.dispatcher.routing import (
     ToAgent,
     ToProvider,
     choose_route,
+    is_unknown,
     warming_up_error,
 )
 from shared.amqp import Broker, Delivery
@@ -142,7 +143,8 @@ class DispatcherHandler:
         if job.remaining(now) <= 0:
             log.info("job %s dropped: deadline passed before dispatch", job.request_id)
             return
-        if self.cache is not None:
+        routed = choose_route(job.model, self.registry.view(now), self.providers)
+        if self.cache is not None and not is_unknown(routed):
             looked = await self.cache.lookup(job)
             if isinstance(looked, Hit):
                 await self._answer_from_cache(looked)
@@ -160,7 +162,9 @@ class DispatcherHandler:
                 # A cancel heard during the lookup found no lock to release: it was not taken yet.
                 await self.cache.on_cancel(job.request_id)
                 return
-        route: Route | None = choose_route(job.model, self.registry.view(now), self.providers)
+            # The lookup may have waited for an identical job: route by the registry of now.
+            routed = choose_route(job.model, self.registry.view(self.clock()), self.providers)
+        route: Route | None = routed
         if isinstance(route, AwaitRegistry):
             route = await self._after_warm_up(job)
             if route is None:

@@ -46,6 +46,12 @@ class AwaitRegistry:
 Route = AnswerDummy | ToAgent | ToProvider | Refuse | AwaitRegistry
 
 
+def is_unknown(route: Route) -> bool:
+    """A model the router does not serve at all (404): no cached answer is given for it either,
+    so a model retired from the router stops answering at once, as `/v1/models` says."""
+    return isinstance(route, Refuse) and isinstance(route.error, ModelNotFoundError)
+
+
 def warming_up_error() -> RouterError:
     return ServiceUnavailableError(
         "This dispatcher is still learning which agents are alive; retry shortly.",

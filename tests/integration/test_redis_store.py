@@ -9,10 +9,12 @@ services is tests/integration/test_cache.py; this checks the store's scripts the
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import cast
 
 import orjson
@@ -36,6 +38,7 @@ from shared.amqp import Delivery
 from shared.cancel import Cancellations
 from shared.messages import Completed, Job, encode_completed
 from tests.conftest import REDIS, require_services
+from tests.faults.harness.nodes import RedisNode, redis_installed, spare_port
 from tests.support.slow_redis import SlowRedis
 
 pytestmark = pytest.mark.integration
@@ -413,6 +416,74 @@ async def test_an_acquire_that_timed_out_frees_the_lock_redis_took_for_it(
         await store.aclose()
 
 
+@pytest.fixture(params=["out-of-memory", "read-only"])
+def refusing_redis(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[RedisNode, Callable[[], None]]]:
+    """A redis-server of the test's own, and the way to make it refuse writes while it still
+    answers reads: `maxmemory` reached under `noeviction` (Redis's default policy), or a
+    replica whose primary is gone (`READONLY`, as after a failover)."""
+    if not redis_installed():
+        pytest.skip("redis-server is not installed")
+    node = RedisNode(tmp_path)
+    node.start()
+
+    def refuse() -> None:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as conn:
+            if request.param == "out-of-memory":
+                conn.sendall(b"CONFIG SET maxmemory 1\r\n")
+            else:  # a primary on a port nobody listens on: the replica keeps its data
+                conn.sendall(f"REPLICAOF 127.0.0.1 {spare_port()}\r\n".encode())
+            assert conn.recv(64).startswith(b"+OK")
+
+    try:
+        yield node, refuse
+    finally:
+        node.kill()
+
+
+async def test_a_redis_refusing_writes_still_serves_hits_and_frees_waiters_at_once(
+    refusing_redis: tuple[RedisNode, Callable[[], None]],
+) -> None:
+    """Redis up but refusing writes: a leader's answer it will not store sends the leader's
+    waiters upstream at once (not after the single-flight wait), a deterministic miss goes on
+    without a lock, and the entries already stored are still served: no breaker opens."""
+    node, refuse = refusing_redis
+    store = RedisStore.from_url(node.url, timeout=1.0)
+    cache = JobCache(
+        store,
+        CachePolicy(prefix="refusing:cache:v1", ttl=60),
+        cancellations=Cancellations(),
+        single_flight_wait=30,
+    )
+    try:
+        stored = await cache.lookup(deterministic_job("S"))
+        assert isinstance(stored, Proceed) and stored.job.cache_key is not None
+        await cache.on_completed(
+            encode_completed([Completed(stored.job.cache_key, ANSWER, 200, "S")]), NO_DELIVERY
+        )
+        leader = await cache.lookup(deterministic_job("A", question="other"))
+        assert isinstance(leader, Proceed) and leader.job.cache_key is not None
+        follower = asyncio.create_task(cache.lookup(deterministic_job("B", question="other")))
+        await eventually(lambda: answer(cache.waiting == 1))
+        refuse()
+
+        started = time.monotonic()
+        await cache.on_completed(
+            encode_completed([Completed(leader.job.cache_key, ANSWER, 200, "A")]), NO_DELIVERY
+        )
+        routed = await asyncio.wait_for(follower, 5)
+        assert isinstance(routed, Proceed) and routed.job.cache_status == "miss"
+        assert time.monotonic() - started < 2  # not the 30 s single-flight wait
+
+        assert isinstance(await cache.lookup(deterministic_job("C")), Hit)  # still served
+        fresh = await cache.lookup(deterministic_job("D", question="third"))
+        assert isinstance(fresh, Proceed) and fresh.job.cache_status == "miss"
+        assert isinstance(await cache.lookup(deterministic_job("E")), Hit)  # no breaker
+    finally:
+        await store.aclose()
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 NO_DELIVERY = cast(Delivery, None)
@@ -429,8 +500,10 @@ ANSWER = orjson.dumps(
 )
 
 
-def deterministic_job(request_id: str, cache_control: str | None = None) -> Job:
-    body = {"model": "m", "messages": [{"role": "user", "content": "q"}], "temperature": 0}
+def deterministic_job(
+    request_id: str, cache_control: str | None = None, *, question: str = "q"
+) -> Job:
+    body = {"model": "m", "messages": [{"role": "user", "content": question}], "temperature": 0}
     return Job(
         request_id=request_id,
         model="m",

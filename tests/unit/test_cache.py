@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -27,17 +28,20 @@ from services.dispatcher.cache import (
 from services.dispatcher.cache_key import CachePolicy
 from services.dispatcher.handler import DispatcherHandler
 from services.dispatcher.registry import AgentTable, Registry, SqliteStore
+from services.dispatcher.routing import ProviderRule
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
 from shared.completed import CompletedBatcher
 from shared.errors import BrokerUnavailableError
 from shared.messages import (
+    AgentRegistration,
     Completed,
     Envelope,
     Job,
     Reply,
     ReplyKind,
     decode_completed,
+    decode_reply,
     encode_cancel,
     encode_completed,
     encode_job,
@@ -600,12 +604,46 @@ async def test_a_job_cancelled_during_its_lookup_releases_the_lock_it_took() -> 
         registry=Registry(AgentTable(ttl=10), SqliteStore(":memory:")),
         cancellations=cancellations,
         ensure_queue=no_queue,
+        providers=(ProviderRule("", "openai"),),  # model "m" is a provider's
         cache=make_cache(store, cancellations=cancellations),
     )
     store.during_probe = lambda: handler.on_cancel(encode_cancel("r1"), NO_DELIVERY)
     await handler.on_job(encode_job(job("r1", body=DETERMINISTIC), now=0.0), NO_DELIVERY)
     assert cancellations.is_cancelled("r1") and broker.sent == []  # dropped
     assert len(store.lock_reads) == 1 and store.locks == {}
+
+
+@pytest.mark.parametrize(
+    ("model", "status"),
+    [("m", 404), ("local-gone", 200)],
+    ids=["unknown-model", "known-model-without-a-live-agent"],
+)
+async def test_a_cached_answer_is_served_only_for_a_model_the_router_still_knows(
+    model: str, status: int
+) -> None:
+    """A model the router does not serve (404) gets no cached answer either: retired, it stops
+    answering at once. One it knows but cannot reach right now (503) is still served hits."""
+    store = MemoryStore()
+    cache = make_cache(store)
+    asked = dataclasses.replace(job("r1", body={**DETERMINISTIC, "model": model}), model=model)
+    looked = await cache.lookup(asked)
+    assert isinstance(looked, Proceed)
+    await complete(cache, looked)
+    registry = Registry(AgentTable(ttl=10), SqliteStore(":memory:"))
+    registry.table.register(AgentRegistration(name="a1", models=["local-gone"]), now=0.0)
+    broker = RecordingBroker()
+    handler = DispatcherHandler(
+        topology=Topology(namespace="test"),
+        broker=cast(Broker, broker),
+        registry=registry,
+        cancellations=Cancellations(),
+        ensure_queue=no_queue,
+        cache=cache,
+    )
+    again = dataclasses.replace(asked, request_id="r2")
+    await handler.on_job(encode_job(again, now=time.time()), NO_DELIVERY)
+    (answer, _, _), *_ = broker.sent
+    assert decode_reply(answer).status == status
 
 
 class CancelledDuringProbe(MemoryStore):
