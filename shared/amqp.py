@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -40,7 +41,7 @@ from shared.errors import (
     ReplyQueueGoneError,
     UnroutableError,
 )
-from shared.messages import H_DELIVERIES, Envelope, MessageDecodeError
+from shared.messages import H_DELIVERIES, H_QUEUED_AT, Envelope, MessageDecodeError
 from shared.topology import QueueSpec, Topology, declare_queue, declare_requeue_route
 
 log = logging.getLogger(__name__)
@@ -603,6 +604,8 @@ class Broker:
                     await _give_up_quietly(on_give_up, parked, error)
             return True
         headers[H_DELIVERIES] = deliveries
+        if H_QUEUED_AT in headers:  # the copy enters its queue now (services/dispatcher/returns)
+            headers[H_QUEUED_AT] = round(time.time() * 1000)
         expiration = properties.expiration  # milliseconds, as text
         env = Envelope(
             type=properties.message_type or "",

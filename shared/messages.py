@@ -48,6 +48,9 @@ H_SEQ = "x-seq"
 H_STATUS = "x-status"
 H_HTTP_HEADERS = "x-http-headers"
 H_DELIVERIES = "x-router-deliveries"  # deliveries counted where the queue type cannot
+# When a job entered the agent queue it is in (Unix ms, its publisher's clock): tells a job an
+# agent held apart from one nobody took (services/dispatcher/returns.py).
+H_QUEUED_AT = "x-queued-at"
 
 
 class MessageType(StrEnum):

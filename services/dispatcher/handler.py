@@ -19,6 +19,7 @@ from services.dispatcher import dummy
 from services.dispatcher.cache import Hit, JobCache
 from services.dispatcher.providers.routes import is_listed_alias
 from services.dispatcher.registry import Registry
+from services.dispatcher.returns import delivery_count, header_text, latest_death, was_held
 from services.dispatcher.routing import (
     AgentView,
     AnswerDummy,
@@ -42,7 +43,9 @@ from shared.errors import (
     UnroutableError,
 )
 from shared.messages import (
+    H_DELIVERIES,
     H_MODEL,
+    H_QUEUED_AT,
     MAX_REPLY_BYTES,
     Envelope,
     Job,
@@ -63,25 +66,8 @@ EnsureQueue = Callable[[QueueSpec], Awaitable[None]]
 REGISTRY_POLL = 0.05
 
 
-def _text(value: object) -> str | None:
-    """A header value as text (the AMQP client gives long strings as bytes or str)."""
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value if isinstance(value, str) else None
-
-
 def _header_text(env: Envelope, name: str) -> str | None:
-    return _text(env.headers.get(name))
-
-
-def latest_death(env: Envelope) -> tuple[str | None, str | None]:
-    """(queue, reason) of a dead-lettered message's last death, from the `x-death` entry the
-    broker wrote. Not `x-first-death-*`: RabbitMQ keeps a publisher's own values of those when
-    the message already carries `x-death`, so an agent could forge them (review 2026-11-29)."""
-    deaths = env.headers.get("x-death")
-    if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], dict):
-        return None, None
-    return _text(deaths[0].get("queue")), _text(deaths[0].get("reason"))
+    return header_text(env.headers.get(name))
 
 
 def model_list(view: AgentView, provider_models: list[str], created: int) -> bytes:
@@ -239,17 +225,24 @@ class DispatcherHandler:
         await writer.send(b"".join(events))
         await writer.end()
 
-    async def _hand_off(self, job: Job, spec: QueueSpec) -> None:
+    async def _hand_off(self, job: Job, spec: QueueSpec, deliveries: int | None = None) -> None:
         """Publish the job to a backend queue (agent or provider), confirmed; answer on refusal."""
-        error = await self._publish_job(job, spec)
+        error = await self._publish_job(job, spec, deliveries=deliveries)
         if error is not None:
             await self.reply.error(job, error, attempt=new_attempt())
 
-    async def _publish_job(self, job: Job, spec: QueueSpec) -> RouterError | None:
-        """None once the broker confirmed the job; else the error that answers it."""
+    async def _publish_job(
+        self, job: Job, spec: QueueSpec, *, deliveries: int | None = None
+    ) -> RouterError | None:
+        """None once the broker confirmed the job; else the error that answers it.
+        `deliveries`: the count a job queued again carries (`x-router-deliveries`)."""
         try:
             await self.ensure_queue(spec)
-            env = encode_job(job, now=self.clock())
+            now = self.clock()
+            env = encode_job(job, now=now)
+            env.headers[H_QUEUED_AT] = round(now * 1000)
+            if deliveries is not None:
+                env.headers[H_DELIVERIES] = deliveries
             await self.broker.publish(
                 env,
                 spec.name,
@@ -278,7 +271,8 @@ class DispatcherHandler:
     # --- jobs that came back from an agent queue --------------------------------------------
     async def on_returned(self, env: Envelope, _: Delivery) -> None:
         job = decode_job(env)
-        died_in, reason = latest_death(env)
+        death = latest_death(env)
+        died_in, reason = death.queue, death.reason
         if died_in != self.topology.agent_queue(job.model):
             # Only the model's own queue returns its jobs: an agent may put copies of a job
             # into its own queues, and one for another model expiring there must not be
@@ -298,16 +292,40 @@ class DispatcherHandler:
         if job.remaining(self.clock()) <= 0 or self.cancellations.is_cancelled(job.request_id):
             log.info("returned job %s (%s) dropped: nobody waits", job.request_id, reason)
             return
+        ttl = self.topology.agent_queue_ttl_ms / 1000
+        if was_held(env, death, ttl) and delivery_count(env) < self.topology.delivery_limit:
+            await self._queue_again(job, delivery_count(env) + 1)
+            return
         log.info("job %s returned from its agent queue (%s)", job.request_id, reason)
-        # Past a quorum queue's delivery limit, it crashed its agents or was handed back by
-        # them (paused, stopping) too often: the queue counts both alike, so still a 503.
-        what = "could finish the request" if reason == "delivery_limit" else "took the request"
+        # Past a delivery limit (the quorum queue's, or ours for a job held and handed back),
+        # it crashed its agents or was handed back by them (paused, stopping) too often: the
+        # queue counts both alike, so still a 503.
+        held = reason == "delivery_limit" or was_held(env, death, ttl)
+        what = "could finish the request" if held else "took the request"
         error = ServiceUnavailableError(
             f"No agent serving `{job.model}` {what} in time; retry shortly.",
             code="no_agent_available",
             headers={"retry-after": "1"},
         )
         await self.reply.error(job, error, attempt=new_attempt())
+
+    async def _queue_again(self, job: Job, delivery: int) -> None:
+        """A job its agent held, then died or handed back, came back expired (see
+        services/dispatcher/returns.py): it never waited out its queue's TTL, so it goes back
+        with a fresh one, counted, to a live agent of its model."""
+        route = choose_route(job.model, self.registry.view(self.clock()), self.providers)
+        if isinstance(route, Refuse):
+            await self.reply.error(job, route.error, attempt=new_attempt())
+            return
+        if not isinstance(route, ToAgent):  # still warming up: nothing known to send it to
+            await self.reply.error(job, warming_up_error(), attempt=new_attempt())
+            return
+        log.info(
+            "job %s came back from an agent that held it: queued again (delivery %d)",
+            job.request_id,
+            delivery,
+        )
+        await self._hand_off(job, self.topology.agent_queue_spec(route.model), delivery)
 
     # --- control, cancel, rpc ----------------------------------------------------------------
     async def on_control(self, env: Envelope, _: Delivery) -> None:

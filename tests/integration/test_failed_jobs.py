@@ -20,10 +20,20 @@ import aio_pika
 import pytest
 
 from services.dispatcher import dummy
+from services.dispatcher.returns import HELD_SLACK
 from services.dispatcher.service import DispatcherService
 from services.dispatcher.settings import DispatcherSettings
 from shared.amqp import Broker
-from shared.messages import Envelope, Job, Reply, ReplyKind, decode_reply, encode_job
+from shared.messages import (
+    H_DELIVERIES,
+    AgentRegistration,
+    Envelope,
+    Job,
+    Reply,
+    ReplyKind,
+    decode_reply,
+    encode_job,
+)
 from shared.topology import declare_queue
 from tests.conftest import REDIS, require_services
 from tests.support.procs import new_namespace
@@ -184,4 +194,41 @@ async def test_a_job_its_agent_rejected_is_not_answered_by_the_dispatcher(
                 await delivered.reject(requeue=False)
                 break
         assert await client.replies_within(2) == []
+        await client.channel.queue_delete(spec.name)
+
+
+async def test_a_job_its_agent_held_past_the_queues_ttl_goes_to_another_agent(
+    dispatcher: DispatcherService,
+) -> None:
+    """RabbitMQ keeps a requeued message's first enqueue time: a job an agent held for longer
+    than AGENT_QUEUE_TTL (1 s here), then died holding (its channel closed), expired the moment
+    it was back, and was answered 503 "no agent took the request" while another agent could
+    have run it (review 2026-11-29). It is queued again instead, counted."""
+    dispatcher.registry.table.register(
+        AgentRegistration(name="a1", models=["local_held"]), now=time.time()
+    )
+    spec = dispatcher.topology.agent_queue_spec("local_held")
+    async with client_of(dispatcher) as client:
+        job = client.job("local_held")
+        await client.publisher.publish(
+            encode_job(job, now=time.time()), dispatcher.topology.jobs_queue
+        )
+        dying = await aio_pika.connect(URL)  # the first agent's
+        try:
+            queue = await (await dying.channel()).get_queue(spec.name, ensure=False)
+            async with asyncio.timeout(5), queue.iterator() as incoming:
+                async for delivered in incoming:
+                    assert delivered.correlation_id == job.request_id
+                    break
+            await asyncio.sleep(1.0 + HELD_SLACK + 1.5)  # held past the TTL and the slack
+        finally:
+            await dying.close()  # the agent dies: the broker requeues the job, which expires
+        survivor = await client.channel.get_queue(spec.name, ensure=False)
+        async with asyncio.timeout(5), survivor.iterator() as incoming:
+            async for delivered in incoming:
+                await delivered.ack()
+                assert delivered.correlation_id == job.request_id
+                assert delivered.headers[H_DELIVERIES] == 2
+                break
+        assert await client.replies_within(0.5) == []  # no 503 beside it
         await client.channel.queue_delete(spec.name)

@@ -1,46 +1,78 @@
 """A job dead-lettered back from an agent queue (its AGENT_QUEUE_TTL passed) is answered 503,
-but only when it expired in its own model's queue."""
+but only when it expired in its own model's queue; one an agent held and handed back (it died or
+stopped) is queued again instead (services/dispatcher/returns.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
-from typing import cast
+from typing import Any, cast
+
+import pytest
 
 from services.dispatcher.handler import DispatcherHandler
 from services.dispatcher.registry import AgentTable, Registry, SqliteStore
+from services.dispatcher.returns import HELD_SLACK, Death, delivery_count, latest_death, was_held
 from shared.amqp import Broker, Delivery
 from shared.cancel import Cancellations
-from shared.messages import Envelope, Job, decode_reply, encode_job
+from shared.messages import (
+    H_DELIVERIES,
+    H_QUEUED_AT,
+    AgentRegistration,
+    Envelope,
+    Job,
+    decode_job,
+    decode_reply,
+    encode_job,
+)
 from shared.topology import Topology
 from tests.support.amqp import RecordingBroker
 
 NO_DELIVERY = cast(Delivery, None)
 
 
-def handler(broker: RecordingBroker) -> DispatcherHandler:
+TTL = Topology(namespace="test").agent_queue_ttl_ms / 1000
+
+
+def handler(broker: RecordingBroker, *, live: tuple[str, ...] = ()) -> DispatcherHandler:
     async def no_queue(_: object) -> None:
         pass
 
+    registry = Registry(AgentTable(ttl=10), SqliteStore(":memory:"))
+    if live:
+        registry.table.register(AgentRegistration(name="a1", models=list(live)), now=time.time())
     return DispatcherHandler(
         topology=Topology(namespace="test"),
         broker=cast(Broker, broker),
-        registry=Registry(AgentTable(ttl=10), SqliteStore(":memory:")),
+        registry=registry,
         cancellations=Cancellations(),
         ensure_queue=no_queue,
     )
 
 
 def returned(
-    model: str, died_in: str, reason: str = "expired", *, forged: dict[str, str] | None = None
+    model: str,
+    died_in: str,
+    reason: str = "expired",
+    *,
+    forged: dict[str, str] | None = None,
+    queued_ago: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Envelope:
     """A job as the returns queue gets it: the broker's `x-death` entry of its last death
-    first (and `x-first-death-*` headers, which a publisher may have set itself)."""
-    job = Job(request_id="r1", model=model, reply_to="q", deadline=time.time() + 60, body=b"{}")
-    env = encode_job(job, now=time.time())
-    death = {"queue": died_in, "reason": reason, "count": 1}
+    first (and `x-first-death-*` headers, which a publisher may have set itself). `queued_ago`:
+    the job entered its queue that many seconds before it died (stamped `x-queued-at`)."""
+    now = time.time()
+    job = Job(request_id="r1", model=model, reply_to="q", deadline=now + 60, body=b"{}")
+    env = encode_job(job, now=now)
+    died = datetime.datetime.fromtimestamp(int(now), tz=datetime.UTC)  # whole seconds
+    death = {"queue": died_in, "reason": reason, "count": 1, "time": died}
     first = forged or {"x-first-death-reason": reason, "x-first-death-queue": died_in}
-    return dataclasses.replace(env, headers={**env.headers, "x-death": [death], **first})
+    headers = {**env.headers, "x-death": [death], **first, **(extra or {})}
+    if queued_ago is not None:
+        headers[H_QUEUED_AT] = round((int(now) - queued_ago) * 1000)
+    return dataclasses.replace(env, headers=headers)
 
 
 async def test_a_job_that_waited_out_its_models_queue_is_answered_503() -> None:
@@ -96,3 +128,83 @@ async def test_a_job_past_a_quorum_queues_delivery_limit_is_still_a_503() -> Non
     await dispatcher.on_returned(returned("local_a", own_queue, "delivery_limit"), NO_DELIVERY)
     [reply] = [decode_reply(env) for env in broker.sent]
     assert reply.status == 503 and b"could finish the request" in reply.body
+
+
+async def test_a_job_an_agent_held_past_the_ttl_is_queued_again_not_answered() -> None:
+    """RabbitMQ keeps a requeued message's first enqueue time: a job its agent held for longer
+    than AGENT_QUEUE_TTL, then died holding, expired the moment it was back, and its client got
+    503 "no agent took the request" while another agent sat idle (review 2026-11-29)."""
+    broker = RecordingBroker()
+    dispatcher = handler(broker, live=("local_a",))
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    before = time.time()
+    await dispatcher.on_returned(returned("local_a", own_queue, queued_ago=TTL + 20), NO_DELIVERY)
+    [again] = broker.sent
+    assert decode_job(again).request_id == "r1" and "x-death" not in again.headers
+    assert again.headers[H_DELIVERIES] == 2
+    assert again.headers[H_QUEUED_AT] >= before * 1000 - 1  # a fresh TTL from now
+
+
+async def test_a_job_held_and_handed_back_too_often_is_a_503() -> None:
+    broker = RecordingBroker()
+    dispatcher = handler(broker, live=("local_a",))
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    limit = {H_DELIVERIES: dispatcher.topology.delivery_limit}
+    await dispatcher.on_returned(
+        returned("local_a", own_queue, queued_ago=TTL + 20, extra=limit), NO_DELIVERY
+    )
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert reply.status == 503 and b"could finish the request" in reply.body
+
+
+async def test_a_job_held_whose_model_has_no_live_agent_left_is_told_so() -> None:
+    broker = RecordingBroker()
+    dispatcher = handler(broker)
+    gone = AgentRegistration(name="a1", models=["local_a"])
+    dispatcher.registry.table.register(gone, now=time.time() - 100)  # known, not live
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    await dispatcher.on_returned(returned("local_a", own_queue, queued_ago=TTL + 20), NO_DELIVERY)
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert reply.status == 503 and b"no_live_agent" in reply.body
+
+
+async def test_a_job_that_only_waited_its_ttl_out_is_answered_503_even_if_stamped() -> None:
+    broker = RecordingBroker()
+    dispatcher = handler(broker, live=("local_a",))
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    await dispatcher.on_returned(returned("local_a", own_queue, queued_ago=TTL + 1), NO_DELIVERY)
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert reply.status == 503 and b"took the request" in reply.body
+
+
+@pytest.mark.parametrize(
+    ("queued_ago", "reason", "held"),
+    [
+        (TTL, "expired", False),
+        (TTL + HELD_SLACK, "expired", False),  # x-death's whole seconds, the clocks' skew
+        (TTL + HELD_SLACK + 1, "expired", True),
+        (TTL + 100, "rejected", False),
+        (None, "expired", False),  # queued by a dispatcher that stamps nothing
+    ],
+)
+def test_a_job_counts_as_held_only_when_it_died_well_past_its_ttl(
+    queued_ago: float | None, reason: str, held: bool
+) -> None:
+    env = returned("local_a", "q", reason, queued_ago=queued_ago)
+    assert was_held(env, latest_death(env), TTL) is held
+
+
+def test_a_death_without_a_time_or_entry_is_read_as_unknown() -> None:
+    env = returned("local_a", "q", queued_ago=TTL + 100)
+    naive = dict(env.headers["x-death"][0])
+    naive["time"] = naive["time"].replace(tzinfo=None)  # read as UTC
+    with_naive = dataclasses.replace(env, headers={**env.headers, "x-death": [naive]})
+    assert latest_death(with_naive) == latest_death(env)
+    assert latest_death(dataclasses.replace(env, headers={})) == Death()
+    assert not was_held(env, Death("q", "expired"), TTL)
+
+
+@pytest.mark.parametrize(("counted", "count"), [(None, 1), (3, 3), (-50, 1), (True, 1), ("4", 1)])
+def test_the_delivery_count_is_a_plain_positive_integer(counted: object, count: int) -> None:
+    env = returned("local_a", "q", extra={} if counted is None else {H_DELIVERIES: counted})
+    assert delivery_count(env) == count
