@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from aiormq.exceptions import AMQPError, ConnectionClosed
+from aiormq.exceptions import AMQPConnectionError, AMQPError, ConnectionClosed
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
@@ -110,6 +110,10 @@ def _demote(record: logging.LogRecord) -> bool:
 def _dropped(exc: BaseException | None) -> bool:
     """`exc` ended a connection the way a broker restart or a lost network does: not an AMQP
     error of the client's own (a malformed frame is one, and stays visible)."""
+    if type(exc) is AMQPConnectionError:
+        # aiormq's reader wraps a reset or closed socket in this, the socket's error chained.
+        cause = exc.__cause__ or exc.__context__
+        return not isinstance(cause, AMQPError) and _dropped(cause)
     if isinstance(exc, AMQPError):
         return type(exc) is ConnectionClosed and exc.args[:1] == (CONNECTION_FORCED,)
     return isinstance(exc, (OSError, asyncio.IncompleteReadError))

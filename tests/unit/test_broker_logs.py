@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
-from aiormq.exceptions import ConnectionClosed, ConnectionFrameError
+from aiormq.exceptions import AMQPConnectionError, ConnectionClosed, ConnectionFrameError
 
 from shared.amqp import Broker
 from shared.logs import QuietReconnects
@@ -34,6 +34,23 @@ def forced_close() -> logging.LogRecord:
         CONN,
         320,
         "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+    )
+
+
+def reader_error(text: str, cause: BaseException | None = None) -> AMQPConnectionError:
+    """What aiormq's frame reader raises when its socket fails: the socket's error chained."""
+    try:
+        raise AMQPConnectionError(text) from cause
+    except AMQPConnectionError as exc:
+        return exc
+
+
+def reader_exited(exc: BaseException) -> logging.LogRecord:
+    return record(
+        "aiormq.connection",
+        logging.WARNING,
+        "Cancelling cause reader exited abnormally",
+        exc=exc,
     )
 
 
@@ -95,10 +112,30 @@ def at_info() -> Iterator[None]:
             "Cancelling cause reader exited abnormally",
             exc=asyncio.IncompleteReadError(b"", 7),
         ),
+        reader_exited(
+            reader_error(
+                "Server connection reset: ConnectionResetError(104, 'Connection reset by peer')",
+                ConnectionResetError(104, "Connection reset by peer"),
+            )
+        ),
+        reader_exited(
+            reader_error(
+                "Server connection unexpectedly closed. Read 0 bytes but 1 bytes expected",
+                asyncio.IncompleteReadError(b"", 1),
+            )
+        ),
         callback_error(ChannelInvalidStateError("No active transport in channel")),
         callback_error(RuntimeError('<Connection: "amqp://guest:******@h/" at 0x7f> closed')),
     ],
-    ids=["forced-close", "reader-closed", "reader-eof", "channel-invalid", "connection-closed"],
+    ids=[
+        "forced-close",
+        "reader-closed",
+        "reader-eof",
+        "reader-reset",
+        "reader-eof-wrapped",
+        "channel-invalid",
+        "connection-closed",
+    ],
 )
 def test_what_heals_itself_is_debug(at_info: None, healed: logging.LogRecord) -> None:
     assert not QuietReconnects().filter(healed)  # dropped at INFO
@@ -125,10 +162,17 @@ def test_what_heals_itself_is_debug(at_info: None, healed: logging.LogRecord) ->
             "Cancelling cause reader exited abnormally",
             exc=ConnectionFrameError("malformed frame"),
         ),
+        reader_exited(reader_error("no socket error behind it")),
         callback_error(ValueError("a bug in a close callback")),
         record("aio_pika.robust_connection", logging.ERROR, "Reconnect attempt failed %s", CONN),
     ],
-    ids=["frame-error-close", "malformed-frame", "callback-bug", "reconnect-failed"],
+    ids=[
+        "frame-error-close",
+        "malformed-frame",
+        "reader-error-uncaused",
+        "callback-bug",
+        "reconnect-failed",
+    ],
 )
 def test_real_errors_stay(at_info: None, real: logging.LogRecord) -> None:
     level = real.levelno
