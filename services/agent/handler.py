@@ -48,6 +48,9 @@ from shared.replies import Publish, StreamWriter, error_reply, new_attempt
 
 log = logging.getLogger(__name__)
 
+# Why a stopping agent stops starting jobs; a job its drain then cuts off is logged with it.
+STOPPING = "agent stopping"
+
 
 class StreamEndedError(UpstreamError):
     """The server closed a stream without `data: [DONE]`."""
@@ -122,15 +125,15 @@ class AgentHandler:
     async def on_job(self, env: Envelope, delivery: Delivery) -> None:
         started = time.perf_counter()
         job = decode_job(env)
-        outcome = await self._handle(job, delivery)
-        log.info(
-            "job %s model=%s stream=%s %s %.1fms",
-            job.request_id,
-            job.model,
-            job.stream,
-            outcome,
-            (time.perf_counter() - started) * 1000,
-        )
+        try:
+            outcome = await self._handle(job, delivery)
+        except asyncio.CancelledError:
+            # This consumer's own task (the api's cancel stops only the job's child task): the
+            # drain of a stopping agent, or its channel closing with the consuming connection.
+            why = STOPPING if self.hand_back_reason == STOPPING else "consuming connection lost"
+            _log_outcome(logging.WARNING, job, f"cut off: {why}", started)
+            raise
+        _log_outcome(logging.INFO, job, outcome, started)
 
     async def _handle(self, job: Job, delivery: Delivery) -> str:
         if self.cancellations.is_cancelled(job.request_id):
@@ -351,6 +354,18 @@ class _Run:
     async def _send(self, chunks: list[bytes], writer: StreamWriter) -> None:
         if chunks:
             await writer.send_all(chunks)
+
+
+def _log_outcome(level: int, job: Job, outcome: str, started: float) -> None:
+    log.log(
+        level,
+        "job %s model=%s stream=%s %s %.1fms",
+        job.request_id,
+        job.model,
+        job.stream,
+        outcome,
+        (time.perf_counter() - started) * 1000,
+    )
 
 
 def _broken_stream_error(exc: Exception) -> UpstreamError:

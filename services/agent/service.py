@@ -35,7 +35,7 @@ from services.agent.container import (
     VllmContainer,
     container_spec,
 )
-from services.agent.handler import AgentHandler
+from services.agent.handler import STOPPING, AgentHandler
 from services.agent.heartbeat import Registrar, RegistrationRefusedError, next_backoff
 from services.agent.models import ModelMap, discovered_models, parse_agent_models
 from services.agent.settings import AgentSettings, Backend
@@ -367,7 +367,7 @@ class AgentService:
         """
         await _step("stopping the health checks", _cancelled(self._watchdog))
         if self.handler is not None:  # jobs still waiting for a slot go back to their queue
-            self.handler.stop_starting("agent stopping")
+            self.handler.stop_starting(STOPPING)
         await _step("stopping intake", self.broker.stop_consuming(intake_only=True))
         # No heartbeats while draining, and a last one that says so: dispatchers count this
         # agent dead at once, and answer its models 503 (if no other agent serves them)

@@ -7,6 +7,8 @@ side is a recording publisher and a stand-in for the incoming message under a re
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from services.agent.backend import VllmClient
-from services.agent.handler import AgentHandler
+from services.agent.handler import STOPPING, AgentHandler
 from services.agent.models import parse_agent_models
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
@@ -460,6 +462,40 @@ async def test_a_stream_the_stopping_agent_cuts_off_is_acked_and_never_run_again
     last = rig.replies[-1]
     assert (last.kind, last.status) == (ReplyKind.ERROR, 503)
     assert rig.log[-1] == "ack" and delivery.settled
+
+
+@pytest.mark.parametrize(
+    ("stream", "stopping", "why"),
+    [(True, True, "agent stopping"), (False, False, "consuming connection lost")],
+    ids=["stream-drained", "json-connection-lost"],
+)
+async def test_a_job_cut_off_is_logged_with_its_request_id(
+    caplog: pytest.LogCaptureFixture, stream: bool, stopping: bool, why: str
+) -> None:
+    """The drain's end, or the consuming connection lost, cancels the consumer's task: the
+    job still gets its outcome line, so its request id is in the agent's log."""
+    gate = asyncio.Event()
+
+    async def held(_: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.Response(body=COMPLETION)
+
+    calls: list[asyncio.Event] = []
+    rig = await Rig(held_streams(calls) if stream else held).start()
+    caplog.set_level(logging.INFO, "services.agent.handler")
+    task = asyncio.create_task(rig.run(rig.job(stream=stream, request_id="req9")))
+    await until(lambda: bool(rig.upstream_bodies))
+    if stopping:
+        rig.handler.stop_starting(STOPPING)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    gate.set()
+    [line] = [r for r in caplog.records if r.name == "services.agent.handler"]
+    assert line.levelno == logging.WARNING
+    expected = rf"job req9 model=local_m stream={stream} cut off: {why} [\d.]+ms"
+    assert re.fullmatch(expected, line.getMessage()), line.getMessage()
+    assert rig.handler.in_flight == 0
 
 
 async def test_a_stopping_agent_hands_back_a_job_that_waited_for_a_slot() -> None:
