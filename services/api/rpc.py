@@ -3,7 +3,8 @@
 One reply queue per API process; a `dict[correlation_id, PendingCall]` whose entries are removed
 by their owner when the request ends. Stray and late replies are logged and dropped, never
 raised. The first attempt a call hears from wins; another attempt's messages are dropped, or,
-once output has reached the client, end the stream with an error.
+once output has reached the client, end the stream with an error (that attempt's own, if it
+answered one).
 
 A stream chunk for a call that has ended means a backend is generating for nobody: a job run
 again after its agent lost its consuming connection mid-stream (its delivery unacked), or one
@@ -20,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from shared.errors import UpstreamError
+from shared.errors import UpstreamError, UpstreamHTTPError
 from shared.messages import Reply, ReplyKind
 from shared.reply_trust import ReplyTrust
 
@@ -48,7 +49,10 @@ class PendingCall:
         if self.attempt is None:
             self.attempt = reply.attempt
         elif reply.attempt != self.attempt:
-            if self.output_started:
+            if self.output_started and reply.kind is ReplyKind.ERROR:
+                # Nothing restarted: the job came back and failed (expired, say). Its own error.
+                self._queue.put_nowait(UpstreamHTTPError(reply.status, reply.body))
+            elif self.output_started:
                 self._queue.put_nowait(
                     StreamOrderError("The backend restarted the stream after output was sent.")
                 )

@@ -6,11 +6,13 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from services.api import sse
 from services.api.rpc import PendingCall
 from services.api.sse import SseRelay, StreamLimits
+from shared.errors import ServiceUnavailableError, to_openai_error
 from shared.messages import Reply, ReplyKind
 
 CHUNK = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[]}\n\n'
@@ -153,3 +155,38 @@ async def test_a_stream_committed_early_pings_with_its_headers_not_an_interval_l
     body = await body_of(relay)
     await answering
     assert body == sse.PING + CHUNK + sse.DONE
+
+
+RESTARTED = "The backend restarted the stream after output was sent."
+NO_AGENT = ServiceUnavailableError(
+    "No agent serving `local_m` took the request in time; retry shortly.",
+    code="no_agent_available",
+)
+
+
+@pytest.mark.parametrize(
+    ("other", "message", "code"),
+    [
+        (Reply(ReplyKind.CHUNK, "r1", "a2", CHUNK, 0, 200, {}), RESTARTED, "upstream_error"),
+        (
+            Reply(ReplyKind.ERROR, "r1", "a2", to_openai_error(NO_AGENT)[1], 0, 503, {}),
+            NO_AGENT.message,
+            "no_agent_available",
+        ),
+    ],
+    ids=["restarted", "failed"],
+)
+async def test_another_attempt_after_output_ends_the_stream_with_what_it_said(
+    other: Reply, message: str, code: str
+) -> None:
+    """Output was sent, then another attempt's reply comes: a chunk means the job restarted,
+    but an error (the dispatcher's 503 for a job that came back from its agent queue) is
+    relayed as it is, so the client learns what happened."""
+    call, relay = silent_relay(idle=5, ping_interval=5)
+    call.output_started = True
+    call.deliver(other)
+    body = await body_of(relay)
+    assert body.startswith(CHUNK) and sse.DONE not in body
+    last = body.split(b"\n\n")[-2]
+    error = orjson.loads(last.removeprefix(b"data: "))["error"]
+    assert (error["message"], error["code"]) == (message, code)
