@@ -123,9 +123,16 @@ class UpstreamError(RouterError):
 
 class AnswerTooLargeError(UpstreamError):
     """An answer (or one stream event) larger than a reply message may carry: the broker
-    would refuse the message by closing the publishing channel, under every other reply on it."""
+    would refuse the message by closing the publishing channel, under every other reply on it.
+
+    It says `x-should-retry: false`: the same request would most likely be as large again, and
+    each of the OpenAI SDKs' two retries would pay for another whole generation upstream.
+    """
 
     code = "answer_too_large"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={**(headers or {}), SHOULD_RETRY: "false"})
 
     @classmethod
     def past(cls, size: int, limit: int) -> AnswerTooLargeError:

@@ -123,10 +123,7 @@ class ReplyPublisher:
 
     async def __call__(self, job: Job, reply: Reply) -> None:
         if len(reply.body) > self.max_body:
-            too_large = AnswerTooLargeError.past(len(reply.body), self.max_body)
-            if reply.kind is not ReplyKind.FINAL:
-                raise too_large
-            reply = error_reply(job, too_large, attempt=reply.attempt, seq=reply.seq)
+            reply = self._too_large(job, reply)
         reply = with_cache_header(job, reply)
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
         env = encode_reply(reply)
@@ -149,6 +146,16 @@ class ReplyPublisher:
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
             self._add_completed(job.cache_key, job.request_id, reply)
 
+    def _too_large(self, job: Job, reply: Reply) -> Reply:
+        """The 502 sent in place of a final answer past `max_body`, with the answer's headers
+        (the upstream's request id and rate limits); raises for any other reply."""
+        too_large = AnswerTooLargeError.past(len(reply.body), self.max_body)
+        if reply.kind is not ReplyKind.FINAL:
+            raise too_large
+        error = error_reply(job, too_large, attempt=reply.attempt, seq=reply.seq)
+        headers = {**reply.http_headers, **error.http_headers}
+        return dataclasses.replace(error, http_headers=headers)
+
     def _add_completed(self, cache_key: str, request_id: str, reply: Reply) -> None:
         """A 200 FINAL carries the body (the cache writer still checks it is complete); any
         other answer an empty body and its status, which releases the single-flight lock if
@@ -170,17 +177,13 @@ class ReplyPublisher:
 
     async def final(
         self, job: Job, body: bytes, *, attempt: str, http_headers: dict[str, str] | None = None
-    ) -> None:
-        await self(
-            job,
-            Reply(
-                ReplyKind.FINAL,
-                job.request_id,
-                attempt,
-                body=body,
-                http_headers=http_headers or {},
-            ),
+    ) -> int:
+        """Publish a final answer; returns the status sent (502 for one past `max_body`)."""
+        reply = Reply(
+            ReplyKind.FINAL, job.request_id, attempt, body=body, http_headers=http_headers or {}
         )
+        await self(job, reply)
+        return 200 if len(body) <= self.max_body else AnswerTooLargeError.status
 
     async def error(self, job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> None:
         await self(job, error_reply(job, exc, attempt=attempt, seq=seq))

@@ -305,8 +305,13 @@ async def test_a_stream_event_past_the_limit_ends_the_stream_as_the_upstreams_fa
     huge = b"data: " + b"x" * (MAX_EVENT_BYTES + 1)
     upstream = Upstream(sse(EVENTS[0], huge))
     p, _ = provider(upstream)
-    got, _ = await read_to_its_error(p, UpstreamError, "larger than")
+    got, error = await read_to_its_error(p, UpstreamError)
     assert got == EVENTS[:1]
+    assert error.message == (
+        f"The provider `openai` sent a stream event larger than {MAX_EVENT_BYTES} bytes "
+        "(MAX_REPLY_BYTES)."
+    )
+    assert error.code == "answer_too_large" and error.headers == {"x-should-retry": "false"}
 
 
 # What an upstream that does not speak HTTP properly sends, on a real socket: the aiohttp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -148,6 +149,17 @@ async def test_json_answer_is_relayed_with_headers_and_the_model_rewritten() -> 
     [sent] = rig.provider.requests
     assert sent.model == "gpt-4o"
     assert orjson.loads(sent.body) == {"model": "gpt-4o", "messages": [], "stream": False, "n": 2}
+
+
+async def test_an_answer_sent_as_a_502_is_logged_as_one(caplog: pytest.LogCaptureFixture) -> None:
+    """Past the reply limit the client gets a 502 `answer_too_large`: the log said 200."""
+    rig = Rig(Provider(ProviderResponse(body=b'{"x":"' + b"y" * 100 + b'"}')))
+    rig.worker.reply.max_body = 100
+    with caplog.at_level(logging.INFO):
+        await rig.run(job())
+    [reply] = rig.replies
+    assert reply.status == 502
+    assert "status=502" in caplog.text and "status=200" not in caplog.text
 
 
 async def test_a_bare_model_is_sent_as_the_router_read_it() -> None:

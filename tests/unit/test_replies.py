@@ -239,6 +239,18 @@ async def test_an_answer_past_the_reply_limit_is_sent_as_a_502_not_published() -
     assert decode_reply(broker.sent[-1]).body == b"x" * 100
 
 
+async def test_an_answer_past_the_reply_limit_keeps_its_headers_and_says_not_to_retry() -> None:
+    """The SDKs retried the 502, paying for two more whole generations upstream; and the
+    upstream's request id and rate limits, which the answer carried, were dropped."""
+    broker = RecordingBroker()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False, max_body=100)
+    headers = {"x-upstream-request-id": "req_1", "x-ratelimit-remaining-tokens": "9"}
+    status = await publish.final(a_job(), b"x" * 101, attempt="a", http_headers=headers)
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert status == reply.status == 502
+    assert reply.http_headers == {**headers, "x-should-retry": "false"}
+
+
 async def test_a_chunk_past_the_reply_limit_raises_and_is_not_published() -> None:
     broker = RecordingBroker()
     publish = ReplyPublisher(cast(Broker, broker), persistent=False, max_body=100)

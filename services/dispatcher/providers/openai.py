@@ -258,7 +258,9 @@ class OpenAIStream:
         try:
             self._ready.extend(self._splitter.feed(data))
         except SseEventTooLargeError as e:
-            raise AnswerTooLargeError(f"The provider `{self._provider}` sent {e}.") from e
+            raise AnswerTooLargeError(
+                f"The provider `{self._provider}` sent {e} (MAX_REPLY_BYTES)."
+            ) from e
         return True
 
     async def aclose(self) -> None:

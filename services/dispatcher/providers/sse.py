@@ -69,7 +69,7 @@ class SseSplitter:
                 continue
             events.append(raw + b"\n\n")
         if len(self._buffer) > self._max:
-            raise SseEventTooLargeError(f"an event is larger than {self._max} bytes")
+            raise SseEventTooLargeError(f"a stream event larger than {self._max} bytes")
         return events
 
     @property

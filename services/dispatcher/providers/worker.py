@@ -113,8 +113,9 @@ class ProviderWorker:
             outcome.failed(error)
             await self.reply.error(job, error, attempt=attempt)
             return
-        outcome.status = 200
-        await self.reply.final(job, response.body, attempt=attempt, http_headers=response.headers)
+        outcome.status = await self.reply.final(
+            job, response.body, attempt=attempt, http_headers=response.headers
+        )
 
     async def _stream(
         self, job: Job, request: ProviderRequest, delivery: Delivery, outcome: Outcome
