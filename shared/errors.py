@@ -135,11 +135,14 @@ class AnswerTooLargeError(UpstreamError):
         super().__init__(message, headers={**(headers or {}), SHOULD_RETRY: "false"})
 
     @classmethod
-    def past(cls, size: int, limit: int) -> AnswerTooLargeError:
+    def past(
+        cls, size: int, limit: int, *, headers: dict[str, str] | None = None
+    ) -> AnswerTooLargeError:
         """An answer of `size` bytes (at least) against a limit of `limit`."""
         return cls(
             f"The answer is larger than the router carries ({size} bytes or more; "
-            f"MAX_REPLY_BYTES is {limit})."
+            f"MAX_REPLY_BYTES is {limit}).",
+            headers=headers,
         )
 
 

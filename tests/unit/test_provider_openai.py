@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import orjson
@@ -14,7 +14,12 @@ from services.dispatcher.providers.base import ProviderRequest
 from services.dispatcher.providers.openai import OpenAIProvider, build_http_client, model_ids
 from services.dispatcher.providers.retry import RetryPolicy
 from services.dispatcher.providers.sse import MAX_EVENT_BYTES
-from shared.errors import GatewayTimeoutError, UpstreamError, UpstreamHTTPError
+from shared.errors import (
+    AnswerTooLargeError,
+    GatewayTimeoutError,
+    UpstreamError,
+    UpstreamHTTPError,
+)
 
 KEY = "sk-unit-key"
 BASE = "https://upstream.test/v1"
@@ -44,7 +49,9 @@ class Upstream:
         return self.handlers.pop(0)(request)
 
 
-def provider(upstream: Upstream, *, max_retries: int = 2) -> tuple[OpenAIProvider, list[float]]:
+def provider(
+    upstream: Upstream, *, max_retries: int = 2, **options: Any
+) -> tuple[OpenAIProvider, list[float]]:
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:
@@ -60,6 +67,7 @@ def provider(upstream: Upstream, *, max_retries: int = 2) -> tuple[OpenAIProvide
             clock=lambda: 1000.0,
             sleep=sleep,
             jitter=lambda: 0.0,
+            **options,
         ),
         slept,
     )
@@ -115,6 +123,53 @@ async def test_json_request_and_answer_pass_through() -> None:
     assert sent.headers["authorization"] == f"Bearer {KEY}"
     assert sent.headers["content-type"] == "application/json"
     assert KEY not in repr(sent.headers) and KEY not in repr(p)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+async def test_a_json_answer_past_the_reply_limit_is_not_read_whole_nor_retried(
+    declared: bool,
+) -> None:
+    """The whole body was read and parsed before any size check (a 135 MB answer took the
+    dispatcher from 70 to 503 MB). Now a `content-length` past the limit is refused before a
+    byte is read, a body without one once it passes the limit; the same request would be as
+    large again, so it is not retried either, and the upstream's headers are kept."""
+    pieces: list[bytes] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            pieces.append(b"x" * 10)
+            yield pieces[-1]
+
+    def answer(_: httpx.Request) -> httpx.Response:
+        headers = {"x-request-id": "req_9", "x-ratelimit-remaining-tokens": "5"}
+        if declared:
+            headers["content-length"] = "1000"
+        return httpx.Response(200, content=body(), headers=headers)
+
+    upstream = Upstream(answer, status(200, ANSWER))
+    p, _ = provider(upstream, max_reply_bytes=100)
+    with pytest.raises(AnswerTooLargeError) as info:
+        await p.complete(request())
+    assert len(upstream.requests) == 1 and len(pieces) == (0 if declared else 11)
+    assert info.value.status == 502 and info.value.headers == {
+        "x-upstream-request-id": "req_9",
+        "x-ratelimit-remaining-tokens": "5",
+        "x-should-retry": "false",
+    }
+
+
+async def test_a_streams_error_answer_past_the_reply_limit_is_not_read_whole() -> None:
+    upstream = Upstream(status(500, b"x" * 101), status(200, ANSWER))
+    p, _ = provider(upstream, max_reply_bytes=100)
+    with pytest.raises(AnswerTooLargeError):
+        await p.stream(request(stream=True))
+    assert len(upstream.requests) == 1
+
+
+async def test_a_json_answer_as_large_as_the_reply_limit_is_relayed() -> None:
+    upstream = Upstream(status(200, ANSWER))
+    p, _ = provider(upstream, max_reply_bytes=len(ANSWER))
+    assert (await p.complete(request())).body == ANSWER
 
 
 async def test_two_500s_then_a_200_is_answered_after_backoff() -> None:

@@ -32,6 +32,7 @@ from services.dispatcher.providers.upstream import (
     upstream_error,
 )
 from shared.errors import AnswerTooLargeError, UpstreamError
+from shared.messages import MAX_REPLY_BYTES
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # What an exchange with the upstream can fail with besides an answer: httpx's transport
@@ -70,7 +71,7 @@ class OpenAIProvider:
         policy: RetryPolicy | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
-        max_event_bytes: int = MAX_EVENT_BYTES,
+        max_reply_bytes: int = MAX_REPLY_BYTES,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
@@ -81,7 +82,7 @@ class OpenAIProvider:
         self._policy = policy or RetryPolicy()
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._max_event_bytes = max_event_bytes
+        self._max_reply_bytes = max_reply_bytes
         self._clock = clock
         self._sleep = sleep
         self._jitter = jitter
@@ -111,17 +112,19 @@ class OpenAIProvider:
 
     async def _post_once(self, request: ProviderRequest) -> ProviderResponse:
         try:
-            response = await self._client.post(
+            async with self._client.stream(
+                "POST",
                 f"{self._base_url}/chat/completions",
                 content=request.body,
                 headers=self._headers("application/json"),
                 timeout=self._timeout(request.deadline),
-            )
+            ) as response:
+                body = await read_at_most(response, self._max_reply_bytes)
         except HTTP_FAILURES as e:
             raise transport_failure(e, provider=self.name) from e
         return check_response(
             response.status_code,
-            response.content,
+            body,
             response.headers,
             provider=self.name,
             secret=self._api_key,
@@ -144,13 +147,13 @@ class OpenAIProvider:
             response,
             provider=self.name,
             secret=self._api_key,
-            max_event_bytes=self._max_event_bytes,
+            max_event_bytes=self._max_reply_bytes,
         )
         try:
             if not 200 <= response.status_code < 300:
                 raise_for_status(
                     response.status_code,
-                    await response.aread(),
+                    await read_at_most(response, self._max_reply_bytes),
                     response.headers,
                     provider=self.name,
                     secret=self._api_key,
@@ -268,6 +271,24 @@ class OpenAIStream:
         if aclose is not None:
             await aclose()
         await self._response.aclose()
+
+
+async def read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """The whole body, or AnswerTooLargeError once it passes `limit` bytes (the upstream's
+    headers kept): refused by its `content-length` before a byte is read, else while it
+    arrives, so a huge answer never sits in memory whole. The same request would be as large
+    again: not retried."""
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise AnswerTooLargeError.past(int(length), limit, headers=relay_headers(response.headers))
+    parts: list[bytes] = []
+    size = 0
+    async for part in response.aiter_bytes():
+        size += len(part)
+        if size > limit:
+            raise AnswerTooLargeError.past(size, limit, headers=relay_headers(response.headers))
+        parts.append(part)
+    return b"".join(parts)
 
 
 def model_ids(body: bytes) -> list[str]:

@@ -62,7 +62,7 @@ class ProviderRuntime:
                 ),
                 connect_timeout=settings.provider_connect_timeout,
                 read_timeout=settings.provider_read_timeout,
-                max_event_bytes=settings.max_reply_bytes,
+                max_reply_bytes=settings.max_reply_bytes,
             )
         active = active_rules(rules, providers)
         for rule in rules:
