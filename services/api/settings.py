@@ -29,7 +29,7 @@ class ApiSettings(BrokerSettings, ReplyTrustSettings):
     )
     # The defaults wait as long as a client would: the OpenAI SDKs give a request 600 s, and a
     # reasoning model sends nothing while it thinks (on OpenAI's chat completions, minutes at
-    # a high effort), as the provider client's own PROVIDER_READ_TIMEOUT (300 s) allows.
+    # a high effort), as the provider client's PROVIDER_READ_TIMEOUT (300 s) allows a stream.
     request_timeout: float = Field(
         600.0,
         gt=0,

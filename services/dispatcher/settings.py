@@ -75,7 +75,10 @@ class DispatcherSettings(BrokerSettings, RedisSettings, ReplyTrustSettings, Repl
         10.0, gt=0, description="Seconds to connect to a provider."
     )
     provider_read_timeout: float = Field(
-        300.0, gt=0, description="Seconds a provider may stay silent (first byte, between chunks)."
+        300.0,
+        gt=0,
+        description="Seconds a provider's stream may stay silent (first byte, between chunks); "
+        "a JSON answer has none (its deadline bounds it).",
     )
     provider_max_retries: int = Field(
         2, ge=0, le=10, description="Retries of a provider call (5xx, timeout, lost connection)."

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from services.dispatcher.providers.base import ProviderRequest
 from services.dispatcher.providers.openai import OpenAIProvider, build_http_client, model_ids
@@ -20,6 +22,7 @@ from shared.errors import (
     UpstreamError,
     UpstreamHTTPError,
 )
+from tests.support.upstream import UpstreamServer
 
 KEY = "sk-unit-key"
 BASE = "https://upstream.test/v1"
@@ -367,6 +370,46 @@ async def test_a_stream_event_past_the_limit_ends_the_stream_as_the_upstreams_fa
         "(MAX_REPLY_BYTES)."
     )
     assert error.code == "answer_too_large" and error.headers == {"x-should-retry": "false"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_read_timeout_bounds_a_streams_silence_not_a_json_answers_generation(
+    stream: bool,
+) -> None:
+    """A JSON answer's first byte comes once its whole generation is done: a generation
+    longer than PROVIDER_READ_TIMEOUT was cut and run again (a 504 after two paid calls). It
+    now waits for its deadline; a stream silent that long is still retried, then a 504."""
+    calls = 0
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.5)
+        if stream:
+            return web.Response(body=b"data: [DONE]\n\n", content_type="text/event-stream")
+        return web.Response(body=ANSWER, content_type="application/json")
+
+    server = await UpstreamServer(slow).start()
+    client = build_http_client(max_connections=4, connect_timeout=2.0)
+    p = OpenAIProvider(
+        client,
+        api_key=KEY,
+        base_url=server.url,
+        policy=RetryPolicy(max_retries=1, backoff_base=0.01),
+        read_timeout=0.2,
+    )
+    body = ProviderRequest("r1", "gpt-4o", BODY, stream=stream, deadline=time.time() + 30)
+    try:
+        async with asyncio.timeout(10):
+            if stream:
+                with pytest.raises(GatewayTimeoutError):
+                    await p.stream(body)
+            else:
+                assert (await p.complete(body)).body == ANSWER
+    finally:
+        await client.aclose()
+        await server.close()
+    assert calls == (2 if stream else 1)
 
 
 # What an upstream that does not speak HTTP properly sends, on a real socket: the aiohttp

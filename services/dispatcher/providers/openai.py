@@ -117,7 +117,7 @@ class OpenAIProvider:
                 f"{self._base_url}/chat/completions",
                 content=request.body,
                 headers=self._headers("application/json"),
-                timeout=self._timeout(request.deadline),
+                timeout=self._timeout(request.deadline, stream=False),
             ) as response:
                 body = await read_at_most(response, self._max_reply_bytes)
         except HTTP_FAILURES as e:
@@ -137,7 +137,7 @@ class OpenAIProvider:
             content=request.body,
             # identity: a compressed SSE stream would be held back by the decoder.
             headers={**self._headers("text/event-stream"), "accept-encoding": "identity"},
-            timeout=self._timeout(request.deadline),
+            timeout=self._timeout(request.deadline, stream=True),
         )
         try:
             response = await self._client.send(http_request, stream=True)
@@ -192,12 +192,19 @@ class OpenAIProvider:
             "user-agent": USER_AGENT,
         }
 
-    def _timeout(self, deadline: float) -> httpx.Timeout:
-        """Connect and read timeouts, neither past the deadline (read: between two bytes)."""
+    def _timeout(self, deadline: float, *, stream: bool) -> httpx.Timeout:
+        """Connect and read timeouts, neither past the deadline (read: between two bytes).
+
+        A stream's read timeout bounds its silences (the first byte, between chunks). A JSON
+        answer has none: its first byte comes only once the whole generation is done, so a
+        slower answer would be cut, then paid for again by a retry; the job's deadline (the
+        worker's timer) bounds it instead.
+        """
         remaining = max(0.001, deadline - self._clock())
         connect = min(self._connect_timeout, remaining)
-        read = min(self._read_timeout, remaining)
-        return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
+        silence = min(self._read_timeout, remaining)
+        read = silence if stream else None
+        return httpx.Timeout(connect=connect, read=read, write=silence, pool=connect)
 
 
 class OpenAIStream:
