@@ -152,9 +152,9 @@ class ReplyPublisher:
         too_large = AnswerTooLargeError.past(len(reply.body), self.max_body)
         if reply.kind is not ReplyKind.FINAL:
             raise too_large
-        error = error_reply(job, too_large, attempt=reply.attempt, seq=reply.seq)
-        headers = {**reply.http_headers, **error.http_headers}
-        return dataclasses.replace(error, http_headers=headers)
+        return error_reply(
+            job, too_large, attempt=reply.attempt, seq=reply.seq, http_headers=reply.http_headers
+        )
 
     def _add_completed(self, cache_key: str, request_id: str, reply: Reply) -> None:
         """A 200 FINAL carries the body (the cache writer still checks it is complete); any
@@ -185,8 +185,16 @@ class ReplyPublisher:
         await self(job, reply)
         return 200 if len(body) <= self.max_body else AnswerTooLargeError.status
 
-    async def error(self, job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> None:
-        await self(job, error_reply(job, exc, attempt=attempt, seq=seq))
+    async def error(
+        self,
+        job: Job,
+        exc: BaseException,
+        *,
+        attempt: str,
+        seq: int = 0,
+        http_headers: dict[str, str] | None = None,
+    ) -> None:
+        await self(job, error_reply(job, exc, attempt=attempt, seq=seq, http_headers=http_headers))
 
     async def give_up(self, env: Envelope, _: Exception) -> None:
         """`Broker.consume`'s hook for a job its handler failed for good (a bug, or input
@@ -196,7 +204,16 @@ class ReplyPublisher:
         await self.error(job, InternalError(job.request_id), attempt=new_attempt())
 
 
-def error_reply(job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> Reply:
+def error_reply(
+    job: Job,
+    exc: BaseException,
+    *,
+    attempt: str,
+    seq: int = 0,
+    http_headers: dict[str, str] | None = None,
+) -> Reply:
+    """The error reply for `exc`; `http_headers` (an upstream answer's: its request id, rate
+    limits) go along, under the error's own."""
     status, body, headers = to_openai_error(exc, request_id=job.request_id)
     return Reply(
         ReplyKind.ERROR,
@@ -205,7 +222,7 @@ def error_reply(job: Job, exc: BaseException, *, attempt: str, seq: int = 0) -> 
         body=body,
         seq=seq,
         status=status,
-        http_headers={k: str(v) for k, v in headers.items()},
+        http_headers={**(http_headers or {}), **{k: str(v) for k, v in headers.items()}},
     )
 
 

@@ -296,6 +296,32 @@ def test_5xx_past_the_retries_is_a_502_with_the_upstreams_retry_after(
     assert fake.stats()["requests"] == 3
 
 
+@pytest.mark.parametrize(
+    ("stream", "step"),
+    [
+        (True, {"error_after_chunks": 0, "body": "overloaded"}),
+        (False, {"status": 200, "body": "<html>hi</html>"}),
+        (True, {"status": 200, "body": "<html>hi</html>"}),
+    ],
+    ids=["error-event-first", "json-not-json", "stream-not-a-stream"],
+)
+def test_an_upstream_failure_in_a_200_keeps_its_request_id_and_rate_limits(
+    fake: Rig, stream: bool, step: dict[str, Any]
+) -> None:
+    """The 502 carried only the router's own headers: no `x-upstream-request-id`, which the
+    provider's support asks for about a failure, nor the rate limits."""
+    fake.script(step)
+    response = httpx.post(
+        f"{fake.api_url}/v1/chat/completions",
+        json={"model": "gpt-4o", "messages": MESSAGES, "stream": stream},
+        timeout=10,
+    )
+    assert response.status_code == 502
+    assert response.headers["x-upstream-request-id"].startswith("req_")
+    assert response.headers["x-ratelimit-limit-requests"] == "10000"
+    assert fake.stats()["requests"] == 1
+
+
 def test_a_partial_upstream_error_reaches_the_client_with_all_four_fields(fake: Rig) -> None:
     fake.script({"status": 400, "body": {"error": {"message": "bad"}}})
     response = httpx.post(

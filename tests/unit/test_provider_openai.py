@@ -322,6 +322,25 @@ async def test_an_error_event_mid_stream_is_the_streams_error_and_its_end() -> N
     }
 
 
+async def test_a_stream_answered_with_json_is_an_error_with_the_upstreams_headers() -> None:
+    headers = {"x-request-id": "req_7", "x-ratelimit-remaining-tokens": "5"}
+    p, _ = provider(Upstream(status(200, ANSWER, headers)))
+    with pytest.raises(UpstreamError, match="did not answer with a stream") as info:
+        await p.stream(request(stream=True))
+    assert info.value.headers == {
+        "x-upstream-request-id": "req_7",
+        "x-ratelimit-remaining-tokens": "5",
+    }
+
+
+async def test_a_stream_ending_before_any_output_is_an_error_with_the_upstreams_headers() -> None:
+    empty = httpx.Response(200, content=b"", headers={**SSE, "x-request-id": "req_8"})
+    p, _ = provider(Upstream(lambda _: empty), max_retries=0)
+    with pytest.raises(UpstreamError, match="without output") as info:
+        await p.stream(request(stream=True))
+    assert info.value.headers == {"x-upstream-request-id": "req_8"}
+
+
 async def test_a_stream_refused_with_a_4xx_is_relayed() -> None:
     body = b'{"error":{"message":"Rate limit","type":"requests","param":null,"code":null}}'
     upstream = Upstream(status(429, body, {"x-ratelimit-remaining-requests": "0"}))

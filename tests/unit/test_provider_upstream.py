@@ -136,8 +136,10 @@ def test_a_5xx_the_upstream_marks_not_to_retry_is_final() -> None:
 
 @pytest.mark.parametrize("body", [b'{"id":"x","choices":[', b'{"id":"x"}{"id":"y"}', b"{"])
 def test_a_2xx_whose_body_is_not_one_json_object_is_an_upstream_error(body: bytes) -> None:
-    with pytest.raises(UpstreamError, match="not JSON"):
-        check_response(200, body, {}, provider="o")
+    with pytest.raises(UpstreamError, match="not JSON") as info:
+        check_response(200, body, RATE_HEADERS, provider="o")
+    # The upstream's request id and rate limits, which its support and the client need.
+    assert info.value.headers == relay_headers(RATE_HEADERS)
 
 
 @pytest.mark.parametrize(

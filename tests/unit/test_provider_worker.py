@@ -318,6 +318,18 @@ async def test_an_upstream_error_event_is_the_streams_one_last_message() -> None
     assert rig.replies[-1].body == error and rig.message.acked
 
 
+async def test_a_stream_failing_at_its_first_event_is_an_error_with_its_headers() -> None:
+    """An error event first (an overloaded upstream): the error is the whole answer, and it
+    keeps the stream's headers (the upstream's request id, its rate limits)."""
+    stream = Stream([], error=UpstreamHTTPError(502, b'{"error":{"message":"overloaded"}}'))
+    rig = Rig(Provider(stream))
+    await rig.run(job(stream=True))
+    [reply] = rig.replies
+    assert (reply.kind, reply.status) == (ReplyKind.ERROR, 502)
+    assert reply.http_headers == {"x-ratelimit-remaining-requests": "5"}
+    assert stream.closed
+
+
 async def test_a_stream_refused_before_output_is_one_error_reply() -> None:
     rig = Rig(Provider(UpstreamHTTPError(400, b'{"error":{"message":"bad"}}')))
     await rig.run(job(stream=True))

@@ -159,7 +159,10 @@ class OpenAIProvider:
                     secret=self._api_key,
                 )
             if "text/event-stream" not in response.headers.get("content-type", ""):
-                raise UpstreamError(f"The provider `{self.name}` did not answer with a stream.")
+                raise UpstreamError(
+                    f"The provider `{self.name}` did not answer with a stream.",
+                    headers=stream.headers,
+                )
             await stream.start()
         except HTTP_FAILURES as e:
             await stream.aclose()
@@ -234,9 +237,8 @@ class OpenAIStream:
         """Read until the first event; raises RetryableFailure if the stream ends first."""
         while not self._ready and not self._splitter.done:
             if not await self._read_more():
-                raise RetryableFailure(
-                    UpstreamError(f"The provider `{self._provider}` ended a stream without output.")
-                )
+                message = f"The provider `{self._provider}` ended a stream without output."
+                raise RetryableFailure(UpstreamError(message, headers={**self.headers}))
 
     async def events(self) -> AsyncIterator[bytes]:
         while True:
@@ -269,7 +271,7 @@ class OpenAIStream:
             self._ready.extend(self._splitter.feed(data))
         except SseEventTooLargeError as e:
             raise AnswerTooLargeError(
-                f"The provider `{self._provider}` sent {e} (MAX_REPLY_BYTES)."
+                f"The provider `{self._provider}` sent {e} (MAX_REPLY_BYTES).", headers=self.headers
             ) from e
         return True
 

@@ -164,7 +164,10 @@ def check_response(
     except orjson.JSONDecodeError:
         answer = None
     if not isinstance(answer, dict):
-        raise UpstreamError(f"The provider `{provider}` sent an answer that is not JSON.")
+        raise UpstreamError(
+            f"The provider `{provider}` sent an answer that is not JSON.",
+            headers=relay_headers(headers),
+        )
     return ProviderResponse(body=body, headers=relay_headers(headers))
 
 

@@ -122,16 +122,18 @@ class ProviderWorker:
     ) -> None:
         attempt = new_attempt()
         writer: StreamWriter | None = None
+        headers: dict[str, str] = {}
         try:
             async with asyncio.timeout(job.remaining(self.clock())):
                 stream = await self.provider.stream(request)
+                headers = stream.headers
                 try:
                     writer = StreamWriter(
                         job,
                         self.reply,
                         attempt=attempt,
                         window=self.coalesce_window,
-                        http_headers=stream.headers,
+                        http_headers=headers,
                         max_bytes=self.reply.max_body,
                     )
                     async for event in stream.events():
@@ -152,7 +154,9 @@ class ProviderWorker:
             if writer is not None and writer.started:
                 await writer.fail(error)
             else:
-                await self.reply.error(job, error, attempt=attempt)
+                # The error is the whole answer (an error event first, say): it carries the
+                # stream's headers, the upstream's request id and rate limits.
+                await self.reply.error(job, error, attempt=attempt, http_headers=headers)
         finally:
             if writer is not None and writer.output_confirmed:
                 await delivery.ack()  # the client holds part of it: never run it again
