@@ -322,6 +322,20 @@ def test_an_upstream_failure_in_a_200_keeps_its_request_id_and_rate_limits(
     assert fake.stats()["requests"] == 1
 
 
+def test_an_error_answered_with_a_200_reaches_the_sdk_as_a_502(
+    fake: Rig, client: openai.OpenAI
+) -> None:
+    """As some OpenAI-compatible servers fail: relayed as a 200, the SDK raised
+    APIResponseValidationError, the upstream's message lost."""
+    error = {"message": "The server is overloaded.", "type": "server_error"}
+    fake.script({"status": 200, "body": {"error": error}})
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert info.value.body == {**error, "param": None, "code": None}
+    assert info.value.response.headers["x-upstream-request-id"].startswith("req_")
+
+
 def test_a_partial_upstream_error_reaches_the_client_with_all_four_fields(fake: Rig) -> None:
     fake.script({"status": 400, "body": {"error": {"message": "bad"}}})
     response = httpx.post(

@@ -180,6 +180,26 @@ def test_2xx_answers_are_relayed_as_they_are() -> None:
         check_response(200, b"<html>", {}, provider="o")
 
 
+def test_a_2xx_whose_body_is_an_error_object_is_that_error_as_a_502() -> None:
+    """Some OpenAI-compatible servers answer their errors with a 200: relayed as a success,
+    the SDKs failed to read it (APIResponseValidationError) instead of seeing the error."""
+    body = b'{"error":{"message":"overloaded ' + KEY.encode() + b'","type":"server_error"}}'
+    with pytest.raises(UpstreamHTTPError) as info:
+        check_response(200, body, RATE_HEADERS, provider="o", secret=KEY)
+    assert info.value.status == 502 and info.value.headers == relay_headers(RATE_HEADERS)
+    assert orjson.loads(info.value.body)["error"] == {
+        "message": "overloaded [redacted]",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    with pytest.raises(UpstreamError, match="answered with an error"):
+        check_response(200, b'{"error":"busy"}', {}, provider="o")
+    # `"error": null` beside the choices, from some compatible servers, is no error.
+    answer = b'{"id":"x","choices":[],"error":null}'
+    assert check_response(200, answer, {}, provider="o").body == answer
+
+
 def test_a_streams_error_event_is_relayed_or_replaced_by_the_routers_own() -> None:
     relayed = stream_error(
         b'{"error":{"message":"oops ' + KEY.encode() + b'"}}', provider="o", secret=KEY

@@ -154,7 +154,9 @@ def check_response(
 ) -> ProviderResponse:
     """A 2xx answer as a ProviderResponse (relayed as 200); raises as `raise_for_status`.
 
-    A 2xx whose body is not a JSON object is an UpstreamError.
+    A 2xx whose body is not a JSON object is an UpstreamError. One that is an error object,
+    not an answer (an `error`, no `choices`: how some OpenAI-compatible servers fail), is that
+    error, relayed as a 502 as a stream's error event is: as a 200, the SDKs fail to read it.
     """
     raise_for_status(status, body, headers, provider=provider, secret=secret)
     # Parsed whole, not sniffed: a cut or garbled body relayed as a 200 fails in the client's
@@ -163,12 +165,15 @@ def check_response(
         answer = orjson.loads(body)
     except orjson.JSONDecodeError:
         answer = None
+    relayed = relay_headers(headers)
     if not isinstance(answer, dict):
         raise UpstreamError(
-            f"The provider `{provider}` sent an answer that is not JSON.",
-            headers=relay_headers(headers),
+            f"The provider `{provider}` sent an answer that is not JSON.", headers=relayed
         )
-    return ProviderResponse(body=body, headers=relay_headers(headers))
+    if answer.get("error") is not None and answer.get("choices") is None:
+        fallback = f"The provider `{provider}` answered with an error."
+        raise relayed_error(body, fallback, secret=secret, headers=relayed)
+    return ProviderResponse(body=body, headers=relayed)
 
 
 def transport_failure(exc: Exception, *, provider: str) -> RetryableFailure:
@@ -189,12 +194,20 @@ def transport_failure(exc: Exception, *, provider: str) -> RetryableFailure:
 
 def stream_error(data: bytes, *, provider: str, secret: str = "") -> RouterError:
     """The error event an upstream ended a stream with (its `data`), as the error the client
-    gets in its place: an OpenAI error is relayed (scrubbed, with all four fields), anything
-    else becomes the router's own 502."""
+    gets in its place (`relayed_error`)."""
+    fallback = f"The provider `{provider}` ended the stream with an error."
+    return relayed_error(data, fallback, secret=secret)
+
+
+def relayed_error(
+    data: bytes, fallback: str, *, secret: str = "", headers: dict[str, str] | None = None
+) -> RouterError:
+    """An upstream's error object in place of an answer, as the client's 502: an OpenAI error
+    is relayed (scrubbed, with all four fields), anything else is the router's own `fallback`."""
     clean = openai_error_body(scrub(data, secret), default_type="server_error")
     if clean is None:
-        return UpstreamError(f"The provider `{provider}` ended the stream with an error.")
-    return UpstreamHTTPError(502, clean, message=error_message(clean))
+        return UpstreamError(fallback, headers=headers)
+    return UpstreamHTTPError(502, clean, message=error_message(clean), headers=headers)
 
 
 def broken_stream(exc: Exception, *, provider: str) -> RouterError:
