@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -86,6 +87,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 BREAKER_COOLDOWN = 1.0
+# After Redis refused a write, no single flight for this long: a refused lock or entry also means
+# a lock nobody can free (a read-only replica refuses the DEL too), and waiting on one would
+# cost an identical request its whole `single_flight_wait`.
+REFUSED_COOLDOWN = 5.0
 # Delete the lock only if this owner still holds it, and tell its waiters. Owner "": a
 # `job.completed` event from a producer that predates request ids, which frees the lock
 # whoever holds it (as every event did then).
@@ -537,6 +542,7 @@ class JobCache:
         self.breaker = breaker or Breaker()
         self.clock = clock
         self.waiting = 0
+        self._refused_until = -math.inf  # see REFUSED_COOLDOWN
         # Locks this process took, by request id, with their expiry: released on a cancel.
         self._leading: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
@@ -572,7 +578,9 @@ class JobCache:
         now = self.clock()
         ttl = min(self.single_flight_wait, max(job.remaining(now), 0.1))
         # A deterministic job leads (if it may be stored) or follows the identical jobs in flight.
-        single_flight = plan.deterministic and self.single_flight_wait > 0
+        single_flight = (
+            plan.deterministic and self.single_flight_wait > 0 and now >= self._refused_until
+        )
         lock = (
             LockRequest(job.request_id, int(ttl * 1000)) if single_flight and plan.store else None
         )
@@ -588,6 +596,8 @@ class JobCache:
             # probe's lock: lock on its own (a refusal again: no single flight, nobody to follow).
             took = await store.acquire(key, lock.owner, lock.ttl_ms)
             acquired, locked = took is True, took is False
+            if took is None:
+                self._refused_until = now + REFUSED_COOLDOWN
         if acquired:
             self._lead(job.request_id, key, now=now, expires=now + ttl)
         if locked and plan.lookup and single_flight:
@@ -693,6 +703,7 @@ class JobCache:
             else:
                 await self.store.abandon(event.cache_key, event.request_id)
         except CacheWriteRefusedError as e:
+            self._refused_until = self.clock() + REFUSED_COOLDOWN
             # Redis still answers: the entries it holds are still worth serving.
             log.warning("cache write refused: %s", e)
         except CacheUnavailableError as e:

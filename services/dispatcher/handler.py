@@ -300,7 +300,8 @@ class DispatcherHandler:
         # Past a delivery limit (the quorum queue's, or ours for a job held and handed back),
         # it crashed its agents or was handed back by them (paused, stopping) too often: the
         # queue counts both alike, so still a 503.
-        held = reason == "delivery_limit" or was_held(env, death, ttl)
+        # A count past 1: an agent held it before (it died, and no agent took the job again).
+        held = reason == "delivery_limit" or was_held(env, death, ttl) or delivery_count(env) > 1
         what = "could finish the request" if held else "took the request"
         error = ServiceUnavailableError(
             f"No agent serving `{job.model}` {what} in time; retry shortly.",

@@ -465,7 +465,7 @@ async def test_a_redis_refusing_writes_still_serves_hits_and_frees_waiters_at_on
         leader = await cache.lookup(deterministic_job("A", question="other"))
         assert isinstance(leader, Proceed) and leader.job.cache_key is not None
         follower = asyncio.create_task(cache.lookup(deterministic_job("B", question="other")))
-        await eventually(lambda: answer(cache.waiting == 1))
+        await eventually(lambda: subscribers(node.url, done_channel(leader.job.cache_key)))
         refuse()
 
         started = time.monotonic()
@@ -474,6 +474,10 @@ async def test_a_redis_refusing_writes_still_serves_hits_and_frees_waiters_at_on
         )
         routed = await asyncio.wait_for(follower, 5)
         assert isinstance(routed, Proceed) and routed.job.cache_status == "miss"
+        # An identical request after the refusal does not wait on the lock a read-only replica
+        # would not let anyone free either.
+        late = await asyncio.wait_for(cache.lookup(deterministic_job("L", question="other")), 5)
+        assert isinstance(late, Proceed) and late.job.cache_status == "miss"
         assert time.monotonic() - started < 2  # not the 30 s single-flight wait
 
         assert isinstance(await cache.lookup(deterministic_job("C")), Hit)  # still served
@@ -516,6 +520,16 @@ def deterministic_job(
 
 async def answer(value: bool) -> bool:
     return value
+
+
+async def subscribers(url: str, channel: str) -> bool:
+    """Whether anyone listens on `channel` (a follower waits there, past its subscribe)."""
+    client = Redis.from_url(url)
+    try:
+        [(_, count)] = await client.pubsub_numsub(channel)
+        return bool(count)
+    finally:
+        await client.aclose()
 
 
 async def gone(client: Redis, key: str) -> bool:

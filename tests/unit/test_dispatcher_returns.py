@@ -208,3 +208,15 @@ def test_a_death_without_a_time_or_entry_is_read_as_unknown() -> None:
 def test_the_delivery_count_is_a_plain_positive_integer(counted: object, count: int) -> None:
     env = returned("local_a", "q", extra={} if counted is None else {H_DELIVERIES: counted})
     assert delivery_count(env) == count
+
+
+async def test_a_job_queued_again_that_nobody_took_says_an_agent_could_not_finish_it() -> None:
+    """Its only agent died holding it: queued again while the registry still counted that agent
+    live, nobody took it. Not "no agent took the request": one did."""
+    broker = RecordingBroker()
+    dispatcher = handler(broker, live=("local_a",))
+    own_queue = dispatcher.topology.agent_queue("local_a")
+    again = returned("local_a", own_queue, queued_ago=TTL, extra={H_DELIVERIES: 2})
+    await dispatcher.on_returned(again, NO_DELIVERY)
+    [reply] = [decode_reply(env) for env in broker.sent]
+    assert reply.status == 503 and b"could finish the request" in reply.body

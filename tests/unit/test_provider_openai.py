@@ -333,6 +333,20 @@ async def test_a_stream_answered_with_json_is_an_error_with_the_upstreams_header
     }
 
 
+async def test_a_stream_answered_with_a_json_error_object_is_that_error() -> None:
+    """Some OpenAI-compatible servers fail a stream with a 200 and an error object: its message
+    reaches the client, not "did not answer with a stream" (review 2026-11-29)."""
+    body = (
+        b'{"error":{"message":"model is loading","type":"server_error","param":null,"code":null}}'
+    )
+    headers = {"content-type": "application/json", "x-request-id": "req_9"}
+    p, _ = provider(Upstream(status(200, body, headers)))
+    with pytest.raises(UpstreamHTTPError) as info:
+        await p.stream(request(stream=True))
+    assert info.value.status == 502 and b"model is loading" in info.value.body
+    assert info.value.headers == {"x-upstream-request-id": "req_9"}
+
+
 async def test_a_stream_ending_before_any_output_is_an_error_with_the_upstreams_headers() -> None:
     empty = httpx.Response(200, content=b"", headers={**SSE, "x-request-id": "req_8"})
     p, _ = provider(Upstream(lambda _: empty), max_retries=0)

@@ -158,7 +158,17 @@ class OpenAIProvider:
                     provider=self.name,
                     secret=self._api_key,
                 )
-            if "text/event-stream" not in response.headers.get("content-type", ""):
+            content_type = response.headers.get("content-type", "")
+            if "text/event-stream" not in content_type:
+                if "json" in content_type:  # an error object in its place is that error
+                    body = await read_at_most(response, self._max_reply_bytes)
+                    check_response(
+                        response.status_code,
+                        body,
+                        response.headers,
+                        provider=self.name,
+                        secret=self._api_key,
+                    )
                 raise UpstreamError(
                     f"The provider `{self.name}` did not answer with a stream.",
                     headers=stream.headers,
