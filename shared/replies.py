@@ -18,6 +18,7 @@ from shared.amqp import Broker
 from shared.completed import CompletedBatcher
 from shared.errors import (
     AnswerTooLargeError,
+    BrokerUnavailableError,
     InternalError,
     ReplyQueueGoneError,
     RouterError,
@@ -50,6 +51,9 @@ def new_attempt() -> str:
 
 # Seconds between tries of a reply that found no queue, before the queue counts as gone (~2 s).
 UNROUTABLE_RETRIES = (0.05, 0.15, 0.3, 0.5, 1.0)
+# Tries of a stream's later message when the publishing connection is lost (see `__call__`).
+MID_STREAM_TRIES = 3
+STREAM_KINDS = frozenset((ReplyKind.CHUNK, ReplyKind.END, ReplyKind.ERROR))
 
 
 def confirm_timeout(broker: Broker, job: Job) -> float:
@@ -127,6 +131,26 @@ class ReplyPublisher:
         reply = with_cache_header(job, reply)
         persistent = self._persistent and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR)
         env = encode_reply(reply)
+        # Mid-stream the client holds part of the answer, and the job will not run again: a
+        # message the broker did not take because the publishing connection dropped (it is
+        # back within milliseconds) goes again once it is, under the same number, which the
+        # API drops if the first copy did arrive. Given up at once, the stream's error could
+        # not be published either, and its client waited out its idle timeout.
+        tries = MID_STREAM_TRIES if reply.seq > 0 and reply.kind in STREAM_KINDS else 1
+        for tries_left in range(tries - 1, -1, -1):
+            try:
+                await self._send(job, env, persistent=persistent)
+                break
+            except BrokerUnavailableError:
+                if not tries_left or not await self._broker.publishing(
+                    self._broker.publish_timeout
+                ):
+                    raise
+                log.info("reply %d of %s sent again: the broker is back", reply.seq, job.request_id)
+        if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
+            self._add_completed(job.cache_key, job.request_id, reply)
+
+    async def _send(self, job: Job, env: Envelope, *, persistent: bool) -> None:
         for delay in (*self._unroutable_retries, None):
             try:
                 await self._broker.publish(
@@ -143,8 +167,6 @@ class ReplyPublisher:
                 # A reply queue being re-declared (after a deletion) is bound to the replies
                 # exchange a moment after it exists again: unroutable for that moment.
                 await asyncio.sleep(delay)
-        if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
-            self._add_completed(job.cache_key, job.request_id, reply)
 
     def _too_large(self, job: Job, reply: Reply) -> Reply:
         """The 502 sent in place of a final answer past `max_body`, with the answer's headers
@@ -309,19 +331,20 @@ class StreamWriter:
         if self._flusher is not None:
             self._flusher.cancel()
 
-    async def cut_off(self, *, by_client: bool, service: str) -> None:
-        """Close a stream whose task was cancelled, by its client or by `service` stopping.
+    async def cut_off(self, *, by_client: bool, why: str) -> None:
+        """Close a stream whose task was cancelled: by its client, or by its service (stopping,
+        or its consuming connection lost; `why` says which, as the client's error message).
 
         Its client left, or nothing was sent yet (the job goes back to its queue): no closing
-        message. A started stream cut off by its service stopping ends with a 503 event now,
-        so its client is not left waiting for its idle timeout; a broker that cannot take that
-        event any more changes nothing.
+        message. A started stream cut off by its service ends with a 503 event now, so its
+        client is not left waiting for its idle timeout; a broker that cannot take that event
+        any more changes nothing.
         """
         if by_client or not self.started:
             await self.abandon()
             return
         try:
-            await self.fail(ServiceUnavailableError(f"The {service} stopped."))
+            await self.fail(ServiceUnavailableError(why))
         except (RouterError, OSError):
             log.debug("could not publish the closing message", exc_info=True)
 

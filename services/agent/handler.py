@@ -301,7 +301,9 @@ class _Run:
             self.outcome = f"failed mid-stream: {e.message}"
         except asyncio.CancelledError:
             cancelled = self.h.cancellations.is_cancelled(job.request_id)
-            await writer.cut_off(by_client=cancelled, service="agent")
+            stopping = self.h.hand_back_reason == STOPPING
+            why = "The agent stopped." if stopping else "The agent lost its broker connection."
+            await writer.cut_off(by_client=cancelled, why=why)
             raise
 
     async def _relay(self, writer: StreamWriter) -> None:

@@ -14,7 +14,8 @@ import pytest
 from shared import amqp_writes
 from shared.amqp import STOP_TIMEOUT, Broker, Delivery, GiveUp
 from shared.errors import BrokerUnavailableError, QueueFullError
-from shared.messages import Envelope
+from shared.messages import Envelope, Job, Reply, ReplyKind
+from shared.replies import ReplyPublisher
 from shared.settings import Durability
 from shared.topology import QueueSpec, Topology, declare_topology
 from tests.conftest import RABBITMQ, require_services
@@ -518,3 +519,35 @@ async def test_stopping_gives_held_jobs_back_at_once() -> None:
         async with connection:
             queue = await (await connection.channel()).get_queue(spec.name)
             assert queue.declaration_result.message_count == 1
+
+
+async def test_a_stream_message_lost_with_the_publishing_connection_goes_again() -> None:
+    """Mid-stream the job cannot run again: a chunk (or the stream's error) lost with the
+    publishing connection went nowhere, and the client waited out its idle timeout though the
+    connection was back in milliseconds (review 2026-11-29). It is sent again once it is."""
+    require_services()
+    proxy = FaultProxy(RABBITMQ[1]).start()
+    broker = Broker(f"amqp://guest:guest@{proxy.address}/", name="test-streamer", publish_timeout=5)
+    connection = await aio_pika.connect(URL)
+    try:
+        await broker.connect()
+        replies = await (await connection.channel()).declare_queue(exclusive=True)
+        publish = ReplyPublisher(broker, persistent=False)
+        job = Job("r1", "m", replies.name, deadline=time.time() + 30, body=b"{}", stream=True)
+        await publish(job, Reply(ReplyKind.CHUNK, "r1", "a", body=b"data: 0\n\n", seq=0))
+        proxy.reset(0)  # the connections drop; they reconnect on their own
+        for seq in (1, 2):
+            await publish(job, Reply(ReplyKind.CHUNK, "r1", "a", body=b"data: x\n\n", seq=seq))
+        await publish(job, Reply(ReplyKind.END, "r1", "a", seq=3))
+        seqs: list[int] = []
+        async with asyncio.timeout(10), replies.iterator() as incoming:
+            async for delivered in incoming:
+                await delivered.ack()
+                seqs.append(int(delivered.headers["x-seq"]))  # type: ignore[arg-type]
+                if seqs[-1] == 3:
+                    break
+        assert sorted(set(seqs)) == [0, 1, 2, 3]  # a copy may come twice: the API drops it
+    finally:
+        await broker.close()
+        await connection.close()
+        proxy.close()

@@ -445,10 +445,18 @@ async def test_a_stream_whose_first_chunk_never_left_is_left_for_the_consumer_to
     assert rig.log == ["publish reply.chunk failed"] and not delivery.settled
 
 
-async def test_a_stream_the_stopping_agent_cuts_off_is_acked_and_never_run_again() -> None:
-    """The agent stopping (its consumer task cancelled at the drain's end) ends a started
-    stream with a 503 event and acks it: requeued, it would run again for a client that already
-    holds part of it. One that has sent nothing goes back to its queue."""
+@pytest.mark.parametrize(
+    ("stopping", "why"),
+    [(True, b"The agent stopped."), (False, b"The agent lost its broker connection.")],
+    ids=["stopping", "connection-lost"],
+)
+async def test_a_stream_the_stopping_agent_cuts_off_is_acked_and_never_run_again(
+    stopping: bool, why: bytes
+) -> None:
+    """The agent stopping (its consumer task cancelled at the drain's end), or its consuming
+    connection lost, ends a started stream with a 503 event that says which, and acks it:
+    requeued, it would run again for a client that already holds part of it. One that has
+    sent nothing goes back to its queue."""
     calls: list[asyncio.Event] = []
     rig = await Rig(held_streams(calls)).start()
     delivery = Delivery(Message(rig.log))  # type: ignore[arg-type]
@@ -456,11 +464,13 @@ async def test_a_stream_the_stopping_agent_cuts_off_is_acked_and_never_run_again
         rig.handler.on_job(encode_job(rig.job(stream=True), now=rig.now), delivery)
     )
     await until(lambda: "publish reply.chunk" in rig.log)
+    if stopping:
+        rig.handler.stop_starting(STOPPING)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     last = rig.replies[-1]
-    assert (last.kind, last.status) == (ReplyKind.ERROR, 503)
+    assert (last.kind, last.status) == (ReplyKind.ERROR, 503) and why in last.body
     assert rig.log[-1] == "ack" and delivery.settled
 
 

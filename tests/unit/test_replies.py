@@ -227,6 +227,65 @@ async def test_an_answer_past_its_deadline_waits_only_the_publish_timeout() -> N
     assert broker.confirmed == 0
 
 
+class LostPublishingConnection:
+    """A broker whose publishing connection drops once (`fails` publishes fail) and is back
+    when asked (`publishing()`), as after `rabbitmqctl close_connection`."""
+
+    publish_timeout = 5.0
+
+    def __init__(self, fails: int = 1) -> None:
+        self.fails = fails
+        self.sent: list[Reply] = []
+        self.waits = 0
+
+    async def publish(self, env: Envelope, routing_key: str, **_: object) -> None:
+        if self.fails:
+            self.fails -= 1
+            raise BrokerUnavailableError()
+        self.sent.append(decode_reply(env))
+
+    async def publishing(self, timeout: float) -> bool:
+        self.waits += 1
+        return True
+
+
+@pytest.mark.parametrize("kind", [ReplyKind.CHUNK, ReplyKind.END, ReplyKind.ERROR])
+async def test_a_later_stream_message_is_sent_again_once_the_broker_is_back(
+    kind: ReplyKind,
+) -> None:
+    """Mid-stream the job will not run again: a message lost with the publishing connection
+    went nowhere, not even the stream's error, and the client waited out its idle timeout
+    (review 2026-11-29). It goes again, under the same number, once publishing is back."""
+    broker = LostPublishingConnection()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    await publish(a_job(), Reply(kind, "r1", "a", body=b"data: 2\n\n", seq=2))
+    assert [(r.kind, r.seq) for r in broker.sent] == [(kind, 2)] and broker.waits == 1
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        Reply(ReplyKind.CHUNK, "r1", "a", body=b"data: 1\n\n", seq=0),  # nothing sent yet
+        Reply(ReplyKind.FINAL, "r1", "a", body=b"{}"),  # the job goes back to its queue
+    ],
+    ids=["first-chunk", "json-answer"],
+)
+async def test_a_reply_before_any_output_is_not_sent_again(reply: Reply) -> None:
+    broker = LostPublishingConnection()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    with pytest.raises(BrokerUnavailableError):
+        await publish(a_job(), reply)
+    assert broker.sent == [] and broker.waits == 0
+
+
+async def test_a_stream_message_is_given_up_when_the_broker_stays_away() -> None:
+    broker = LostPublishingConnection(fails=10)
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    with pytest.raises(BrokerUnavailableError):
+        await publish(a_job(), Reply(ReplyKind.CHUNK, "r1", "a", body=b"x", seq=3))
+    assert broker.sent == [] and broker.fails == 7  # three tries
+
+
 async def test_an_answer_past_the_reply_limit_is_sent_as_a_502_not_published() -> None:
     """The broker would refuse it by closing the channel, failing every reply in flight on it."""
     broker = RecordingBroker()

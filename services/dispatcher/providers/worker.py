@@ -146,7 +146,8 @@ class ProviderWorker:
         except asyncio.CancelledError:
             if writer is not None:
                 cancelled = self.cancellations.is_cancelled(job.request_id)
-                await writer.cut_off(by_client=cancelled, service="dispatcher")
+                why = "The dispatcher stopped, or lost its broker connection."
+                await writer.cut_off(by_client=cancelled, why=why)
             raise
         except Exception as e:
             error = self._as_error(e, job)
