@@ -141,12 +141,14 @@ class ReplyPublisher:
             try:
                 await self._send(job, env, persistent=persistent)
                 break
-            except BrokerUnavailableError:
-                if not tries_left or not await self._broker.publishing(
-                    self._broker.publish_timeout
-                ):
+            except BrokerUnavailableError as e:
+                # Not a confirm that timed out (a memory alarm): the broker has the message,
+                # or will once the alarm clears, and publishing it again would only wait again.
+                lost = not isinstance(e.__cause__, TimeoutError)
+                wait = self._broker.publish_timeout
+                if not (tries_left and lost and await self._broker.publishing(wait)):
                     raise
-                log.info("reply %d of %s sent again: the broker is back", reply.seq, job.request_id)
+            log.info("reply %d of %s goes again: the broker is back", reply.seq, job.request_id)
         if job.cache_key is not None and reply.kind in (ReplyKind.FINAL, ReplyKind.ERROR):
             self._add_completed(job.cache_key, job.request_id, reply)
 

@@ -239,18 +239,29 @@ async def test_a_stream_is_relayed_and_acked_once_it_ends() -> None:
     assert stream.closed and rig.message.acked
 
 
-async def test_a_stream_whose_first_chunk_never_left_is_not_acked() -> None:
+@pytest.mark.parametrize("back", [False, True], ids=["broker-away", "broker-back"])
+async def test_a_stream_whose_first_chunk_never_left_is_not_acked(back: bool) -> None:
     """A first chunk the broker did not confirm reached nobody: left unacked, the consumer
-    requeues the job rather than drop it unanswered."""
+    requeues the job rather than drop it unanswered, whether or not publishing is back by
+    then (back, a 503 went out in its place and the job was acked: review 2026-11-29)."""
     rig = Rig(Provider(Stream(EVENTS)))
+    published: list[Reply] = []
 
-    async def failing(env: Envelope, routing_key: str, **_: Any) -> None:
-        raise BrokerUnavailableError()
+    async def failing_first(env: Envelope, routing_key: str, **_: Any) -> None:
+        if not published:
+            published.append(decode_reply(env))
+            raise BrokerUnavailableError()
+        published.append(decode_reply(env))
 
-    rig.broker.publish = failing  # type: ignore[method-assign]
+    async def publishing(timeout: float) -> bool:
+        return back
+
+    rig.broker.publish = failing_first  # type: ignore[method-assign]
+    rig.broker.publishing = publishing  # type: ignore[method-assign]
     with pytest.raises(BrokerUnavailableError):
         await rig.run(job(stream=True))
     assert not rig.message.acked
+    assert [r.kind for r in published] == [ReplyKind.CHUNK]  # no error in its place
 
 
 @pytest.mark.parametrize("by_client", [False, True])

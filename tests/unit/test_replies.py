@@ -278,6 +278,22 @@ async def test_a_reply_before_any_output_is_not_sent_again(reply: Reply) -> None
     assert broker.sent == [] and broker.waits == 0
 
 
+async def test_a_stream_message_whose_confirm_timed_out_is_not_sent_again() -> None:
+    """A memory alarm blocks the connection: the broker has the message (or will), and each
+    try would wait out the publish timeout again (review 2026-11-29)."""
+
+    class Blocked(LostPublishingConnection):
+        async def publish(self, env: Envelope, routing_key: str, **_: object) -> None:
+            self.fails -= 1
+            raise BrokerUnavailableError() from TimeoutError()
+
+    broker = Blocked()
+    publish = ReplyPublisher(cast(Broker, broker), persistent=False)
+    with pytest.raises(BrokerUnavailableError):
+        await publish(a_job(), Reply(ReplyKind.CHUNK, "r1", "a", body=b"x", seq=3))
+    assert broker.fails == 0 and broker.waits == 0  # one try
+
+
 async def test_a_stream_message_is_given_up_when_the_broker_stays_away() -> None:
     broker = LostPublishingConnection(fails=10)
     publish = ReplyPublisher(cast(Broker, broker), persistent=False)

@@ -24,7 +24,7 @@ from services.dispatcher.providers.upstream import rewrite_model
 from services.dispatcher.routing import ProviderRule
 from shared.amqp import Delivery
 from shared.cancel import Cancellations
-from shared.errors import DeadlineError, ModelNotFoundError, RouterError
+from shared.errors import BrokerUnavailableError, DeadlineError, ModelNotFoundError, RouterError
 from shared.messages import Envelope, Job, decode_job
 from shared.replies import ReplyPublisher, StreamWriter, new_attempt
 
@@ -150,6 +150,12 @@ class ProviderWorker:
                 await writer.cut_off(by_client=cancelled, why=why)
             raise
         except Exception as e:
+            if isinstance(e, BrokerUnavailableError) and not (writer and writer.output_confirmed):
+                # No chunk reached the broker, so none reached the client: the consumer holds
+                # the job until publishing is back, then puts it back in its queue (as an
+                # agent does). An error published in its place would end it for good.
+                log.info("job %s: the broker took no chunk; back to its queue", job.request_id)
+                raise
             error = self._as_error(e, job)
             outcome.failed(error)
             if writer is not None and writer.started:
