@@ -447,6 +447,14 @@ class Broker:
             raise QueueFullError() from e
         except (TimeoutError, ChannelInvalidStateError, *CONNECTION_EXCEPTIONS) as e:
             raise BrokerUnavailableError() from e
+        except asyncio.CancelledError as e:
+            # aiormq fails the confirms of a connection its heartbeats found dead (one that
+            # hung rather than closed) with CancelledError: a lost connection, unless this
+            # task itself is being cancelled.
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            raise BrokerUnavailableError() from e
 
     async def declare(self, channel: AbstractChannel, spec: QueueSpec) -> AbstractQueue:
         """Declare `spec`, or only check it exists when services may not declare shared names;
