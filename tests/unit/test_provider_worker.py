@@ -403,3 +403,23 @@ async def test_catalog_refreshes_in_the_background() -> None:
         assert catalog.names() == ["gpt-4o"]
     finally:
         await catalog.aclose()
+
+
+async def test_a_stream_whose_end_and_error_cannot_be_sent_still_logs_its_outcome(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The broker gone for good after the chunks: the job is acked (its client holds part of
+    it) and its outcome line is still written, for the operator (review 2026-11-29)."""
+    rig = Rig(Provider(Stream(EVENTS)))
+    real = rig.broker.publish
+
+    async def no_end(env: Envelope, routing_key: str, **kwargs: Any) -> None:
+        if decode_reply(env).kind in (ReplyKind.END, ReplyKind.ERROR):
+            raise BrokerUnavailableError()
+        await real(env, routing_key, **kwargs)
+
+    rig.broker.publish = no_end  # type: ignore[method-assign]
+    caplog.set_level("INFO", "services.dispatcher.providers.worker")
+    await rig.run(job(stream=True))
+    assert rig.message.acked
+    assert any("status=503" in r.getMessage() for r in caplog.records), caplog.text

@@ -159,7 +159,15 @@ class ProviderWorker:
             error = self._as_error(e, job)
             outcome.failed(error)
             if writer is not None and writer.started:
-                await writer.fail(error)
+                try:
+                    await writer.fail(error)
+                except RouterError as unsent:
+                    if not writer.output_confirmed:
+                        raise  # nothing reached the client: back to its queue
+                    # The job is acked (the client holds part of it): log its outcome, at least.
+                    log.warning(
+                        "job %s: its stream's error was not sent: %s", job.request_id, unsent
+                    )
             else:
                 # The error is the whole answer (an error event first, say): it carries the
                 # stream's headers, the upstream's request id and rate limits.
