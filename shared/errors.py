@@ -7,6 +7,7 @@ bare 500 that names only the request id: no traceback, path or upstream text lea
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from typing import Any
 
 import orjson
@@ -144,6 +145,28 @@ class AnswerTooLargeError(UpstreamError):
             f"MAX_REPLY_BYTES is {limit}).",
             headers=headers,
         )
+
+
+async def read_within(
+    parts: AsyncIterable[bytes],
+    limit: int,
+    *,
+    length: int | None = None,
+    headers: dict[str, str] | None = None,
+) -> bytes:
+    """A body arriving in `parts`, whole, or AnswerTooLargeError (carrying `headers`) once it
+    passes `limit` bytes: refused by its announced `length` before a byte is read, else while
+    it arrives, so a huge answer never sits in memory whole."""
+    if length is not None and length > limit:
+        raise AnswerTooLargeError.past(length, limit, headers=headers)
+    read: list[bytes] = []
+    size = 0
+    async for part in parts:
+        size += len(part)
+        if size > limit:
+            raise AnswerTooLargeError.past(size, limit, headers=headers)
+        read.append(part)
+    return b"".join(read)
 
 
 class UpstreamHTTPError(RouterError):

@@ -27,7 +27,7 @@ import orjson
 from yarl import URL
 
 from services.agent.models import served_names_from_listing
-from shared.errors import AnswerTooLargeError, UpstreamError
+from shared.errors import UpstreamError, read_within
 from shared.http_headers import upstream_hints
 
 JSON_HEADERS = {"content-type": "application/json", "accept": "application/json"}
@@ -65,18 +65,9 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int | None) -> 
     if limit is None:
         return await response.read()
     length = response.content_length
-    if length is not None:
-        if length > limit:
-            raise AnswerTooLargeError.past(length, limit)
+    if length is not None and length <= limit:
         return await response.read()
-    parts: list[bytes] = []
-    size = 0
-    async for part in response.content.iter_any():
-        size += len(part)
-        if size > limit:
-            raise AnswerTooLargeError.past(size, limit)
-        parts.append(part)
-    return b"".join(parts)
+    return await read_within(response.content.iter_any(), limit, length=length)
 
 
 class UpstreamStream:

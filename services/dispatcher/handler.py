@@ -292,16 +292,17 @@ class DispatcherHandler:
         if job.remaining(self.clock()) <= 0 or self.cancellations.is_cancelled(job.request_id):
             log.info("returned job %s (%s) dropped: nobody waits", job.request_id, reason)
             return
-        ttl = self.topology.agent_queue_ttl_ms / 1000
-        if was_held(env, death, ttl) and delivery_count(env) < self.topology.delivery_limit:
-            await self._queue_again(job, delivery_count(env) + 1)
+        held = was_held(env, death, self.topology.agent_queue_ttl_ms / 1000)
+        deliveries = delivery_count(env)
+        if held and deliveries < self.topology.delivery_limit:
+            await self._queue_again(job, deliveries + 1)
             return
         log.info("job %s returned from its agent queue (%s)", job.request_id, reason)
         # Past a delivery limit (the quorum queue's, or ours for a job held and handed back),
         # it crashed its agents or was handed back by them (paused, stopping) too often: the
-        # queue counts both alike, so still a 503.
-        # A count past 1: an agent held it before (it died, and no agent took the job again).
-        held = reason == "delivery_limit" or was_held(env, death, ttl) or delivery_count(env) > 1
+        # queue counts both alike, so still a 503. A count past 1: an agent held it before
+        # (it died, and no agent took the job again).
+        held = held or reason == "delivery_limit" or deliveries > 1
         what = "could finish the request" if held else "took the request"
         error = ServiceUnavailableError(
             f"No agent serving `{job.model}` {what} in time; retry shortly.",

@@ -31,7 +31,7 @@ from services.dispatcher.providers.upstream import (
     transport_failure,
     upstream_error,
 )
-from shared.errors import AnswerTooLargeError, UpstreamError
+from shared.errors import AnswerTooLargeError, UpstreamError, read_within
 from shared.messages import MAX_REPLY_BYTES
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -298,16 +298,12 @@ async def read_at_most(response: httpx.Response, limit: int) -> bytes:
     arrives, so a huge answer never sits in memory whole. The same request would be as large
     again: not retried."""
     length = response.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise AnswerTooLargeError.past(int(length), limit, headers=relay_headers(response.headers))
-    parts: list[bytes] = []
-    size = 0
-    async for part in response.aiter_bytes():
-        size += len(part)
-        if size > limit:
-            raise AnswerTooLargeError.past(size, limit, headers=relay_headers(response.headers))
-        parts.append(part)
-    return b"".join(parts)
+    return await read_within(
+        response.aiter_bytes(),
+        limit,
+        length=int(length) if length.isdigit() else None,
+        headers=relay_headers(response.headers),
+    )
 
 
 def model_ids(body: bytes) -> list[str]:
